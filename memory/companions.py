@@ -1,0 +1,152 @@
+"""Companions: persona cards (our YAML files, the API, imported cards) stored in SQLite."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from memory.db import Database
+
+Source = Literal["config", "api", "card"]
+
+
+class Sampling(BaseModel):
+    """Sampling defaults for a companion; a request may override them within limits."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    temperature: float = Field(0.8, ge=0, le=2)
+    """Randomness of replies: 0 is deterministic, 1 is the model's own distribution."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to this."""
+    repetition_penalty: float = Field(1.05, gt=0, le=2)
+    """Values above 1 discourage repeating earlier tokens."""
+    max_tokens: int = Field(256, ge=1, le=32768)
+    """Longest reply in tokens; requests asking for more are clamped to this."""
+
+
+class Companion(BaseModel):
+    """A persona card: Character Card V2/V3 fields plus Homefire's own."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    """Stable handle: the `model` name clients ask for."""
+    name: str = Field(min_length=1, max_length=200)
+    """Display name, substituted for {{char}}."""
+    description: str = ""
+    """Who the companion is."""
+    personality: str = ""
+    """A short summary of temperament."""
+    scenario: str = ""
+    """The situation the conversation takes place in."""
+    first_mes: str = ""
+    """Greeting that opens a new conversation."""
+    mes_example: str = ""
+    """Example dialogue showing the voice."""
+    system_prompt: str = ""
+    """Replaces the default system instruction when set."""
+    post_history_instructions: str = ""
+    """Reminder placed after the conversation history, just before the reply."""
+    alternate_greetings: list[str] = []
+    """Other greetings a client may offer instead of first_mes."""
+    base_model: str | None = None
+    """Model this persona is meant for; None means whatever the server runs."""
+    sampling: Sampling = Sampling()
+    """Sampling defaults."""
+    adapter: str | None = None
+    """LoRA adapter version the companion speaks through (filled by fine-tuning)."""
+
+
+class CompanionError(ValueError):
+    """A persona card or companion file is invalid; the message says where."""
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64]
+    return slug or "companion"
+
+
+def format_validation_error(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+    )
+
+
+def load_companion_file(path: Path) -> Companion:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CompanionError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise CompanionError(f"{path}: expected a mapping of persona fields at the top level")
+    data.setdefault("id", path.stem)
+    try:
+        return Companion.model_validate(data)
+    except ValidationError as err:
+        raise CompanionError(f"{path}: {format_validation_error(err)}") from err
+
+
+class CompanionStore:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def list(self) -> list[Companion]:
+        rows = self.db.query("SELECT card FROM companions ORDER BY id")
+        return [Companion.model_validate_json(r["card"]) for r in rows]
+
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.db.query("SELECT id FROM companions ORDER BY id")]
+
+    def get(self, companion_id: str) -> Companion | None:
+        rows = self.db.query("SELECT card FROM companions WHERE id = ?", (companion_id,))
+        return Companion.model_validate_json(rows[0]["card"]) if rows else None
+
+    def origin(self, companion_id: str) -> tuple[Source, str | None] | None:
+        rows = self.db.query(
+            "SELECT source, source_path FROM companions WHERE id = ?", (companion_id,)
+        )
+        return (rows[0]["source"], rows[0]["source_path"]) if rows else None
+
+    def put(self, companion: Companion, source: Source, source_path: str | None = None) -> None:
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.execute(
+                """INSERT INTO companions (id, card, source, source_path, created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(id) DO UPDATE SET card = excluded.card, source = excluded.source,
+                       source_path = excluded.source_path, updated_at = excluded.updated_at""",
+                (companion.id, companion.model_dump_json(), source, source_path, now, now),
+            )
+
+    def delete(self, companion_id: str) -> bool:
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM companions WHERE id = ?", (companion_id,)).rowcount > 0
+
+    def sync_dir(self, directory: Path) -> list[Companion]:
+        """Store every persona file of directory (see load_dir); returns them."""
+        loaded = load_dir(directory)
+        for companion, path in loaded:
+            if self.get(companion.id) != companion or self.origin(companion.id) != ("config", str(path)):
+                self.put(companion, "config", str(path))
+        return [companion for companion, _ in loaded]
+
+
+def load_dir(directory: Path) -> list[tuple[Companion, Path]]:
+    """Load every *.yaml persona in directory; any invalid file stops the load."""
+    if not directory.is_dir():
+        raise CompanionError(f"{directory}: the companions directory does not exist")
+    files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
+    loaded, seen = [], {}
+    for path in files:
+        companion = load_companion_file(path)
+        if companion.id in seen:
+            raise CompanionError(f"{path}: id {companion.id!r} is also used by {seen[companion.id]}")
+        seen[companion.id] = path
+        loaded.append((companion, path))
+    return loaded

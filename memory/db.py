@@ -1,0 +1,100 @@
+"""SQLite, the source of truth: one connection in WAL mode and versioned schema migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Append only: each entry moves the schema one version up (PRAGMA user_version).
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE companions (
+        id TEXT PRIMARY KEY,
+        card TEXT NOT NULL,             -- the Companion, as JSON
+        source TEXT NOT NULL,           -- config | api | card
+        source_path TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        companion_id TEXT NOT NULL REFERENCES companions(id) ON DELETE CASCADE,
+        title TEXT,
+        source TEXT NOT NULL DEFAULT 'live',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX conversations_by_companion ON conversations(companion_id, updated_at);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        tokens INTEGER,                 -- content length in tokens (completion tokens of a reply)
+        prompt_tokens INTEGER,          -- replies: the prompt the engine saw
+        model TEXT,
+        adapter TEXT,
+        sampling TEXT,                  -- replies: JSON of the sampling parameters used
+        finish_reason TEXT,
+        truncated INTEGER NOT NULL DEFAULT 0,
+        chain TEXT NOT NULL             -- hash of the conversation up to this message
+    );
+    CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+    CREATE INDEX messages_by_chain ON messages(chain);
+    """,
+]
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer Homefire, or a migration failed."""
+
+
+class Database:
+    """One SQLite connection shared by the process; writes are serialised by a lock."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed reply survives power loss, not only a process crash.
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise SchemaError(
+                f"{self.path} has schema version {version}, newer than this Homefire "
+                f"understands ({len(MIGRATIONS)}); upgrade Homefire"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits first, so the version bump rides in the same script.
+            self.conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()

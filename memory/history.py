@@ -1,0 +1,193 @@
+"""Durable chat history: conversations and their messages in SQLite.
+
+Every message carries a chain hash of the conversation up to it, so a client that resends
+the whole conversation (as OpenAI-style clients do) can be matched to what is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel
+
+from memory.db import Database
+
+Role = Literal["user", "assistant"]
+
+
+class Message(BaseModel):
+    id: int
+    conversation_id: str
+    role: Role
+    content: str
+    created_at: float
+    tokens: int | None = None
+    prompt_tokens: int | None = None
+    model: str | None = None
+    adapter: str | None = None
+    sampling: dict | None = None
+    finish_reason: str | None = None
+    truncated: bool = False
+
+
+class Conversation(BaseModel):
+    id: str
+    companion_id: str
+    title: str | None
+    source: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class ReplyMeta:
+    """What the engine reported about a reply, stored beside its text."""
+
+    tokens: int | None = None
+    prompt_tokens: int | None = None
+    model: str | None = None
+    adapter: str | None = None
+    sampling: dict | None = None
+    finish_reason: str | None = None
+    truncated: bool = False
+
+
+def chain_hash(previous: str, role: str, content: str) -> str:
+    return hashlib.sha256(f"{previous}\x00{role}\x00{content}".encode()).hexdigest()[:32]
+
+
+def chain_root(companion_id: str) -> str:
+    return hashlib.sha256(f"homefire\x00{companion_id}".encode()).hexdigest()[:32]
+
+
+class History:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def create_conversation(
+        self, companion_id: str, title: str | None = None, source: str = "live"
+    ) -> Conversation:
+        with self.db.transaction() as conn:
+            return self._insert_conversation(conn, companion_id, title, source)
+
+    def _insert_conversation(self, conn, companion_id: str, title: str | None, source: str) -> Conversation:
+        now = time.time()
+        conversation = Conversation(
+            id=uuid.uuid4().hex, companion_id=companion_id, title=title, source=source,
+            created_at=now, updated_at=now,
+        )
+        conn.execute(
+            "INSERT INTO conversations (id, companion_id, title, source, created_at, updated_at)"
+            " VALUES (:id, :companion_id, :title, :source, :created_at, :updated_at)",
+            conversation.model_dump(),
+        )
+        return conversation
+
+    def get_conversation(self, conversation_id: str) -> Conversation | None:
+        rows = self.db.query("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
+        return Conversation(**rows[0]) if rows else None
+
+    def list_conversations(
+        self, companion_id: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[Conversation]:
+        where, params = ("WHERE companion_id = ?", (companion_id,)) if companion_id else ("", ())
+        rows = self.db.query(
+            f"SELECT * FROM conversations {where} ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [Conversation(**r) for r in rows]
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            return cur.rowcount > 0
+
+    def messages(self, conversation_id: str) -> list[Message]:
+        rows = self.db.query(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        )
+        return [_message(r) for r in rows]
+
+    def append(
+        self, conversation_id: str, role: Role, content: str, meta: ReplyMeta | None = None
+    ) -> Message:
+        with self.db.transaction() as conn:
+            return self._append(conn, conversation_id, role, content, meta or ReplyMeta())
+
+    def _append(self, conn, conversation_id: str, role: Role, content: str, meta: ReplyMeta) -> Message:
+        now = time.time()
+        conv = conn.execute(
+            "SELECT companion_id FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
+        if conv is None:
+            raise KeyError(conversation_id)
+        last = conn.execute(
+            "SELECT chain FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT 1",
+            (conversation_id,),
+        ).fetchone()
+        previous = last["chain"] if last else chain_root(conv["companion_id"])
+        cur = conn.execute(
+            """INSERT INTO messages (conversation_id, role, content, created_at, tokens,
+                   prompt_tokens, model, adapter, sampling, finish_reason, truncated, chain)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                conversation_id, role, content, now, meta.tokens, meta.prompt_tokens,
+                meta.model, meta.adapter,
+                json.dumps(meta.sampling) if meta.sampling is not None else None,
+                meta.finish_reason, int(meta.truncated),
+                chain_hash(previous, role, content),
+            ),
+        )
+        conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+        return _message(conn.execute("SELECT * FROM messages WHERE id = ?", (cur.lastrowid,)).fetchone())
+
+    def record_resent(
+        self, companion_id: str, turns: list[tuple[Role, str]]
+    ) -> tuple[str, list[Message]]:
+        """Store a resent conversation, keeping only what is new; return (conversation id, added).
+
+        The longest stored prefix of `turns` is found by chain hash. If it ends at the tail
+        of its conversation, the rest is appended there; otherwise (a regenerated or edited
+        turn) the turns start a new conversation, so no stored branch is rewritten.
+        """
+        chains, previous = [], chain_root(companion_id)
+        for role, content in turns:
+            previous = chain_hash(previous, role, content)
+            chains.append(previous)
+        position = {chain: i + 1 for i, chain in enumerate(chains)}
+        conversation_id, matched = None, 0
+        for start in range(0, len(chains), 500):  # stay under SQLite's parameter limit
+            batch = chains[start : start + 500]
+            rows = self.db.query(
+                f"""SELECT m.chain, m.conversation_id FROM messages m
+                    JOIN conversations c ON c.id = m.conversation_id
+                    WHERE m.chain IN ({",".join("?" * len(batch))}) AND c.companion_id = ?
+                      AND m.id = (SELECT MAX(id) FROM messages
+                                  WHERE conversation_id = m.conversation_id)
+                    ORDER BY c.updated_at DESC""",
+                (*batch, companion_id),
+            )
+            for row in rows:
+                if position[row["chain"]] > matched:
+                    conversation_id, matched = row["conversation_id"], position[row["chain"]]
+        with self.db.transaction() as conn:
+            if conversation_id is None:
+                conversation_id = self._insert_conversation(conn, companion_id, None, "live").id
+            added = [
+                self._append(conn, conversation_id, role, content, ReplyMeta())
+                for role, content in turns[matched:]
+            ]
+        return conversation_id, added
+
+
+def _message(row) -> Message:
+    data = dict(row)
+    data.pop("chain")
+    data["truncated"] = bool(data["truncated"])
+    data["sampling"] = json.loads(data["sampling"]) if data["sampling"] else None
+    return Message(**data)

@@ -1,0 +1,105 @@
+"""The FastAPI application: wiring, start-up of the engine, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from memory.companions import CompanionStore
+from memory.db import Database
+from memory.history import History
+from serve import errors, metrics
+from serve.chat import ChatService
+from serve.config import Settings
+from serve.default_model import MODEL_NAME, ensure_default_model
+from serve.engine import Engine
+from serve.prompt import PromptBuilder
+from serve.routes import health, native, openai
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Homefire:
+    """Everything a request may need, built once per process."""
+
+    settings: Settings
+    data_dir: Path
+    db: Database
+    companions: CompanionStore
+    history: History
+    engine: Engine
+    chat: ChatService
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, settings: Settings, data_dir: Path) -> Homefire:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # conversations are private
+        db = Database(data_dir / "homefire.db")
+        companions = CompanionStore(db)
+        companions.sync_dir(settings.companions_dir)
+        history = History(db)
+        model = settings.engine.model
+        engine = Engine(settings.engine, data_dir / "run", model)
+        chat = ChatService(engine, history, companions, model_id=model or MODEL_NAME)
+        return cls(settings, data_dir, db, companions, history, engine, chat)
+
+    async def start_engine(self) -> None:
+        """Prepare the model, load the tokenizer and bring the engine up (in the background)."""
+        from transformers import AutoTokenizer
+
+        engine = self.engine
+        try:
+            if not engine.model_path and not self.settings.engine.url:
+                engine.detail = "converting the embedded model (first start only)"
+                path = await asyncio.to_thread(ensure_default_model, self.data_dir / "models")
+                engine.model_path = str(path)
+            await engine.start()
+            if engine.state == "failed":
+                return
+            source = engine.model_path or engine.model_root
+            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
+            self.chat.prompts = PromptBuilder(tokenizer, engine.max_model_len)
+        except Exception as err:
+            engine.state, engine.detail = "failed", f"{type(err).__name__}: {err}"
+            log.exception("engine: start-up failed")
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await self.engine.stop()
+        self.db.close()
+
+
+def create_app(settings: Settings, data_dir: Path) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        hf = Homefire.open(settings, data_dir)
+        app.state.homefire = hf
+        hf.tasks.append(asyncio.create_task(hf.start_engine()))
+        try:
+            yield
+        finally:
+            await hf.close()
+
+    app = FastAPI(
+        title="Homefire",
+        summary="A self-hosted AI companion server: OpenAI-compatible chat with durable history.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(native.router)
+    metrics.ENGINE_READY.set_function(
+        lambda: float(getattr(app.state, "homefire", None) is not None
+                      and app.state.homefire.engine.ready and app.state.homefire.chat.prompts is not None)
+    )
+    return app

@@ -1,0 +1,186 @@
+"""Chat turns: store what is new, assemble the prompt, stream the reply, commit it.
+
+A reply is committed to SQLite before the caller sees the final event; a reply cut
+short (client gone, engine failure) is stored marked truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+
+from memory.companions import Companion, CompanionStore
+from memory.history import History, Message, ReplyMeta
+from serve import metrics
+from serve.engine import Engine, EngineUnavailable
+from serve.prompt import Prompt, PromptBuilder
+
+
+class UnknownCompanion(LookupError):
+    def __init__(self, companion_id: str, known: list[str]):
+        super().__init__(
+            f"no companion named {companion_id!r}; known companions: {', '.join(known) or 'none'}"
+        )
+
+
+class WrongBaseModel(ValueError):
+    """The companion was made for a model other than the one the server runs."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine failed in the middle of a reply."""
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    message: Message
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Turn:
+    """One reply to produce: who speaks and what they have to go on."""
+
+    companion: Companion
+    history: list[dict]                 # oldest first, ending with the user's message
+    overrides: dict = field(default_factory=dict)
+    extra_system: list[str] = field(default_factory=list)
+    api: str = "native"
+
+
+@dataclass
+class Plan:
+    """A turn checked and ready for the engine: nothing has been stored yet."""
+
+    turn: Turn
+    params: dict
+    prompt: Prompt
+
+
+class ChatService:
+    def __init__(self, engine: Engine, history: History, companions: CompanionStore,
+                 model_id: str):
+        self.engine = engine
+        self.history = history
+        self.companions = companions
+        self.model_id = model_id
+        self.prompts: PromptBuilder | None = None  # set once the tokenizer is loaded
+
+    def companion(self, companion_id: str) -> Companion:
+        companion = self.companions.get(companion_id)
+        if companion is None:
+            raise UnknownCompanion(companion_id, self.companions.ids())
+        if companion.base_model and companion.base_model not in (
+            self.model_id, Path(self.model_id).name
+        ):
+            raise WrongBaseModel(
+                f"companion {companion_id!r} is made for base model {companion.base_model!r}, "
+                f"but this server runs {self.model_id!r}"
+            )
+        return companion
+
+    def sampling(self, companion: Companion, overrides: dict) -> dict:
+        defaults = companion.sampling
+        params = {
+            "temperature": defaults.temperature,
+            "top_p": defaults.top_p,
+            "repetition_penalty": defaults.repetition_penalty,
+        }
+        params.update({k: v for k, v in overrides.items() if v is not None and k != "max_tokens"})
+        # The companion's max_tokens is a ceiling: clients may ask for less, never more.
+        params["max_tokens"] = min(overrides.get("max_tokens") or defaults.max_tokens,
+                                   defaults.max_tokens)
+        return params
+
+    def plan(self, turn: Turn) -> Plan:
+        """Check the turn and assemble its prompt; raises before anything is stored."""
+        self.engine.require_ready()
+        if self.prompts is None:
+            raise EngineUnavailable("the engine is ready but the tokenizer is still loading")
+        params = self.sampling(turn.companion, turn.overrides)
+        prompt = self.prompts.build(turn.companion, turn.history, params["max_tokens"],
+                                    extra_system=turn.extra_system)
+        return Plan(turn, params, prompt)
+
+    async def reply(self, plan: Plan, conversation_id: str) -> AsyncIterator[Delta | Done]:
+        """Stream the planned reply; the last event is Done, sent after the commit."""
+        turn, params, prompt = plan.turn, plan.params, plan.prompt
+        started = time.perf_counter()
+        payload = {
+            "model": self.engine.served_name, "prompt": prompt.token_ids, "stream": True,
+            "stream_options": {"include_usage": True}, **params,
+        }
+        parts: list[str] = []
+        finish, usage, outcome = None, None, "disconnected"
+        request = self.engine.client.build_request("POST", "/v1/completions", json=payload)
+        try:
+            try:
+                response = await self.engine.client.send(request, stream=True)
+            except httpx.HTTPError as err:
+                outcome = "engine_error"
+                raise EngineUnavailable(f"the engine cannot be reached: {err}") from err
+            try:
+                if response.status_code != 200:
+                    outcome = "engine_error"
+                    body = (await response.aread()).decode(errors="replace")[:500]
+                    raise EngineFailed(f"the engine refused the request ({response.status_code}): {body}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        break
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        outcome = "engine_error"
+                        raise EngineFailed(f"the engine failed mid-reply: {chunk['error']}")
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk["choices"]:
+                        if choice["text"]:
+                            if not parts:
+                                metrics.TTFT.observe(time.perf_counter() - started)
+                            parts.append(choice["text"])
+                            yield Delta(choice["text"])
+                        finish = choice.get("finish_reason") or finish
+            except httpx.HTTPError as err:
+                outcome = "engine_error"
+                raise EngineFailed(f"the engine stopped mid-reply: {err}") from err
+            finally:
+                # Closing the upstream stream is what makes vLLM abort the generation,
+                # so it must happen even while this task is being cancelled.
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            if finish is None:
+                outcome = "engine_error"
+                raise EngineFailed("the engine closed the stream before the reply was finished")
+            completion = (usage or {}).get("completion_tokens", len(parts))
+            message = self.history.append(
+                conversation_id, "assistant", "".join(parts),
+                ReplyMeta(tokens=completion, prompt_tokens=len(prompt.token_ids),
+                          model=self.model_id, adapter=turn.companion.adapter,
+                          sampling=params, finish_reason=finish),
+            )
+            outcome = "ok"
+            metrics.TOKENS.inc(completion)
+        finally:
+            metrics.REPLIES.labels(turn.api, outcome).inc()
+            if outcome != "ok" and (parts or outcome == "disconnected"):
+                self.history.append(
+                    conversation_id, "assistant", "".join(parts),
+                    ReplyMeta(tokens=len(parts), prompt_tokens=len(prompt.token_ids),
+                              model=self.model_id, adapter=turn.companion.adapter,
+                              sampling=params, finish_reason=outcome, truncated=True),
+                )
+        yield Done(message, finish, len(prompt.token_ids), completion)

@@ -1,0 +1,65 @@
+"""Finding and calling a running Homefire server from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error; the message is the server's own."""
+
+
+def server_file(data_dir: Path) -> Path:
+    return data_dir / "run" / "server.json"
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the server that owns data_dir, if one is running."""
+    try:
+        info = json.loads(server_file(data_dir).read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info["url"]
+
+
+class Client:
+    def __init__(self, url: str):
+        headers = {}
+        if key := os.environ.get("HOMEFIRE_API_KEY"):
+            headers["Authorization"] = f"Bearer {key}"
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30, read=600))
+
+    def request(self, method: str, path: str, **kwargs) -> object:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            raise ServerError(f"cannot reach the server at {self.http.base_url}: {err}") from err
+        if response.status_code >= 400:
+            raise ServerError(_error_message(response.content, response.status_code))
+        return response.json() if response.content else None
+
+    def stream_events(self, path: str, body: dict) -> Iterator[tuple[str, dict]]:
+        """POST and yield (event name, data) from a server-sent event stream."""
+        with self.http.stream("POST", path, json=body) as response:
+            if response.status_code >= 400:
+                raise ServerError(_error_message(response.read(), response.status_code))
+            name = "message"
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    yield name, json.loads(line[6:])
+                    name = "message"
+
+
+def _error_message(content: bytes, status: int) -> str:
+    try:
+        return json.loads(content)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {content[:300].decode(errors='replace')}"

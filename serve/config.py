@@ -1,0 +1,110 @@
+"""Server settings: one pydantic model, values from a YAML file, validated at start.
+
+Environment variables are read only for secrets and the data directory:
+HOMEFIRE_DATA_DIR, HOMEFIRE_API_KEY (clients must send it), HOMEFIRE_ENGINE_API_KEY.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from memory.companions import format_validation_error
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "homefire.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or setting is invalid; the message names the file and the setting."""
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    url: str | None = None
+    """An external vLLM OpenAI server (e.g. http://gpu-box:8000); when set nothing is spawned.
+    Its API key, if any, comes from HOMEFIRE_ENGINE_API_KEY."""
+    model: str | None = None
+    """A Hugging Face model id or local directory; empty means the embedded SmolLM2-135M-Instruct."""
+    max_model_len: int = Field(4096, ge=256)
+    """Context window in tokens: prompt plus reply."""
+    enforce_eager: bool | None = None
+    """Skip torch.compile and CUDA graphs: starts far faster, generates a little slower.
+    Empty means on for the CPU build of vLLM, off on a GPU."""
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    """KV cache size in whole GiB on the CPU build (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """Share of GPU memory vLLM may take."""
+    extra_args: list[str] = []
+    """Further vLLM server flags, passed through as they are."""
+    startup_timeout_s: float = Field(900, gt=0)
+    """How long to wait for the engine to become ready before giving up."""
+    max_restarts: int = Field(3, ge=0)
+    """Restarts allowed within restart_window_s before the engine is declared failed."""
+    restart_window_s: float = Field(600, gt=0)
+    """Window over which restarts are counted."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    host: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback requires HOMEFIRE_API_KEY."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port to listen on (0 picks a free one)."""
+    companions_dir: Path = REPO_ROOT / "configs" / "companions"
+    """Directory of persona YAML files, loaded at start (relative paths: to the config file)."""
+    default_companion: str = "ember"
+    """Companion that `homefire chat` and clients without a preference talk to."""
+    engine: EngineConfig = EngineConfig()
+    """The vLLM engine."""
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read settings from a YAML file (or the defaults); errors name the file and the setting."""
+    if path is None:
+        return Settings()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {format_validation_error(err)}") from err
+    if not settings.companions_dir.is_absolute():
+        settings.companions_dir = (path.parent / settings.companions_dir).resolve()
+    return settings
+
+
+def default_data_dir() -> Path:
+    if env := os.environ.get("HOMEFIRE_DATA_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "homefire"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    if not is_loopback(settings.host) and not os.environ.get("HOMEFIRE_API_KEY"):
+        raise ConfigError(
+            f"refusing to listen on {settings.host}: anyone who can reach it could read your "
+            "conversations. Set HOMEFIRE_API_KEY to require a key, or listen on 127.0.0.1"
+        )

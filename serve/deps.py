@@ -1,0 +1,49 @@
+"""Request dependencies: the process's Homefire objects and the API key check."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from memory.companions import CompanionStore
+from memory.history import History
+from serve.chat import ChatService
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def get_homefire(request: Request):
+    return request.app.state.homefire
+
+
+def get_chat(request: Request) -> ChatService:
+    return request.app.state.homefire.chat
+
+
+def get_history(request: Request) -> History:
+    return request.app.state.homefire.history
+
+
+def get_companions(request: Request) -> CompanionStore:
+    return request.app.state.homefire.companions
+
+
+def require_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """With HOMEFIRE_API_KEY set, every route but /healthz needs `Authorization: Bearer KEY`."""
+    expected = os.environ.get("HOMEFIRE_API_KEY")
+    if not expected:
+        return
+    if credentials is None or not secrets.compare_digest(credentials.credentials, expected):
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+ChatDep = Annotated[ChatService, Depends(get_chat)]
+HistoryDep = Annotated[History, Depends(get_history)]
+CompanionsDep = Annotated[CompanionStore, Depends(get_companions)]

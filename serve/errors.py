@@ -1,0 +1,72 @@
+"""Every error leaves as JSON in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from memory.companions import CompanionError
+from serve.chat import EngineFailed, UnknownCompanion, WrongBaseModel
+from serve.engine import EngineUnavailable
+from serve.prompt import PromptTooLong
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
+         429: "rate_limit_error", 502: "engine_error", 503: "engine_unavailable"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+
+
+def field_path(loc: tuple) -> str:
+    parts = [p for p in loc if p != "body"]
+    path = ""
+    for p in parts:
+        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+    return path or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = field_path(tuple(first["loc"]))
+        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+        if first["type"] == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first['msg']}", "body",
+                                  "invalid_json")
+        got = first.get("input")
+        shown = f" (got {got!r})" if isinstance(got, str | int | float) and len(repr(got)) < 80 else ""
+        if first["type"] == "model_attributes_type" and param == "body":
+            return error_response(400, "the body must be a JSON object sent with Content-Type: "
+                                  "application/json", "body", "invalid_body")
+        return error_response(400, f"{param}: {first['msg']}{shown}{more}", param, first["type"])
+
+    @app.exception_handler(HTTPException)
+    async def http(request: Request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    handlers = {
+        UnknownCompanion: (404, "model", "model_not_found"),
+        WrongBaseModel: (409, "model", "base_model_mismatch"),
+        PromptTooLong: (400, "messages", "context_length_exceeded"),
+        CompanionError: (400, None, "invalid_card"),
+        EngineFailed: (502, None, "engine_failed"),
+    }
+    for exc_type, (status, param, code) in handlers.items():
+        def handler(request: Request, exc: Exception, status=status, param=param, code=code):
+            return error_response(status, str(exc), param, code)
+        app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(EngineUnavailable)
+    async def unavailable(request: Request, exc: EngineUnavailable):
+        return error_response(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"})

@@ -1,0 +1,12 @@
+"""Prometheus metrics for /metrics."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REPLIES = Counter("homefire_replies_total", "Replies by API and outcome", ["api", "outcome"])
+TOKENS = Counter("homefire_completion_tokens_total", "Tokens generated for replies")
+TTFT = Histogram(
+    "homefire_time_to_first_token_seconds", "From request to first token",
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ENGINE_READY = Gauge("homefire_engine_ready", "1 when the vLLM engine is ready")
+ENGINE_RESTARTS = Gauge("homefire_engine_restarts", "Times the vLLM child was restarted")

@@ -1,0 +1,105 @@
+"""OpenAI-compatible routes: /v1/models and /v1/chat/completions; `model` names a companion."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import JSONResponse
+
+from serve.chat import Delta, Done, EngineFailed, Turn
+from serve.deps import ChatDep, CompanionsDep, HistoryDep, require_key
+from serve.engine import EngineUnavailable
+from serve.errors import error_body
+from serve.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    Choice,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_key)])
+
+
+@router.get("/models")
+def list_models(companions: CompanionsDep) -> ModelList:
+    """Every companion, as a model a client can name."""
+    return ModelList(data=[ModelCard(id=c.id, created=0) for c in companions.list()])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: HistoryDep):
+    """Reply as the companion named by `model`; the conversation is stored, only what is new."""
+    companion = chat.companion(body.model)
+    system = [m.text for m in body.messages if m.role in ("system", "developer")]
+    turns = [(m.role, m.text) for m in body.messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1][0] != "user":
+        raise HTTPException(400, "messages: the last non-system message must have role 'user'")
+    overrides = {
+        "max_tokens": body.max_completion_tokens or body.max_tokens,
+        "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+        "stop": body.stop, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+    }
+    turn = Turn(companion, [{"role": r, "content": c} for r, c in turns], overrides, system, "openai")
+    plan = chat.plan(turn)
+    conversation_id, _ = history.record_resent(companion.id, turns)
+    events = chat.reply(plan, conversation_id)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    headers = {"X-Homefire-Conversation": conversation_id}
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _sse(events, completion_id, created, companion.id, usage)
+        return ClosingStreamingResponse(stream, media_type="text/event-stream",
+                                        headers=SSE_HEADERS | headers)
+    done = None
+    async for item in events:
+        if isinstance(item, Done):
+            done = item
+    assert done is not None
+    result = ChatCompletion(
+        id=completion_id, created=created, model=companion.id,
+        choices=[Choice(message=ChatMessageOut(content=done.message.content),
+                        finish_reason=done.finish_reason)],
+        usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                    total_tokens=done.prompt_tokens + done.completion_tokens),
+    )
+    return JSONResponse(result.model_dump(), headers=headers)
+
+
+async def _sse(events: AsyncIterator, completion_id: str, created: int, model: str,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Chunks exactly as OpenAI streams them, built from a fixed prefix for speed."""
+    usage_null = ',"usage":null' if include_usage else ""
+    head = (f'data: {{"id":"{completion_id}","object":"chat.completion.chunk",'
+            f'"created":{created},"model":{json.dumps(model)},"choices":[{{"index":0,"delta":')
+    try:
+        yield (f'{head}{{"role":"assistant","content":""}},"logprobs":null,'
+               f'"finish_reason":null}}]{usage_null}}}\n\n')
+        async for item in events:
+            if isinstance(item, Delta):
+                yield (f'{head}{{"content":{json.dumps(item.text, ensure_ascii=False)}}},'
+                       f'"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n')
+            elif isinstance(item, Done):
+                yield (f'{head}{{}},"logprobs":null,"finish_reason":'
+                       f'{json.dumps(item.finish_reason)}}}]{usage_null}}}\n\n')
+                if include_usage:
+                    usage = {"prompt_tokens": item.prompt_tokens,
+                             "completion_tokens": item.completion_tokens,
+                             "total_tokens": item.prompt_tokens + item.completion_tokens}
+                    yield event({"id": completion_id, "object": "chat.completion.chunk",
+                                 "created": created, "model": model, "choices": [],
+                                 "usage": usage})
+        yield "data: [DONE]\n\n"
+    except (EngineFailed, EngineUnavailable) as err:
+        status = 503 if isinstance(err, EngineUnavailable) else 502
+        yield event(error_body(status, str(err), code="engine_failed"))
+    finally:
+        await events.aclose()

@@ -1,0 +1,33 @@
+"""Server-sent events: a streaming response that always closes its generator."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes the body generator even when the client disconnects mid-stream.
+
+    Starlette cancels the sending task on disconnect; if that lands outside our generator,
+    the generator would only be closed by the garbage collector, and the engine would go
+    on generating for nobody. Closing it here makes cancellation reach the upstream request.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+def event(data: dict | str, name: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"event: {name}\ndata: {payload}\n\n" if name else f"data: {payload}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,127 @@
+"""Shared fixtures: the embedded model converted once, and real `homefire serve` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from serve.default_model import MODEL_NAME, ensure_default_model
+
+REPO = Path(__file__).resolve().parents[1]
+# Converting the embedded model takes ~15 s; keep it across runs on one machine.
+CACHE = Path(os.environ.get("HOMEFIRE_TEST_CACHE", REPO / ".cache" / "tests"))
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return ensure_default_model(CACHE / "models")
+
+
+class Server:
+    """A real `homefire serve` child process on a free port with its own data directory."""
+
+    def __init__(self, data_dir: Path, model_dir: Path, config: dict | None = None,
+                 env: dict | None = None):
+        self.data_dir = data_dir
+        models = data_dir / "models"
+        models.mkdir(parents=True, exist_ok=True)
+        # The real default (no engine.model): it finds the model already converted.
+        link = models / MODEL_NAME
+        if not link.exists():
+            link.symlink_to(model_dir, target_is_directory=True)
+        self.config_path = data_dir / "test-config.yaml"
+        base = {"port": 0, "companions_dir": str(REPO / "configs" / "companions")}
+        self.config_path.write_text(yaml.safe_dump(base | (config or {})))
+        self.env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 400) -> Server:
+        self.log = (self.data_dir / "serve.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(self.data_dir),
+             "--config", str(self.config_path)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+        )
+        info = self.data_dir / "run" / "server.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"homefire serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if info.exists() and json.loads(info.read_text())["pid"] == self.proc.pid:
+                self.url = json.loads(info.read_text())["url"]
+                try:
+                    if httpx.get(f"{self.url}/readyz", headers=self.auth, timeout=5).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.5)
+        raise RuntimeError(f"homefire serve was not ready in {timeout} s:\n{self.log_tail()}")
+
+    @property
+    def auth(self) -> dict:
+        key = self.env.get("HOMEFIRE_API_KEY")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = (self.data_dir / "serve.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.env.get("HOMEFIRE_API_KEY", "none"),
+                             max_retries=0, timeout=120)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.auth, timeout=120)
+
+    def engine(self) -> httpx.Client:
+        """A client on the engine's private socket, as only Homefire itself should use it."""
+        sock = self.data_dir / "run" / "engine.sock"
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://engine")
+
+    def engine_metric(self, name: str, label: str = "") -> float:
+        """Sum of vLLM's Prometheus samples `name{...label...}`."""
+        text = self.engine().get("/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") and label in line)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path, tmp_path_factory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("server"), model_dir).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_server(model_dir: Path, tmp_path: Path) -> Iterator:
+    started: list[Server] = []
+
+    def make(data_dir: Path | None = None, **kwargs) -> Server:
+        srv = Server(data_dir or tmp_path / "data", model_dir, **kwargs)
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        if srv.proc and srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)

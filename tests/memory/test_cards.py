@@ -1,0 +1,71 @@
+"""Character Card import from real JSON and PNG files."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from memory.cards import parse_card
+from memory.companions import CompanionError
+
+V2 = {"spec": "chara_card_v2", "spec_version": "2.0",
+      "data": {"name": "Luna", "description": "{{char}} is a night owl.", "personality": "calm",
+               "scenario": "a rooftop", "first_mes": "Hi {{user}}", "mes_example": "<START>",
+               "system_prompt": "Be Luna.", "post_history_instructions": "Stay calm.",
+               "alternate_greetings": ["Evening!"], "tags": ["x"], "creator": "someone",
+               "extensions": {"depth_prompt": {}}}}
+
+
+def png(chunks: dict[str, dict]) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, card in chunks.items():
+        info.add_text(key, base64.b64encode(json.dumps(card).encode()).decode())
+    out = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(out, "PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def test_v2_json_keeps_every_persona_field():
+    companion = parse_card(json.dumps(V2).encode())
+    assert companion.id == "luna" and companion.name == "Luna"
+    assert companion.post_history_instructions == "Stay calm."
+    assert companion.alternate_greetings == ["Evening!"]
+
+
+def test_png_prefers_the_v3_chunk():
+    v3 = {"spec": "chara_card_v3", "spec_version": "3.0", "data": V2["data"] | {"name": "Luna Three"}}
+    companion = parse_card(png({"chara": V2, "ccv3": v3}), "luna.png")
+    assert companion.name == "Luna Three" and companion.id == "luna-three"
+
+
+def test_v1_fields_are_mapped():
+    v1 = {"name": "Old", "char_greeting": "yo", "char_persona": "gruff"}
+    companion = parse_card(json.dumps(v1).encode())
+    assert (companion.first_mes, companion.personality) == ("yo", "gruff")
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'{"spec": "chara_card_v2", "data": {"name": "x",}', "bad.json: invalid JSON at line 1 column"),
+        (b"\x89PNG\r\n\x1a\ngarbage", "bad.json: damaged PNG"),
+        (b'{"spec": "chara_card_v9", "data": {}}', "unknown card spec 'chara_card_v9'"),
+        (b'{"spec": "chara_card_v2", "data": {"description": "no name"}}', "has no 'name'"),
+        (b'{"spec": "chara_card_v2", "data": {"name": "x", "first_mes": 5}}', "first_mes: Input should be"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"\xff\xfe\x00", "neither a PNG nor UTF-8 JSON"),
+    ],
+)
+def test_bad_cards_say_what_and_where(content, words):
+    with pytest.raises(CompanionError, match=None) as err:
+        parse_card(content, "bad.json")
+    assert words in str(err.value)
+
+
+def test_png_without_a_card():
+    with pytest.raises(CompanionError, match="no character card"):
+        parse_card(png({}), "plain.png")

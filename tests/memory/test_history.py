@@ -1,0 +1,64 @@
+"""SQLite history: migrations, appends, matching resent conversations."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from memory.companions import Companion, CompanionStore
+from memory.db import MIGRATIONS, Database, SchemaError
+from memory.history import History, ReplyMeta
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(tmp_path / "homefire.db")
+    CompanionStore(database).put(Companion(id="ember", name="Ember"), "api")
+    CompanionStore(database).put(Companion(id="nova", name="Nova"), "api")
+    return database
+
+
+def test_schema_is_versioned_and_wal(db, tmp_path):
+    assert db.query("PRAGMA user_version")[0][0] == len(MIGRATIONS)
+    assert db.query("PRAGMA journal_mode")[0][0] == "wal"
+    db.close()
+    Database(tmp_path / "homefire.db").close()  # reopening migrates nothing twice
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    conn = sqlite3.connect(tmp_path / "new.db")
+    conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(SchemaError, match="upgrade Homefire"):
+        Database(tmp_path / "new.db")
+
+
+def test_resent_conversations_add_only_new_turns(db):
+    history = History(db)
+    conv, added = history.record_resent("ember", [("user", "hi")])
+    assert len(added) == 1
+    history.append(conv, "assistant", "hello!", ReplyMeta(tokens=2, finish_reason="stop"))
+    same, added = history.record_resent("ember", [("user", "hi"), ("assistant", "hello!"), ("user", "how?")])
+    assert same == conv and [m.content for m in added] == ["how?"]
+    # The same words to another companion are another conversation.
+    other, _ = history.record_resent("nova", [("user", "hi")])
+    assert other != conv
+    # A regenerated reply (resending a prefix that is not the tail) forks, never rewrites.
+    fork, added = history.record_resent("ember", [("user", "hi"), ("assistant", "hey there")])
+    assert fork != conv and len(added) == 2
+    assert [m.content for m in history.messages(conv)] == ["hi", "hello!", "how?"]
+
+
+def test_metadata_round_trips_and_deletes_cascade(db):
+    history = History(db)
+    conv = history.create_conversation("ember", "test")
+    meta = ReplyMeta(tokens=3, prompt_tokens=40, model="m", sampling={"temperature": 0.5},
+                     finish_reason="length", truncated=True)
+    message = history.append(conv.id, "assistant", "partial", meta)
+    assert (message.sampling, message.truncated, message.prompt_tokens) == ({"temperature": 0.5}, True, 40)
+    with pytest.raises(KeyError):
+        history.append("missing", "user", "x")
+    CompanionStore(db).delete("ember")
+    assert history.get_conversation(conv.id) is None
+    assert db.query("SELECT COUNT(*) FROM messages")[0][0] == 0

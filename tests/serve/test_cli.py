@@ -1,0 +1,67 @@
+"""The `homefire` command, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def homefire(*args, input=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True,
+                          input=input, timeout=300, cwd=REPO, env=env)
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["chat"], ["companion"], ["companion", "import-card"]])
+def test_every_command_explains_itself(command):
+    result = homefire(*command, "--help")
+    assert result.returncode == 0 and "usage: homefire" in result.stdout
+    assert len(result.stdout.splitlines()) > 4
+
+
+def test_companions_without_a_running_server(tmp_path):
+    data = str(tmp_path / "data")
+    listed = homefire("companion", "list", "--json", "--data-dir", data)
+    assert [c["id"] for c in json.loads(listed.stdout)] == ["ember"]
+    card = tmp_path / "sol.json"
+    card.write_text(json.dumps({"spec": "chara_card_v2", "data": {"name": "Sol", "personality": "sunny"}}))
+    imported = homefire("companion", "import-card", str(card), "--data-dir", data)
+    assert "imported 'Sol' as 'sol'" in imported.stdout
+    again = homefire("companion", "import-card", str(card), "--data-dir", data)
+    assert again.returncode == 2 and "--replace" in again.stderr
+    shown = json.loads(homefire("companion", "show", "sol", "--data-dir", data).stdout)
+    assert shown["personality"] == "sunny"
+    missing = homefire("companion", "show", "nobody", "--data-dir", data)
+    assert missing.returncode == 2 and "known companions: ember, sol" in missing.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    result = homefire("companion", "import-card", str(broken), "--data-dir", data)
+    assert result.returncode == 2 and "broken.json: invalid JSON" in result.stderr
+
+
+def test_chat_in_the_terminal(server):
+    result = homefire("chat", "ember", "--data-dir", str(server.data_dir),
+                      input="Hello Ember, I planted tomatoes today.\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "ember> Hey, you're here! How was your day?"
+    assert lines[1].startswith("ember> ") and len(lines[1]) > len("ember> ")
+    conversation = result.stderr.split("conversation ")[1].split(";")[0]
+    messages = server.http().get(f"/api/v1/conversations/{conversation}").json()["messages"]
+    assert messages[1]["content"] == "Hello Ember, I planted tomatoes today."
+    assert messages[2]["content"].strip() == lines[1][len("ember> "):].strip()
+
+
+def test_cli_against_the_running_server(server):
+    listed = json.loads(homefire("companion", "list", "--json", "--url", server.url).stdout)
+    assert "ember" in [c["id"] for c in listed]
+
+
+def test_chat_without_a_server_says_how_to_start_one(tmp_path):
+    result = homefire("chat", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "homefire serve" in result.stderr

@@ -1,0 +1,57 @@
+"""Settings: defaults, and errors that name the file and the setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve.config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_shipped_config_documents_the_defaults():
+    assert load_settings(DEFAULT_CONFIG) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("port: many\n", "port: Input should be a valid integer"),
+        ("engine:\n  max_model_len: 10\n", "engine.max_model_len: Input should be greater than or equal"),
+        ("engin: {}\n", "engin: Extra inputs are not permitted"),
+        ("port: [\n", "not valid YAML"),
+        ("- a list\n", "expected a mapping"),
+    ],
+)
+def test_config_errors_name_the_file_and_the_setting(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value).startswith(str(path)) and words in str(err.value)
+
+
+def serve(tmp_path, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+
+
+def test_serve_refuses_a_public_address_without_a_key(tmp_path):
+    result = serve(tmp_path, "--host", "0.0.0.0", "--port", "0")
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in result.stderr and "HOMEFIRE_API_KEY" in result.stderr
+
+
+def test_serve_names_a_bad_companion_file(tmp_path):
+    companions = tmp_path / "companions"
+    companions.mkdir()
+    (companions / "odd.yaml").write_text("name: Odd\nsampling:\n  temperature: hot\n")
+    config = tmp_path / "config.yaml"
+    config.write_text("companions_dir: companions\n")
+    result = serve(tmp_path, "--config", str(config))
+    assert result.returncode == 2
+    assert "odd.yaml: sampling.temperature: Input should be a valid number" in result.stderr

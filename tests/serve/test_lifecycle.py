@@ -1,0 +1,87 @@
+"""The server's life: restarts keep history, no orphans, a dead engine comes back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import psutil
+import pytest
+
+
+def family(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return alive
+
+
+def test_history_survives_restarts_and_no_process_is_orphaned(make_server, tmp_path):
+    first = make_server().start()
+    engine_tree = family(first.proc.pid)
+    assert engine_tree, "vLLM should run as a child of homefire serve"
+    reply = first.openai().chat.completions.with_raw_response.create(
+        model="ember", messages=[{"role": "user", "content": "Remember: my sister is called Ada."}],
+        max_tokens=16)
+    conversation = reply.headers["x-homefire-conversation"]
+
+    # A second server on the same data directory is refused at once.
+    second = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(first.data_dir), "--port", "0"],
+        capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2 and "already uses" in second.stderr
+
+    # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM.
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in first.log_tail()
+    assert wait_gone(engine_tree) == [], "vLLM processes outlived homefire serve"
+    assert not (first.data_dir / "run" / "engine.sock").exists()
+
+    again = make_server(first.data_dir).start()
+    messages = again.http().get(f"/api/v1/conversations/{conversation}").json()["messages"]
+    assert messages[0]["content"] == "Remember: my sister is called Ada."
+    assert messages[1]["content"] == reply.parse().choices[0].message.content
+
+    # Even SIGKILL, which allows no clean-up, takes the engine down with the server.
+    engine_tree = family(again.proc.pid)
+    again.stop(signal.SIGKILL)
+    assert wait_gone(engine_tree) == [], "vLLM processes outlived a killed homefire serve"
+
+
+def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
+    server = make_server().start()
+    server.http().post("/api/v1/companions", json={"id": "long", "name": "Long",
+                                                   "sampling": {"max_tokens": 2000}})
+    stream = server.openai().chat.completions.create(
+        model="long", stream=True, max_tokens=2000, temperature=0,
+        messages=[{"role": "user", "content": "Count from 1 to 500, one number per line."}])
+    assert next(stream).choices[0].delta.role == "assistant"
+    while not next(stream).choices[0].delta.content:  # let some of the reply arrive
+        pass
+    engine = next(p for p in family(server.proc.pid) if "vllm.entrypoints" in " ".join(p.cmdline()))
+    os.kill(engine.pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as err:
+        for _ in stream:
+            pass
+    assert "engine" in str(err.value.message)
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ready = server.http().get("/readyz")
+        if ready.status_code == 200:
+            break
+        assert ready.json()["engine"] in ("restarting", "ready"), ready.text
+        time.sleep(1)
+    assert ready.json()["restarts"] == 1
+    reply = server.openai().chat.completions.create(
+        model="ember", messages=[{"role": "user", "content": "Are you back?"}], max_tokens=8)
+    assert reply.choices[0].message.content
+    conversations = server.http().get("/api/v1/conversations", params={"companion": "long"}).json()
+    messages = server.http().get(f"/api/v1/conversations/{conversations[0]['id']}").json()["messages"]
+    assert messages[-1]["truncated"] is True and messages[-1]["finish_reason"] == "engine_error"

@@ -1,0 +1,108 @@
+"""The native API: companions, conversations kept by the server, health and metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+from PIL import Image, PngImagePlugin
+
+
+def card_png(card: dict) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("chara", base64.b64encode(json.dumps(card).encode()).decode())
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), "orange").save(out, "PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def test_companion_crud(server):
+    http = server.http()
+    card = {"id": "juniper", "name": "Juniper", "personality": "dry wit",
+            "sampling": {"temperature": 0.5, "max_tokens": 64}}
+    assert http.post("/api/v1/companions", json=card).status_code == 201
+    assert http.post("/api/v1/companions", json=card).status_code == 409
+    assert http.get("/api/v1/companions/juniper").json()["personality"] == "dry wit"
+    card["personality"] = "warm wit"
+    assert http.put("/api/v1/companions/juniper", json=card).json()["personality"] == "warm wit"
+    mismatch = http.put("/api/v1/companions/juniper", json=card | {"id": "other"})
+    assert mismatch.status_code == 400 and "differs" in mismatch.json()["error"]["message"]
+    bad = http.post("/api/v1/companions", json={"id": "Bad Id!", "name": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "id"
+    assert http.delete("/api/v1/companions/juniper").status_code == 204
+    missing = http.get("/api/v1/companions/juniper")
+    assert missing.status_code == 404 and "ember" in missing.json()["error"]["message"]
+
+
+def test_companions_from_config_files_are_read_only(server):
+    response = server.http().delete("/api/v1/companions/ember")
+    assert response.status_code == 409
+    assert "ember.yaml" in response.json()["error"]["message"]
+
+
+def test_import_png_card_then_talk_to_it(server):
+    card = {"spec": "chara_card_v2", "spec_version": "2.0",
+            "data": {"name": "Captain Nova", "description": "{{char}} pilots a starship.",
+                     "first_mes": "Welcome aboard, {{user}}!", "personality": "bold"}}
+    http = server.http()
+    response = http.post("/api/v1/companions/import", content=card_png(card),
+                         params={"filename": "nova.png"})
+    assert response.status_code == 201, response.text
+    assert response.json()["id"] == "captain-nova"
+    assert "captain-nova" in [m.id for m in server.openai().models.list()]
+    again = http.post("/api/v1/companions/import", content=card_png(card), params={"filename": "nova.png"})
+    assert again.status_code == 409
+    broken = http.post("/api/v1/companions/import", content=b"\x89PNG\r\n\x1a\nnot really",
+                       params={"filename": "broken.png"})
+    assert broken.status_code == 400 and "broken.png" in broken.json()["error"]["message"]
+    conversation = http.post("/api/v1/conversations", json={"companion": "captain-nova"}).json()
+    assert conversation["messages"][0]["content"] == "Welcome aboard, User!"
+
+
+def test_conversation_kept_by_the_server(server):
+    http = server.http()
+    created = http.post("/api/v1/conversations", json={"companion": "ember", "title": "evening"})
+    assert created.status_code == 201
+    conversation = created.json()["conversation"]
+    greeting = created.json()["messages"]
+    assert greeting[0]["role"] == "assistant" and "day" in greeting[0]["content"]
+    url = f"/api/v1/conversations/{conversation['id']}/messages"
+    exchange = http.post(url, json={"content": "I went swimming.", "max_tokens": 16}).json()
+    assert exchange["message"]["content"] == "I went swimming."
+    assert exchange["reply"]["role"] == "assistant" and exchange["reply"]["content"]
+
+    events = []
+    with http.stream("POST", url, json={"content": "It was cold!", "stream": True, "max_tokens": 16}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    deltas = "".join(data["content"] for name, data in events if name == "delta")
+    assert events[-1][0] == "done"
+    assert events[-1][1]["reply"]["content"] == deltas
+
+    full = http.get(f"/api/v1/conversations/{conversation['id']}").json()
+    assert [m["content"] for m in full["messages"]][1:] == [
+        "I went swimming.", exchange["reply"]["content"], "It was cold!", deltas]
+    listed = http.get("/api/v1/conversations", params={"companion": "ember", "limit": 500}).json()
+    assert conversation["id"] in [c["id"] for c in listed]
+    assert http.delete(f"/api/v1/conversations/{conversation['id']}").status_code == 204
+    assert http.get(f"/api/v1/conversations/{conversation['id']}").status_code == 404
+    assert http.post(url, json={"content": "hello?"}).status_code == 404
+
+
+def test_health_readiness_metrics_and_schema(server):
+    http = server.http()
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz").json()
+    assert ready["ready"] is True and ready["engine"] == "ready"
+    metrics = http.get("/metrics").text
+    assert "homefire_engine_ready 1.0" in metrics
+    assert "homefire_replies_total" in metrics
+    schema = http.get("/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
+    assert "/api/v1/conversations/{conversation_id}/messages" in schema["paths"]
