@@ -12,7 +12,7 @@ COPY pyproject.toml README.md ./
 COPY serve serve
 COPY memory memory
 COPY configs configs
-RUN pip install --no-cache-dir --no-deps --no-build-isolation -e .
+RUN pip install --no-cache-dir --no-deps -e .
 
 # Conversations, memories and the converted model live in the volume.
 ENV HOMEFIRE_DATA_DIR=/data

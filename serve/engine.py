@@ -59,6 +59,8 @@ class Engine:
         self.restarts = 0
         self.max_model_len = config.max_model_len
         self.model_root: str | None = None
+        # An external server names its model itself; we learn it once it is ready.
+        self.served_name = SERVED_NAME if not config.url else (model_path or "")
         self.log_path = run_dir / "engine.log"
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -89,10 +91,6 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.state == "ready"
-
-    @property
-    def served_name(self) -> str:
-        return SERVED_NAME if self.socket_path else (self.model_path or SERVED_NAME)
 
     @property
     def pid(self) -> int | None:
@@ -172,6 +170,7 @@ class Engine:
             await asyncio.sleep(0.25)
         models = (await self.client.get("/v1/models")).json()["data"]
         entry = next((m for m in models if m["id"] == self.served_name), models[0])
+        self.served_name = entry["id"]
         self.max_model_len = entry.get("max_model_len") or self.config.max_model_len
         self.model_root = entry.get("root")
         self.state, self.detail = "ready", f"ready in {time.monotonic() - started:.0f} s"

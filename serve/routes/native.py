@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from memory.cards import MAX_CARD_BYTES, parse_card
 from memory.companions import Companion, CompanionStore
 from memory.history import Conversation, History, Message
-from serve.chat import Delta, Done, EngineFailed, Turn
+from serve.chat import Delta, Done, EngineFailed, Turn, UnknownCompanion
 from serve.deps import ChatDep, CompanionsDep, HistoryDep, require_key
 from serve.engine import EngineUnavailable
 from serve.errors import error_body
@@ -37,8 +37,11 @@ def list_companions(companions: CompanionsDep) -> list[Companion]:
 
 
 @router.get("/companions/{companion_id}")
-def get_companion(companion_id: str, chat: ChatDep) -> Companion:
-    return chat.companion(companion_id)
+def get_companion(companion_id: str, companions: CompanionsDep) -> Companion:
+    companion = companions.get(companion_id)
+    if companion is None:
+        raise UnknownCompanion(companion_id, companions.ids())
+    return companion
 
 
 @router.post("/companions", status_code=201)
@@ -168,9 +171,8 @@ async def send_message(conversation_id: str, body: SendMessage, chat: ChatDep, h
     if body.stream:
         return ClosingStreamingResponse(_sse(events, message), media_type="text/event-stream",
                                         headers=SSE_HEADERS)
-    async for item in events:
-        if isinstance(item, Done):
-            return Exchange(message=message, reply=item.message)
+    replies = [item.message async for item in events if isinstance(item, Done)]
+    return Exchange(message=message, reply=replies[0])
 
 
 async def _sse(events: AsyncIterator, message: Message) -> AsyncIterator[str]:

@@ -1,0 +1,153 @@
+"""What Homefire adds on top of vLLM: throughput ratio and time to first token.
+
+Starts `homefire serve` on the embedded model, then runs the same load (16 concurrent
+streaming chats with varied prompt lengths, greedy, so both paths produce the same tokens)
+directly against the vLLM child over its private socket and through Homefire, alternating
+rounds, and prints the throughput ratio and the TTFT Homefire adds (p50/p95).
+
+    .venv/bin/python bench/serve_overhead.py [--rounds 4] [--concurrency 16] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from memory.companions import load_companion_file  # noqa: E402
+from serve.default_model import MODEL_NAME, ensure_default_model  # noqa: E402
+from serve.engine import SERVED_NAME  # noqa: E402
+from serve.prompt import persona_prompt  # noqa: E402
+
+TOPICS = ["my garden", "a film I saw", "my sister's wedding", "learning the piano", "a rainy walk",
+          "my new job", "the stars last night", "cooking soup", "an old friend", "a long train ride"]
+
+
+def prompts(n: int) -> list[str]:
+    # Varied lengths: from one sentence to a few paragraphs.
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        detail = f" I keep thinking about {topic}, and how it made me feel." * (1 + (i * 7) % 24)
+        out.append(f"Let me tell you about {topic}.{detail} What do you think?")
+    return out
+
+
+async def one(client: openai.AsyncOpenAI, model: str, messages: list[dict], max_tokens: int) -> tuple:
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    stream = await client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - start
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return ttft, tokens
+
+
+async def round_(client, model, conversations, max_tokens) -> tuple[list[float], int, float]:
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(client, model, m, max_tokens) for m in conversations))
+    wall = time.perf_counter() - start
+    return [r[0] for r in results if r[0] is not None], sum(r[1] for r in results), wall
+
+
+def pct(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+async def run(args, url: str, socket: Path) -> dict:
+    companion = load_companion_file(REPO / "configs" / "companions" / "ember.yaml")
+    system = persona_prompt(companion)
+    texts = prompts(args.concurrency)
+    via_homefire = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    direct = openai.AsyncOpenAI(
+        base_url="http://engine/v1", api_key="none", max_retries=0, timeout=600,
+        http_client=httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket))))
+    homefire_msgs = [[{"role": "user", "content": t}] for t in texts]
+    # The prompt Homefire assembles for ember, sent straight to vLLM's chat endpoint.
+    direct_msgs = [[{"role": "system", "content": system}, {"role": "user", "content": t}] for t in texts]
+    await round_(direct, SERVED_NAME, direct_msgs[:2], 8)  # warm both paths
+    await round_(via_homefire, "ember", homefire_msgs[:2], 8)
+    totals = {"direct": [[], 0, 0.0], "homefire": [[], 0, 0.0]}
+    for r in range(args.rounds):
+        order = [("direct", direct, SERVED_NAME, direct_msgs),
+                 ("homefire", via_homefire, "ember", homefire_msgs)]
+        for name, client, model, msgs in order if r % 2 == 0 else order[::-1]:
+            ttfts, tokens, wall = await round_(client, model, msgs, args.max_tokens)
+            totals[name][0] += ttfts
+            totals[name][1] += tokens
+            totals[name][2] += wall
+            print(f"round {r + 1} {name:8s}: {tokens} tokens in {wall:.2f} s, TTFT p50 "
+                  f"{statistics.median(ttfts) * 1000:.0f} ms", flush=True)
+    result = {}
+    for name, (ttfts, tokens, wall) in totals.items():
+        result[name] = {"tokens_per_s": tokens / wall, "ttft_p50_ms": statistics.median(ttfts) * 1000,
+                        "ttft_p95_ms": pct(ttfts, 95) * 1000, "tokens": tokens}
+    result["throughput_ratio"] = result["homefire"]["tokens_per_s"] / result["direct"]["tokens_per_s"]
+    result["added_ttft_p50_ms"] = result["homefire"]["ttft_p50_ms"] - result["direct"]["ttft_p50_ms"]
+    result["added_ttft_p95_ms"] = result["homefire"]["ttft_p95_ms"] - result["direct"]["ttft_p95_ms"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per path (alternating)")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent streaming chats")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
+    parser.add_argument("--data-dir", type=Path, help="data directory (default: a temporary one)")
+    args = parser.parse_args()
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="homefire-bench-"))
+    ensure_default_model(data_dir / "models")
+    log = (data_dir / "serve.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(data_dir),
+                             "--port", "0"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        info = data_dir / "run" / "server.json"
+        while True:
+            if proc.poll() is not None:
+                sys.exit(f"homefire serve exited; see {data_dir / 'serve.log'}")
+            if info.exists():
+                url = json.loads(info.read_text())["url"]
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.5)
+        result = asyncio.run(run(args, url, data_dir / "run" / "engine.sock"))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    d, h = result["direct"], result["homefire"]
+    print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; model {MODEL_NAME}; "
+          f"{args.concurrency} concurrent streams x {args.max_tokens} tokens x {args.rounds} rounds")
+    print(f"direct vLLM : {d['tokens_per_s']:.1f} tokens/s, TTFT p50 {d['ttft_p50_ms']:.0f} ms "
+          f"p95 {d['ttft_p95_ms']:.0f} ms")
+    print(f"via Homefire: {h['tokens_per_s']:.1f} tokens/s, TTFT p50 {h['ttft_p50_ms']:.0f} ms "
+          f"p95 {h['ttft_p95_ms']:.0f} ms")
+    print(f"throughput ratio (Homefire / direct): {result['throughput_ratio']:.3f}   (goal >= 0.95)")
+    print(f"added TTFT: p50 {result['added_ttft_p50_ms']:+.1f} ms, p95 {result['added_ttft_p95_ms']:+.1f} ms"
+          "   (goal p50 <= 15 ms)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
