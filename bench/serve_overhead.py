@@ -5,7 +5,7 @@ streaming chats with varied prompt lengths, greedy, so both paths produce the sa
 directly against the vLLM child over its private socket and through Homefire, alternating
 rounds, and prints the throughput ratio and the TTFT Homefire adds (p50/p95).
 
-    .venv/bin/python bench/serve_overhead.py [--rounds 4] [--concurrency 16] [--max-tokens 64]
+    .venv/bin/python bench/serve_overhead.py [--rounds 6] [--concurrency 16] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ def prompts(n: int) -> list[str]:
     return out
 
 
-async def one(client: openai.AsyncOpenAI, model: str, messages: list[dict], max_tokens: int) -> tuple:
+async def one(client: openai.AsyncOpenAI, model: str, messages: list[dict], max_tokens: int,
+              sampling: dict) -> tuple:
     start = time.perf_counter()
     ttft, tokens = None, 0
     stream = await client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True})
+        stream_options={"include_usage": True}, extra_body=sampling)
     async for chunk in stream:
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
             ttft = time.perf_counter() - start
@@ -60,9 +61,9 @@ async def one(client: openai.AsyncOpenAI, model: str, messages: list[dict], max_
     return ttft, tokens
 
 
-async def round_(client, model, conversations, max_tokens) -> tuple[list[float], int, float]:
+async def round_(client, model, conversations, max_tokens, sampling) -> tuple[list[float], int, float]:
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(client, model, m, max_tokens) for m in conversations))
+    results = await asyncio.gather(*(one(client, model, m, max_tokens, sampling) for m in conversations))
     wall = time.perf_counter() - start
     return [r[0] for r in results if r[0] is not None], sum(r[1] for r in results), wall
 
@@ -84,20 +85,33 @@ async def run(args, url: str, socket: Path) -> dict:
     homefire_msgs = [[{"role": "user", "content": t}] for t in texts]
     # The prompt Homefire assembles for ember, sent straight to vLLM's chat endpoint.
     direct_msgs = [[{"role": "system", "content": system}, {"role": "user", "content": t}] for t in texts]
-    await round_(direct, SERVED_NAME, direct_msgs[:2], 8)  # warm both paths
-    await round_(via_homefire, "ember", homefire_msgs[:2], 8)
+    # Homefire applies the companion's sampling defaults; the baseline asks for the same.
+    sampling = {"top_p": companion.sampling.top_p,
+                "repetition_penalty": companion.sampling.repetition_penalty}
+    # A full uncounted round on each path first: the first batches are much slower.
+    await round_(direct, SERVED_NAME, direct_msgs, args.max_tokens, sampling)
+    await round_(via_homefire, "ember", homefire_msgs, args.max_tokens, {})
     totals = {"direct": [[], 0, 0.0], "homefire": [[], 0, 0.0]}
     for r in range(args.rounds):
-        order = [("direct", direct, SERVED_NAME, direct_msgs),
-                 ("homefire", via_homefire, "ember", homefire_msgs)]
-        for name, client, model, msgs in order if r % 2 == 0 else order[::-1]:
-            ttfts, tokens, wall = await round_(client, model, msgs, args.max_tokens)
+        order = [("direct", direct, SERVED_NAME, direct_msgs, sampling),
+                 ("homefire", via_homefire, "ember", homefire_msgs, {})]
+        for name, client, model, msgs, extra in order if r % 2 == 0 else order[::-1]:
+            ttfts, tokens, wall = await round_(client, model, msgs, args.max_tokens, extra)
             totals[name][0] += ttfts
             totals[name][1] += tokens
             totals[name][2] += wall
             print(f"round {r + 1} {name:8s}: {tokens} tokens in {wall:.2f} s, TTFT p50 "
                   f"{statistics.median(ttfts) * 1000:.0f} ms", flush=True)
-    result = {}
+    # Unloaded: one request at a time, alternating paths: the pure per-request overhead.
+    alone = {"direct": [], "homefire": []}
+    for i in range(args.sequential):
+        pairs = [("direct", direct, SERVED_NAME, direct_msgs[i % len(texts)], sampling),
+                 ("homefire", via_homefire, "ember", homefire_msgs[i % len(texts)], {})]
+        for name, client, model, msgs, extra in pairs if i % 2 == 0 else pairs[::-1]:
+            alone[name].append((await one(client, model, msgs, 8, extra))[0])
+    result = {"unloaded_added_ttft_p50_ms": (statistics.median(alone["homefire"])
+                                             - statistics.median(alone["direct"])) * 1000,
+              "unloaded_ttft_p50_ms": {k: statistics.median(v) * 1000 for k, v in alone.items()}}
     for name, (ttfts, tokens, wall) in totals.items():
         result[name] = {"tokens_per_s": tokens / wall, "ttft_p50_ms": statistics.median(ttfts) * 1000,
                         "ttft_p95_ms": pct(ttfts, 95) * 1000, "tokens": tokens}
@@ -109,14 +123,16 @@ async def run(args, url: str, socket: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per path (alternating)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per path (alternating)")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent streaming chats")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
+    parser.add_argument("--sequential", type=int, default=24, help="unloaded requests per path")
     parser.add_argument("--data-dir", type=Path, help="data directory (default: a temporary one)")
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="homefire-bench-"))
     ensure_default_model(data_dir / "models")
     log = (data_dir / "serve.log").open("ab")
+    print(f"starting homefire serve in {data_dir} ...", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(data_dir),
                              "--port", "0"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -146,6 +162,9 @@ def main() -> None:
     print(f"throughput ratio (Homefire / direct): {result['throughput_ratio']:.3f}   (goal >= 0.95)")
     print(f"added TTFT: p50 {result['added_ttft_p50_ms']:+.1f} ms, p95 {result['added_ttft_p95_ms']:+.1f} ms"
           "   (goal p50 <= 15 ms)")
+    u = result["unloaded_ttft_p50_ms"]
+    print(f"unloaded, one request at a time: TTFT p50 direct {u['direct']:.1f} ms, via Homefire "
+          f"{u['homefire']:.1f} ms, added {result['unloaded_added_ttft_p50_ms']:+.1f} ms")
     print(json.dumps(result))
 
 

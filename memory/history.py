@@ -10,7 +10,6 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel
@@ -20,32 +19,7 @@ from memory.db import Database
 Role = Literal["user", "assistant"]
 
 
-class Message(BaseModel):
-    id: int
-    conversation_id: str
-    role: Role
-    content: str
-    created_at: float
-    tokens: int | None = None
-    prompt_tokens: int | None = None
-    model: str | None = None
-    adapter: str | None = None
-    sampling: dict | None = None
-    finish_reason: str | None = None
-    truncated: bool = False
-
-
-class Conversation(BaseModel):
-    id: str
-    companion_id: str
-    title: str | None
-    source: str
-    created_at: float
-    updated_at: float
-
-
-@dataclass
-class ReplyMeta:
+class ReplyMeta(BaseModel):
     """What the engine reported about a reply, stored beside its text."""
 
     tokens: int | None = None
@@ -55,6 +29,23 @@ class ReplyMeta:
     sampling: dict | None = None
     finish_reason: str | None = None
     truncated: bool = False
+
+
+class Message(ReplyMeta):
+    id: int
+    conversation_id: str
+    role: Role
+    content: str
+    created_at: float
+
+
+class Conversation(BaseModel):
+    id: str
+    companion_id: str
+    title: str | None
+    source: str
+    created_at: float
+    updated_at: float
 
 
 def chain_hash(previous: str, role: str, content: str) -> str:

@@ -120,8 +120,9 @@ class ChatService:
         turn, params, prompt = plan.turn, plan.params, plan.prompt
         started = time.perf_counter()
         payload = {
-            "model": self.engine.served_name, "prompt": prompt.token_ids, "stream": True,
-            "stream_options": {"include_usage": True}, **params,
+            "model": self.engine.served_name, "prompt": prompt.for_engine, "stream": True,
+            # The template already placed every special token.
+            "add_special_tokens": False, "stream_options": {"include_usage": True}, **params,
         }
         parts: list[str] = []
         finish, usage, outcome = None, None, "disconnected"
@@ -165,10 +166,12 @@ class ChatService:
             if finish is None:
                 outcome = "engine_error"
                 raise EngineFailed("the engine closed the stream before the reply was finished")
-            completion = (usage or {}).get("completion_tokens", len(parts))
+            usage = usage or {}
+            completion = usage.get("completion_tokens", len(parts))
+            prompt_tokens = usage.get("prompt_tokens", len(prompt.token_ids or ()))
             message = self.history.append(
                 conversation_id, "assistant", "".join(parts),
-                ReplyMeta(tokens=completion, prompt_tokens=len(prompt.token_ids),
+                ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens,
                           model=self.model_id, adapter=turn.companion.adapter,
                           sampling=params, finish_reason=finish),
             )
@@ -179,8 +182,8 @@ class ChatService:
             if outcome != "ok" and (parts or outcome == "disconnected"):
                 self.history.append(
                     conversation_id, "assistant", "".join(parts),
-                    ReplyMeta(tokens=len(parts), prompt_tokens=len(prompt.token_ids),
+                    ReplyMeta(tokens=len(parts), prompt_tokens=(usage or {}).get("prompt_tokens"),
                               model=self.model_id, adapter=turn.companion.adapter,
                               sampling=params, finish_reason=outcome, truncated=True),
                 )
-        yield Done(message, finish, len(prompt.token_ids), completion)
+        yield Done(message, finish, prompt_tokens, completion)

@@ -21,12 +21,23 @@ class PromptTooLong(ValueError):
     """Even the persona and the newest message do not fit the context window."""
 
 
+# A byte-level BPE token covers at least one byte of text, so a prompt of N bytes is at
+# most N tokens (a few more for tokenizers that add a prefix space). A prompt that short
+# fits without being tokenized here: we send its text and vLLM counts it exactly.
+BYTE_MARGIN = 8
+
+
 @dataclass
 class Prompt:
-    token_ids: list[int]
-    messages: list[dict]      # what was rendered, system messages included
-    history_kept: int         # how many of the given history messages made it in
+    text: str                     # the rendered prompt, special tokens as text
+    token_ids: list[int] | None   # exact ids, when it had to be counted to fit
+    messages: list[dict]          # what was rendered, system messages included
+    history_kept: int             # how many of the given history messages made it in
     history_dropped: int
+
+    @property
+    def for_engine(self) -> str | list[int]:
+        return self.token_ids if self.token_ids is not None else self.text
 
 
 def substitute(text: str, companion: Companion, user: str) -> str:
@@ -54,13 +65,17 @@ def persona_prompt(companion: Companion, user: str = DEFAULT_USER_NAME,
 
 
 class PromptBuilder:
+    """Thread-safe: requests are prepared on worker threads."""
+
     def __init__(self, tokenizer, max_model_len: int):
         self.tokenizer = tokenizer
+        # The Rust tokenizer itself: transformers' wrapper re-applies truncation settings on
+        # every call, which fails when two threads encode at once ("Already borrowed").
+        self.backend = tokenizer.backend_tokenizer
         self.max_model_len = max_model_len
 
-    def encode(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def build(self, companion: Companion, history: list[dict], max_tokens: int,
               extra_system: list[str] = (), memories: list[str] | None = None,
@@ -75,21 +90,26 @@ class PromptBuilder:
         if companion.post_history_instructions.strip():
             tail = [{"role": "system",
                      "content": substitute(companion.post_history_instructions, companion, user)}]
+        text, messages = self.render(head + tail, history)
+        if len(text.encode()) + BYTE_MARGIN <= budget:
+            return Prompt(text, None, messages, len(history), 0)
 
-        # Estimate each message's share from the rendering of it alone, keep the newest
-        # that fit, then render exactly and drop the oldest until the real count fits.
-        base = len(self.render(head + tail, [])[0])
-        sizes = [len(self.tokenizer(m["content"], add_special_tokens=False).input_ids) + 5
-                 for m in history]
-        start, used = len(history), base
+        # Estimate from one batched tokenization of every message's text (a template adds
+        # a few tokens around each), keep the newest that fit, then render exactly and drop
+        # the oldest until the real count fits: usually a single exact render.
+        texts = [m["content"] for m in head + tail + history]
+        counts = [len(e.ids) + 5 for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        sizes = counts[len(head) + len(tail):]
+        start, used = len(history), sum(counts[: len(head) + len(tail)])
         while start > 0 and used + sizes[start - 1] <= budget:
             start -= 1
             used += sizes[start]
         start = min(start, len(history) - 1)  # the newest message always goes in
         while True:
-            ids, messages = self.render(head + tail, history[start:])
+            text, messages = self.render(head + tail, history[start:])
+            ids = self.encode(text)
             if len(ids) <= budget:
-                break
+                return Prompt(text, ids, messages, len(history) - start, start)
             if start == len(history) - 1:
                 raise PromptTooLong(
                     f"the persona and the newest message need {len(ids)} tokens, but only "
@@ -97,16 +117,18 @@ class PromptBuilder:
                     f"reserving max_tokens={max_tokens}; shorten the message or lower max_tokens"
                 )
             start += 1
-        return Prompt(ids, messages, len(history) - start, start)
 
-    def render(self, system: list[dict], history: list[dict]) -> tuple[list[int], list[dict]]:
+    def render(self, system: list[dict], history: list[dict]) -> tuple[str, list[dict]]:
         head, tail = system[:1], system[1:]
         # post_history_instructions go right before the newest message; templates that
         # allow one system message only get them folded into the first.
         messages = head + history[:-1] + tail + history[-1:] if tail and history else head + history
         try:
-            return self.encode(messages), messages
+            return self._template(messages), messages
         except TemplateError:
             messages = [{"role": "system", "content": "\n\n".join(m["content"] for m in system)}]
             messages += history
-            return self.encode(messages), messages
+            return self._template(messages), messages
+
+    def _template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -47,7 +47,8 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self, timeout: float = 400) -> Server:
+    def start(self, timeout: float = 400, ready: bool = True) -> Server:
+        """Start and wait until /readyz says ready (or, with ready=False, until it answers)."""
         self.log = (self.data_dir / "serve.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(self.data_dir),
@@ -62,7 +63,8 @@ class Server:
             if info.exists() and json.loads(info.read_text())["pid"] == self.proc.pid:
                 self.url = json.loads(info.read_text())["url"]
                 try:
-                    if httpx.get(f"{self.url}/readyz", headers=self.auth, timeout=5).status_code == 200:
+                    status = httpx.get(f"{self.url}/readyz", headers=self.auth, timeout=5).status_code
+                    if status == 200 or not ready:
                         return self
                 except httpx.HTTPError:
                     pass

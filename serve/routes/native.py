@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from memory.cards import MAX_CARD_BYTES, parse_card
 from memory.companions import Companion, CompanionStore
 from memory.history import Conversation, History, Message
-from serve.chat import Delta, Done, EngineFailed, Turn, UnknownCompanion
+from serve.chat import Delta, Done, EngineFailed, Plan, Turn, UnknownCompanion
 from serve.deps import ChatDep, CompanionsDep, HistoryDep, require_key
 from serve.engine import EngineUnavailable
 from serve.errors import error_body
@@ -162,11 +163,16 @@ async def send_message(conversation_id: str, body: SendMessage, chat: ChatDep, h
     """Send a message; the reply comes back whole, or streamed as `delta` and `done` events."""
     conversation = _conversation(history, conversation_id)
     companion = chat.companion(conversation.companion_id)
-    past = [{"role": m.role, "content": m.content} for m in history.messages(conversation.id)
-            if m.content]
     overrides = body.model_dump(include={"temperature", "top_p", "max_tokens"})
-    plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides))
-    message = history.append(conversation.id, "user", body.content)
+
+    def prepare() -> tuple[Plan, Message]:
+        # Off the event loop, like the OpenAI route: reading history, tokenizing, the commit.
+        past = [{"role": m.role, "content": m.content} for m in history.messages(conversation.id)
+                if m.content]
+        plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides))
+        return plan, history.append(conversation.id, "user", body.content)
+
+    plan, message = await asyncio.to_thread(prepare)
     events = chat.reply(plan, conversation.id)
     if body.stream:
         return ClosingStreamingResponse(_sse(events, message), media_type="text/event-stream",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -49,8 +50,14 @@ async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: 
         "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
     }
     turn = Turn(companion, [{"role": r, "content": c} for r, c in turns], overrides, system, "openai")
-    plan = chat.plan(turn)
-    conversation_id, _ = history.record_resent(companion.id, turns)
+
+    def prepare() -> tuple:
+        # Tokenizing (which releases the GIL) and the commit run off the event loop, so a
+        # burst of requests is prepared side by side instead of queueing behind each other.
+        plan = chat.plan(turn)
+        return plan, history.record_resent(companion.id, turns)[0]
+
+    plan, conversation_id = await asyncio.to_thread(prepare)
     events = chat.reply(plan, conversation_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {"X-Homefire-Conversation": conversation_id}

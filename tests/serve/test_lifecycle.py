@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,3 +86,27 @@ def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
     conversations = server.http().get("/api/v1/conversations", params={"companion": "long"}).json()
     messages = server.http().get(f"/api/v1/conversations/{conversations[0]['id']}").json()["messages"]
     assert messages[-1]["truncated"] is True and messages[-1]["finish_reason"] == "engine_error"
+
+
+def test_an_external_engine_url_spawns_nothing(make_server, model_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "external-vllm.log").open("wb")
+    external = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+         "--served-model-name", "smol", "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", "2048", "--enforce-eager"],
+        env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        # Homefire starts first and waits for the external server to become ready.
+        server = make_server(config={"engine": {"url": f"http://127.0.0.1:{port}"}}).start()
+        assert family(server.proc.pid) == []
+        reply = server.openai().chat.completions.create(
+            model="ember", messages=[{"role": "user", "content": "Hello from afar!"}], max_tokens=8)
+        assert reply.choices[0].message.content
+        assert reply.usage.prompt_tokens > 20  # the persona went in
+    finally:
+        os.killpg(external.pid, signal.SIGTERM)
+        external.wait(60)
