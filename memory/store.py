@@ -1,0 +1,307 @@
+"""Long-term memory: rows in SQLite (the truth) and vectors in Chroma (an index of them).
+
+Exchanges (a user message with the companion's reply) and facts the user adds. Each is
+cut to the embedder's window, one vector per piece, in one Chroma collection per
+(user, companion). The index can always be rebuilt from SQLite; a deleted memory leaves
+neither row nor vector, so nothing brings it back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import chromadb
+from chromadb.config import Settings as ChromaSettings
+from pydantic import BaseModel
+
+from memory.db import Database
+from memory.embedder import Embedder
+
+Kind = Literal["exchange", "fact"]
+# Chroma's defaults (ef 100, 16 neighbours) missed an isolated memory among 300 clustered
+# small-talk exchanges, exactly the case long-term memory exists for; these found it.
+HNSW = {"space": "cosine", "ef_construction": 200, "ef_search": 200, "max_neighbors": 32}
+Progress = Callable[[int, int], None]
+
+
+class Memory(BaseModel):
+    id: int
+    companion_id: str
+    conversation_id: str | None
+    kind: Kind
+    text: str
+    source: str
+    pinned: bool
+    created_at: float
+    updated_at: float
+    indexed: bool
+
+
+class Recalled(BaseModel):
+    id: int
+    text: str
+    score: float
+    kind: Kind
+    pinned: bool
+    created_at: float
+
+
+@dataclass
+class RecallSettings:
+    top_k: int = 6
+    threshold: float = 0.30       # cosine similarity below this is not about the question
+    near_copy: float = 0.90       # this close to a chosen one adds nothing (same words: 0.91)
+    recency_bonus: float = 0.03   # at most this much extra score for what was said today
+    recency_days: float = 60
+    budget_tokens: int = 400
+
+
+class MemoryStore:
+    def __init__(self, db: Database, index_dir: Path, embedder: Embedder, user: str = "local",
+                 settings: RecallSettings | None = None):
+        self.db = db
+        self.settings = settings or RecallSettings()
+        self.embedder = embedder
+        self.user = user
+        self.index_dir = index_dir
+        self.client = chromadb.PersistentClient(
+            path=str(index_dir), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=True))
+        self._collections: dict[str, chromadb.Collection] = {}
+        self._index_lock = threading.Lock()
+
+    def collection(self, companion_id: str):
+        if companion_id not in self._collections:
+            # No embedding function: Chroma's default would download a model.
+            self._collections[companion_id] = self.client.get_or_create_collection(
+                f"u-{self.user}--c-{companion_id}", embedding_function=None,
+                configuration={"hnsw": HNSW})
+        return self._collections[companion_id]
+
+    # -- writes: SQLite first, the index follows (index_pending) --------------------------
+
+    def add_exchange(self, companion_id: str, conversation_id: str, reply_id: int, asked: str,
+                     text: str, created_at: float, source: str = "live") -> int:
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                """INSERT OR IGNORE INTO memories (companion_id, conversation_id, reply_id, kind, text,
+                       asked, source, created_at, updated_at) VALUES (?, ?, ?, 'exchange', ?, ?, ?, ?, ?)""",
+                (companion_id, conversation_id, reply_id, text, asked, source, created_at, time.time()))
+            return cur.lastrowid
+
+    def add_fact(self, companion_id: str, text: str, pinned: bool = False) -> Memory:
+        now = time.time()
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                """INSERT INTO memories (companion_id, kind, text, source, pinned, created_at, updated_at)
+                   VALUES (?, 'fact', ?, 'user', ?, ?, ?)""", (companion_id, text, int(pinned), now, now))
+        return self.get(cur.lastrowid)
+
+    def edit(self, memory_id: int, text: str | None = None, pinned: bool | None = None) -> Memory | None:
+        memory = self.get(memory_id)
+        if memory is None:
+            return None
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE memories SET text = ?, pinned = ?, updated_at = ?, chunks = ? WHERE id = ?",
+                (text if text is not None else memory.text,
+                 int(pinned if pinned is not None else memory.pinned), time.time(),
+                 0 if text is not None and text != memory.text else int(memory.indexed), memory_id))
+        if text is not None and text != memory.text:
+            self.collection(memory.companion_id).delete(where={"memory_id": memory_id})
+        return self.get(memory_id)
+
+    def delete(self, memory_id: int) -> bool:
+        memory = self.get(memory_id)
+        if memory is None:
+            return False
+        self.collection(memory.companion_id).delete(where={"memory_id": memory_id})
+        with self.db.transaction() as conn:
+            # Keep the reply from being remembered again by the start-up repair.
+            conn.execute("UPDATE messages SET forgotten = 1 WHERE id = "
+                         "(SELECT reply_id FROM memories WHERE id = ?)", (memory_id,))
+            conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
+        return True
+
+    def forget_conversation(self, conversation_id: str) -> bool:
+        """Delete a conversation with its messages, its memories and their vectors."""
+        rows = self.db.query("SELECT companion_id FROM conversations WHERE id = ?", (conversation_id,))
+        if not rows:
+            return False
+        self.collection(rows[0]["companion_id"]).delete(where={"conversation_id": conversation_id})
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        return True
+
+    # -- the index ---------------------------------------------------------------------
+
+    def index_pending(self, progress: Progress | None = None, batch: int = 256) -> int:
+        """Embed every memory not yet in the index; returns how many were added."""
+        with self._index_lock:
+            total = self.db.query("SELECT COUNT(*) FROM memories WHERE chunks = 0")[0][0]
+            done = 0
+            while rows := self.db.query(
+                "SELECT id, companion_id, conversation_id, kind, pinned, created_at, text "
+                "FROM memories WHERE chunks = 0 ORDER BY id LIMIT ?", (batch,)
+            ):
+                pieces = [(row, i, piece) for row in rows
+                          for i, piece in enumerate(self.embedder.chunks(row["text"]))]
+                vectors = self.embedder.embed([piece for _, _, piece in pieces])
+                by_companion: dict[str, list] = {}
+                for (row, i, _), vector in zip(pieces, vectors, strict=True):
+                    by_companion.setdefault(row["companion_id"], []).append((row, i, vector))
+                for companion_id, items in by_companion.items():
+                    self.collection(companion_id).upsert(
+                        ids=[f"{row['id']}:{i}" for row, i, _ in items],
+                        embeddings=[vector for _, _, vector in items],
+                        metadatas=[{"memory_id": row["id"], "conversation_id": row["conversation_id"] or "",
+                                    "kind": row["kind"]} for row, _, _ in items])
+                counts: dict[int, int] = {}
+                for row, _, _ in pieces:
+                    counts[row["id"]] = counts.get(row["id"], 0) + 1
+                with self.db.transaction() as conn:
+                    conn.executemany("UPDATE memories SET chunks = ? WHERE id = ?",
+                                     [(n, memory_id) for memory_id, n in counts.items()])
+                done += len(rows)
+                if progress:
+                    progress(done, total)
+            return done
+
+    def repair(self) -> int:
+        """Remember exchanges whose reply was committed but not yet turned into a memory."""
+        rows = self.db.query(
+            """SELECT r.id, r.conversation_id, r.content, r.created_at, c.companion_id, c.source,
+                      (SELECT content FROM messages u WHERE u.conversation_id = r.conversation_id
+                         AND u.id < r.id AND u.role = 'user' ORDER BY u.id DESC LIMIT 1) AS asked,
+                      (SELECT card FROM companions WHERE id = c.companion_id) AS card
+               FROM messages r JOIN conversations c ON c.id = r.conversation_id
+               LEFT JOIN memories m ON m.reply_id = r.id
+               WHERE r.role = 'assistant' AND r.truncated = 0 AND r.forgotten = 0
+                 AND m.id IS NULL""")
+        for row in rows:
+            if row["asked"] is None:
+                continue  # a greeting, not an exchange
+            name = json.loads(row["card"])["name"]
+            self.add_exchange(row["companion_id"], row["conversation_id"], row["id"], row["asked"],
+                              exchange_text(row["asked"], row["content"], name), row["created_at"],
+                              "imported" if row["source"] == "imported" else "live")
+        return len(rows)
+
+    def index_is_consistent(self) -> bool:
+        """Does every companion's collection hold exactly the vectors SQLite says it should?"""
+        for row in self.db.query("SELECT companion_id, SUM(chunks) AS n FROM memories "
+                                 "WHERE chunks > 0 GROUP BY companion_id"):
+            if self.collection(row["companion_id"]).count() != row["n"]:
+                return False
+        return True
+
+    def rebuild(self, progress: Progress | None = None) -> int:
+        """Recreate the whole index from SQLite."""
+        with self._index_lock:
+            for collection in self.client.list_collections():
+                self.client.delete_collection(collection.name)
+            self._collections.clear()
+            with self.db.transaction() as conn:
+                conn.execute("UPDATE memories SET chunks = 0")
+        return self.index_pending(progress)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get(self, memory_id: int) -> Memory | None:
+        rows = self.db.query(f"SELECT {_COLUMNS} FROM memories WHERE id = ?", (memory_id,))
+        return _memory(rows[0]) if rows else None
+
+    def list(self, companion_id: str, limit: int = 50, offset: int = 0,
+             kind: Kind | None = None) -> list[Memory]:
+        where, params = "companion_id = ?", [companion_id]
+        if kind:
+            where, params = where + " AND kind = ?", [*params, kind]
+        rows = self.db.query(f"SELECT {_COLUMNS} FROM memories WHERE {where} "
+                             "ORDER BY pinned DESC, created_at DESC, id DESC LIMIT ? OFFSET ?",
+                             (*params, limit, offset))
+        return [_memory(r) for r in rows]
+
+    def search(self, companion_id: str, query: str, k: int = 10) -> list[Recalled]:
+        """Semantic search: the k closest memories, best first, no threshold."""
+        return [c for c, _, _ in self._candidates(companion_id, query, k)]
+
+    def recall(self, companion_id: str, query: str, skip_asked: set[str] = frozenset(),
+               count_tokens: Callable[[str], int] = lambda text: len(text.encode()) // 3 + 1,
+               now: float | None = None) -> list[Recalled]:
+        """The memories worth putting in the prompt for `query`, best first."""
+        now, settings = now or time.time(), self.settings
+        chosen: list[tuple[Recalled, list[float]]] = []
+        candidates = []
+        for candidate, vector, asked in self._candidates(companion_id, query, settings.top_k * 4):
+            if candidate.score < settings.threshold or asked in skip_asked:
+                continue
+            age_days = max(0.0, now - candidate.created_at) / 86400
+            adjusted = candidate.score + settings.recency_bonus * math.exp(-age_days / settings.recency_days)
+            explicit = candidate.kind == "fact" or candidate.pinned
+            candidates.append(((explicit, adjusted), candidate, vector, asked))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        used, chosen_asked = 0, set()
+        for _, candidate, vector, asked in candidates:
+            if len(chosen) == settings.top_k:
+                break
+            # A near-copy adds nothing: the same words asked again, or nearly the same meaning.
+            if (asked and asked in chosen_asked) or any(
+                    _cosine(vector, other) > settings.near_copy for _, other in chosen):
+                continue
+            cost = count_tokens(candidate.text)
+            if used + cost > settings.budget_tokens:
+                continue
+            used += cost
+            chosen.append((candidate, vector))
+            chosen_asked.add(asked)
+        return [c for c, _ in chosen]
+
+    def _candidates(self, companion_id: str, query: str, k: int) -> list[tuple[Recalled, list[float], str]]:
+        collection = self.collection(companion_id)
+        count = collection.count()
+        if count == 0:
+            return []
+        vector = self.embedder.embed([query])[0]
+        result = collection.query(query_embeddings=[vector], n_results=min(count, k * 2),
+                                  include=["distances", "metadatas", "embeddings"])
+        best: dict[int, tuple[float, list[float]]] = {}
+        for meta, distance, embedding in zip(result["metadatas"][0], result["distances"][0],
+                                             result["embeddings"][0], strict=True):
+            score = 1.0 - distance
+            if meta["memory_id"] not in best or score > best[meta["memory_id"]][0]:
+                best[meta["memory_id"]] = (score, list(embedding))
+        if not best:
+            return []
+        # SQLite decides what exists: a vector whose row is gone is never recalled.
+        rows = {r["id"]: r for r in self.db.query(
+            f"SELECT {_COLUMNS} FROM memories WHERE id IN ({','.join('?' * len(best))})", list(best))}
+        found = [(Recalled(id=i, text=rows[i]["text"], score=round(score, 4), kind=rows[i]["kind"],
+                           pinned=bool(rows[i]["pinned"]), created_at=rows[i]["created_at"]),
+                  vector, rows[i]["asked"])
+                 for i, (score, vector) in best.items() if i in rows]
+        found.sort(key=lambda c: c[0].score, reverse=True)
+        return found[:k]
+
+
+def exchange_text(asked: str, reply: str, companion_name: str, user: str = "User") -> str:
+    return f"{user}: {asked}\n{companion_name}: {reply}"
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))  # both are unit vectors
+
+
+_COLUMNS = ("id, companion_id, conversation_id, kind, text, source, pinned, created_at, updated_at, "
+            "chunks, asked")
+
+
+def _memory(row) -> Memory:
+    data = {k: row[k] for k in ("id", "companion_id", "conversation_id", "kind", "text", "source",
+                                "created_at", "updated_at")}
+    return Memory(**data, pinned=bool(row["pinned"]), indexed=row["chunks"] > 0)

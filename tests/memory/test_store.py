@@ -1,0 +1,125 @@
+"""Long-term memory with the real embedder and a real Chroma index."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from memory.companions import Companion, CompanionStore
+from memory.db import Database
+from memory.embedder import Embedder
+from memory.history import History, ReplyMeta
+from memory.store import MemoryStore, exchange_text
+
+DAY = 86400
+SMALL_TALK = ["the weather was grey", "I watched a film", "work was long", "I made pasta",
+              "the bus was late", "I read a chapter", "my phone died", "I went for a run",
+              "the neighbours were loud", "I tidied the kitchen", "I bought new socks",
+              "I painted the fence", "the train was crowded", "I learned a chord on guitar"]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+def chat(history: History, memory: MemoryStore, conversation: str, asked: str, reply: str, when: float):
+    history.append(conversation, "user", asked)
+    answer = history.append(conversation, "assistant", reply, ReplyMeta(finish_reason="stop"))
+    memory.add_exchange("ember", conversation, answer.id, asked, exchange_text(asked, reply, "Ember"), when)
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    db = Database(tmp_path / "homefire.db")
+    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
+    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    now = time.time()
+    # A fact said once, long ago, in one conversation...
+    old = history.create_conversation("ember").id
+    chat(history, memory, old, "My sister Ada is getting married in Lisbon in June.",
+         "How exciting! Lisbon in June will be beautiful.", now - 200 * DAY)
+    # ...then 300 exchanges of small talk in another.
+    later = history.create_conversation("ember").id
+    rng = random.Random(7)
+    for i in range(300):
+        chat(history, memory, later, f"Today {rng.choice(SMALL_TALK)}.", f"Oh, tell me more ({i})!",
+             now - (199 - i * 0.6) * DAY)
+    assert memory.index_pending() == 301
+    return history, memory, old
+
+
+def recalled(memory: MemoryStore, query: str) -> list[str]:
+    return [m.text for m in memory.recall("ember", query)]
+
+
+def test_a_fact_from_300_exchanges_ago_is_recalled(store):
+    _, memory, _ = store
+    texts = recalled(memory, "Where is my sister's wedding going to be?")
+    assert any("Lisbon" in t for t in texts[:2])
+
+
+def test_an_unrelated_question_recalls_nothing_about_it(store):
+    _, memory, _ = store
+    assert not any("Lisbon" in t for t in recalled(memory, "Can you recommend a good sci-fi novel?"))
+
+
+def test_near_copies_are_not_all_recalled(store):
+    _, memory, _ = store
+    texts = recalled(memory, "Today I made pasta.")
+    assert len(texts) == len(set(t.split("\n")[0] for t in texts))  # no two of the same words
+
+
+def test_what_is_already_in_the_prompt_is_skipped(store):
+    _, memory, _ = store
+    asked = "My sister Ada is getting married in Lisbon in June."
+    assert not any("Lisbon" in m.text for m in memory.recall(
+        "ember", "Where is my sister's wedding?", skip_asked={asked}))
+
+
+def test_facts_rank_first_and_deleted_memories_never_return(store):
+    _, memory, _ = store
+    fact = memory.add_fact("ember", "I am allergic to walnuts.", pinned=True)
+    memory.index_pending()
+    assert recalled(memory, "Can I eat walnut cake?")[0] == "I am allergic to walnuts."
+    assert memory.delete(fact.id)
+    assert memory.get(fact.id) is None
+    assert "I am allergic to walnuts." not in recalled(memory, "Can I eat walnut cake?")
+    memory.rebuild()
+    assert "I am allergic to walnuts." not in recalled(memory, "Can I eat walnut cake?")
+
+
+def test_rebuild_gives_the_same_recall_and_repair_restores_missing_memories(store):
+    history, memory, old = store
+    questions = ["Where is my sister's wedding?", "What did I cook?", "Did I exercise?"]
+    before = [recalled(memory, q) for q in questions]
+    assert memory.index_is_consistent()
+    assert memory.rebuild() == 301
+    assert [recalled(memory, q) for q in questions] == before
+    # An exchange committed without its memory (a crash in between) is repaired...
+    memory.db.query("DELETE FROM memories WHERE conversation_id = ?", (old,))
+    assert memory.repair() == 1 and memory.index_pending() == 1
+    assert any("Lisbon" in t for t in recalled(memory, "Where is my sister's wedding?"))
+    # ...but one the user deleted stays deleted.
+    wedding = next(m for m in memory.list("ember", limit=500) if "Lisbon" in m.text)
+    memory.delete(wedding.id)
+    assert memory.repair() == 0
+
+
+def test_forgetting_a_conversation_removes_history_memories_and_vectors(store):
+    history, memory, old = store
+    assert memory.forget_conversation(old)
+    assert history.get_conversation(old) is None
+    assert not any("Lisbon" in t for t in recalled(memory, "Where is my sister's wedding?"))
+    assert memory.index_is_consistent()
+
+
+def test_long_exchanges_are_cut_to_the_embedder_window(embedder):
+    text = " ".join(f"word{i}" for i in range(1500))
+    pieces = embedder.chunks(text)
+    assert len(pieces) > 2
+    assert all(len(embedder.model.tokenizer(p, add_special_tokens=False)["input_ids"]) <= embedder.window
+               for p in pieces)
+    assert pieces[0].startswith("word0 ") and pieces[-1].endswith("word1499")
