@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
 class Embedder:
-    """A sentence-transformers model; `chunks` splits text to fit its window exactly."""
+    """A sentence-transformers model; `chunks` splits text to fit its window exactly.
+
+    One call at a time per instance: its tokenizer wrapper mutates shared state on every
+    call. Give concurrent users (recall and indexing) an instance each.
+    """
 
     def __init__(self, model: str | None = None, overlap: int = 32):
         if model is None:
@@ -22,16 +27,19 @@ class Embedder:
         self.model = SentenceTransformer(model, device="cpu")
         self.window = self.model.max_seq_length - 2  # room for [CLS] and [SEP]
         self.overlap = overlap
+        self._lock = threading.Lock()
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True,
-                                    show_progress_bar=False)
+        with self._lock:
+            vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True,
+                                        show_progress_bar=False)
         return vectors.tolist()
 
     def chunks(self, text: str) -> list[str]:
         """Pieces of text that each fit the window, overlapping a little."""
-        spans = self.model.tokenizer(text, add_special_tokens=False,
-                                     return_offsets_mapping=True)["offset_mapping"]
+        with self._lock:
+            spans = self.model.tokenizer(text, add_special_tokens=False,
+                                         return_offsets_mapping=True)["offset_mapping"]
         if len(spans) <= self.window:
             return [text]
         pieces, start = [], 0

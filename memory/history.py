@@ -29,6 +29,7 @@ class ReplyMeta(BaseModel):
     sampling: dict | None = None
     finish_reason: str | None = None
     truncated: bool = False
+    memories_used: list[dict] | None = None   # replies: [{id, text, score}] put in the prompt
 
 
 class Message(ReplyMeta):
@@ -124,13 +125,14 @@ class History:
         previous = last["chain"] if last else chain_root(conv["companion_id"])
         cur = conn.execute(
             """INSERT INTO messages (conversation_id, role, content, created_at, tokens,
-                   prompt_tokens, model, adapter, sampling, finish_reason, truncated, chain)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   prompt_tokens, model, adapter, sampling, finish_reason, truncated, memories, chain)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 conversation_id, role, content, now, meta.tokens, meta.prompt_tokens,
                 meta.model, meta.adapter,
                 json.dumps(meta.sampling) if meta.sampling is not None else None,
                 meta.finish_reason, int(meta.truncated),
+                json.dumps(meta.memories_used) if meta.memories_used is not None else None,
                 chain_hash(previous, role, content),
             ),
         )
@@ -178,7 +180,10 @@ class History:
 
 def _message(row) -> Message:
     data = dict(row)
-    data.pop("chain")
+    for internal in ("chain", "forgotten"):
+        data.pop(internal)
     data["truncated"] = bool(data["truncated"])
     data["sampling"] = json.loads(data["sampling"]) if data["sampling"] else None
+    memories = data.pop("memories")
+    data["memories_used"] = json.loads(memories) if memories else None
     return Message(**data)

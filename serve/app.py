@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
+from tqdm import tqdm
 
 from memory.companions import CompanionStore
 from memory.db import Database
@@ -19,7 +21,7 @@ from serve.config import Settings
 from serve.default_model import MODEL_NAME, ensure_default_model
 from serve.engine import Engine
 from serve.prompt import PromptBuilder
-from serve.routes import health, native, openai
+from serve.routes import health, memories, native, openai
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,53 @@ class Homefire:
         chat = ChatService(engine, history, companions, model_id=model or MODEL_NAME)
         return cls(settings, data_dir, db, companions, history, engine, chat)
 
+    def open_memory(self) -> None:
+        """Open the memory index; rebuild it from SQLite if it is missing or damaged."""
+        from chromadb.api.shared_system_client import SharedSystemClient
+
+        from memory.embedder import Embedder
+        from memory.store import MemoryStore, RecallSettings
+
+        config = self.settings.memory
+        index_dir = self.data_dir / "index"
+        recall = RecallSettings(top_k=config.top_k, threshold=config.threshold,
+                                budget_tokens=config.budget_tokens)
+        embedders = Embedder(config.embedder), Embedder(config.embedder)
+
+        def open_store() -> MemoryStore:
+            return MemoryStore(self.db, index_dir, embedders[0], settings=recall,
+                               index_embedder=embedders[1])
+
+        try:
+            store = open_store()
+            consistent = store.index_is_consistent()
+        except Exception as err:  # an unreadable index is only an index: set it aside
+            aside = index_dir.with_name(f"index.damaged-{int(time.time())}")
+            log.warning("memory: the index in %s cannot be read (%s); moved to %s", index_dir, err, aside)
+            index_dir.rename(aside)
+            # Chroma caches a client per path in-process; drop the broken one before reopening.
+            SharedSystemClient.clear_system_cache()
+            store, consistent = open_store(), False
+        if not consistent:
+            log.warning("memory: the index is missing or out of step with SQLite; rebuilding it")
+            with tqdm(desc="rebuilding memory index", unit="memory") as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.total, bar.n = total, done
+                    bar.refresh()
+
+                store.rebuild(progress)
+        repaired = store.repair()
+        if repaired:
+            log.info("memory: remembered %d exchanges committed before the last stop", repaired)
+        store.index_pending()
+        self.chat.memory = store
+
     async def start_engine(self) -> None:
         """Prepare the model, load the tokenizer and bring the engine up (in the background)."""
         from transformers import AutoTokenizer
 
         engine = self.engine
+        memory = asyncio.create_task(asyncio.to_thread(self.open_memory))
         try:
             if not engine.model_path and not self.settings.engine.url:
                 engine.detail = "converting the embedded model (first start only)"
@@ -66,6 +110,7 @@ class Homefire:
             source = engine.model_path or engine.model_root
             tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
             self.chat.prompts = PromptBuilder(tokenizer, engine.max_model_len)
+            await memory
         except Exception as err:
             engine.state, engine.detail = "failed", f"{type(err).__name__}: {err}"
             log.exception("engine: start-up failed")
@@ -98,6 +143,7 @@ def create_app(settings: Settings, data_dir: Path) -> FastAPI:
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(native.router)
+    app.include_router(memories.router)
     metrics.ENGINE_READY.set_function(
         lambda: float(getattr(app.state, "homefire", None) is not None
                       and app.state.homefire.engine.ready and app.state.homefire.chat.prompts is not None)

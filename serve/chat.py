@@ -6,10 +6,13 @@ short (client gone, engine failure) is stored marked truncated.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -17,9 +20,12 @@ import httpx
 
 from memory.companions import Companion, CompanionStore
 from memory.history import History, Message, ReplyMeta
+from memory.store import MemoryStore, Recalled, exchange_text
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
 from serve.prompt import Prompt, PromptBuilder
+
+log = logging.getLogger(__name__)
 
 
 class UnknownCompanion(LookupError):
@@ -68,6 +74,7 @@ class Plan:
     turn: Turn
     params: dict
     prompt: Prompt
+    memories: list[Recalled] = field(default_factory=list)
 
 
 class ChatService:
@@ -78,6 +85,9 @@ class ChatService:
         self.companions = companions
         self.model_id = model_id
         self.prompts: PromptBuilder | None = None  # set once the tokenizer is loaded
+        self.memory: MemoryStore | None = None     # set once the memory index is open
+        self._index_wanted = False
+        self._indexer: asyncio.Task | None = None
 
     def companion(self, companion_id: str) -> Companion:
         companion = self.companions.get(companion_id)
@@ -108,12 +118,46 @@ class ChatService:
     def plan(self, turn: Turn) -> Plan:
         """Check the turn and assemble its prompt; raises before anything is stored."""
         self.engine.require_ready()
-        if self.prompts is None:
-            raise EngineUnavailable("the engine is ready but the tokenizer is still loading")
+        if self.prompts is None or self.memory is None:
+            raise EngineUnavailable("the engine is ready but the tokenizer or memory is still loading")
         params = self.sampling(turn.companion, turn.overrides)
-        prompt = self.prompts.build(turn.companion, turn.history, params["max_tokens"],
-                                    extra_system=turn.extra_system)
-        return Plan(turn, params, prompt)
+        build = self.prompts.build
+        prompt = build(turn.companion, turn.history, params["max_tokens"], extra_system=turn.extra_system)
+        # Recall what the kept history does not already hold, then make room for it.
+        kept = turn.history[len(turn.history) - prompt.history_kept:]
+        asked = turn.history[-1]["content"]
+        context = next((m["content"][-300:] for m in reversed(turn.history[:-1])
+                        if m["role"] == "assistant"), "")
+        memories = self.memory.recall(
+            turn.companion.id, f"{context}\n{asked}".strip(),
+            skip_asked={m["content"] for m in kept if m["role"] == "user"},
+            count_tokens=lambda text: len(self.prompts.encode(text)))
+        if memories:
+            dated = [f"[{datetime.fromtimestamp(m.created_at):%Y-%m-%d}] {m.text}" for m in memories]
+            prompt = build(turn.companion, turn.history, params["max_tokens"],
+                           extra_system=turn.extra_system, memories=dated)
+        return Plan(turn, params, prompt, memories)
+
+    def remember(self, companion: Companion, conversation_id: str, asked: str, reply: Message) -> None:
+        """Turn a committed exchange into a memory; its embedding happens in the background."""
+        assert self.memory is not None
+        text = exchange_text(asked, reply.content, companion.name)
+        self.memory.add_exchange(companion.id, conversation_id, reply.id, asked, text, reply.created_at)
+        self.index_soon()
+
+    def index_soon(self) -> None:
+        """Embed new and edited memories in the background, one indexing run at a time."""
+        self._index_wanted = True
+        if self._indexer is None or self._indexer.done():
+            self._indexer = asyncio.get_running_loop().create_task(self._index())
+
+    async def _index(self) -> None:
+        while self._index_wanted:
+            self._index_wanted = False
+            try:
+                await asyncio.to_thread(self.memory.index_pending)
+            except Exception:  # the rows stay unindexed; the next reply or start-up retries
+                log.exception("memory: indexing failed")
 
     async def reply(self, plan: Plan, conversation_id: str) -> AsyncIterator[Delta | Done]:
         """Stream the planned reply; the last event is Done, sent after the commit."""
@@ -173,9 +217,15 @@ class ChatService:
                 conversation_id, "assistant", "".join(parts),
                 ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens,
                           model=self.model_id, adapter=turn.companion.adapter,
-                          sampling=params, finish_reason=finish),
+                          sampling=params, finish_reason=finish,
+                          memories_used=[m.model_dump(include={"id", "text", "score"})
+                                         for m in plan.memories]),
             )
             outcome = "ok"
+            try:
+                self.remember(turn.companion, conversation_id, turn.history[-1]["content"], message)
+            except Exception:  # the reply stands; start-up repair remembers it later
+                log.exception("memory: could not remember reply %s", message.id)
             metrics.TOKENS.inc(completion)
         finally:
             metrics.REPLIES.labels(turn.api, outcome).inc()

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from memory.cards import parse_card
@@ -40,14 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_exposure(settings)
     load_dir(settings.companions_dir)  # fail here, with the file named, not mid-start-up
     data_dir = _data_dir(args)
-    (data_dir / "run").mkdir(parents=True, exist_ok=True)
-    lock = (data_dir / "run" / "serve.lock").open("w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UsageError(f"another `homefire serve` already uses {data_dir} "
-                         f"(at {running_url(data_dir) or 'an unknown address'}); stop it first, "
-                         "or pass another --data-dir") from None
+    lock = _lock(data_dir)  # noqa: F841 (held until the process exits)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     try:
@@ -65,6 +59,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         server_file(data_dir).unlink(missing_ok=True)
+
+
+def _lock(data_dir: Path):
+    """The data directory's one-writer lock (an open file; released when it closes)."""
+    (data_dir / "run").mkdir(parents=True, exist_ok=True)
+    lock = (data_dir / "run" / "serve.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another `homefire serve` already uses {data_dir} "
+                         f"(at {running_url(data_dir) or 'an unknown address'}); stop it first, "
+                         "or pass another --data-dir") from None
+    return lock
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -163,6 +170,92 @@ def cmd_companion_import(args: argparse.Namespace) -> None:
     print(f"imported {data['name']!r} as {data['id']!r}")
 
 
+def cmd_memory(args: argparse.Namespace) -> None:
+    """Through the running server if there is one, else on the data directory under its lock."""
+    url = args.url or running_url(_data_dir(args))
+    action = args.action
+    if url:
+        client = Client(url)
+        calls = {
+            "list": lambda: client.request("GET", f"/api/v1/companions/{args.companion}/memories",
+                                           params={"limit": args.limit, "offset": args.offset}),
+            "search": lambda: client.request("GET", f"/api/v1/companions/{args.companion}/memories/search",
+                                             params={"q": args.query, "k": args.k}),
+            "add": lambda: client.request("POST", f"/api/v1/companions/{args.companion}/memories",
+                                          json={"text": args.text, "pinned": args.pin}),
+            "edit": lambda: client.request("PATCH", f"/api/v1/memories/{args.id}", json={"text": args.text}),
+            "pin": lambda: client.request("PATCH", f"/api/v1/memories/{args.id}",
+                                          json={"pinned": not args.unpin}),
+            "delete": lambda: client.request("DELETE", f"/api/v1/memories/{args.id}"),
+            "forget-conversation": lambda: client.request("DELETE", f"/api/v1/conversations/{args.id}"),
+            "rebuild": lambda: client.request("POST", "/api/v1/memories/rebuild"),
+        }
+        result = calls[action]()
+    else:
+        result = _memory_locally(args)
+    _print_memory_result(action, result, args)
+
+
+def _memory_locally(args: argparse.Namespace) -> object:
+    from memory.embedder import Embedder
+    from memory.store import MemoryStore
+
+    data_dir = _data_dir(args)
+    lock = _lock(data_dir)
+    try:
+        settings = load_settings(args.config)
+        db = Database(data_dir / "homefire.db")
+        companions = CompanionStore(db)
+        companions.sync_dir(settings.companions_dir)
+        if getattr(args, "companion", None) and companions.get(args.companion) is None:
+            raise UsageError(f"no companion named {args.companion!r}; known companions: "
+                             f"{', '.join(companions.ids())}")
+        store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
+        action = args.action
+        if action == "list":
+            return [m.model_dump() for m in store.list(args.companion, args.limit, args.offset)]
+        if action == "search":
+            return [m.model_dump() for m in store.search(args.companion, args.query, args.k)]
+        if action == "add":
+            fact = store.add_fact(args.companion, args.text, args.pin)
+            store.index_pending()
+            return store.get(fact.id).model_dump()
+        if action == "rebuild":
+            return {"memories": store.rebuild()}
+        if action == "forget-conversation":
+            if not store.forget_conversation(args.id):
+                raise UsageError(f"no conversation with id {args.id!r}")
+            return None
+        if store.get(args.id) is None:
+            raise UsageError(f"no memory with id {args.id}")
+        if action == "delete":
+            store.delete(args.id)
+            return None
+        edited = store.edit(args.id, text=getattr(args, "text", None),
+                            pinned=None if action == "edit" else not args.unpin)
+        store.index_pending()
+        return edited.model_dump()
+    finally:
+        lock.close()
+
+
+def _print_memory_result(action: str, result: object, args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+    elif action in ("list", "search"):
+        for m in result:
+            when = time.strftime("%Y-%m-%d", time.localtime(m["created_at"]))
+            flag = "*" if m["pinned"] else " "
+            score = f" {m['score']:.2f}" if "score" in m else ""
+            print(f"{m['id']:>6}{flag} {when} {m['kind']:<8}{score} {m['text'].splitlines()[0][:90]}")
+    elif action in ("delete", "forget-conversation"):
+        print("deleted")
+    elif action == "rebuild":
+        print(f"rebuilt the index of {result['memories']} memories")
+    else:
+        print(f"memory {result['id']}: {result['text']}" + (" (pinned)" if result["pinned"] else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="homefire", description="A self-hosted AI companion server: your model, your history.")
@@ -205,6 +298,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="the card file")
     p.add_argument("--replace", action="store_true", help="replace a companion with the same id")
     p.set_defaults(func=cmd_companion_import)
+
+    memory = sub.add_parser("memory", help="see and control what companions remember",
+                            description="List, search, add, correct, pin and delete long-term memories, "
+                            "through the running server if there is one, else directly in the data "
+                            "directory (under the same lock the server takes).")
+    msub = memory.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = msub.add_parser("list", parents=[remote], help="list memories, pinned first, newest first")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many")
+    p = msub.add_parser("search", parents=[remote], help="find memories by meaning")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("query", help="what to look for")
+    p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    p = msub.add_parser("add", parents=[remote], help="add a fact the companion should know")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("text", help='the fact, e.g. "I am allergic to walnuts"')
+    p.add_argument("--pin", action="store_true", help="pin it")
+    p = msub.add_parser("edit", parents=[remote], help="correct a memory's text")
+    p.add_argument("id", type=int, help="memory id")
+    p.add_argument("text", help="the corrected text")
+    p = msub.add_parser("pin", parents=[remote], help="pin a memory (or --unpin it)")
+    p.add_argument("id", type=int, help="memory id")
+    p.add_argument("--unpin", action="store_true", help="unpin instead")
+    p = msub.add_parser("delete", parents=[remote], help="delete a memory for good")
+    p.add_argument("id", type=int, help="memory id")
+    p = msub.add_parser("forget-conversation", parents=[remote],
+                        help="delete a conversation with all its messages and memories")
+    p.add_argument("id", help="conversation id")
+    msub.add_parser("rebuild", parents=[remote], help="recreate the vector index from SQLite")
+    for action_parser in msub.choices.values():
+        action_parser.add_argument("--json", action="store_true", help="print JSON")
+        action_parser.set_defaults(func=cmd_memory)
     return parser
 
 

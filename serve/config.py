@@ -50,6 +50,19 @@ class EngineConfig(BaseModel):
     """Window over which restarts are counted."""
 
 
+class MemoryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    embedder: str | None = None
+    """A sentence-transformers model directory or id; empty means the bundled all-MiniLM-L6-v2."""
+    top_k: int = Field(6, ge=0, le=50)
+    """Most memories placed in one prompt (0 turns recall off)."""
+    threshold: float = Field(0.30, ge=-1, le=1)
+    """Cosine similarity a memory needs to count as relevant."""
+    budget_tokens: int = Field(400, ge=0)
+    """Most prompt tokens that recalled memories may take."""
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -63,6 +76,8 @@ class Settings(BaseModel):
     """Companion that `homefire chat` and clients without a preference talk to."""
     engine: EngineConfig = EngineConfig()
     """The vLLM engine."""
+    memory: MemoryConfig = MemoryConfig()
+    """Long-term memory."""
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -11,7 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from memory.companions import CompanionStore
 from memory.history import History
+from memory.store import MemoryStore
 from serve.chat import ChatService
+from serve.engine import EngineUnavailable
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -32,6 +34,13 @@ def get_companions(request: Request) -> CompanionStore:
     return request.app.state.homefire.companions
 
 
+def get_memory(request: Request) -> MemoryStore:
+    memory = request.app.state.homefire.chat.memory
+    if memory is None:
+        raise EngineUnavailable("the memory index is still opening")
+    return memory
+
+
 def require_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -47,3 +56,4 @@ def require_key(
 ChatDep = Annotated[ChatService, Depends(get_chat)]
 HistoryDep = Annotated[History, Depends(get_history)]
 CompanionsDep = Annotated[CompanionStore, Depends(get_companions)]
+MemoryDep = Annotated[MemoryStore, Depends(get_memory)]

@@ -59,7 +59,7 @@ def persona_prompt(companion: Companion, user: str = DEFAULT_USER_NAME,
         if value.strip():
             parts.append(f"{title}:\n{value.strip()}")
     if memories:
-        quoted = "\n".join(f"> {m}" for m in memories)
+        quoted = "\n>\n".join("\n".join(f"> {line}" for line in m.splitlines()) for m in memories)
         parts.append(f"{MEMORY_HEADER}\n{quoted}")
     return substitute("\n\n".join(parts), companion, user)
 

@@ -63,9 +63,12 @@ class Server:
             if info.exists() and json.loads(info.read_text())["pid"] == self.proc.pid:
                 self.url = json.loads(info.read_text())["url"]
                 try:
-                    status = httpx.get(f"{self.url}/readyz", headers=self.auth, timeout=5).status_code
-                    if status == 200 or not ready:
+                    answer = httpx.get(f"{self.url}/readyz", headers=self.auth, timeout=5)
+                    if answer.status_code == 200 or not ready:
                         return self
+                    if answer.json().get("engine") == "failed":
+                        raise RuntimeError(f"homefire serve failed to start: {answer.json()['detail']}\n"
+                                           f"{self.log_tail()}")
                 except httpx.HTTPError:
                     pass
             time.sleep(0.5)

@@ -18,9 +18,9 @@ def healthz() -> dict:
 
 @router.get("/readyz", dependencies=[Depends(require_key)])
 def readyz(request: Request) -> JSONResponse:
-    """200 once the engine and tokenizer are ready to reply, 503 with the reason before."""
+    """200 once the engine, tokenizer and memory are ready to reply, 503 with the reason before."""
     hf = request.app.state.homefire
-    ready = hf.engine.ready and hf.chat.prompts is not None
+    ready = hf.engine.ready and hf.chat.prompts is not None and hf.chat.memory is not None
     body = {"ready": ready, "engine": hf.engine.state, "detail": hf.engine.detail,
             "restarts": hf.engine.restarts}
     return JSONResponse(body, 200 if ready else 503)

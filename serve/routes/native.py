@@ -13,7 +13,7 @@ from memory.cards import MAX_CARD_BYTES, parse_card
 from memory.companions import Companion, CompanionStore
 from memory.history import Conversation, History, Message
 from serve.chat import Delta, Done, EngineFailed, Plan, Turn, UnknownCompanion
-from serve.deps import ChatDep, CompanionsDep, HistoryDep, require_key
+from serve.deps import ChatDep, CompanionsDep, HistoryDep, MemoryDep, require_key
 from serve.engine import EngineUnavailable
 from serve.errors import error_body
 from serve.prompt import substitute
@@ -152,8 +152,9 @@ def get_conversation(conversation_id: str, history: HistoryDep) -> ConversationW
 
 
 @router.delete("/conversations/{conversation_id}", status_code=204)
-def delete_conversation(conversation_id: str, history: HistoryDep) -> Response:
-    if not history.delete_conversation(conversation_id):
+def delete_conversation(conversation_id: str, memory: MemoryDep) -> Response:
+    """Forget a conversation: its messages, its memories and their vectors."""
+    if not memory.forget_conversation(conversation_id):
         raise HTTPException(404, f"no conversation with id {conversation_id!r}")
     return Response(status_code=204)
 

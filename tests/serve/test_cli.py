@@ -65,3 +65,33 @@ def test_cli_against_the_running_server(server):
 def test_chat_without_a_server_says_how_to_start_one(tmp_path):
     result = homefire("chat", "--data-dir", str(tmp_path))
     assert result.returncode == 2 and "homefire serve" in result.stderr
+
+
+def test_memory_commands_without_a_server(tmp_path):
+    data = ["--data-dir", str(tmp_path / "data")]
+    added = homefire("memory", "add", "ember", "I am allergic to walnuts.", "--pin", "--json", *data)
+    assert added.returncode == 0, added.stderr
+    fact = json.loads(added.stdout)
+    assert fact["pinned"] and fact["indexed"]
+    found = homefire("memory", "search", "ember", "nut allergy", *data)
+    assert f"{fact['id']:>6}* " in found.stdout and "I am allergic to walnuts." in found.stdout
+    assert "pecans" in homefire("memory", "edit", str(fact["id"]), "I am allergic to pecans.", *data).stdout
+    assert "(pinned)" not in homefire("memory", "pin", str(fact["id"]), "--unpin", *data).stdout
+    assert homefire("memory", "delete", str(fact["id"]), *data).stdout.strip() == "deleted"
+    assert "rebuilt the index of 0 memories" in homefire("memory", "rebuild", *data).stdout
+    assert json.loads(homefire("memory", "list", "ember", "--json", *data).stdout) == []
+    missing = homefire("memory", "delete", str(fact["id"]), *data)
+    assert missing.returncode == 2 and f"no memory with id {fact['id']}" in missing.stderr
+    nobody = homefire("memory", "list", "nobody", *data)
+    assert nobody.returncode == 2 and "known companions: ember" in nobody.stderr
+
+
+def test_memory_commands_go_through_a_running_server(server):
+    data = ["--data-dir", str(server.data_dir)]
+    added = homefire("memory", "add", "ember", "My favourite colour is green.", "--json", *data)
+    assert added.returncode == 0, added.stderr
+    fact = json.loads(added.stdout)
+    stored = server.http().get(f"/api/v1/memories/{fact['id']}").json()
+    assert stored["text"] == "My favourite colour is green."
+    assert homefire("memory", "delete", str(fact["id"]), *data).stdout.strip() == "deleted"
+    assert server.http().get(f"/api/v1/memories/{fact['id']}").status_code == 404

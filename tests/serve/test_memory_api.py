@@ -1,0 +1,103 @@
+"""Long-term memory through the server: recall in replies, user control, start-up repair."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+from memory.companions import CompanionStore
+from memory.db import Database
+from memory.history import History, ReplyMeta
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL_TALK = ["the weather was grey", "I watched a film", "work was long", "I made pasta",
+              "the bus was late", "I read a chapter", "my phone died", "I went for a run"]
+
+
+def ask(http, conversation: str, content: str) -> dict:
+    response = http.post(f"/api/v1/conversations/{conversation}/messages",
+                         json={"content": content, "max_tokens": 8})
+    assert response.status_code == 200, response.text
+    return response.json()["reply"]
+
+
+def test_a_fact_the_user_adds_is_used_and_their_deletion_is_final(server):
+    http = server.http()
+    added = http.post("/api/v1/companions/ember/memories",
+                      json={"text": "I am allergic to walnuts.", "pinned": True})
+    assert added.status_code == 201 and added.json()["indexed"] is True
+    fact = added.json()
+    created = http.post("/api/v1/conversations", json={"companion": "ember"})
+    conversation = created.json()["conversation"]["id"]
+    reply = ask(http, conversation, "Should I try the walnut cake at the bakery?")
+    assert reply["memories_used"][0]["id"] == fact["id"]
+    stored = http.get(f"/api/v1/conversations/{conversation}").json()["messages"][-1]
+    assert stored["memories_used"][0]["text"] == "I am allergic to walnuts."
+
+    listed = http.get("/api/v1/companions/ember/memories", params={"kind": "fact"}).json()
+    assert [m["id"] for m in listed] == [fact["id"]]
+    found = http.get("/api/v1/companions/ember/memories/search", params={"q": "nut allergy"}).json()
+    assert found[0]["id"] == fact["id"] and found[0]["score"] > 0.3
+    correction = {"text": "I am allergic to walnuts and pecans."}
+    edited = http.patch(f"/api/v1/memories/{fact['id']}", json=correction)
+    assert edited.json()["text"].endswith("pecans.") and edited.json()["indexed"] is True
+
+    assert http.delete(f"/api/v1/memories/{fact['id']}").status_code == 204
+    assert http.get(f"/api/v1/memories/{fact['id']}").status_code == 404
+    assert http.post("/api/v1/memories/rebuild").json()["memories"] >= 0
+    search = {"q": "nut allergy", "k": 50}
+    found = http.get("/api/v1/companions/ember/memories/search", params=search).json()
+    assert fact["id"] not in [m["id"] for m in found]
+    reply = ask(http, conversation, "Is walnut cake safe for me?")
+    assert fact["id"] not in [m["id"] for m in reply["memories_used"] or []]
+
+
+def test_bad_memory_requests_are_named(server):
+    http = server.http()
+    assert http.get("/api/v1/companions/nobody/memories").status_code == 404
+    empty = http.post("/api/v1/companions/ember/memories", json={"text": ""})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "text"
+    assert http.patch("/api/v1/memories/999999", json={"pinned": True}).status_code == 404
+
+
+def build_history(data_dir: Path) -> None:
+    """301 exchanges written as an older Homefire would leave them: no memories, no index."""
+    db = Database(data_dir / "homefire.db")
+    CompanionStore(db).sync_dir(REPO / "configs" / "companions")
+    history = History(db)
+    wedding = history.create_conversation("ember").id
+    history.append(wedding, "user", "My sister Ada is getting married in Lisbon in June.")
+    history.append(wedding, "assistant", "How exciting! Lisbon in June will be beautiful.",
+                   ReplyMeta(finish_reason="stop"))
+    chatter = history.create_conversation("ember").id
+    rng = random.Random(3)
+    for i in range(300):
+        history.append(chatter, "user", f"Today {rng.choice(SMALL_TALK)}.")
+        history.append(chatter, "assistant", f"Oh, tell me more ({i})!", ReplyMeta(finish_reason="stop"))
+    db.close()
+
+
+def test_memory_from_300_exchanges_ago_survives_a_damaged_index(make_server, tmp_path):
+    data = tmp_path / "data"
+    build_history(data)
+    first = make_server(data).start()
+    assert "remembered 301 exchanges" in first.log_tail(200)
+    http = first.http()
+    created = http.post("/api/v1/conversations", json={"companion": "ember"})
+    used = ask(http, created.json()["conversation"]["id"], "Where is my sister's wedding going to be?")
+    used = used["memories_used"]
+    assert any("Lisbon" in m["text"] for m in used)
+    # A fresh conversation: recall also reads the previous reply, which was about the wedding.
+    fresh = http.post("/api/v1/conversations", json={"companion": "ember"}).json()["conversation"]["id"]
+    unrelated = ask(http, fresh, "Can you recommend a good science fiction novel?")["memories_used"]
+    assert not any("Lisbon" in m["text"] for m in unrelated or [])
+    first.stop(signal.SIGTERM)
+
+    (data / "index" / "chroma.sqlite3").write_bytes(b"this is not a database" * 100)
+    second = make_server(data).start()
+    log = second.log_tail(300)
+    assert "cannot be read" in log and "rebuilding it" in log
+    conversation = second.http().post("/api/v1/conversations", json={"companion": "ember"}).json()
+    used = ask(second.http(), conversation["conversation"]["id"], "Where is my sister's wedding?")
+    assert any("Lisbon" in m["text"] for m in used["memories_used"])
