@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from tqdm import tqdm
@@ -67,7 +69,7 @@ class Homefire:
 
         def open_store() -> MemoryStore:
             return MemoryStore(self.db, index_dir, embedders[0], settings=recall,
-                               index_embedder=embedders[1])
+                               index_embedder=embedders[1], client=chroma_server(config.chroma_url))
 
         try:
             store = open_store()
@@ -120,6 +122,22 @@ class Homefire:
             task.cancel()
         await self.engine.stop()
         self.db.close()
+
+
+def chroma_server(url: str | None):
+    """A client of the configured Chroma server, or None for the embedded index."""
+    if not url:
+        return None
+    import chromadb
+    from chromadb.config import Settings as ChromaSettings
+
+    parsed = urlsplit(url)
+    headers = {}
+    if token := os.environ.get("HOMEFIRE_CHROMA_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    return chromadb.HttpClient(host=parsed.hostname, port=parsed.port or 8000,
+                               ssl=parsed.scheme == "https", headers=headers,
+                               settings=ChromaSettings(anonymized_telemetry=False))
 
 
 def create_app(settings: Settings, data_dir: Path) -> FastAPI:

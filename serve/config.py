@@ -1,7 +1,8 @@
 """Server settings: one pydantic model, values from a YAML file, validated at start.
 
 Environment variables are read only for secrets and the data directory:
-HOMEFIRE_DATA_DIR, HOMEFIRE_API_KEY (clients must send it), HOMEFIRE_ENGINE_API_KEY.
+HOMEFIRE_DATA_DIR, HOMEFIRE_API_KEY (clients must send it), HOMEFIRE_ENGINE_API_KEY,
+HOMEFIRE_CHROMA_TOKEN.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class MemoryConfig(BaseModel):
 
     embedder: str | None = None
     """A sentence-transformers model directory or id; empty means the bundled all-MiniLM-L6-v2."""
+    chroma_url: str | None = None
+    """A Chroma server (e.g. http://db-box:8000) for the vector index; empty keeps it in the
+    data directory. Its token, if any, comes from HOMEFIRE_CHROMA_TOKEN."""
     top_k: int = Field(6, ge=0, le=50)
     """Most memories placed in one prompt (0 turns recall off)."""
     threshold: float = Field(0.30, ge=-1, le=1)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import random
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import chromadb
+import httpx
 
 from memory.companions import CompanionStore
 from memory.db import Database
@@ -101,3 +108,32 @@ def test_memory_from_300_exchanges_ago_survives_a_damaged_index(make_server, tmp
     conversation = second.http().post("/api/v1/conversations", json={"companion": "ember"}).json()
     used = ask(second.http(), conversation["conversation"]["id"], "Where is my sister's wedding?")
     assert any("Lisbon" in m["text"] for m in used["memories_used"])
+
+
+def test_the_vector_index_can_live_on_a_chroma_server(make_server, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    chroma_bin = Path(sys.executable).with_name("chroma")
+    log = (tmp_path / "chroma.log").open("wb")
+    chroma = subprocess.Popen([str(chroma_bin), "run", "--path", str(tmp_path / "chroma"), "--host",
+                               "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        server = make_server(config={"memory": {"chroma_url": f"http://127.0.0.1:{port}"}}).start()
+        http = server.http()
+        fact = http.post("/api/v1/companions/ember/memories", json={"text": "My cat is called Miso."}).json()
+        found = http.get("/api/v1/companions/ember/memories/search", params={"q": "cat's name"}).json()
+        assert found[0]["id"] == fact["id"]
+        assert not (server.data_dir / "index").exists()  # nothing was indexed locally
+        remote = chromadb.HttpClient(host="127.0.0.1", port=port)
+        assert remote.get_collection("u-local--c-ember").count() == 1
+    finally:
+        chroma.terminate()
+        chroma.wait(30)
