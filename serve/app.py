@@ -74,7 +74,11 @@ class Homefire:
         try:
             store = open_store()
             consistent = store.index_is_consistent()
-        except Exception as err:  # an unreadable index is only an index: set it aside
+        except Exception as err:
+            if config.chroma_url:
+                raise RuntimeError(f"memory: cannot use the Chroma server at {config.chroma_url}: "
+                                   f"{err}") from err
+            # An unreadable embedded index is only an index: set it aside and rebuild it.
             aside = index_dir.with_name(f"index.damaged-{int(time.time())}")
             log.warning("memory: the index in %s cannot be read (%s); moved to %s", index_dir, err, aside)
             index_dir.rename(aside)
@@ -83,16 +87,11 @@ class Homefire:
             store, consistent = open_store(), False
         if not consistent:
             log.warning("memory: the index is missing or out of step with SQLite; rebuilding it")
-            with tqdm(desc="rebuilding memory index", unit="memory") as bar:
-                def progress(done: int, total: int) -> None:
-                    bar.total, bar.n = total, done
-                    bar.refresh()
-
-                store.rebuild(progress)
+            with_progress("rebuilding memory index", store.rebuild)
         repaired = store.repair()
         if repaired:
             log.info("memory: remembered %d exchanges committed before the last stop", repaired)
-        store.index_pending()
+        with_progress("indexing memories", store.index_pending)
         self.chat.memory = store
 
     async def start_engine(self) -> None:
@@ -122,6 +121,23 @@ class Homefire:
             task.cancel()
         await self.engine.stop()
         self.db.close()
+
+
+def with_progress(description: str, work) -> int:
+    """Run work(progress) under a progress bar that appears only if there is work."""
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(desc=description, unit="memory", total=total)
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        return work(progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def chroma_server(url: str | None):
