@@ -132,9 +132,15 @@ def main() -> None:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="homefire-bench-"))
     ensure_default_model(data_dir / "models")
     log = (data_dir / "serve.log").open("ab")
+    # Equal work on both paths: no recalled memories in Homefire's prompts (they would make
+    # them longer than the baseline's). Remembering and indexing still run and count;
+    # recall's own cost is bench/memory.py's.
+    config = data_dir / "bench-config.yaml"
+    config.write_text(f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n  top_k: 0\n")
     print(f"starting homefire serve in {data_dir} ...", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(data_dir),
-                             "--port", "0"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                             "--port", "0", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         info = data_dir / "run" / "server.json"
         while True:
