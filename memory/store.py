@@ -253,6 +253,8 @@ class MemoryStore:
                now: float | None = None) -> list[Recalled]:
         """The memories worth putting in the prompt for `query`, best first."""
         now, settings = now or time.time(), self.settings
+        if settings.top_k == 0:  # recall is off: not even the question is embedded
+            return []
         chosen: list[tuple[Recalled, np.ndarray]] = []
         candidates = []
         for candidate, vector, asked in self._candidates(companion_id, query, settings.top_k * 4):

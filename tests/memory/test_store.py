@@ -123,3 +123,10 @@ def test_long_exchanges_are_cut_to_the_embedder_window(embedder):
     assert all(len(embedder.model.tokenizer(p, add_special_tokens=False)["input_ids"]) <= embedder.window
                for p in pieces)
     assert pieces[0].startswith("word0 ") and pieces[-1].endswith("word1499")
+
+
+def test_recall_off_recalls_nothing(store):
+    _, memory, _ = store
+    memory.settings.top_k = 0
+    assert memory.recall("ember", "Where is my sister's wedding going to be?") == []
+    assert any("Lisbon" in m.text for m in memory.search("ember", "sister's wedding", 3))
