@@ -153,15 +153,17 @@ class MemoryStore:
 
     # -- the index ---------------------------------------------------------------------
 
-    def index_pending(self, progress: Progress | None = None, batch: int = 256) -> int:
-        """Embed every memory not yet in the index; returns how many were added."""
+    def index_pending(self, progress: Progress | None = None, batch: int = 256,
+                      limit: int | None = None) -> int:
+        """Embed memories not yet in the index (all, or the oldest `limit`); returns how many."""
         with self._index_lock:
             total = self.db.query("SELECT COUNT(*) FROM memories WHERE chunks = 0")[0][0]
             done = 0
-            while rows := self.db.query(
+            while (limit is None or done < limit) and (rows := self.db.query(
                 "SELECT id, companion_id, conversation_id, kind, pinned, created_at, text "
-                "FROM memories WHERE chunks = 0 ORDER BY id LIMIT ?", (batch,)
-            ):
+                "FROM memories WHERE chunks = 0 ORDER BY id LIMIT ?",
+                (batch if limit is None else min(batch, limit - done),)
+            )):
                 pieces = [(row, i, piece) for row in rows
                           for i, piece in enumerate(self.index_embedder.chunks(row["text"]))]
                 vectors = self.index_embedder.embed([piece for _, _, piece in pieces])

@@ -27,6 +27,9 @@ from serve.prompt import Prompt, PromptBuilder
 
 log = logging.getLogger(__name__)
 
+INDEX_BATCH = 8          # memories embedded at a time in the background
+INDEX_PATIENCE_S = 2.0   # longest wait for a moment without replies in flight
+
 
 class UnknownCompanion(LookupError):
     def __init__(self, companion_id: str, known: list[str]):
@@ -88,6 +91,7 @@ class ChatService:
         self.memory: MemoryStore | None = None     # set once the memory index is open
         self._index_wanted = False
         self._indexer: asyncio.Task | None = None
+        self._streaming = 0  # replies being generated now
 
     def companion(self, companion_id: str) -> Companion:
         companion = self.companions.get(companion_id)
@@ -152,12 +156,23 @@ class ChatService:
             self._indexer = asyncio.get_running_loop().create_task(self._index())
 
     async def _index(self) -> None:
+        # Embedding competes with replies for the CPU, so it runs in small batches, each in
+        # a quiet moment between replies; under steady load, everything pending at once
+        # after INDEX_PATIENCE_S, so memories never fall further behind than that.
         while self._index_wanted:
             self._index_wanted = False
-            try:
-                await asyncio.to_thread(self.memory.index_pending)
-            except Exception:  # the rows stay unindexed; the next reply or start-up retries
-                log.exception("memory: indexing failed")
+            while True:
+                waited = 0.0
+                while self._streaming and waited < INDEX_PATIENCE_S:
+                    await asyncio.sleep(0.05)
+                    waited += 0.05
+                limit = INDEX_BATCH if waited < INDEX_PATIENCE_S else None
+                try:
+                    if not await asyncio.to_thread(self.memory.index_pending, limit=limit):
+                        break
+                except Exception:  # the rows stay unindexed; the next reply or start-up retries
+                    log.exception("memory: indexing failed")
+                    break
 
     async def reply(self, plan: Plan, conversation_id: str) -> AsyncIterator[Delta | Done]:
         """Stream the planned reply; the last event is Done, sent after the commit."""
@@ -171,6 +186,7 @@ class ChatService:
         parts: list[str] = []
         finish, usage, outcome = None, None, "disconnected"
         request = self.engine.client.build_request("POST", "/v1/completions", json=payload)
+        self._streaming += 1
         try:
             try:
                 response = await self.engine.client.send(request, stream=True)
@@ -228,6 +244,7 @@ class ChatService:
                 log.exception("memory: could not remember reply %s", message.id)
             metrics.TOKENS.inc(completion)
         finally:
+            self._streaming -= 1
             metrics.REPLIES.labels(turn.api, outcome).inc()
             if outcome != "ok" and (parts or outcome == "disconnected"):
                 self.history.append(

