@@ -66,6 +66,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE messages ADD COLUMN memories TEXT;   -- replies: JSON of the memories used
     ALTER TABLE messages ADD COLUMN forgotten INTEGER NOT NULL DEFAULT 0;  -- its memory was deleted
     """,
+    """
+    ALTER TABLE conversations ADD COLUMN origin TEXT;       -- imported: the export's format
+    ALTER TABLE conversations ADD COLUMN original_id TEXT;  -- imported: the export's conversation id
+    CREATE INDEX conversations_by_origin ON conversations(companion_id, origin, original_id)
+        WHERE original_id IS NOT NULL;
+    """,
 ]
 
 
@@ -110,6 +116,17 @@ class Database:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
+
+    @contextmanager
+    def attached(self, path: Path, name: str) -> Iterator[sqlite3.Connection]:
+        """A transaction that can also read the database file at `path` as `name`."""
+        with self._lock:
+            self.conn.execute("ATTACH DATABASE ? AS " + name, (str(path),))
+            try:
+                with self.transaction() as conn:
+                    yield conn
+            finally:
+                self.conn.execute(f"DETACH DATABASE {name}")
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -44,13 +44,20 @@ class Conversation(BaseModel):
     id: str
     companion_id: str
     title: str | None
-    source: str
+    source: str                     # live | imported
+    origin: str | None = None       # imported: the export's format (chatgpt, claude, ...)
+    original_id: str | None = None  # imported: the export's id for it
     created_at: float
     updated_at: float
 
 
 def chain_hash(previous: str, role: str, content: str) -> str:
     return hashlib.sha256(f"{previous}\x00{role}\x00{content}".encode()).hexdigest()[:32]
+
+
+def exchange_text(asked: str, reply: str, companion_name: str, user: str = "User") -> str:
+    """How an exchange reads as a memory."""
+    return f"{user}: {asked}\n{companion_name}: {reply}"
 
 
 def chain_root(companion_id: str) -> str:

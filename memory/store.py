@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from memory.db import Database
 from memory.embedder import Embedder
+from memory.history import exchange_text
 
 Kind = Literal["exchange", "fact"]
 HNSW = {"space": "cosine"}
@@ -371,10 +372,6 @@ class _Mirror:
             picked = matrix[rows].float().numpy()
             return [(int(self._ids[r]), float(v), picked[i])
                     for i, (r, v) in enumerate(zip(rows.tolist(), values.tolist(), strict=True))]
-
-
-def exchange_text(asked: str, reply: str, companion_name: str, user: str = "User") -> str:
-    return f"{user}: {asked}\n{companion_name}: {reply}"
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -17,13 +17,14 @@ from tqdm import tqdm
 from memory.companions import CompanionStore
 from memory.db import Database
 from memory.history import History
+from memory.importer import remove_leftovers
 from serve import errors, metrics
 from serve.chat import ChatService
 from serve.config import Settings
 from serve.default_model import MODEL_NAME, ensure_default_model
 from serve.engine import Engine
 from serve.prompt import PromptBuilder
-from serve.routes import health, memories, native, openai
+from serve.routes import health, imports, memories, native, openai
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,15 @@ class Homefire:
     engine: Engine
     chat: ChatService
     tasks: list[asyncio.Task] = field(default_factory=list)
+    import_lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # one import at a time
 
     @classmethod
     def open(cls, settings: Settings, data_dir: Path) -> Homefire:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o700)  # conversations are private
         db = Database(data_dir / "homefire.db")
+        if removed := remove_leftovers(data_dir / "run"):
+            log.info("imports: removed %d files an interrupted import left behind", removed)
         companions = CompanionStore(db)
         companions.sync_dir(settings.companions_dir)
         history = History(db)
@@ -183,6 +187,7 @@ def create_app(settings: Settings, data_dir: Path) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(memories.router)
+    app.include_router(imports.router)
     metrics.ENGINE_READY.set_function(
         lambda: float(getattr(app.state, "homefire", None) is not None
                       and app.state.homefire.engine.ready and app.state.homefire.chat.prompts is not None)

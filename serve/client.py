@@ -44,18 +44,22 @@ class Client:
             raise ServerError(_error_message(response.content, response.status_code))
         return response.json() if response.content else None
 
-    def stream_events(self, path: str, body: dict) -> Iterator[tuple[str, dict]]:
+    def stream_events(self, path: str, body: dict | None, **kwargs) -> Iterator[tuple[str, dict]]:
         """POST and yield (event name, data) from a server-sent event stream."""
-        with self.http.stream("POST", path, json=body) as response:
-            if response.status_code >= 400:
-                raise ServerError(_error_message(response.read(), response.status_code))
-            name = "message"
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    yield name, json.loads(line[6:])
-                    name = "message"
+        headers = {"Accept": "text/event-stream", **kwargs.pop("headers", {})}
+        try:
+            with self.http.stream("POST", path, json=body, headers=headers, **kwargs) as response:
+                if response.status_code >= 400:
+                    raise ServerError(_error_message(response.read(), response.status_code))
+                name = "message"
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: "):
+                        yield name, json.loads(line[6:])
+                        name = "message"
+        except httpx.HTTPError as err:
+            raise ServerError(f"the connection to {self.http.base_url} failed: {err}") from err
 
 
 def _error_message(content: bytes, status: int) -> str:

@@ -67,6 +67,14 @@ class MemoryConfig(BaseModel):
     """Most prompt tokens that recalled memories may take."""
 
 
+class ImportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    max_upload_mb: int = Field(2048, ge=1)
+    """Largest export the server accepts through its API, in MB (the CLI without a server
+    reads files of any size)."""
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -82,6 +90,8 @@ class Settings(BaseModel):
     """The vLLM engine."""
     memory: MemoryConfig = MemoryConfig()
     """Long-term memory."""
+    imports: ImportConfig = ImportConfig()
+    """Imports of chat exports (`homefire import`)."""
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -53,6 +53,7 @@ def require_key(
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+HomefireDep = Annotated[object, Depends(get_homefire)]   # serve.app.Homefire (imported lazily)
 ChatDep = Annotated[ChatService, Depends(get_chat)]
 HistoryDep = Annotated[History, Depends(get_history)]
 CompanionsDep = Annotated[CompanionStore, Depends(get_companions)]

@@ -1,0 +1,125 @@
+"""Upload a chat export and import it into a companion, with a progress report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+
+from memory.importer import Importer
+from memory.imports import FORMATS, ImportFailed, open_export
+from serve.chat import UnknownCompanion
+from serve.deps import HomefireDep, require_key
+from serve.errors import error_body
+from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
+
+router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=[Depends(require_key)])
+Format = Literal[FORMATS]  # type: ignore[valid-type]
+
+
+@router.post("/companions/{companion_id}/imports", responses={
+    200: {"description": "What was imported (or, with dry_run, would be): counts, date range, "
+                         "suggested persona. With `Accept: text/event-stream`, `progress` events "
+                         "({stage: read|index, done, total}) and then `done` or `error`."},
+    409: {"description": "Another import is running"}, 413: {"description": "Upload too large"},
+    422: {"description": "Not an export we can read; the message names the file and position"}})
+async def import_export(
+    companion_id: str, request: Request, hf: HomefireDep,
+    format: Annotated[Format | None, Query(description="force a format instead of detecting it")] = None,
+    dry_run: Annotated[bool, Query(description="count what would be imported; write nothing")] = False,
+    filename: Annotated[str, Query(max_length=255, description="the file's name, for messages")] = "upload",
+):
+    """Import the export sent as the raw request body (zip, JSON or JSONL) into the companion.
+
+    All or nothing; what was imported before is not added twice. Memories are indexed
+    before the reply ends.
+    """
+    companion = hf.companions.get(companion_id)
+    if companion is None:
+        raise UnknownCompanion(companion_id, hf.companions.ids())
+    memory = hf.chat.memory
+    if memory is None and not dry_run:
+        raise HTTPException(503, "the memory index is still opening; try again in a moment")
+    limit = hf.settings.imports.max_upload_mb << 20
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"the upload is {int(declared) >> 20} MB; this server accepts "
+                                 f"at most {limit >> 20} MB (imports.max_upload_mb)")
+    if hf.import_lock.locked():
+        raise HTTPException(409, "another import is running; try again when it is done")
+    await hf.import_lock.acquire()   # held until the import's work is over, see below
+    spool = hf.data_dir / "run" / "uploads" / uuid.uuid4().hex
+    try:
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        await _receive(request, spool, limit)
+    except BaseException:
+        spool.unlink(missing_ok=True)
+        hf.import_lock.release()
+        raise
+    label = f"{filename} (uploaded)"
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def report(stage: str):
+        return lambda done, total: loop.call_soon_threadsafe(
+            queue.put_nowait, {"stage": stage, "done": done, "total": total})
+
+    def work() -> dict:
+        try:
+            with open_export(str(spool), format, label) as export:
+                result = Importer(hf.db, hf.data_dir / "run").run(
+                    export, companion.id, companion.name, report("read"), dry_run)
+        finally:
+            spool.unlink(missing_ok=True)
+        if not dry_run:
+            memory.index_pending(report("index"))
+        return result.as_dict()
+
+    task = asyncio.create_task(asyncio.to_thread(work))
+    task.add_done_callback(lambda _: hf.import_lock.release())
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        try:
+            return await asyncio.shield(task)   # a client gone away does not undo an import
+        except ImportFailed as err:
+            return JSONResponse(error_body(422, str(err), code="import_failed"), status_code=422)
+    return ClosingStreamingResponse(_events(task, queue), media_type="text/event-stream",
+                                    headers=SSE_HEADERS)
+
+
+async def _receive(request: Request, spool, limit: int) -> None:
+    size = 0
+    with spool.open("wb") as out:
+        spool.chmod(0o600)
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"the upload is over {limit >> 20} MB, the most this server "
+                                         "accepts (imports.max_upload_mb)")
+            out.write(chunk)
+    if size == 0:
+        raise HTTPException(422, "the request body is empty: send the export file as the body")
+
+
+async def _events(task: asyncio.Task, queue: asyncio.Queue) -> AsyncIterator[str]:
+    while not task.done() or not queue.empty():
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED, timeout=15)
+        if getter in done:
+            yield event(getter.result(), "progress")
+        else:
+            getter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await getter
+            if not done:
+                yield ": still working\n\n"   # keeps proxies from closing an idle stream
+    try:
+        yield event({"result": task.result()}, "done")
+    except ImportFailed as err:
+        yield event(error_body(422, str(err), code="import_failed"), "error")
+    except Exception as err:   # the stream has begun: an error event, not a status code
+        yield event(error_body(500, f"the import failed: {err}"), "error")
