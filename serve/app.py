@@ -19,12 +19,13 @@ from memory.db import Database
 from memory.history import History
 from memory.importer import remove_leftovers
 from serve import errors, metrics
+from serve.adapters import AdapterService
 from serve.chat import ChatService
 from serve.config import Settings
 from serve.default_model import MODEL_NAME, ensure_default_model
 from serve.engine import Engine
 from serve.prompt import PromptBuilder
-from serve.routes import health, imports, memories, native, openai
+from serve.routes import adapters, health, imports, memories, native, openai
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Homefire:
     history: History
     engine: Engine
     chat: ChatService
+    adapters: AdapterService
     tasks: list[asyncio.Task] = field(default_factory=list)
     import_lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # one import at a time
 
@@ -56,7 +58,7 @@ class Homefire:
         model = settings.engine.model
         engine = Engine(settings.engine, data_dir / "run", model)
         chat = ChatService(engine, history, companions, model_id=model or MODEL_NAME)
-        return cls(settings, data_dir, db, companions, history, engine, chat)
+        return cls(settings, data_dir, db, companions, history, engine, chat, AdapterService(data_dir, chat))
 
     def open_memory(self) -> None:
         """Open the memory index; rebuild it from SQLite if it is missing or damaged."""
@@ -114,6 +116,9 @@ class Homefire:
                 engine.detail = "converting the embedded model (first start only)"
                 path = await asyncio.to_thread(ensure_default_model, self.data_dir / "models")
                 engine.model_path = str(path)
+            if self.settings.engine.lora and not self.settings.engine.url:
+                await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
+                self.adapters.register_current(self.companions.ids())
             await engine.start()
             if engine.state == "failed":
                 return
@@ -188,6 +193,7 @@ def create_app(settings: Settings, data_dir: Path) -> FastAPI:
     app.include_router(native.router)
     app.include_router(memories.router)
     app.include_router(imports.router)
+    app.include_router(adapters.router)
     metrics.ENGINE_READY.set_function(
         lambda: float(getattr(app.state, "homefire", None) is not None
                       and app.state.homefire.engine.ready and app.state.homefire.chat.prompts is not None)

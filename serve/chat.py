@@ -27,6 +27,11 @@ from serve.prompt import Prompt, PromptBuilder
 
 log = logging.getLogger(__name__)
 
+
+def adapter_name(companion_id: str, version: str) -> str:
+    return f"{companion_id}--{version}"
+
+
 INDEX_BATCH = 8          # memories embedded at a time in the background
 INDEX_PATIENCE_S = 2.0   # longest wait for a moment without replies in flight
 
@@ -92,6 +97,7 @@ class ChatService:
         self._index_wanted = False
         self._indexer: asyncio.Task | None = None
         self._streaming = 0  # replies being generated now
+        self.adapters: dict[str, str] = {}   # companion id -> adapter version in use
 
     def companion(self, companion_id: str) -> Companion:
         companion = self.companions.get(companion_id)
@@ -105,6 +111,11 @@ class ChatService:
                 f"but this server runs {self.model_id!r}"
             )
         return companion
+
+    def served_name(self, companion_id: str) -> str:
+        """The engine's name for the companion's model: its adapter's, or the base model's."""
+        version = self.adapters.get(companion_id)
+        return adapter_name(companion_id, version) if version else self.engine.served_name
 
     def sampling(self, companion: Companion, overrides: dict) -> dict:
         defaults = companion.sampling
@@ -179,7 +190,7 @@ class ChatService:
         turn, params, prompt = plan.turn, plan.params, plan.prompt
         started = time.perf_counter()
         payload = {
-            "model": self.engine.served_name, "prompt": prompt.for_engine, "stream": True,
+            "model": self.served_name(turn.companion.id), "prompt": prompt.for_engine, "stream": True,
             # The template already placed every special token.
             "add_special_tokens": False, "stream_options": {"include_usage": True}, **params,
         }
@@ -232,7 +243,7 @@ class ChatService:
             message = self.history.append(
                 conversation_id, "assistant", "".join(parts),
                 ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens,
-                          model=self.model_id, adapter=turn.companion.adapter,
+                          model=self.model_id, adapter=self.adapters.get(turn.companion.id),
                           sampling=params, finish_reason=finish,
                           memories_used=[m.model_dump(include={"id", "text", "score"})
                                          for m in plan.memories]),
@@ -250,7 +261,7 @@ class ChatService:
                 self.history.append(
                     conversation_id, "assistant", "".join(parts),
                     ReplyMeta(tokens=len(parts), prompt_tokens=(usage or {}).get("prompt_tokens"),
-                              model=self.model_id, adapter=turn.companion.adapter,
+                              model=self.model_id, adapter=self.adapters.get(turn.companion.id),
                               sampling=params, finish_reason=outcome, truncated=True),
                 )
         yield Done(message, finish, prompt_tokens, completion)

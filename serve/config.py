@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,6 +42,12 @@ class EngineConfig(BaseModel):
     """KV cache size in whole GiB on the CPU build (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """Share of GPU memory vLLM may take."""
+    lora: bool = True
+    """Serve companions' LoRA adapters (vLLM multi-LoRA; new versions load at run time)."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
+    """Largest adapter rank the engine accepts."""
+    max_loras: int = Field(4, ge=1)
+    """Adapters the engine keeps ready at once (others wait their turn)."""
     extra_args: list[str] = []
     """Further vLLM server flags, passed through as they are."""
     startup_timeout_s: float = Field(900, gt=0)

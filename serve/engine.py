@@ -94,6 +94,9 @@ class Engine:
         self._monitor: asyncio.Task | None = None
         self._restart_times: collections.deque[float] = collections.deque()
         self._ready_event = asyncio.Event()
+        # LoRA adapters by served name -> folder: given to vLLM at (re)start, and loaded
+        # into the running engine when a companion switches to a new version.
+        self.adapters: dict[str, str] = {}
         if config.url:
             headers = {}
             if key := os.environ.get("HOMEFIRE_ENGINE_API_KEY"):
@@ -152,12 +155,31 @@ class Engine:
             cmd.append("--enforce-eager")
         if not is_cpu_build():
             cmd += ["--gpu-memory-utilization", str(self.config.gpu_memory_utilization)]
+        if self.config.lora:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.config.max_lora_rank),
+                    "--max-loras", str(self.config.max_loras)]
+            if self.adapters:
+                cmd += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
         return cmd + list(self.config.extra_args)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make an adapter servable as `name` now, and after every restart."""
+        if self.config.url or not self.config.lora:
+            raise EngineUnavailable("adapters need the engine Homefire runs itself with engine.lora on")
+        self.require_ready()
+        if name not in self.adapters:
+            response = await self.client.post("/v1/load_lora_adapter",
+                                              json={"lora_name": name, "lora_path": path}, timeout=120)
+            if response.status_code != 200 and "already" not in response.text:
+                raise EngineUnavailable(f"vLLM could not load adapter {name}: {response.text[:300]}")
+        self.adapters[name] = path
 
     async def _spawn(self) -> None:
         self.socket_path.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("HOMEFIRE_API_KEY",)}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
+        if self.config.lora:  # the route it enables is on our private socket only
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if Path(self.model_path).is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")
         with self.log_path.open("ab") as logfile:

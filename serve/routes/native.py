@@ -12,11 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from memory.cards import MAX_CARD_BYTES, parse_card
 from memory.companions import Companion, CompanionStore
 from memory.history import Conversation, History, Message
+from memory.persona import substitute
 from serve.chat import Delta, Done, EngineFailed, Plan, Turn, UnknownCompanion
 from serve.deps import ChatDep, CompanionsDep, HistoryDep, MemoryDep, require_key
 from serve.engine import EngineUnavailable
 from serve.errors import error_body
-from serve.prompt import substitute
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=[Depends(require_key)])

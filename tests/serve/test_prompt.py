@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from memory.companions import Companion
-from serve.prompt import PromptBuilder, PromptTooLong, persona_prompt
+from memory.persona import persona_prompt
+from serve.prompt import PromptBuilder, PromptTooLong
 
 EMBER = Companion(id="ember", name="Ember", description="{{char}} loves {{user}}'s stories.",
                   personality="warm", system_prompt="You are {{char}}.",

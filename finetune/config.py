@@ -1,0 +1,98 @@
+"""Fine-tuning settings: one pydantic model, values from configs/finetune.yaml, flags override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from memory.companions import format_validation_error
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
+# The LoRA ranks vLLM serves (vllm/lora: max_lora_rank must be one of these).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class FinetuneError(ValueError):
+    """A setting, dataset or adapter problem; the message says what and where."""
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    rank: int = 16
+    """LoRA rank; vLLM serves 1, 8, 16, 32, 64, 128, 256, 320 or 512."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = PROJECTIONS
+    """Projections that get adapters: every attention and MLP projection by default."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate (AdamW), reached after warmup_steps, then linear decay to 0."""
+    warmup_steps: int = Field(10, ge=0)
+    """Steps of linear warmup."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on the LoRA weights."""
+    epochs: float = Field(3, gt=0)
+    """Passes over the training examples (fractions allowed); max_steps wins if set."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    batch_tokens: int = Field(4096, ge=64)
+    """Tokens per optimizer step, padding included: examples of similar length are batched
+    together up to this budget, so little compute goes to padding."""
+    max_seq_len: int = Field(1024, ge=64)
+    """Longest training example in tokens; longer conversations are split into windows."""
+    overlap_messages: int = Field(2, ge=0)
+    """Messages repeated as context (without loss) at the start of the next window."""
+    eval_share: float = Field(0.1, ge=0, lt=1)
+    """Share of whole conversations held out for evaluation (chosen by a hash of their id)."""
+    eval_every: int = Field(20, ge=1)
+    """Evaluate on the held-out set every this many steps."""
+    patience: int = Field(3, ge=1)
+    """Stop early after this many evaluations without a better held-out loss."""
+    save_every: int = Field(50, ge=1)
+    """Write a checkpoint (for --resume) every this many steps."""
+    filter_boilerplate: bool = False
+    """Do not train on replies that are not the companion's voice: refusals and
+    'As an AI language model' boilerplate (they stay in as context)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto picks CUDA when there is a GPU."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on a GPU that supports it, fp32 on the CPU."""
+    gradient_checkpointing: bool | None = None
+    """Trade compute for memory; empty means on for CUDA, off on the CPU."""
+    qlora: bool = False
+    """Load the base model in 4 bits (bitsandbytes, CUDA only): fits 7-8B models in 24 GB."""
+    seed: int = 0
+    """Seed for shuffling and initialisation."""
+
+    @field_validator("rank")
+    @classmethod
+    def _vllm_rank(cls, rank: int) -> int:
+        if rank not in VLLM_RANKS:
+            raise ValueError(f"vLLM serves LoRA ranks {', '.join(map(str, VLLM_RANKS))}; got {rank}")
+        return rank
+
+
+def load_config(path: Path | None = None, overrides: dict | None = None) -> FinetuneConfig:
+    """Settings from YAML (default configs/finetune.yaml), then overrides; errors name the file."""
+    path = path or DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise FinetuneError(f"{path}: cannot read: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise FinetuneError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise FinetuneError(f"{path}: expected a mapping of settings")
+    data |= {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return FinetuneConfig.model_validate(data)
+    except ValidationError as err:
+        raise FinetuneError(f"{path} (or a flag): {format_validation_error(err)}") from err

@@ -1,0 +1,68 @@
+"""The fine-tuning stage: history -> dataset -> LoRA training -> a versioned adapter.
+
+    homefire finetune COMPANION [--dry-run] [--steps N] [--rank R] [--resume VERSION]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from finetune import adapters
+from finetune.config import FinetuneConfig, FinetuneError
+from finetune.dataset import Dataset, build, load_history
+from finetune.train import Report, Trainer, load_model
+from memory.companions import Companion
+from memory.db import Database
+
+
+def tokenizer_for(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def dataset_for(db: Database, companion: Companion, tokenizer, config: FinetuneConfig) -> Dataset:
+    return build(tokenizer, companion, load_history(db, companion.id), config)
+
+
+def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str, model_id: str,
+             config: FinetuneConfig, resume: str | None = None, report: Report | None = None) -> Path:
+    """Train a new adapter version (or finish `resume`); returns its folder."""
+    tokenizer = tokenizer_for(model_path)
+    data = dataset_for(db, companion, tokenizer, config)
+    base_sha = adapters.model_sha256(Path(model_path))
+    if resume:
+        out = adapters.adapters_dir(data_dir, companion.id) / resume
+        saved = out / "checkpoint" / "run.json"
+        if not saved.exists():
+            raise FinetuneError(f"nothing to resume in {out}: no checkpoint")
+        if json.loads(saved.read_text())["dataset"] != data.digest():
+            raise FinetuneError(f"{out}: the history changed since this run started; start a new run")
+    else:
+        out = adapters.new_version(data_dir, companion.id)
+    model, device = load_model(model_path, config)
+    trainer = Trainer(model, device, data.train, data.eval, config, tokenizer.pad_token_id, out, report)
+    (out / "checkpoint").mkdir(exist_ok=True)
+    (out / "checkpoint" / "run.json").write_text(json.dumps({"dataset": data.digest()}))
+    if resume:
+        trainer.resume()
+    started = time.time()
+    metrics = trainer.run()
+    info = {
+        "version": out.name, "companion": companion.id, "created_at": started,
+        "base_model": {"id": model_id, "sha256": base_sha},
+        "dataset": data.summary(), "config": config.model_dump(),
+        "metrics": {k: v for k, v in metrics.items() if k != "history"},
+        "device": str(device),
+    }
+    (out / "history.json").write_text(json.dumps(metrics["history"]))
+    # The manifest comes last: a version without one is an unfinished run.
+    (out / "manifest.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return out

@@ -1,0 +1,221 @@
+"""LoRA training with peft: length-grouped batches, evaluation, early stopping, checkpoints.
+
+Batches are built from examples of similar length up to `batch_tokens` (padding
+included), so little compute goes to padding; their order is shuffled each epoch. On a
+GPU: bf16 and gradient checkpointing (QLoRA with `qlora`); on the CPU: fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from finetune.config import FinetuneConfig, FinetuneError
+from finetune.dataset import IGNORE, Example
+
+Report = Callable[[dict], None]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    tokens: int          # real (unpadded) tokens
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return Batch(ids, mask, labels, sum(len(e.input_ids) for e in examples))
+
+
+def length_grouped(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
+    """Batches of similar lengths whose padded size stays within batch_tokens."""
+    batches, current = [], []
+    for example in sorted(examples, key=lambda e: len(e.input_ids)):
+        width = len(example.input_ids)   # the longest so far: examples come shortest first
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(example)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pick_device(config: FinetuneConfig) -> tuple[torch.device, torch.dtype]:
+    cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not cuda:
+        raise FinetuneError("device: cuda was asked for, but torch sees no CUDA GPU")
+    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
+    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"
+                                      and torch.cuda.is_bf16_supported()):
+        return device, torch.bfloat16
+    return device, torch.float32
+
+
+def load_model(model_path: str, config: FinetuneConfig):
+    """The base model wrapped with fresh LoRA adapters."""
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = pick_device(config)
+    kwargs: dict = {"dtype": dtype}
+    if config.qlora:
+        if device.type != "cuda":
+            raise FinetuneError("qlora: 4-bit loading needs a CUDA GPU (bitsandbytes)")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as err:
+            raise FinetuneError("qlora needs bitsandbytes: pip install bitsandbytes") from err
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if config.qlora:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model)
+    else:
+        model.to(device)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if missing := [m for m in config.target_modules if m not in names]:
+        raise FinetuneError(f"target_modules: {', '.join(missing)} not found in {model_path}")
+    checkpointing = config.gradient_checkpointing
+    if checkpointing or (checkpointing is None and device.type == "cuda"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), device
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], batch_tokens: int, pad_id: int, device) -> float:
+    """Mean loss per trained token over the examples."""
+    model.eval()
+    total, count = 0.0, 0
+    for group in length_grouped(examples, batch_tokens):
+        batch = collate(group, pad_id)
+        logits = model(input_ids=batch.input_ids.to(device),
+                       attention_mask=batch.attention_mask.to(device)).logits.float()
+        labels = batch.labels.to(device)[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+            ignore_index=IGNORE, reduction="sum")
+        total += losses.item()
+        count += int((labels != IGNORE).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+class Trainer:
+    def __init__(self, model, device, train: list[Example], held: list[Example], config: FinetuneConfig,
+                 pad_id: int, out_dir: Path, report: Report | None = None):
+        self.model, self.device, self.config = model, device, config
+        self.train_examples, self.held = train, held
+        self.pad_id, self.out_dir, self.report = pad_id, out_dir, report or (lambda _: None)
+        self.batches = length_grouped(train, config.batch_tokens)
+        per_epoch = len(self.batches)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        warmup = min(config.warmup_steps, self.total_steps // 2)
+        decay = max(self.total_steps - warmup, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(
+            (step + 1) / max(warmup, 1), max(0.0, (self.total_steps - step) / decay)))
+        self.step, self.best, self.bad_evals = 0, math.inf, 0
+        self.history: list[dict] = []
+
+    def order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.batches)))
+        random.Random(self.config.seed + epoch).shuffle(order)
+        return order
+
+    def run(self) -> dict:
+        torch.manual_seed(self.config.seed)
+        self.model.train()
+        started, tokens, losses, stopped_early = time.perf_counter(), 0, [], False
+        first_loss = None
+        while self.step < self.total_steps:
+            epoch, index = divmod(self.step, len(self.batches))
+            batch = collate([*self.batches[self.order(epoch)[index]]], self.pad_id)
+            loss = self.model(input_ids=batch.input_ids.to(self.device),
+                              attention_mask=batch.attention_mask.to(self.device),
+                              labels=batch.labels.to(self.device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            tokens += batch.tokens
+            losses.append(loss.item())
+            first_loss = losses[0] if first_loss is None else first_loss
+            elapsed = time.perf_counter() - started
+            point = {"step": self.step, "loss": losses[-1], "tokens_per_s": tokens / elapsed,
+                     "lr": self.scheduler.get_last_lr()[0], "total_steps": self.total_steps}
+            if self.held and (self.step % self.config.eval_every == 0 or self.step == self.total_steps):
+                point["eval_loss"] = evaluate(self.model, self.held, self.config.batch_tokens,
+                                              self.pad_id, self.device)
+                if point["eval_loss"] < self.best - 1e-4:
+                    self.best, self.bad_evals = point["eval_loss"], 0
+                    self.save(self.out_dir)
+                else:
+                    self.bad_evals += 1
+            self.history.append(point)
+            self.report(point)
+            if self.step % self.config.save_every == 0 and self.step < self.total_steps:
+                self.checkpoint()
+            if self.bad_evals >= self.config.patience:
+                stopped_early = True
+                break
+        if not self.held:
+            self.save(self.out_dir)
+        seconds = time.perf_counter() - started
+        tail = losses[-5:]
+        return {"steps": self.step, "first_loss": first_loss, "train_loss": sum(tail) / len(tail),
+                "eval_loss": None if math.isinf(self.best) else self.best, "tokens": tokens,
+                "seconds": seconds, "tokens_per_s": tokens / seconds, "stopped_early": stopped_early,
+                "history": self.history}
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory, safe_serialization=True)
+
+    def checkpoint(self) -> None:
+        directory = self.out_dir / "checkpoint"
+        self.save(directory)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step, "best": self.best, "bad_evals": self.bad_evals},
+                   directory / "trainer_state.pt")
+        (directory / "history.json").write_text(json.dumps(self.history))
+
+    def resume(self) -> None:
+        directory = self.out_dir / "checkpoint"
+        state_file = directory / "trainer_state.pt"
+        if not state_file.exists():
+            raise FinetuneError(f"nothing to resume: no checkpoint in {directory}")
+        set_peft_model_state_dict(self.model, load_file(directory / "adapter_model.safetensors"))
+        state = torch.load(state_file, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+        self.history = json.loads((directory / "history.json").read_text())

@@ -1,0 +1,70 @@
+"""Which LoRA adapter each companion speaks through, checked and loaded into the engine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finetune import adapters
+from finetune.config import FinetuneError
+from serve.chat import ChatService, adapter_name
+
+log = logging.getLogger(__name__)
+
+
+class AdapterService:
+    def __init__(self, data_dir: Path, chat: ChatService):
+        self.data_dir = data_dir
+        self.chat = chat
+        self.base_sha256: str | None = None   # known once the model is on disk
+        self.problems: dict[str, str] = {}     # companion id -> why its adapter is not used
+
+    def identify_base(self, model_path: str | None) -> None:
+        if model_path and Path(model_path).is_dir():
+            try:
+                self.base_sha256 = adapters.model_sha256(Path(model_path))
+            except FinetuneError as err:
+                log.warning("adapters: %s", err)
+
+    def register_current(self, companion_ids: list[str]) -> None:
+        """Before the engine starts: every companion's adapter in use, if it fits this model."""
+        for companion_id in companion_ids:
+            version = adapters.current(self.data_dir, companion_id)
+            if version is None:
+                continue
+            try:
+                path = self._checked(companion_id, version)
+            except FinetuneError as err:
+                self.problems[companion_id] = str(err)
+                log.error("adapters: %s: not used: %s", companion_id, err)
+                continue
+            self.chat.engine.adapters[adapter_name(companion_id, version)] = str(path)
+            self.chat.adapters[companion_id] = version
+            log.info("adapters: %s speaks through %s", companion_id, version)
+
+    async def use(self, companion_id: str, version: str | None) -> None:
+        """Switch a companion to `version` (None: the base model) at once."""
+        if version is not None:
+            path = self._checked(companion_id, version)
+            await self.chat.engine.load_adapter(adapter_name(companion_id, version), str(path))
+            self.chat.adapters[companion_id] = version
+        else:
+            self.chat.adapters.pop(companion_id, None)
+        adapters.set_current(self.data_dir, companion_id, version)
+        self.problems.pop(companion_id, None)
+
+    def listing(self, companion_id: str) -> dict:
+        found = []
+        for version in adapters.versions(self.data_dir, companion_id):
+            info = adapters.manifest(self.data_dir, companion_id, version)
+            found.append({"version": version, "created_at": info.get("created_at"),
+                          "base_model": info.get("base_model"), "metrics": info.get("metrics"),
+                          "fits_base_model": info.get("base_model", {}).get("sha256") == self.base_sha256})
+        return {"current": self.chat.adapters.get(companion_id), "versions": found,
+                "problem": self.problems.get(companion_id)}
+
+    def _checked(self, companion_id: str, version: str) -> Path:
+        adapters.manifest(self.data_dir, companion_id, version)   # names the known versions if missing
+        path = adapters.adapters_dir(self.data_dir, companion_id) / version
+        adapters.verify(path, self.base_sha256)
+        return path

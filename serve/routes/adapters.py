@@ -1,0 +1,46 @@
+"""A companion's fine-tuned voices: list the adapter versions, switch or roll back at once."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune.config import FinetuneError
+from serve.chat import UnknownCompanion
+from serve.deps import HomefireDep, require_key
+
+router = APIRouter(prefix="/api/v1", tags=["adapters"], dependencies=[Depends(require_key)])
+
+
+class AdapterChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = Field(description="an adapter version (e.g. v3), or null for the base model")
+
+
+def _known(hf, companion_id: str) -> None:
+    if hf.companions.get(companion_id) is None:
+        raise UnknownCompanion(companion_id, hf.companions.ids())
+
+
+@router.get("/companions/{companion_id}/adapters")
+def list_adapters(companion_id: str, hf: HomefireDep) -> dict:
+    """Versions (oldest first) with their manifests' metrics, and the one in use."""
+    _known(hf, companion_id)
+    try:
+        return hf.adapters.listing(companion_id)
+    except FinetuneError as err:
+        raise HTTPException(422, str(err)) from err
+
+
+@router.put("/companions/{companion_id}/adapter")
+async def use_adapter(companion_id: str, choice: AdapterChoice, hf: HomefireDep) -> dict:
+    """Speak through this adapter version from the next reply on (loaded into the engine now).
+
+    Refused (422) when the version is unknown, not safetensors, or made for another base model.
+    """
+    _known(hf, companion_id)
+    try:
+        await hf.adapters.use(companion_id, choice.version)
+    except FinetuneError as err:
+        raise HTTPException(422, str(err)) from err
+    return hf.adapters.listing(companion_id)

@@ -1,0 +1,220 @@
+"""Keeping the voice: dataset masks, real LoRA steps on the embedded model, eval, serving.
+
+The history has an unmistakable voice: the companion always answers in lowercase and ends
+with "~ purr ~".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune.config import FinetuneConfig, FinetuneError, load_config
+from finetune.dataset import IGNORE, build, load_history, show
+from finetune.lora import tokenizer_for
+from memory.companions import Companion, CompanionStore
+from memory.db import Database
+from memory.history import History
+from serve.default_model import MODEL_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+TOPICS = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train",
+          "coffee", "books", "the sea", "my bike"]
+KIT = Companion(id="kit", name="Kit", personality="A sleepy, gentle cat.")
+TRAIN = ["--steps", "8", "--lr", "2e-3", "--max-seq-len", "192", "--set", "warmup_steps=2",
+         "--set", "batch_tokens=768", "--set", "eval_every=4"]
+
+
+def voice(topic: str) -> str:
+    return f"oh, {topic} sounds cozy to me. tell me more ~ purr ~"
+
+
+@pytest.fixture(scope="module")
+def data_dir(model_dir: Path, tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("voice")
+    (data / "models").mkdir()
+    (data / "models" / MODEL_NAME).symlink_to(model_dir, target_is_directory=True)
+    db = Database(data / "homefire.db")
+    companions = CompanionStore(db)
+    companions.put(KIT, "api")
+    companions.put(KIT.model_copy(update={"id": "twin"}), "api")   # same card, no adapter
+    history, rng = History(db), random.Random(3)
+    for _ in range(10):
+        conversation = history.create_conversation("kit").id
+        for _ in range(5):
+            topic = rng.choice(TOPICS)
+            history.append(conversation, "user", f"What do you think about {topic}?")
+            history.append(conversation, "assistant", voice(topic))
+    db.close()
+    return data
+
+
+def cli(*args: str, data_dir: Path, env: dict | None = None,
+        timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve.cli", *args, "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+
+
+def test_only_the_companions_tokens_carry_loss(data_dir, model_dir):
+    tokenizer = tokenizer_for(str(model_dir))
+    config = FinetuneConfig(max_seq_len=192, overlap_messages=2)
+    db = Database(data_dir / "homefire.db")
+    history = load_history(db, "kit")
+    data = build(tokenizer, KIT, history, config)
+    assert data.conversations == (9, 1)   # one whole conversation held out, by hash
+    assert build(tokenizer, KIT, history, config).digest() == data.digest(), "the split is deterministic"
+    assert {e.conversation_id for e in data.eval}.isdisjoint({e.conversation_id for e in data.train})
+    assert all(len(e.input_ids) <= 192 for e in data.train + data.eval)
+
+    # Token by token: the trained tokens are exactly the replies and their end-of-turn token.
+    example = data.train[0]
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    assert runs and all(run.startswith("oh, ") and run.endswith(" ~ purr ~<|im_end|>") for run in runs)
+    untrained = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True)
+                                  if label == IGNORE])
+    assert "What do you think about" in untrained and "A sleepy, gentle cat." in untrained
+    assert "~ purr ~" not in untrained, "the first window trains every reply it holds"
+    # Windows overlap: a later window of one conversation starts with context it does not train.
+    first_conversation = [e for e in data.train if e.conversation_id == example.conversation_id]
+    if len(first_conversation) > 1:
+        second = show(tokenizer, first_conversation[1])
+        assert second.index("<|im_start|>assistant") < second.index("«")
+    with pytest.raises(FinetuneError, match="no conversations with replies"):
+        build(tokenizer, KIT.model_copy(update={"id": "nobody"}), load_history(db, "nobody"), config)
+
+
+def test_dry_run_shows_the_dataset_and_marks_trained_tokens(data_dir):
+    done = cli("finetune", "kit", "--dry-run", "--max-seq-len", "192", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    assert "train: " in done.stdout and "trained (9 conversations)" in done.stdout
+    assert "«oh, " in done.stdout and "~ purr ~<|im_end|>»" in done.stdout
+    assert not (data_dir / "adapters").exists(), "a dry run trains nothing"
+    bad = cli("finetune", "kit", "--dry-run", "--rank", "12", data_dir=data_dir)
+    assert bad.returncode == 2 and "vLLM serves LoRA ranks" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir) -> Path:
+    done = cli("finetune", "kit", *TRAIN, data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    assert "adapter v1 for kit" in done.stdout and "the server uses it from its next start" in done.stdout
+    return data_dir / "adapters" / "kit" / "v1"
+
+
+def test_a_few_steps_lower_the_loss_and_write_a_versioned_safetensors_adapter(trained, data_dir):
+    assert sorted(p.name for p in trained.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "history.json", "manifest.json"]
+    manifest = json.loads((trained / "manifest.json").read_text())
+    assert manifest["base_model"]["id"] == MODEL_NAME and len(manifest["base_model"]["sha256"]) == 64
+    assert manifest["dataset"]["hash"] and manifest["config"]["rank"] == 16
+    metrics = manifest["metrics"]
+    assert metrics["steps"] == 8 and metrics["train_loss"] < metrics["first_loss"] / 2
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["r"] == 16 and not config.get("modules_to_save")
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                             "up_proj", "down_proj"}
+    assert (data_dir / "adapters" / "kit" / "CURRENT").read_text() == "v1"
+
+
+def test_eval_finds_the_tuned_voice_closer_than_the_base(trained, data_dir):
+    done = cli("eval", "kit", "--samples", "2", "--max-new-tokens", "16", "--json", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["perplexity"]["tuned"] < result["perplexity"]["base"]
+    assert result["style"]["real"]["lowercase_share"] == 1.0
+    for name in ("report.md", "voice.png", "eval.json"):
+        assert (trained / name).stat().st_size > 0
+    assert "| perplexity of the real replies |" in (trained / "report.md").read_text()
+
+
+def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, data_dir, make_server):
+    # Recall off: kit's remembered history would otherwise make its prompts differ from twin's.
+    server = make_server(data_dir, config={"memory": {"top_k": 0}}).start()
+    http = server.http()
+
+    def reply(companion: str) -> dict:
+        conversation = http.post("/api/v1/conversations", json={"companion": companion}).json()
+        answer = http.post(f"/api/v1/conversations/{conversation['conversation']['id']}/messages",
+                           json={"content": "What do you think about the moon?", "max_tokens": 24,
+                                 "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["reply"]
+
+    tuned, base = reply("kit"), reply("twin")
+    assert tuned["adapter"] == "v1" and base["adapter"] is None
+    assert tuned["content"] != base["content"], "the adapter (loaded at start) changes kit's voice"
+    listed = cli("adapter", "list", "kit", data_dir=data_dir, env=server.env)
+    assert listed.returncode == 0 and listed.stdout.startswith("* v1"), listed.stdout + listed.stderr
+
+    # Back to the base model at run time: kit now answers exactly as its adapter-less twin.
+    assert cli("adapter", "use", "kit", "base", data_dir=data_dir, env=server.env).returncode == 0
+    assert reply("kit")["content"] == base["content"] and reply("twin")["content"] == base["content"]
+
+    # A new version is loaded into the running engine.
+    shutil.copytree(trained, trained.parent / "v2")
+    switched = cli("adapter", "use", "kit", "v2", data_dir=data_dir, env=server.env)
+    assert switched.returncode == 0 and "the running server uses it now" in switched.stdout, switched.stderr
+    again = reply("kit")
+    assert again["adapter"] == "v2" and again["content"] == tuned["content"]
+    rolled = cli("adapter", "rollback", "kit", data_dir=data_dir, env=server.env)
+    assert rolled.returncode == 0 and "kit speaks through v1" in rolled.stdout
+
+    # Made for other weights, or pickled: refused with the reason, nothing changes.
+    other = trained.parent / "v3"
+    shutil.copytree(trained, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["base_model"] = {"id": "someone/Other-7B", "sha256": "0" * 64}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    refused = http.put("/api/v1/companions/kit/adapter", json={"version": "v3"})
+    assert refused.status_code == 422
+    assert "was trained on base model 'someone/Other-7B'" in refused.json()["error"]["message"]
+    pickled = trained.parent / "v4"
+    shutil.copytree(trained, pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    refused = cli("adapter", "use", "kit", "v4", data_dir=data_dir, env=server.env)
+    assert refused.returncode == 2 and "refusing pickled weights" in refused.stderr
+    assert reply("kit")["adapter"] == "v1"
+
+
+def test_the_shipped_config_is_the_defaults_and_bad_values_are_named():
+    assert load_config() == FinetuneConfig()
+    with pytest.raises(FinetuneError, match=r"finetune\.yaml \(or a flag\): .*batch_tokens"):
+        load_config(overrides={"batch_tokens": 3})
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(trained, data_dir):
+    run = [sys.executable, "-m", "serve.cli", "finetune", "twin", *TRAIN, "--set", "save_every=3",
+           "--data-dir", str(data_dir)]
+    history = History(Database(data_dir / "homefire.db"))
+    for i in range(8):
+        conversation = history.create_conversation("twin").id
+        history.append(conversation, "user", f"Tell me about {TOPICS[i]}.")
+        history.append(conversation, "assistant", voice(TOPICS[i]))
+    proc = subprocess.Popen(run, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = data_dir / "adapters" / "twin" / "v1" / "checkpoint" / "trainer_state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)   # let the checkpoint's files be complete
+    proc.kill()
+    proc.wait()
+    assert state.exists(), "the run should have written a checkpoint before it was killed"
+    assert not (state.parent.parent / "manifest.json").exists(), "an interrupted run is not a version"
+    resumed = cli("finetune", "twin", *TRAIN, "--resume", "v1", data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [point["step"] for point in json.loads((state.parent.parent / "history.json").read_text())]
+    assert steps == list(range(1, 9)), "the resumed run continues where the checkpoint left off"
