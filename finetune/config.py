@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from memory.companions import format_validation_error
+from memory.settings_file import read_settings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
 # The LoRA ranks vLLM serves (vllm/lora: max_lora_rank must be one of these).
@@ -82,17 +81,4 @@ class FinetuneConfig(BaseModel):
 
 def load_config(path: Path | None = None, overrides: dict | None = None) -> FinetuneConfig:
     """Settings from YAML (default configs/finetune.yaml), then overrides; errors name the file."""
-    path = path or DEFAULT_CONFIG
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise FinetuneError(f"{path}: cannot read: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise FinetuneError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise FinetuneError(f"{path}: expected a mapping of settings")
-    data |= {k: v for k, v in (overrides or {}).items() if v is not None}
-    try:
-        return FinetuneConfig.model_validate(data)
-    except ValidationError as err:
-        raise FinetuneError(f"{path} (or a flag): {format_validation_error(err)}") from err
+    return read_settings(path or DEFAULT_CONFIG, FinetuneConfig, FinetuneError, overrides or {})

@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from memory.companions import format_validation_error
+from memory.settings_file import read_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "homefire.yaml"
@@ -105,18 +104,7 @@ def load_settings(path: Path | None = None) -> Settings:
     """Read settings from a YAML file (or the defaults); errors name the file and the setting."""
     if path is None:
         return Settings()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    try:
-        settings = Settings.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{path}: {format_validation_error(err)}") from err
+    settings = read_settings(path, Settings, ConfigError)
     if not settings.companions_dir.is_absolute():
         settings.companions_dir = (path.parent / settings.companions_dir).resolve()
     return settings

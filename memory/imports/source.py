@@ -85,7 +85,7 @@ def members(path: str, label: str | None = None) -> Iterator[list[Member]]:
             file.seek(0, io.SEEK_END)
             size = file.tell()
             file.seek(0)
-            yield [Member(path, path, size, lambda: _Unclosable(file))]
+            yield [Member(path, path, size, lambda: io.BufferedReader(_Unclosable(file), CHUNK))]
             return
         try:
             archive = zipfile.ZipFile(file)

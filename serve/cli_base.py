@@ -1,0 +1,67 @@
+"""What the `homefire` commands share: the data directory, its lock, errors, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import sys
+from pathlib import Path
+
+from memory.companions import CompanionStore
+from memory.db import Database
+from serve.client import running_url
+from serve.config import default_data_dir, load_settings
+
+
+class UsageError(RuntimeError):
+    """A mistake on the command line; printed without a traceback."""
+
+
+def resolve_data_dir(args: argparse.Namespace) -> Path:
+    return (args.data_dir or default_data_dir()).expanduser().resolve()
+
+
+def hold_lock(data_dir: Path):
+    """The data directory's one-writer lock (an open file; released when it closes)."""
+    (data_dir / "run").mkdir(parents=True, exist_ok=True)
+    lock = (data_dir / "run" / "serve.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another `homefire serve` already uses {data_dir} "
+                         f"(at {running_url(data_dir) or 'an unknown address'}); stop it first, "
+                         "or pass another --data-dir") from None
+    return lock
+
+
+def local_store(args: argparse.Namespace) -> CompanionStore:
+    settings = load_settings(args.config)
+    store = CompanionStore(Database(resolve_data_dir(args) / "homefire.db"))
+    store.sync_dir(settings.companions_dir)
+    return store
+
+
+class Bar:
+    """A tqdm progress bar on stderr, called with (done[, total]); silent when not a terminal."""
+
+    def __init__(self, description: str, total: int, unit: str):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm(desc=description, total=total, unit=unit, unit_scale=unit == "B",
+                          disable=None, leave=False, file=sys.stderr)
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self._tqdm.total = total
+        self._tqdm.update(done - self._tqdm.n)
+
+    def close(self) -> None:
+        self._tqdm.close()
+
+

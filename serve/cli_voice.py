@@ -1,0 +1,223 @@
+"""`homefire finetune`, `eval` and `adapter`: a companion's voice, trained, measured, switched."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from memory.db import Database
+from serve.cli_base import UsageError, local_store, resolve_data_dir
+from serve.client import Client, running_url
+from serve.config import load_settings
+
+
+def _base_model(args: argparse.Namespace) -> tuple[str, str]:
+    """(local path, id) of the base model the server runs, converting the embedded one if needed."""
+    from serve.default_model import MODEL_NAME, ensure_default_model
+
+    settings = load_settings(args.config)
+    if settings.engine.url:
+        raise UsageError("engine.url points at an external vLLM: fine-tuning needs the base model's "
+                         "weights on this machine (set engine.model to a local directory)")
+    if settings.engine.model:
+        if not Path(settings.engine.model).is_dir():
+            raise UsageError(f"engine.model {settings.engine.model!r} is not a local directory; "
+                             "fine-tuning needs the weights on disk")
+        return settings.engine.model, settings.engine.model
+    return str(ensure_default_model(resolve_data_dir(args) / "models")), MODEL_NAME
+
+
+def _companion(args: argparse.Namespace, url: str | None):
+    from memory.companions import Companion
+
+    if url:
+        return Companion.model_validate(Client(url).request("GET", f"/api/v1/companions/{args.companion}"))
+    store = local_store(args)
+    companion = store.get(args.companion)
+    if companion is None:
+        raise UsageError(f"no companion named {args.companion!r}; known companions: {', '.join(store.ids())}")
+    return companion
+
+
+def _finetune_config(args: argparse.Namespace):
+    import yaml
+
+    from finetune.config import load_config
+
+    overrides = {"max_steps": args.steps, "rank": args.rank, "learning_rate": args.lr,
+                 "epochs": args.epochs, "max_seq_len": args.max_seq_len}
+    if args.filter_boilerplate:
+        overrides["filter_boilerplate"] = True
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set eval_every=10")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return load_config(args.finetune_config, overrides)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from finetune.dataset import show
+    from finetune.lora import dataset_for, finetune, tokenizer_for
+
+    config = _finetune_config(args)
+    data_dir = resolve_data_dir(args)
+    url = args.url or running_url(data_dir)
+    companion = _companion(args, url)
+    model_path, model_id = _base_model(args)
+    db = Database(data_dir / "homefire.db")
+    if args.dry_run:
+        tokenizer = tokenizer_for(model_path)
+        data = dataset_for(db, companion, tokenizer, config)
+        summary = data.summary()
+        for part in ("train", "eval"):
+            s = summary[part]
+            print(f"{part}: {s['examples']} examples, {s['tokens']} tokens, {s['trained_tokens']} trained "
+                  f"({summary['conversations'][part]} conversations)")
+        if summary["skipped"]:
+            print("skipped: " + ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()))
+        print("\nan example (« » marks the tokens that are trained):\n")
+        print(show(tokenizer, data.train[0]))
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"training {companion.id}", unit="step", file=sys.stderr, disable=None)
+
+    def report(point: dict) -> None:
+        bar.total = point["total_steps"]
+        note = {"loss": f"{point['loss']:.3f}", "tok/s": f"{point['tokens_per_s']:.0f}"}
+        if "eval_loss" in point:
+            note["eval"] = f"{point['eval_loss']:.3f}"
+        bar.set_postfix(note, refresh=False)
+        bar.update(1)
+
+    try:
+        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, report)
+    finally:
+        bar.close()
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    print(f"adapter {out.name} for {companion.id}: {metrics['steps']} steps, loss {metrics['first_loss']:.3f}"
+          f" -> {metrics['train_loss']:.3f}" + (f", held-out loss {metrics['eval_loss']:.3f}"
+                                                 if metrics["eval_loss"] is not None else "")
+          + f", {metrics['tokens_per_s']:.0f} tokens/s; in {out}")
+    _switch_adapter(args, companion.id, out.name, url)
+
+
+def _switch_adapter(args: argparse.Namespace, companion_id: str, version: str | None,
+                    url: str | None) -> None:
+    from finetune import adapters
+
+    if url:
+        Client(url).request("PUT", f"/api/v1/companions/{companion_id}/adapter", json={"version": version})
+        where = "the running server uses it now"
+    else:
+        if version is not None:
+            model_path, _ = _base_model(args)
+            adapters.verify(adapters.adapters_dir(resolve_data_dir(args), companion_id) / version,
+                            adapters.model_sha256(Path(model_path)))
+        adapters.set_current(resolve_data_dir(args), companion_id, version)
+        where = "the server uses it from its next start"
+    print(f"{companion_id} speaks through {version or 'the base model'}; {where}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from finetune import adapters
+    from finetune.evaluate import voice_match
+
+    data_dir = resolve_data_dir(args)
+    companion = _companion(args, args.url or running_url(data_dir))
+    version = args.adapter or adapters.current(data_dir, companion.id) or (
+        adapters.versions(data_dir, companion.id) or [None])[-1]
+    if version is None:
+        raise UsageError(f"companion {companion.id!r} has no adapters yet; run `homefire finetune` first")
+    model_path, _ = _base_model(args)
+    result = voice_match(data_dir, Database(data_dir / "homefire.db"), companion, model_path, version,
+                         samples=args.samples, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    p, sim = result["perplexity"], result["similarity_to_real"]
+    print(f"{companion.id} {version} on {result['held_out_tokens']} held-out reply tokens:")
+    print(f"  perplexity   base {p['base']:.2f}   tuned {p['tuned']:.2f}")
+    print(f"  similarity   base {sim['base']:.3f}   tuned {sim['tuned']:.3f}  (to the real replies)")
+    print(f"report: {adapters.adapters_dir(data_dir, companion.id) / version / 'report.md'}")
+
+
+def cmd_adapter(args: argparse.Namespace) -> None:
+    from finetune import adapters
+
+    data_dir = resolve_data_dir(args)
+    url = args.url or running_url(data_dir)
+    _companion(args, url)
+    if args.action == "list":
+        current = adapters.current(data_dir, args.companion)
+        if url:
+            current = Client(url).request("GET", f"/api/v1/companions/{args.companion}/adapters")["current"]
+        for version in adapters.versions(data_dir, args.companion):
+            info = adapters.manifest(data_dir, args.companion, version)
+            m = info.get("metrics", {})
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("created_at", 0)))
+            held = f"held-out loss {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else ""
+            mark = "*" if version == current else " "
+            print(f"{mark} {version:<6} {when}  {m.get('steps', '?')} steps  {held}")
+        if not adapters.versions(data_dir, args.companion):
+            print(f"{args.companion} has no adapters yet (homefire finetune {args.companion})")
+        return
+    version = args.version if args.action == "use" else adapters.previous(data_dir, args.companion)
+    _switch_adapter(args, args.companion, version, url)
+
+
+
+
+def add_commands(sub, remote: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "finetune", parents=[remote], help="LoRA-tune a companion's voice on its history",
+        description="Train a LoRA adapter on the companion's stored history (imported and live), "
+        "loss on the companion's replies only, with a held-out share of whole conversations "
+        "for evaluation and early stopping. Writes adapters/COMPANION/vN/ in the data directory "
+        "and makes the companion speak through it (at once, if the server runs). Settings: "
+        "configs/finetune.yaml; flags override it.")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the dataset only: print its size and one example with trained tokens marked")
+    p.add_argument("--finetune-config", type=Path, help="fine-tuning YAML (default configs/finetune.yaml)")
+    p.add_argument("--steps", type=int, help="stop after this many steps (max_steps)")
+    p.add_argument("--epochs", type=float, help="passes over the data")
+    p.add_argument("--rank", type=int, help="LoRA rank (1, 8, 16, 32, 64, 128, 256, 320, 512)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--max-seq-len", type=int, help="longest example in tokens")
+    p.add_argument("--filter-boilerplate", action="store_true",
+                   help='do not train on refusals and "As an AI" replies')
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other setting of the YAML")
+    p.add_argument("--resume", metavar="VERSION", help="continue an interrupted run from its checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "eval", parents=[remote], help="measure how close an adapter's voice is to the original",
+        description="On the held-out conversations: perplexity of the companion's real replies under "
+        "the base model and the adapter, and style and similarity of replies both generate. Writes "
+        "report.md, voice.png and eval.json into the adapter's folder.")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("--adapter", metavar="VERSION", help="adapter version (default: the one in use)")
+    p.add_argument("--samples", type=int, default=8, help="replies to generate with each model (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated reply (default 64)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    adapter = sub.add_parser("adapter", help="list, use and roll back a companion's adapters",
+                             description="Adapters are versioned; the companion speaks through one "
+                             "at a time. Through the running server if there is one (it loads the "
+                             "version at once), else for the next start.")
+    asub = adapter.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = asub.add_parser("list", parents=[remote], help="versions, newest last; * marks the one in use")
+    p.add_argument("companion", help="companion id")
+    p = asub.add_parser("use", parents=[remote], help="speak through this version (or 'base')")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("version", type=lambda v: None if v == "base" else v, help="e.g. v2, or base")
+    p = asub.add_parser("rollback", parents=[remote], help="go back to the version before the one in use")
+    p.add_argument("companion", help="companion id")
+    for action_parser in asub.choices.values():
+        action_parser.set_defaults(func=cmd_adapter)
