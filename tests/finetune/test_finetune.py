@@ -144,7 +144,9 @@ def test_eval_finds_the_tuned_voice_closer_than_the_base(trained, data_dir):
 
 def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, data_dir, make_server):
     # Recall off: kit's remembered history would otherwise make its prompts differ from twin's.
-    server = make_server(data_dir, config={"memory": {"top_k": 0}}).start()
+    config = {"memory": {"top_k": 0}}
+    (data_dir / "adapters" / "kit" / "CURRENT").write_text("")   # start on the base model
+    server = make_server(data_dir, config=config).start()
     http = server.http()
 
     def reply(companion: str) -> dict:
@@ -155,15 +157,23 @@ def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, 
         assert answer.status_code == 200, answer.text
         return answer.json()["reply"]
 
-    tuned, base = reply("kit"), reply("twin")
-    assert tuned["adapter"] == "v1" and base["adapter"] is None
-    assert tuned["content"] != base["content"], "the adapter (loaded at start) changes kit's voice"
+    base = reply("twin")
+    assert reply("kit")["content"] == base["content"], "identical cards, no adapter: identical replies"
+    assert "--enable-lora" not in (data_dir / "run" / "engine.log").read_text(), "no adapter, no LoRA"
+
+    # The first adapter chosen at run time: the engine restarts with LoRA and loads it.
+    chosen = cli("adapter", "use", "kit", "v1", data_dir=data_dir, env=server.env)
+    assert chosen.returncode == 0 and "the running server uses it now" in chosen.stdout, chosen.stderr
+    tuned = reply("kit")
+    assert tuned["adapter"] == "v1" and reply("twin")["adapter"] is None
+    assert tuned["content"] != base["content"], "the adapter changes kit's voice"
+    assert reply("twin")["content"] == base["content"], "and only kit's"
     listed = cli("adapter", "list", "kit", data_dir=data_dir, env=server.env)
     assert listed.returncode == 0 and listed.stdout.startswith("* v1"), listed.stdout + listed.stderr
 
     # Back to the base model at run time: kit now answers exactly as its adapter-less twin.
     assert cli("adapter", "use", "kit", "base", data_dir=data_dir, env=server.env).returncode == 0
-    assert reply("kit")["content"] == base["content"] and reply("twin")["content"] == base["content"]
+    assert reply("kit")["content"] == base["content"]
 
     # A new version is loaded into the running engine.
     shutil.copytree(trained, trained.parent / "v2")
@@ -189,6 +199,12 @@ def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, 
     refused = cli("adapter", "use", "kit", "v4", data_dir=data_dir, env=server.env)
     assert refused.returncode == 2 and "refusing pickled weights" in refused.stderr
     assert reply("kit")["adapter"] == "v1"
+
+    # After a restart, the adapter in use is given to vLLM at start.
+    server.stop()
+    server = make_server(data_dir, config=config).start()
+    http = server.http()
+    assert reply("kit")["content"] == tuned["content"] and reply("twin")["content"] == base["content"]
 
 
 def test_the_shipped_config_is_the_defaults_and_bad_values_are_named():
