@@ -136,7 +136,9 @@ def main() -> None:
     # them longer than the baseline's). Remembering and indexing still run and count;
     # recall's own cost is bench/memory.py's.
     config = data_dir / "bench-config.yaml"
-    config.write_text(f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n  top_k: 0\n")
+    # No per-user limits either: the benchmark is one user with many streams at once.
+    config.write_text(f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n  top_k: 0\n"
+                      "limits:\n  max_streams_per_user: 0\n  requests_per_minute: 0\n")
     print(f"starting homefire serve in {data_dir} ...", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(data_dir),
                              "--port", "0", "--config", str(config)],

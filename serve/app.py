@@ -24,6 +24,7 @@ from serve.chat import ChatService
 from serve.config import Settings
 from serve.default_model import MODEL_NAME, ensure_default_model
 from serve.engine import Engine
+from serve.limits import BodyLimit, Limiter
 from serve.prompt import PromptBuilder
 from serve.routes import adapters, health, imports, memories, native, openai
 
@@ -42,6 +43,7 @@ class Homefire:
     engine: Engine
     chat: ChatService
     adapters: AdapterService
+    limiter: Limiter
     tasks: list[asyncio.Task] = field(default_factory=list)
     import_lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # one import at a time
 
@@ -58,7 +60,8 @@ class Homefire:
         model = settings.engine.model
         engine = Engine(settings.engine, data_dir / "run", model)
         chat = ChatService(engine, history, companions, model_id=model or MODEL_NAME)
-        return cls(settings, data_dir, db, companions, history, engine, chat, AdapterService(data_dir, chat))
+        return cls(settings, data_dir, db, companions, history, engine, chat, AdapterService(data_dir, chat),
+                   Limiter(settings.limits))
 
     def open_memory(self) -> None:
         """Open the memory index; rebuild it from SQLite if it is missing or damaged."""
@@ -189,6 +192,9 @@ def create_app(settings: Settings, data_dir: Path) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    # Uploads (exports, cards) are raw bodies with limits of their own.
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_kb * 1024,
+                       exempt=("/imports", "/companions/import"))
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(native.router)

@@ -83,6 +83,21 @@ class ImportConfig(BaseModel):
     reads files of any size)."""
 
 
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    max_body_kb: int = Field(1024, ge=1)
+    """Largest JSON request body in KB (imports and card uploads have their own limits)."""
+    max_messages: int = Field(1000, ge=1)
+    """Most messages in one chat request."""
+    max_content_chars: int = Field(100_000, ge=1)
+    """Longest single message, in characters."""
+    requests_per_minute: int = Field(600, ge=0)
+    """API requests per user per minute, in bursts of up to as many (0: no limit)."""
+    max_streams_per_user: int = Field(16, ge=0)
+    """Replies being written for one user at once (0: no limit)."""
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -100,6 +115,8 @@ class Settings(BaseModel):
     """Long-term memory."""
     imports: ImportConfig = ImportConfig()
     """Imports of chat exports (`homefire import`)."""
+    limits: LimitsConfig = LimitsConfig()
+    """What one client may ask of the server; over a limit is a clear 4xx."""
 
 
 def load_settings(path: Path | None = None) -> Settings:

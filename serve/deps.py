@@ -14,6 +14,7 @@ from memory.history import History
 from memory.store import MemoryStore
 from serve.chat import ChatService
 from serve.engine import EngineUnavailable
+from serve.limits import Limiter, user_of
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -54,7 +55,24 @@ def require_key(
 
 
 HomefireDep = Annotated[object, Depends(get_homefire)]   # serve.app.Homefire (imported lazily)
+def get_limiter(request: Request) -> Limiter:
+    return request.app.state.homefire.limiter
+
+
+def current_user(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    return user_of(credentials.credentials if credentials else None)
+
+
+def rate_limit(request: Request, user: Annotated[str, Depends(current_user)]) -> None:
+    request.app.state.homefire.limiter.check_rate(user)
+
+
+UserDep = Annotated[str, Depends(current_user)]
+LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 ChatDep = Annotated[ChatService, Depends(get_chat)]
 HistoryDep = Annotated[History, Depends(get_history)]
 CompanionsDep = Annotated[CompanionStore, Depends(get_companions)]
 MemoryDep = Annotated[MemoryStore, Depends(get_memory)]
+
+# Every API route: the key check, then the user's request rate.
+API_GUARDS = [Depends(require_key), Depends(rate_limit)]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.config import FinetuneError
 from serve.chat import UnknownCompanion
-from serve.deps import HomefireDep, require_key
+from serve.deps import API_GUARDS, HomefireDep
 
-router = APIRouter(prefix="/api/v1", tags=["adapters"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/api/v1", tags=["adapters"], dependencies=API_GUARDS)
 
 
 class AdapterChoice(BaseModel):

@@ -8,17 +8,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from memory.importer import Importer
 from memory.imports import FORMATS, ImportFailed, open_export
 from serve.chat import UnknownCompanion
-from serve.deps import HomefireDep, require_key
+from serve.deps import API_GUARDS, HomefireDep
 from serve.errors import error_body
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
 
-router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=API_GUARDS)
 Format = Literal[FORMATS]  # type: ignore[valid-type]
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory.store import Kind, Memory, MemoryStore, Recalled
 from serve.chat import UnknownCompanion
-from serve.deps import CompanionsDep, MemoryDep, require_key
+from serve.deps import API_GUARDS, CompanionsDep, MemoryDep
 
-router = APIRouter(prefix="/api/v1", tags=["memory"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/api/v1", tags=["memory"], dependencies=API_GUARDS)
 
 
 class NewFact(BaseModel):

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory.cards import MAX_CARD_BYTES, parse_card
@@ -14,12 +14,12 @@ from memory.companions import Companion, CompanionStore
 from memory.history import Conversation, History, Message
 from memory.persona import substitute
 from serve.chat import Delta, Done, EngineFailed, Plan, Turn, UnknownCompanion
-from serve.deps import ChatDep, CompanionsDep, HistoryDep, MemoryDep, require_key
+from serve.deps import API_GUARDS, ChatDep, CompanionsDep, HistoryDep, LimiterDep, MemoryDep, UserDep
 from serve.engine import EngineUnavailable
 from serve.errors import error_body
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
 
-router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS)
 
 
 def _editable(companions: CompanionStore, companion_id: str) -> None:
@@ -160,8 +160,10 @@ def delete_conversation(conversation_id: str, memory: MemoryDep) -> Response:
 
 
 @router.post("/conversations/{conversation_id}/messages", response_model=Exchange)
-async def send_message(conversation_id: str, body: SendMessage, chat: ChatDep, history: HistoryDep):
+async def send_message(conversation_id: str, body: SendMessage, chat: ChatDep, history: HistoryDep,
+                       limiter: LimiterDep, user: UserDep):
     """Send a message; the reply comes back whole, or streamed as `delta` and `done` events."""
+    limiter.check_messages([body.content])
     conversation = _conversation(history, conversation_id)
     companion = chat.companion(conversation.companion_id)
     overrides = body.model_dump(include={"temperature", "top_p", "max_tokens"})
@@ -173,12 +175,17 @@ async def send_message(conversation_id: str, body: SendMessage, chat: ChatDep, h
         plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides))
         return plan, history.append(conversation.id, "user", body.content)
 
-    plan, message = await asyncio.to_thread(prepare)
+    limiter.open_stream(user)   # before anything is stored: a refused request leaves no trace
+    try:
+        plan, message = await asyncio.to_thread(prepare)
+    except BaseException:
+        limiter.close_stream(user)
+        raise
     events = chat.reply(plan, conversation.id)
     if body.stream:
-        return ClosingStreamingResponse(_sse(events, message), media_type="text/event-stream",
-                                        headers=SSE_HEADERS)
-    replies = [item.message async for item in events if isinstance(item, Done)]
+        return ClosingStreamingResponse(limiter.counted(user, _sse(events, message)),
+                                        media_type="text/event-stream", headers=SSE_HEADERS)
+    replies = [item.message async for item in limiter.counted(user, events) if isinstance(item, Done)]
     return Exchange(message=message, reply=replies[0])
 
 

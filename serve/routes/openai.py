@@ -8,11 +8,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
 from serve.chat import Delta, Done, EngineFailed, Turn
-from serve.deps import ChatDep, CompanionsDep, HistoryDep, require_key
+from serve.deps import API_GUARDS, ChatDep, CompanionsDep, HistoryDep, LimiterDep, UserDep
 from serve.engine import EngineUnavailable
 from serve.errors import error_body
 from serve.protocol import (
@@ -26,7 +26,7 @@ from serve.protocol import (
 )
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=API_GUARDS)
 
 
 @router.get("/models")
@@ -36,8 +36,10 @@ def list_models(companions: CompanionsDep) -> ModelList:
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: HistoryDep):
+async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: HistoryDep,
+                           limiter: LimiterDep, user: UserDep):
     """Reply as the companion named by `model`; the conversation is stored, only what is new."""
+    limiter.check_messages([m.text for m in body.messages])
     companion = chat.companion(body.model)
     system = [m.text for m in body.messages if m.role in ("system", "developer")]
     turns = [(m.role, m.text) for m in body.messages if m.role in ("user", "assistant")]
@@ -57,17 +59,22 @@ async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: 
         plan = chat.plan(turn)
         return plan, history.record_resent(companion.id, turns)[0]
 
-    plan, conversation_id = await asyncio.to_thread(prepare)
+    limiter.open_stream(user)   # before anything is stored: a refused request leaves no trace
+    try:
+        plan, conversation_id = await asyncio.to_thread(prepare)
+    except BaseException:
+        limiter.close_stream(user)
+        raise
     events = chat.reply(plan, conversation_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {"X-Homefire-Conversation": conversation_id}
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _sse(events, completion_id, created, companion.id, usage)
+        stream = limiter.counted(user, _sse(events, completion_id, created, companion.id, usage))
         return ClosingStreamingResponse(stream, media_type="text/event-stream",
                                         headers=SSE_HEADERS | headers)
     done = None
-    async for item in events:
+    async for item in limiter.counted(user, events):
         if isinstance(item, Done):
             done = item
     assert done is not None
