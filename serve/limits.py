@@ -8,18 +8,22 @@ single-user setup) until accounts exist.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.config import LimitsConfig
 from serve.errors import error_body
+
+T = TypeVar("T")
 
 
 class BodyLimit:
@@ -104,6 +108,16 @@ class Limiter:
     def close_stream(self, user: str) -> None:
         with self._lock:
             self._streams[user] -= 1
+
+    async def reserve(self, user: str, prepare: Callable[[], T]) -> T:
+        """Take a reply slot, then run prepare() off the event loop; the slot is given back if
+        it fails. Taking the slot first means a refused request stores nothing."""
+        self.open_stream(user)
+        try:
+            return await asyncio.to_thread(prepare)
+        except BaseException:
+            self.close_stream(user)
+            raise
 
     def counted(self, user: str, stream: AsyncIterator) -> _Counted:
         """`stream`, holding a slot from open_stream until it ends or is closed."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -175,12 +174,7 @@ async def send_message(conversation_id: str, body: SendMessage, chat: ChatDep, h
         plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides))
         return plan, history.append(conversation.id, "user", body.content)
 
-    limiter.open_stream(user)   # before anything is stored: a refused request leaves no trace
-    try:
-        plan, message = await asyncio.to_thread(prepare)
-    except BaseException:
-        limiter.close_stream(user)
-        raise
+    plan, message = await limiter.reserve(user, prepare)
     events = chat.reply(plan, conversation.id)
     if body.stream:
         return ClosingStreamingResponse(limiter.counted(user, _sse(events, message)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -59,12 +58,7 @@ async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: 
         plan = chat.plan(turn)
         return plan, history.record_resent(companion.id, turns)[0]
 
-    limiter.open_stream(user)   # before anything is stored: a refused request leaves no trace
-    try:
-        plan, conversation_id = await asyncio.to_thread(prepare)
-    except BaseException:
-        limiter.close_stream(user)
-        raise
+    plan, conversation_id = await limiter.reserve(user, prepare)
     events = chat.reply(plan, conversation_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {"X-Homefire-Conversation": conversation_id}
