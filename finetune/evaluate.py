@@ -12,6 +12,7 @@ the adapter's folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -93,14 +94,10 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
     for prompt in prompts:
         ids = torch.tensor([prompt], device=device)
         for name in ("base", "tuned"):
-            with torch.no_grad():
-                if name == "base":
-                    with model.disable_adapter():
-                        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                             pad_token_id=tokenizer.pad_token_id)
-                else:
-                    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
+            adapter = model.disable_adapter() if name == "base" else contextlib.nullcontext()
+            with torch.no_grad(), adapter:
+                out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
             generated[name].append(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip())
     embedder = Embedder()
     real_vectors = np.array(embedder.embed(real))

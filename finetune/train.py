@@ -153,11 +153,10 @@ class Trainer:
     def run(self) -> dict:
         torch.manual_seed(self.config.seed)
         self.model.train()
-        started, tokens, losses, stopped_early = time.perf_counter(), 0, [], False
-        first_loss = None
+        started, tokens, stopped_early = time.perf_counter(), 0, False
         while self.step < self.total_steps:
             epoch, index = divmod(self.step, len(self.batches))
-            batch = collate([*self.batches[self.order(epoch)[index]]], self.pad_id)
+            batch = collate(self.batches[self.order(epoch)[index]], self.pad_id)
             loss = self.model(input_ids=batch.input_ids.to(self.device),
                               attention_mask=batch.attention_mask.to(self.device),
                               labels=batch.labels.to(self.device)).loss
@@ -168,10 +167,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             tokens += batch.tokens
-            losses.append(loss.item())
-            first_loss = losses[0] if first_loss is None else first_loss
             elapsed = time.perf_counter() - started
-            point = {"step": self.step, "loss": losses[-1], "tokens_per_s": tokens / elapsed,
+            point = {"step": self.step, "loss": loss.item(), "tokens_per_s": tokens / elapsed,
                      "lr": self.scheduler.get_last_lr()[0], "total_steps": self.total_steps}
             if self.held and (self.step % self.config.eval_every == 0 or self.step == self.total_steps):
                 point["eval_loss"] = evaluate(self.model, self.held, self.config.batch_tokens,
@@ -191,8 +188,9 @@ class Trainer:
         if not self.held:
             self.save(self.out_dir)
         seconds = time.perf_counter() - started
-        tail = losses[-5:]
-        return {"steps": self.step, "first_loss": first_loss, "train_loss": sum(tail) / len(tail),
+        tail = [point["loss"] for point in self.history[-5:]]   # a resumed run's history is whole
+        return {"steps": self.step, "first_loss": self.history[0]["loss"],
+                "train_loss": sum(tail) / len(tail),
                 "eval_loss": None if math.isinf(self.best) else self.best, "tokens": tokens,
                 "seconds": seconds, "tokens_per_s": tokens / seconds, "stopped_early": stopped_early,
                 "history": self.history}

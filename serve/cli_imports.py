@@ -139,8 +139,6 @@ def _print_import(result: dict, dry_run: bool) -> None:
         print("(dry run: nothing was imported)")
 
 
-
-
 def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "import", parents=[remote], help="import chat history exported from another service",

@@ -170,8 +170,6 @@ def cmd_adapter(args: argparse.Namespace) -> None:
     _switch_adapter(args, args.companion, version, url)
 
 
-
-
 def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "finetune", parents=[remote], help="LoRA-tune a companion's voice on its history",

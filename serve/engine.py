@@ -173,7 +173,9 @@ class Engine:
                                     "not set to false")
         self.require_ready()
         if not self.lora:
+            self.adapters[name] = path   # given to vLLM as --lora-modules by the restart
             await self._restart_with_lora()
+            return
         if name not in self.adapters:
             response = await self.client.post("/v1/load_lora_adapter",
                                               json={"lora_name": name, "lora_path": path}, timeout=120)

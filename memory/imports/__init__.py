@@ -11,12 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from memory.imports import chatgpt
 from memory.imports.formats import FORMATS, READERS, sniff
 from memory.imports.model import Imported, Notes, Turn, to_epoch
 from memory.imports.source import ImportFailed, Member, members
 
-READERS["chatgpt"] = chatgpt.read
 __all__ = ["FORMATS", "Export", "ImportFailed", "Imported", "Notes", "Turn", "open_export", "to_epoch"]
 
 

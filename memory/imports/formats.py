@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import ijson
 
+from memory.imports import chatgpt
 from memory.imports.model import Imported, Notes, Turn, to_epoch
 from memory.imports.source import ImportFailed, Member, json_items
 
@@ -186,8 +187,8 @@ def _parts_text(content: object, notes: Notes) -> str:
 
 # -- detection ---------------------------------------------------------------------------------
 
-READERS = {"chatgpt": None, "claude": read_claude, "characterai": read_characterai,
-           "sillytavern": read_sillytavern, "jsonl": read_jsonl}   # chatgpt filled in below
+READERS = {"chatgpt": chatgpt.read, "claude": read_claude, "characterai": read_characterai,
+           "sillytavern": read_sillytavern, "jsonl": read_jsonl}
 FORMATS = tuple(READERS)
 
 
