@@ -19,6 +19,6 @@ ENV HOMEFIRE_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8000
 # Inside the container the server must listen on all interfaces for -p to reach it;
-# Homefire refuses that without HOMEFIRE_API_KEY, so the run command sets one.
+# every request needs a key: HOMEFIRE_API_KEY (at least 24 characters) is the owner's.
 ENTRYPOINT ["homefire"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from memory.companions import load_companion_file  # noqa: E402
 from memory.persona import persona_prompt  # noqa: E402
+from memory.users import local_key  # noqa: E402
 from serve.default_model import MODEL_NAME, ensure_default_model  # noqa: E402
 from serve.engine import SERVED_NAME  # noqa: E402
 
@@ -74,11 +75,11 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-async def run(args, url: str, socket: Path) -> dict:
+async def run(args, url: str, socket: Path, key: str) -> dict:
     companion = load_companion_file(REPO / "configs" / "companions" / "ember.yaml")
     system = persona_prompt(companion)
     texts = prompts(args.concurrency)
-    via_homefire = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    via_homefire = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
     direct = openai.AsyncOpenAI(
         base_url="http://engine/v1", api_key="none", max_retries=0, timeout=600,
         http_client=httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket))))
@@ -139,6 +140,7 @@ def main() -> None:
     # No per-user limits either: the benchmark is one user with many streams at once.
     config.write_text(f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n  top_k: 0\n"
                       "limits:\n  max_streams_per_user: 0\n  requests_per_minute: 0\n")
+    key = local_key(data_dir)   # the owner's key, as `homefire user key` prints it
     print(f"starting homefire serve in {data_dir} ...", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(data_dir),
                              "--port", "0", "--config", str(config)],
@@ -151,12 +153,13 @@ def main() -> None:
             if info.exists():
                 url = json.loads(info.read_text())["url"]
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    if httpx.get(f"{url}/readyz", headers={"Authorization": f"Bearer {key}"},
+                                 timeout=5).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
             time.sleep(0.5)
-        result = asyncio.run(run(args, url, data_dir / "run" / "engine.sock"))
+        result = asyncio.run(run(args, url, data_dir / "run" / "engine.sock", key))
     finally:
         proc.terminate()
         proc.wait(60)

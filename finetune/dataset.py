@@ -20,6 +20,7 @@ from finetune.config import FinetuneConfig, FinetuneError
 from memory.companions import Companion
 from memory.db import Database
 from memory.persona import persona_prompt
+from memory.users import LOCAL
 
 IGNORE = -100
 BOILERPLATE = re.compile(
@@ -62,11 +63,12 @@ class Dataset:
                 "skipped": dict(self.skipped), "hash": self.digest()}
 
 
-def load_history(db: Database, companion_id: str) -> list[tuple[str, list[dict]]]:
-    """(conversation id, messages) of every conversation, imported and live, oldest first."""
+def load_history(db: Database, companion_id: str, user: str = LOCAL) -> list[tuple[str, list[dict]]]:
+    """(conversation id, messages) of the user's every conversation with the companion,
+    imported and live, oldest first. Only one user's: a voice is never learnt from others."""
     conversations = []
-    for conv in db.query("SELECT id FROM conversations WHERE companion_id = ? ORDER BY created_at, id",
-                         (companion_id,)):
+    for conv in db.query("SELECT id FROM conversations WHERE companion_id = ? AND user_id = ? "
+                         "ORDER BY created_at, id", (companion_id, user)):
         rows = db.query("SELECT role, content FROM messages WHERE conversation_id = ? AND truncated = 0 "
                         "ORDER BY id", (conv["id"],))
         messages = [{"role": r["role"], "content": r["content"]} for r in rows if r["content"].strip()]

@@ -29,6 +29,7 @@ from finetune.lora import dataset_for, tokenizer_for
 from finetune.train import evaluate, pick_device
 from memory.companions import Companion
 from memory.db import Database
+from memory.users import LOCAL
 
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
 
@@ -61,7 +62,7 @@ def style(texts: list[str]) -> dict:
 
 
 def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: str, version: str,
-                samples: int = 8, max_new_tokens: int = 64) -> dict:
+                samples: int = 8, max_new_tokens: int = 64, user: str = LOCAL) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +73,7 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
     adapters.verify(folder, adapters.model_sha256(Path(model_path)))
     config = FinetuneConfig.model_validate(info["config"])
     tokenizer = tokenizer_for(model_path)
-    held = dataset_for(db, companion, tokenizer, config).eval
+    held = dataset_for(db, companion, tokenizer, config, user).eval
     if not held:
         raise FinetuneError(f"companion {companion.id!r} has no held-out conversations to evaluate on "
                             "(eval_share is 0, or there is only one conversation)")

@@ -16,6 +16,7 @@ from finetune.dataset import Dataset, build, load_history
 from finetune.train import Report, Trainer, load_model
 from memory.companions import Companion
 from memory.db import Database
+from memory.users import LOCAL
 
 
 def tokenizer_for(model_path: str):
@@ -27,15 +28,17 @@ def tokenizer_for(model_path: str):
     return tokenizer
 
 
-def dataset_for(db: Database, companion: Companion, tokenizer, config: FinetuneConfig) -> Dataset:
-    return build(tokenizer, companion, load_history(db, companion.id), config)
+def dataset_for(db: Database, companion: Companion, tokenizer, config: FinetuneConfig,
+                user: str = LOCAL) -> Dataset:
+    return build(tokenizer, companion, load_history(db, companion.id, user), config)
 
 
 def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str, model_id: str,
-             config: FinetuneConfig, resume: str | None = None, report: Report | None = None) -> Path:
-    """Train a new adapter version (or finish `resume`); returns its folder."""
+             config: FinetuneConfig, resume: str | None = None, report: Report | None = None,
+             user: str = LOCAL) -> Path:
+    """Train a new adapter version on `user`'s history (or finish `resume`); returns its folder."""
     tokenizer = tokenizer_for(model_path)
-    data = dataset_for(db, companion, tokenizer, config)
+    data = dataset_for(db, companion, tokenizer, config, user)
     base_sha = adapters.model_sha256(Path(model_path))
     if resume:
         out = adapters.adapters_dir(data_dir, companion.id) / resume
@@ -55,7 +58,7 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
     started = time.time()
     metrics = trainer.run()
     info = {
-        "version": out.name, "companion": companion.id, "created_at": started,
+        "version": out.name, "companion": companion.id, "user": user, "created_at": started,
         "base_model": {"id": model_id, "sha256": base_sha},
         "dataset": data.summary(), "config": config.model_dump(),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},

@@ -93,35 +93,45 @@ def load_companion_file(path: Path) -> Companion:
 
 
 class CompanionStore:
+    """Companions: shared ones (owner NULL: persona files, admins' API companions) and each
+    user's own. `viewer` limits reads to what that user may see; None sees everything."""
+
     def __init__(self, db: Database):
         self.db = db
 
-    def list(self) -> list[Companion]:
-        rows = self.db.query("SELECT card FROM companions ORDER BY id")
-        return [Companion.model_validate_json(r["card"]) for r in rows]
+    def _rows(self, columns: str, viewer: str | None, where: str = "", params: tuple = ()) -> list:
+        if viewer is not None:
+            where, params = f"{where} AND (owner IS NULL OR owner = ?)", (*params, viewer)
+        return self.db.query(f"SELECT {columns} FROM companions WHERE 1 = 1 {where} ORDER BY id", params)
 
-    def ids(self) -> list[str]:
-        return [r["id"] for r in self.db.query("SELECT id FROM companions ORDER BY id")]
+    def list(self, viewer: str | None = None) -> list[Companion]:
+        return [Companion.model_validate_json(r["card"]) for r in self._rows("card", viewer)]
 
-    def get(self, companion_id: str) -> Companion | None:
-        rows = self.db.query("SELECT card FROM companions WHERE id = ?", (companion_id,))
+    def ids(self, viewer: str | None = None) -> list[str]:
+        return [r["id"] for r in self._rows("id", viewer)]
+
+    def get(self, companion_id: str, viewer: str | None = None) -> Companion | None:
+        rows = self._rows("card", viewer, "AND id = ?", (companion_id,))
         return Companion.model_validate_json(rows[0]["card"]) if rows else None
 
-    def origin(self, companion_id: str) -> tuple[Source, str | None] | None:
+    def origin(self, companion_id: str) -> tuple[Source, str | None, str | None] | None:
+        """(source, source path, owner), or None when there is no such companion."""
         rows = self.db.query(
-            "SELECT source, source_path FROM companions WHERE id = ?", (companion_id,)
+            "SELECT source, source_path, owner FROM companions WHERE id = ?", (companion_id,)
         )
-        return (rows[0]["source"], rows[0]["source_path"]) if rows else None
+        return (rows[0]["source"], rows[0]["source_path"], rows[0]["owner"]) if rows else None
 
-    def put(self, companion: Companion, source: Source, source_path: str | None = None) -> None:
+    def put(self, companion: Companion, source: Source, source_path: str | None = None,
+            owner: str | None = None) -> None:
         now = time.time()
         with self.db.transaction() as conn:
             conn.execute(
-                """INSERT INTO companions (id, card, source, source_path, created_at, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?)
+                """INSERT INTO companions (id, card, source, source_path, owner, created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET card = excluded.card, source = excluded.source,
-                       source_path = excluded.source_path, updated_at = excluded.updated_at""",
-                (companion.id, companion.model_dump_json(), source, source_path, now, now),
+                       source_path = excluded.source_path, owner = excluded.owner,
+                       updated_at = excluded.updated_at""",
+                (companion.id, companion.model_dump_json(), source, source_path, owner, now, now),
             )
 
     def delete(self, companion_id: str) -> bool:
@@ -132,7 +142,8 @@ class CompanionStore:
         """Store every persona file of directory (see load_dir); returns them."""
         loaded = load_dir(directory)
         for companion, path in loaded:
-            if self.get(companion.id) != companion or self.origin(companion.id) != ("config", str(path)):
+            shared_file = ("config", str(path), None)
+            if self.get(companion.id) != companion or self.origin(companion.id) != shared_file:
                 self.put(companion, "config", str(path))
         return [companion for companion, _ in loaded]
 

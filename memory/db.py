@@ -72,6 +72,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX conversations_by_origin ON conversations(companion_id, origin, original_id)
         WHERE original_id IS NOT NULL;
     """,
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,  -- SHA-256 of the API key; the key itself is never stored
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    ALTER TABLE companions ADD COLUMN owner TEXT;   -- NULL: shared with every user
+    ALTER TABLE conversations ADD COLUMN user_id TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE memories ADD COLUMN user_id TEXT NOT NULL DEFAULT 'local';
+    CREATE INDEX conversations_by_user ON conversations(user_id, companion_id, updated_at);
+    CREATE INDEX memories_by_user ON memories(user_id, companion_id, created_at);
+    """,
 ]
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from memory.db import Database
+from memory.users import LOCAL
 
 Role = Literal["user", "assistant"]
 
@@ -51,6 +52,13 @@ class Conversation(BaseModel):
     updated_at: float
 
 
+class UnknownConversation(LookupError):
+    """No such conversation for this user (or it was deleted meanwhile)."""
+
+    def __init__(self, conversation_id: str):
+        super().__init__(f"no conversation with id {conversation_id!r}")
+
+
 def chain_hash(previous: str, role: str, content: str) -> str:
     return hashlib.sha256(f"{previous}\x00{role}\x00{content}".encode()).hexdigest()[:32]
 
@@ -65,8 +73,11 @@ def chain_root(companion_id: str) -> str:
 
 
 class History:
-    def __init__(self, db: Database):
+    """One user's conversations: every read and write is limited to rows that user owns."""
+
+    def __init__(self, db: Database, user: str = LOCAL):
         self.db = db
+        self.user = user
 
     def create_conversation(
         self, companion_id: str, title: str | None = None, source: str = "live"
@@ -81,34 +92,38 @@ class History:
             created_at=now, updated_at=now,
         )
         conn.execute(
-            "INSERT INTO conversations (id, companion_id, title, source, created_at, updated_at)"
-            " VALUES (:id, :companion_id, :title, :source, :created_at, :updated_at)",
-            conversation.model_dump(),
+            "INSERT INTO conversations (id, companion_id, title, source, created_at, updated_at, user_id)"
+            " VALUES (:id, :companion_id, :title, :source, :created_at, :updated_at, :user_id)",
+            conversation.model_dump() | {"user_id": self.user},
         )
         return conversation
 
     def get_conversation(self, conversation_id: str) -> Conversation | None:
-        rows = self.db.query("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
+        rows = self.db.query(f"SELECT {_CONVERSATION} FROM conversations WHERE id = ? AND user_id = ?",
+                             (conversation_id, self.user))
         return Conversation(**rows[0]) if rows else None
 
     def list_conversations(
         self, companion_id: str | None = None, limit: int = 50, offset: int = 0
     ) -> list[Conversation]:
-        where, params = ("WHERE companion_id = ?", (companion_id,)) if companion_id else ("", ())
+        where, params = ("AND companion_id = ?", (companion_id,)) if companion_id else ("", ())
         rows = self.db.query(
-            f"SELECT * FROM conversations {where} ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
-            (*params, limit, offset),
+            f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? {where} "
+            "ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
+            (self.user, *params, limit, offset),
         )
         return [Conversation(**r) for r in rows]
 
     def delete_conversation(self, conversation_id: str) -> bool:
         with self.db.transaction() as conn:
-            cur = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            cur = conn.execute("DELETE FROM conversations WHERE id = ? AND user_id = ?",
+                               (conversation_id, self.user))
             return cur.rowcount > 0
 
     def messages(self, conversation_id: str) -> list[Message]:
         rows = self.db.query(
-            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+            "SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE m.conversation_id = ? AND c.user_id = ? ORDER BY m.id", (conversation_id, self.user)
         )
         return [_message(r) for r in rows]
 
@@ -121,10 +136,11 @@ class History:
     def _append(self, conn, conversation_id: str, role: Role, content: str, meta: ReplyMeta) -> Message:
         now = time.time()
         conv = conn.execute(
-            "SELECT companion_id FROM conversations WHERE id = ?", (conversation_id,)
+            "SELECT companion_id FROM conversations WHERE id = ? AND user_id = ?",
+            (conversation_id, self.user),
         ).fetchone()
         if conv is None:
-            raise KeyError(conversation_id)
+            raise UnknownConversation(conversation_id)
         last = conn.execute(
             "SELECT chain FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT 1",
             (conversation_id,),
@@ -167,10 +183,10 @@ class History:
                 f"""SELECT m.chain, m.conversation_id FROM messages m
                     JOIN conversations c ON c.id = m.conversation_id
                     WHERE m.chain IN ({",".join("?" * len(batch))}) AND c.companion_id = ?
-                      AND m.id = (SELECT MAX(id) FROM messages
+                      AND c.user_id = ? AND m.id = (SELECT MAX(id) FROM messages
                                   WHERE conversation_id = m.conversation_id)
                     ORDER BY c.updated_at DESC""",
-                (*batch, companion_id),
+                (*batch, companion_id, self.user),
             )
             for row in rows:
                 if position[row["chain"]] > matched:
@@ -183,6 +199,9 @@ class History:
                 for role, content in turns[matched:]
             ]
         return conversation_id, added
+
+
+_CONVERSATION = "id, companion_id, title, source, origin, original_id, created_at, updated_at"
 
 
 def _message(row) -> Message:

@@ -23,6 +23,7 @@ from pathlib import Path
 from memory.db import Database
 from memory.history import chain_hash, chain_root, exchange_text
 from memory.imports import Export, Imported, ImportFailed, Notes
+from memory.users import LOCAL
 
 Progress = Callable[[int, int], None]
 
@@ -90,9 +91,10 @@ def remove_leftovers(run_dir: Path) -> int:
 
 
 class Importer:
-    def __init__(self, db: Database, staging_dir: Path):
+    def __init__(self, db: Database, staging_dir: Path, user: str = LOCAL):
         self.db = db
         self.staging_dir = staging_dir
+        self.user = user   # whose history the export becomes
 
     def run(self, export: Export, companion_id: str, companion_name: str,
             progress: Progress | None = None, dry_run: bool = False) -> ImportResult:
@@ -145,8 +147,8 @@ class Importer:
         target, start = None, 0
         for row in self.db.query(
             "SELECT id, (SELECT chain FROM messages WHERE conversation_id = c.id ORDER BY id DESC LIMIT 1)"
-            " AS last FROM conversations c WHERE companion_id = ? AND origin = ? AND original_id = ?",
-            (companion_id, conv.source, conv.id),
+            " AS last FROM conversations c WHERE companion_id = ? AND origin = ? AND original_id = ?"
+            " AND user_id = ?", (companion_id, conv.source, conv.id, self.user),
         ):
             if row["last"] == chains[-1] or self.db.query(
                     "SELECT 1 FROM messages WHERE conversation_id = ? AND chain = ?",
@@ -188,10 +190,10 @@ class Importer:
                 raise ImportFailed(label, f"{changed} conversation(s) changed while the export was being "
                                           "read; nothing was imported; run the import again")
             conn.execute(
-                """INSERT INTO conversations (id, companion_id, title, source, origin, original_id,
-                       created_at, updated_at)
-                   SELECT id, ?, title, 'imported', origin, original_id, created_at, updated_at
-                   FROM staged.conversations WHERE new""", (companion_id,))
+                """INSERT INTO conversations (id, user_id, companion_id, title, source, origin,
+                       original_id, created_at, updated_at)
+                   SELECT id, ?, ?, title, 'imported', origin, original_id, created_at, updated_at
+                   FROM staged.conversations WHERE new""", (self.user, companion_id))
             conn.execute(
                 """UPDATE conversations SET updated_at = MAX(updated_at, (SELECT updated_at FROM
                        staged.conversations s WHERE s.id = conversations.id))
@@ -201,10 +203,10 @@ class Importer:
                    SELECT conversation_id, role, content, created_at, chain FROM staged.messages
                    ORDER BY rowid""")
             conn.execute(
-                """INSERT INTO memories (companion_id, conversation_id, reply_id, kind, text, asked,
-                       source, created_at, updated_at)
-                   SELECT ?, s.conversation_id, m.id, 'exchange', s.text, s.asked, 'imported',
+                """INSERT INTO memories (user_id, companion_id, conversation_id, reply_id, kind, text,
+                       asked, source, created_at, updated_at)
+                   SELECT ?, ?, s.conversation_id, m.id, 'exchange', s.text, s.asked, 'imported',
                           s.created_at, ?
                    FROM staged.memories s JOIN messages m
                      ON m.conversation_id = s.conversation_id AND m.chain = s.reply_chain""",
-                (companion_id, now))
+                (self.user, companion_id, now))

@@ -12,6 +12,7 @@ Chroma's HNSW search missed an isolated memory among 300 clustered small-talk ex
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import threading
@@ -30,6 +31,7 @@ from pydantic import BaseModel
 from memory.db import Database
 from memory.embedder import Embedder
 from memory.history import exchange_text
+from memory.users import LOCAL
 
 Kind = Literal["exchange", "fact"]
 HNSW = {"space": "cosine"}
@@ -69,7 +71,11 @@ class RecallSettings:
 
 
 class MemoryStore:
-    def __init__(self, db: Database, index_dir: Path, embedder: Embedder, user: str = "local",
+    """One user's memories (`user`); for_user() gives another user's view of the same index.
+
+    Indexing, repair and the consistency check work for every user at once."""
+
+    def __init__(self, db: Database, index_dir: Path, embedder: Embedder, user: str = LOCAL,
                  settings: RecallSettings | None = None, index_embedder: Embedder | None = None,
                  client: chromadb.ClientAPI | None = None):
         self.db = db
@@ -82,36 +88,46 @@ class MemoryStore:
         # A Chroma server when given one, else an embedded index in the data directory.
         self.client = client or chromadb.PersistentClient(
             path=str(index_dir), settings=ChromaSettings(anonymized_telemetry=False))
+        # Keyed by collection name and shared by every user's view.
         self._collections: dict[str, chromadb.Collection] = {}
         self._mirrors: dict[str, _Mirror] = {}
         self._index_lock = threading.Lock()
-        self._prefix = f"u-{user}--c-"
 
-    def collection(self, companion_id: str):
-        if companion_id not in self._collections:
+    def for_user(self, user: str) -> MemoryStore:
+        view = copy.copy(self)
+        view.user = user
+        return view
+
+    def collection(self, companion_id: str, user: str | None = None):
+        # User names have no "--", so no two (user, companion) pairs share a name.
+        name = f"u-{user or self.user}--c-{companion_id}"
+        if name not in self._collections:
             # No embedding function: Chroma's default would download a model.
-            self._collections[companion_id] = self.client.get_or_create_collection(
-                f"{self._prefix}{companion_id}", embedding_function=None,
-                configuration={"hnsw": HNSW})
-        return self._collections[companion_id]
+            self._collections[name] = self.client.get_or_create_collection(
+                name, embedding_function=None, configuration={"hnsw": HNSW})
+        return self._collections[name]
 
     # -- writes: SQLite first, the index follows (index_pending) --------------------------
 
     def add_exchange(self, companion_id: str, conversation_id: str, reply_id: int, asked: str,
                      text: str, created_at: float, source: str = "live") -> int:
         with self.db.transaction() as conn:
+            # It belongs to whoever owns the conversation (start-up repair serves every user).
             cur = conn.execute(
-                """INSERT OR IGNORE INTO memories (companion_id, conversation_id, reply_id, kind, text,
-                       asked, source, created_at, updated_at) VALUES (?, ?, ?, 'exchange', ?, ?, ?, ?, ?)""",
-                (companion_id, conversation_id, reply_id, text, asked, source, created_at, time.time()))
+                """INSERT OR IGNORE INTO memories (user_id, companion_id, conversation_id, reply_id, kind,
+                       text, asked, source, created_at, updated_at)
+                   SELECT user_id, ?, ?, ?, 'exchange', ?, ?, ?, ?, ? FROM conversations WHERE id = ?""",
+                (companion_id, conversation_id, reply_id, text, asked, source, created_at, time.time(),
+                 conversation_id))
             return cur.lastrowid
 
     def add_fact(self, companion_id: str, text: str, pinned: bool = False) -> Memory:
         now = time.time()
         with self.db.transaction() as conn:
             cur = conn.execute(
-                """INSERT INTO memories (companion_id, kind, text, source, pinned, created_at, updated_at)
-                   VALUES (?, 'fact', ?, 'user', ?, ?, ?)""", (companion_id, text, int(pinned), now, now))
+                """INSERT INTO memories (user_id, companion_id, kind, text, source, pinned, created_at,
+                       updated_at) VALUES (?, ?, 'fact', ?, 'user', ?, ?, ?)""",
+                (self.user, companion_id, text, int(pinned), now, now))
         return self.get(cur.lastrowid)
 
     def edit(self, memory_id: int, text: str | None = None, pinned: bool | None = None) -> Memory | None:
@@ -142,14 +158,16 @@ class MemoryStore:
 
     def forget_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation with its messages, its memories and their vectors."""
-        rows = self.db.query("SELECT companion_id FROM conversations WHERE id = ?", (conversation_id,))
+        rows = self.db.query("SELECT companion_id FROM conversations WHERE id = ? AND user_id = ?",
+                             (conversation_id, self.user))
         if not rows:
             return False
         ids = [r["id"] for r in self.db.query("SELECT id FROM memories WHERE conversation_id = ?",
                                               (conversation_id,))]
         self._drop_vectors(rows[0]["companion_id"], ids)
         with self.db.transaction() as conn:
-            conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            conn.execute("DELETE FROM conversations WHERE id = ? AND user_id = ?",
+                         (conversation_id, self.user))
         return True
 
     # -- the index ---------------------------------------------------------------------
@@ -161,24 +179,25 @@ class MemoryStore:
             total = self.db.query("SELECT COUNT(*) FROM memories WHERE chunks = 0")[0][0]
             done = 0
             while (limit is None or done < limit) and (rows := self.db.query(
-                "SELECT id, companion_id, conversation_id, kind, pinned, created_at, text "
+                "SELECT id, user_id, companion_id, conversation_id, kind, pinned, created_at, text "
                 "FROM memories WHERE chunks = 0 ORDER BY id LIMIT ?",
                 (batch if limit is None else min(batch, limit - done),)
             )):
                 pieces = [(row, i, piece) for row in rows
                           for i, piece in enumerate(self.index_embedder.chunks(row["text"]))]
                 vectors = self.index_embedder.embed([piece for _, _, piece in pieces])
-                by_companion: dict[str, list] = {}
+                by_collection: dict[str, list] = {}
                 for (row, i, _), vector in zip(pieces, vectors, strict=True):
-                    by_companion.setdefault(row["companion_id"], []).append((row, i, vector))
-                for companion_id, items in by_companion.items():
-                    self.collection(companion_id).upsert(
+                    collection = self.collection(row["companion_id"], row["user_id"])
+                    by_collection.setdefault(collection.name, []).append((row, i, vector))
+                for name, items in by_collection.items():
+                    self._collections[name].upsert(
                         ids=[f"{row['id']}:{i}" for row, i, _ in items],
                         embeddings=[vector for _, _, vector in items],
                         metadatas=[{"memory_id": row["id"], "conversation_id": row["conversation_id"] or "",
                                     "kind": row["kind"]} for row, _, _ in items])
-                    if companion_id in self._mirrors:
-                        self._mirrors[companion_id].add([row["id"] for row, _, _ in items],
+                    if name in self._mirrors:
+                        self._mirrors[name].add([row["id"] for row, _, _ in items],
                                                         [vector for _, _, vector in items])
                 counts: dict[int, int] = {}
                 for row, _, _ in pieces:
@@ -212,34 +231,41 @@ class MemoryStore:
         return len(rows)
 
     def index_is_consistent(self) -> bool:
-        """Does every companion's collection hold exactly the vectors SQLite says it should?"""
-        for row in self.db.query("SELECT companion_id, SUM(chunks) AS n FROM memories "
-                                 "WHERE chunks > 0 GROUP BY companion_id"):
-            if self.collection(row["companion_id"]).count() != row["n"]:
+        """Does every user's every collection hold exactly the vectors SQLite says it should?"""
+        for row in self.db.query("SELECT user_id, companion_id, SUM(chunks) AS n FROM memories "
+                                 "WHERE chunks > 0 GROUP BY user_id, companion_id"):
+            if self.collection(row["companion_id"], row["user_id"]).count() != row["n"]:
                 return False
         return True
 
-    def rebuild(self, progress: Progress | None = None) -> int:
-        """Recreate the whole index from SQLite."""
+    def rebuild(self, progress: Progress | None = None, everyone: bool = False) -> int:
+        """Recreate the user's index (or, with everyone, every user's) from SQLite."""
+        prefix = "u-" if everyone else f"u-{self.user}--c-"
         with self._index_lock:
             for collection in self.client.list_collections():
-                if collection.name.startswith(self._prefix):  # a shared server holds others' too
+                if collection.name.startswith(prefix):  # a shared Chroma server holds others' too
                     self.client.delete_collection(collection.name)
-            self._collections.clear()
-            self._mirrors.clear()
+                    self._collections.pop(collection.name, None)
+                    self._mirrors.pop(collection.name, None)
             with self.db.transaction() as conn:
-                conn.execute("UPDATE memories SET chunks = 0")
-        return self.index_pending(progress)
+                conn.execute("UPDATE memories SET chunks = 0" + ("" if everyone else " WHERE user_id = ?"),
+                             () if everyone else (self.user,))
+        done = self.index_pending(progress)
+        if everyone:
+            return done
+        return self.db.query("SELECT COUNT(*) FROM memories WHERE user_id = ? AND chunks > 0",
+                             (self.user,))[0][0]
 
     # -- reads -------------------------------------------------------------------------
 
     def get(self, memory_id: int) -> Memory | None:
-        rows = self.db.query(f"SELECT {_COLUMNS} FROM memories WHERE id = ?", (memory_id,))
+        rows = self.db.query(f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND user_id = ?",
+                             (memory_id, self.user))
         return _memory(rows[0]) if rows else None
 
     def list(self, companion_id: str, limit: int = 50, offset: int = 0,
              kind: Kind | None = None) -> list[Memory]:
-        where, params = "companion_id = ?", [companion_id]
+        where, params = "user_id = ? AND companion_id = ?", [self.user, companion_id]
         if kind:
             where, params = where + " AND kind = ?", [*params, kind]
         rows = self.db.query(f"SELECT {_COLUMNS} FROM memories WHERE {where} "
@@ -287,19 +313,21 @@ class MemoryStore:
     def _drop_vectors(self, companion_id: str, memory_ids: list[int]) -> None:
         if not memory_ids:
             return
-        self.collection(companion_id).delete(where={"memory_id": {"$in": memory_ids}})
-        if companion_id in self._mirrors:
-            self._mirrors[companion_id].drop(memory_ids)
+        collection = self.collection(companion_id)
+        collection.delete(where={"memory_id": {"$in": memory_ids}})
+        if collection.name in self._mirrors:
+            self._mirrors[collection.name].drop(memory_ids)
 
     def _mirror(self, companion_id: str) -> _Mirror:
-        if companion_id not in self._mirrors:
-            collection, mirror = self.collection(companion_id), _Mirror()
+        collection = self.collection(companion_id)
+        if collection.name not in self._mirrors:
+            mirror = _Mirror()
             # In pages: one get() of a large collection exceeds SQLite's variable limit.
             for offset in range(0, collection.count(), 5000):
                 page = collection.get(include=["embeddings", "metadatas"], limit=5000, offset=offset)
                 mirror.add([m["memory_id"] for m in page["metadatas"]], page["embeddings"])
-            self._mirrors[companion_id] = mirror
-        return self._mirrors[companion_id]
+            self._mirrors[collection.name] = mirror
+        return self._mirrors[collection.name]
 
     def _candidates(self, companion_id: str, query: str, k: int) -> list[tuple[Recalled, np.ndarray, str]]:
         mirror = self._mirror(companion_id)
@@ -312,9 +340,10 @@ class MemoryStore:
                 best[memory_id] = (score, embedding)
         if not best:
             return []
-        # SQLite decides what exists: a vector whose row is gone is never recalled.
+        # SQLite decides what exists (and whose it is): a vector whose row is gone is never recalled.
         rows = {r["id"]: r for r in self.db.query(
-            f"SELECT {_COLUMNS} FROM memories WHERE id IN ({','.join('?' * len(best))})", list(best))}
+            f"SELECT {_COLUMNS} FROM memories WHERE user_id = ? AND id IN ({','.join('?' * len(best))})",
+            [self.user, *best])}
         found = [(Recalled(id=i, text=rows[i]["text"], score=round(score, 4), kind=rows[i]["kind"],
                            pinned=bool(rows[i]["pinned"]), created_at=rows[i]["created_at"]),
                   vector, rows[i]["asked"])

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from memory.companions import CompanionStore
 from memory.db import Database
-from memory.history import History
 from memory.importer import remove_leftovers
+from memory.users import Users, local_key
 from serve import errors, metrics
 from serve.adapters import AdapterService
 from serve.chat import ChatService
@@ -39,11 +39,11 @@ class Homefire:
     data_dir: Path
     db: Database
     companions: CompanionStore
-    history: History
     engine: Engine
     chat: ChatService
     adapters: AdapterService
     limiter: Limiter
+    users: Users
     tasks: list[asyncio.Task] = field(default_factory=list)
     import_lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # one import at a time
 
@@ -54,14 +54,15 @@ class Homefire:
         db = Database(data_dir / "homefire.db")
         if removed := remove_leftovers(data_dir / "run"):
             log.info("imports: removed %d files an interrupted import left behind", removed)
+        users = Users(db)
+        users.ensure_local(local_key(data_dir))
         companions = CompanionStore(db)
         companions.sync_dir(settings.companions_dir)
-        history = History(db)
         model = settings.engine.model
         engine = Engine(settings.engine, data_dir / "run", model)
-        chat = ChatService(engine, history, companions, model_id=model or MODEL_NAME)
-        return cls(settings, data_dir, db, companions, history, engine, chat, AdapterService(data_dir, chat),
-                   Limiter(settings.limits))
+        chat = ChatService(engine, db, companions, model_id=model or MODEL_NAME)
+        return cls(settings, data_dir, db, companions, engine, chat, AdapterService(data_dir, chat),
+                   Limiter(settings.limits), users)
 
     def open_memory(self) -> None:
         """Open the memory index; rebuild it from SQLite if it is missing or damaged."""
@@ -101,7 +102,7 @@ class Homefire:
             store, consistent = open_store(), False
         if not consistent:
             log.warning("memory: the index is missing or out of step with SQLite; rebuilding it")
-            with_progress("rebuilding memory index", store.rebuild)
+            with_progress("rebuilding memory index", lambda progress: store.rebuild(progress, everyone=True))
         repaired = store.repair()
         if repaired:
             log.info("memory: remembered %d exchanges committed before the last stop", repaired)

@@ -7,6 +7,7 @@ short (client gone, engine failure) is stored marked truncated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -19,8 +20,10 @@ import anyio
 import httpx
 
 from memory.companions import Companion, CompanionStore
-from memory.history import History, Message, ReplyMeta
+from memory.db import Database
+from memory.history import History, Message, ReplyMeta, UnknownConversation
 from memory.store import MemoryStore, Recalled, exchange_text
+from memory.users import LOCAL
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
 from serve.prompt import Prompt, PromptBuilder
@@ -73,6 +76,7 @@ class Turn:
     overrides: dict = field(default_factory=dict)
     extra_system: list[str] = field(default_factory=list)
     api: str = "native"
+    user: str = LOCAL                   # whose memories are recalled
 
 
 @dataclass
@@ -86,10 +90,9 @@ class Plan:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, history: History, companions: CompanionStore,
-                 model_id: str):
+    def __init__(self, engine: Engine, db: Database, companions: CompanionStore, model_id: str):
         self.engine = engine
-        self.history = history
+        self.db = db
         self.companions = companions
         self.model_id = model_id
         self.prompts: PromptBuilder | None = None  # set once the tokenizer is loaded
@@ -99,10 +102,11 @@ class ChatService:
         self._streaming = 0  # replies being generated now
         self.adapters: dict[str, str] = {}   # companion id -> adapter version in use
 
-    def companion(self, companion_id: str) -> Companion:
-        companion = self.companions.get(companion_id)
+    def companion(self, companion_id: str, viewer: str | None = None) -> Companion:
+        """The companion, if `viewer` may see it (None: anyone's), made for the served model."""
+        companion = self.companions.get(companion_id, viewer)
         if companion is None:
-            raise UnknownCompanion(companion_id, self.companions.ids())
+            raise UnknownCompanion(companion_id, self.companions.ids(viewer))
         if companion.base_model and companion.base_model not in (
             self.model_id, Path(self.model_id).name
         ):
@@ -143,7 +147,7 @@ class ChatService:
         asked = turn.history[-1]["content"]
         context = next((m["content"][-300:] for m in reversed(turn.history[:-1])
                         if m["role"] == "assistant"), "")
-        memories = self.memory.recall(
+        memories = self.memory.for_user(turn.user).recall(
             turn.companion.id, f"{context}\n{asked}".strip(),
             skip_asked={m["content"] for m in kept if m["role"] == "user"},
             count_tokens=lambda text: len(self.prompts.encode(text)))
@@ -196,6 +200,7 @@ class ChatService:
         }
         parts: list[str] = []
         finish, usage, outcome = None, None, "disconnected"
+        history = History(self.db, turn.user)
         request = self.engine.client.build_request("POST", "/v1/completions", json=payload)
         self._streaming += 1
         try:
@@ -240,7 +245,7 @@ class ChatService:
             usage = usage or {}
             completion = usage.get("completion_tokens", len(parts))
             prompt_tokens = usage.get("prompt_tokens", len(prompt.token_ids or ()))
-            message = self.history.append(
+            message = history.append(
                 conversation_id, "assistant", "".join(parts),
                 ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens,
                           model=self.model_id, adapter=self.adapters.get(turn.companion.id),
@@ -258,10 +263,12 @@ class ChatService:
             self._streaming -= 1
             metrics.REPLIES.labels(turn.api, outcome).inc()
             if outcome != "ok" and (parts or outcome == "disconnected"):
-                self.history.append(
-                    conversation_id, "assistant", "".join(parts),
-                    ReplyMeta(tokens=len(parts), prompt_tokens=(usage or {}).get("prompt_tokens"),
-                              model=self.model_id, adapter=self.adapters.get(turn.companion.id),
-                              sampling=params, finish_reason=outcome, truncated=True),
-                )
+                # Unless the user deleted the conversation meanwhile: then there is nowhere to keep it.
+                with contextlib.suppress(UnknownConversation):
+                    history.append(
+                        conversation_id, "assistant", "".join(parts),
+                        ReplyMeta(tokens=len(parts), prompt_tokens=(usage or {}).get("prompt_tokens"),
+                                  model=self.model_id, adapter=self.adapters.get(turn.companion.id),
+                                  sampling=params, finish_reason=outcome, truncated=True),
+                    )
         yield Done(message, finish, prompt_tokens, completion)

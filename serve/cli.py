@@ -19,8 +19,8 @@ from memory.cards import parse_card
 from memory.companions import CompanionError, CompanionStore, load_dir
 from memory.db import Database
 from memory.imports import ImportFailed
-from serve import cli_imports, cli_voice
-from serve.cli_base import UsageError, hold_lock, local_store, resolve_data_dir
+from serve import cli_imports, cli_users, cli_voice
+from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir
 from serve.client import Client, ServerError, running_url, server_file
 from serve.config import ConfigError, check_exposure, load_settings
 
@@ -61,7 +61,7 @@ def _client(args: argparse.Namespace) -> Client:
     if url is None:
         raise UsageError(f"no Homefire server is running for {resolve_data_dir(args)}; start one with "
                          "`homefire serve`, or pass --url")
-    return Client(url)
+    return connect(args, url)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -100,7 +100,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_companion_list(args: argparse.Namespace) -> None:
     url = args.url or running_url(resolve_data_dir(args))
-    rows = Client(url).request("GET", "/api/v1/companions") if url else [
+    rows = connect(args, url).request("GET", "/api/v1/companions") if url else [
         c.model_dump() for c in local_store(args).list()]
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
@@ -112,7 +112,7 @@ def cmd_companion_list(args: argparse.Namespace) -> None:
 def cmd_companion_show(args: argparse.Namespace) -> None:
     url = args.url or running_url(resolve_data_dir(args))
     if url:
-        data = Client(url).request("GET", f"/api/v1/companions/{args.id}")
+        data = connect(args, url).request("GET", f"/api/v1/companions/{args.id}")
     else:
         store = local_store(args)
         companion = store.get(args.id)
@@ -131,7 +131,7 @@ def cmd_companion_import(args: argparse.Namespace) -> None:
     url = args.url or running_url(resolve_data_dir(args))
     if url:
         params = {"filename": path.name, "replace": str(args.replace).lower()}
-        data = Client(url).request("POST", "/api/v1/companions/import", content=content, params=params)
+        data = connect(args, url).request("POST", "/api/v1/companions/import", content=content, params=params)
     else:
         companion = parse_card(content, str(path))
         store = local_store(args)
@@ -140,7 +140,7 @@ def cmd_companion_import(args: argparse.Namespace) -> None:
             raise UsageError(f"{path}: a companion with id {companion.id!r} exists; use --replace")
         if origin and origin[0] == "config":
             raise UsageError(f"{path}: {companion.id!r} is defined in {origin[1]}; edit that file")
-        store.put(companion, "card", str(path))
+        store.put(companion, "card", str(path), owner=origin[2] if origin else None)
         data = companion.model_dump()
     print(f"imported {data['name']!r} as {data['id']!r}")
 
@@ -150,7 +150,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
     url = args.url or running_url(resolve_data_dir(args))
     action = args.action
     if url:
-        client = Client(url)
+        client = connect(args, url)
         calls = {
             "list": lambda: client.request("GET", f"/api/v1/companions/{args.companion}/memories",
                                            params={"limit": args.limit, "offset": args.offset}),
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the companion server",
                        description="Run the server: it prepares the model, starts vLLM as a private "
                        "child process and serves the OpenAI-compatible and native APIs.")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; others need HOMEFIRE_API_KEY)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1); every request needs an API key")
     p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free one)")
     p.set_defaults(func=cmd_serve)
 
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         action_parser.set_defaults(func=cmd_memory)
     cli_imports.add_commands(sub, remote)
     cli_voice.add_commands(sub, remote)
+    cli_users.add_commands(sub, common)
     return parser
 
 

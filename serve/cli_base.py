@@ -9,7 +9,7 @@ from pathlib import Path
 
 from memory.companions import CompanionStore
 from memory.db import Database
-from serve.client import running_url
+from serve.client import Client, running_url
 from serve.config import default_data_dir, load_settings
 
 
@@ -19,6 +19,11 @@ class UsageError(RuntimeError):
 
 def resolve_data_dir(args: argparse.Namespace) -> Path:
     return (args.data_dir or default_data_dir()).expanduser().resolve()
+
+
+def connect(args: argparse.Namespace, url: str) -> Client:
+    """A client of the server at url, with the key HOMEFIRE_API_KEY or the data directory holds."""
+    return Client(url, resolve_data_dir(args))
 
 
 def hold_lock(data_dir: Path):

@@ -10,7 +10,8 @@ from pathlib import Path
 from memory.companions import CompanionStore
 from memory.db import Database
 from memory.imports import FORMATS
-from serve.cli_base import Bar, UsageError, hold_lock, resolve_data_dir
+from memory.users import LOCAL, Users
+from serve.cli_base import Bar, UsageError, connect, hold_lock, resolve_data_dir
 from serve.client import Client, ServerError, running_url
 from serve.config import load_settings
 
@@ -19,8 +20,6 @@ def cmd_import(args: argparse.Namespace) -> None:
     """Preview locally; import through the running server, or under the data directory's lock."""
     from memory.imports import open_export
 
-    if args.user != "local":
-        raise UsageError(f"unknown user {args.user!r}; this server has one user, 'local'")
     path = str(args.path)
     if args.dry_run:
         from memory.importer import preview
@@ -37,7 +36,10 @@ def cmd_import(args: argparse.Namespace) -> None:
             _print_import(result.as_dict(), dry_run=True)
         return
     url = args.url or running_url(resolve_data_dir(args))
-    result = _import_remote(Client(url), args) if url else _import_locally(args)
+    if url and args.user != LOCAL:
+        raise UsageError("through a running server an import goes to the user whose key is sent; "
+                         f"send {args.user}'s key in HOMEFIRE_API_KEY and leave out --user")
+    result = _import_remote(connect(args, url), args) if url else _import_locally(args)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:
@@ -95,13 +97,15 @@ def _import_locally(args: argparse.Namespace) -> dict:
         db = Database(data_dir / "homefire.db")
         companions = CompanionStore(db)
         companions.sync_dir(settings.companions_dir)
-        companion = companions.get(args.companion)
+        if Users(db).get(args.user) is None and args.user != LOCAL:
+            raise UsageError(f"no user named {args.user!r}; add one with `homefire user add {args.user}`")
+        companion = companions.get(args.companion, args.user)
         if companion is None:
-            raise UsageError(f"no companion named {args.companion!r}; known companions: "
-                             f"{', '.join(companions.ids())}")
+            raise UsageError(f"no companion named {args.companion!r} that {args.user} may use; known "
+                             f"companions: {', '.join(companions.ids(args.user))}")
         with open_export(str(args.path), args.format) as export, \
                 Bar(f"importing {args.path.name}", export.size, "B") as bar:
-            result = Importer(db, data_dir / "run").run(export, companion.id, companion.name,
+            result = Importer(db, data_dir / "run", args.user).run(export, companion.id, companion.name,
                                                         lambda done, total: bar(done))
         store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
         pending = db.query("SELECT COUNT(*) FROM memories WHERE chunks = 0")[0][0]

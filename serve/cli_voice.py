@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from memory.db import Database
-from serve.cli_base import UsageError, local_store, resolve_data_dir
-from serve.client import Client, running_url
+from memory.users import LOCAL
+from serve.cli_base import UsageError, connect, local_store, resolve_data_dir
+from serve.client import running_url
 from serve.config import load_settings
 
 
@@ -34,7 +35,8 @@ def _companion(args: argparse.Namespace, url: str | None):
     from memory.companions import Companion
 
     if url:
-        return Companion.model_validate(Client(url).request("GET", f"/api/v1/companions/{args.companion}"))
+        card = connect(args, url).request("GET", f"/api/v1/companions/{args.companion}")
+        return Companion.model_validate(card)
     store = local_store(args)
     companion = store.get(args.companion)
     if companion is None:
@@ -71,7 +73,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     db = Database(data_dir / "homefire.db")
     if args.dry_run:
         tokenizer = tokenizer_for(model_path)
-        data = dataset_for(db, companion, tokenizer, config)
+        data = dataset_for(db, companion, tokenizer, config, args.user)
         summary = data.summary()
         for part in ("train", "eval"):
             s = summary[part]
@@ -95,7 +97,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         bar.update(1)
 
     try:
-        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, report)
+        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, report, args.user)
     finally:
         bar.close()
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
@@ -111,7 +113,8 @@ def _switch_adapter(args: argparse.Namespace, companion_id: str, version: str | 
     from finetune import adapters
 
     if url:
-        Client(url).request("PUT", f"/api/v1/companions/{companion_id}/adapter", json={"version": version})
+        connect(args, url).request("PUT", f"/api/v1/companions/{companion_id}/adapter",
+                                   json={"version": version})
         where = "the running server uses it now"
     else:
         if version is not None:
@@ -135,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError(f"companion {companion.id!r} has no adapters yet; run `homefire finetune` first")
     model_path, _ = _base_model(args)
     result = voice_match(data_dir, Database(data_dir / "homefire.db"), companion, model_path, version,
-                         samples=args.samples, max_new_tokens=args.max_new_tokens)
+                         samples=args.samples, max_new_tokens=args.max_new_tokens, user=args.user)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
@@ -155,7 +158,8 @@ def cmd_adapter(args: argparse.Namespace) -> None:
     if args.action == "list":
         current = adapters.current(data_dir, args.companion)
         if url:
-            current = Client(url).request("GET", f"/api/v1/companions/{args.companion}/adapters")["current"]
+            listing = connect(args, url).request("GET", f"/api/v1/companions/{args.companion}/adapters")
+            current = listing["current"]
         for version in adapters.versions(data_dir, args.companion):
             info = adapters.manifest(data_dir, args.companion, version)
             m = info.get("metrics", {})
@@ -191,6 +195,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
                    help='do not train on refusals and "As an AI" replies')
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other setting of the YAML")
     p.add_argument("--resume", metavar="VERSION", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--user", default=LOCAL, help="whose history to learn from (default: local); "
+                   "everyone who talks to the companion hears the adapter")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
@@ -203,6 +209,7 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=8, help="replies to generate with each model (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated reply (default 64)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--user", default=LOCAL, help="whose held-out conversations to use (default: local)")
     p.set_defaults(func=cmd_eval)
 
     adapter = sub.add_parser("adapter", help="list, use and roll back a companion's adapters",

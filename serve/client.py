@@ -9,6 +9,8 @@ from pathlib import Path
 
 import httpx
 
+from memory.users import key_file
+
 
 class ServerError(RuntimeError):
     """The server answered with an error; the message is the server's own."""
@@ -29,9 +31,13 @@ def running_url(data_dir: Path) -> str | None:
 
 
 class Client:
-    def __init__(self, url: str):
+    def __init__(self, url: str, data_dir: Path):
+        """Authenticated with HOMEFIRE_API_KEY, else the local owner's key in data_dir."""
         headers = {}
-        if key := os.environ.get("HOMEFIRE_API_KEY"):
+        key = os.environ.get("HOMEFIRE_API_KEY")
+        if not key and key_file(data_dir).exists():
+            key = key_file(data_dir).read_text().strip()
+        if key:
             headers["Authorization"] = f"Bearer {key}"
         self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30, read=600))
 

@@ -1,7 +1,8 @@
 """Server settings: one pydantic model, values from a YAML file, validated at start.
 
 Environment variables are read only for secrets and the data directory:
-HOMEFIRE_DATA_DIR, HOMEFIRE_API_KEY (clients must send it), HOMEFIRE_ENGINE_API_KEY,
+HOMEFIRE_DATA_DIR, HOMEFIRE_API_KEY (the local owner's key, instead of the generated one),
+HOMEFIRE_ENGINE_API_KEY,
 HOMEFIRE_CHROMA_TOKEN.
 """
 
@@ -102,7 +103,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     host: str = "127.0.0.1"
-    """Address to listen on. Anything but loopback requires HOMEFIRE_API_KEY."""
+    """Address to listen on. Every request needs an API key wherever it listens; anything but
+    loopback also refuses a short HOMEFIRE_API_KEY."""
     port: int = Field(8000, ge=0, le=65535)
     """TCP port to listen on (0 picks a free one)."""
     companions_dir: Path = REPO_ROOT / "configs" / "companions"
@@ -146,8 +148,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: Settings) -> None:
-    if not is_loopback(settings.host) and not os.environ.get("HOMEFIRE_API_KEY"):
+    """Every route but /healthz always needs a key; off loopback, it must not be guessable."""
+    key = os.environ.get("HOMEFIRE_API_KEY")
+    if not is_loopback(settings.host) and key is not None and len(key) < MIN_KEY_CHARS:
         raise ConfigError(
-            f"refusing to listen on {settings.host}: anyone who can reach it could read your "
-            "conversations. Set HOMEFIRE_API_KEY to require a key, or listen on 127.0.0.1"
+            f"refusing to listen on {settings.host}: HOMEFIRE_API_KEY is {len(key)} characters, too "
+            f"easy to guess for a server others can reach (at least {MIN_KEY_CHARS}); unset it to "
+            "use the generated key in the data directory, or listen on 127.0.0.1"
         )
+
+
+MIN_KEY_CHARS = 24

@@ -5,9 +5,11 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from memory.companions import CompanionError
+from memory.history import UnknownConversation
 from serve.chat import EngineFailed, UnknownCompanion, WrongBaseModel
 from serve.engine import EngineUnavailable
 from serve.prompt import PromptTooLong
@@ -15,6 +17,35 @@ from serve.prompt import PromptTooLong
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
          429: "rate_limit_error", 502: "engine_error", 503: "engine_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, which every 4xx and 5xx of ours has."""
+
+    error: ErrorDetail
+
+
+# Declared on every router; it also replaces FastAPI's default 422 (we answer 400 instead).
+ERROR_RESPONSES: dict = {
+    "4XX": {"model": ErrorResponse, "description": "The request was refused: the message says why "
+            "(400 invalid, 401 no or wrong key, 404 not found or not yours, 409 conflict, 413 too "
+            "large, 422 unreadable file, 429 over a limit, with Retry-After)"},
+    "5XX": {"model": ErrorResponse, "description": "The engine failed (502) or is not ready (503, "
+            "with Retry-After)"},
+}
+
+
+def raw_body(what: str) -> dict:
+    """OpenAPI for a route that reads its body as raw bytes (an upload) rather than JSON."""
+    return {"requestBody": {"required": True, "description": what, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -57,6 +88,7 @@ def install(app: FastAPI) -> None:
 
     handlers = {
         UnknownCompanion: (404, "model", "model_not_found"),
+        UnknownConversation: (404, None, "conversation_not_found"),
         WrongBaseModel: (409, "model", "base_model_mismatch"),
         PromptTooLong: (400, "messages", "context_length_exceeded"),
         CompanionError: (400, None, "invalid_card"),

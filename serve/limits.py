@@ -2,14 +2,12 @@
 
 Over a limit is always a clear 4xx: 413 for a body that is too large, 400 naming the
 setting for too many messages or too long a message, 429 with Retry-After for too many
-requests or replies at once. The user is whoever the API key names ("local" for the
-single-user setup) until accounts exist.
+requests or replies at once. Each user (the account the API key names) has their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import threading
@@ -64,10 +62,6 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-def user_of(api_key: str | None) -> str:
-    return "local" if not api_key else "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
 class Limiter:

@@ -6,7 +6,7 @@ as OpenAI does ("Unrecognized request argument").
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -37,8 +37,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StopText = Annotated[str, Field(min_length=1)]
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "ember", "messages": [{"role": "user", "content": "Hi! How was your day?"}],
+         "max_tokens": 16},
+    ]})
 
     messages: list[ChatMessageIn] = Field(min_length=1)
     # The companion's id: Homefire serves companions, not raw models.
@@ -51,7 +57,7 @@ class ChatCompletionRequest(BaseModel):
     n: Literal[1] | None = None  # Deviation: one choice per request
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = None  # Deviation: an empty stop string is refused
     store: bool | None = None  # accepted, ignored: Homefire always stores history
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -31,3 +31,9 @@ def event(data: dict | str, name: str | None = None) -> str:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def streamed(what: str) -> dict:
+    """OpenAPI for a 200 that is JSON, or with stream (or Accept: text/event-stream) an SSE stream."""
+    one_event = {"type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+    return {200: {"description": what, "content": {"text/event-stream": {"schema": one_event}}}}

@@ -16,6 +16,7 @@ import openai
 import pytest
 import yaml
 
+from memory.users import local_key
 from serve.default_model import MODEL_NAME, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,8 @@ class Server:
         base = {"port": 0, "companions_dir": str(REPO / "configs" / "companions")}
         self.config_path.write_text(yaml.safe_dump(base | (config or {})))
         self.env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+        # The local owner's key, as `homefire user key` finds it (made here before the start).
+        self.key = self.env.get("HOMEFIRE_API_KEY") or local_key(data_dir)
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -76,8 +79,17 @@ class Server:
 
     @property
     def auth(self) -> dict:
-        key = self.env.get("HOMEFIRE_API_KEY")
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "serve.cli", *args, "--data-dir", str(self.data_dir)],
+                              capture_output=True, text=True, env=self.env, cwd=REPO, timeout=120)
+
+    def add_user(self, name: str, admin: bool = False) -> str:
+        """A new account made with the real `homefire user add`; returns its key."""
+        done = self.cli("user", "add", name, "--json", *(["--admin"] if admin else []))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["api_key"]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None
@@ -91,12 +103,12 @@ class Server:
         text = (self.data_dir / "serve.log").read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.env.get("HOMEFIRE_API_KEY", "none"),
-                             max_retries=0, timeout=120)
+    def openai(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.key, max_retries=0, timeout=120)
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.auth, timeout=120)
+    def http(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key or self.key}"},
+                            timeout=120)
 
     def engine(self) -> httpx.Client:
         """A client on the engine's private socket, as only Homefire itself should use it."""

@@ -6,10 +6,12 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.config import FinetuneError
-from serve.chat import UnknownCompanion
-from serve.deps import API_GUARDS, HomefireDep
+from serve.account import AccountDep
+from serve.deps import API_GUARDS
+from serve.errors import ERROR_RESPONSES
 
-router = APIRouter(prefix="/api/v1", tags=["adapters"], dependencies=API_GUARDS)
+router = APIRouter(prefix="/api/v1", tags=["adapters"], dependencies=API_GUARDS,
+                   responses=ERROR_RESPONSES)
 
 
 class AdapterChoice(BaseModel):
@@ -17,28 +19,25 @@ class AdapterChoice(BaseModel):
     version: str | None = Field(description="an adapter version (e.g. v3), or null for the base model")
 
 
-def _known(hf, companion_id: str) -> None:
-    if hf.companions.get(companion_id) is None:
-        raise UnknownCompanion(companion_id, hf.companions.ids())
-
-
 @router.get("/companions/{companion_id}/adapters")
-def list_adapters(companion_id: str, hf: HomefireDep) -> dict:
+def list_adapters(companion_id: str, account: AccountDep) -> dict:
     """Versions (oldest first) with their manifests' metrics, and the one in use."""
-    _known(hf, companion_id)
+    account.companion_card(companion_id)
     try:
-        return hf.adapters.listing(companion_id)
+        return account.hf.adapters.listing(companion_id)
     except FinetuneError as err:
         raise HTTPException(422, str(err)) from err
 
 
 @router.put("/companions/{companion_id}/adapter")
-async def use_adapter(companion_id: str, choice: AdapterChoice, hf: HomefireDep) -> dict:
+async def use_adapter(companion_id: str, choice: AdapterChoice, account: AccountDep) -> dict:
     """Speak through this adapter version from the next reply on (loaded into the engine now).
 
-    Refused (422) when the version is unknown, not safetensors, or made for another base model.
+    Only the companion's owner may switch (an admin, for a shared one). Refused (422) when the
+    version is unknown, not safetensors, or made for another base model.
     """
-    _known(hf, companion_id)
+    account.editable(companion_id)
+    hf = account.hf
     try:
         await hf.adapters.use(companion_id, choice.version)
     except FinetuneError as err:

@@ -3,11 +3,13 @@
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from serve import metrics
-from serve.deps import require_key
+from serve.account import authenticate
+from serve.errors import ERROR_RESPONSES
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=ERROR_RESPONSES)
 
 
 @router.get("/healthz")
@@ -16,7 +18,15 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", dependencies=[Depends(require_key)])
+class Readiness(BaseModel):
+    ready: bool
+    engine: str            # starting | ready | restarting | failed
+    detail: str | None
+    restarts: int
+
+
+@router.get("/readyz", dependencies=[Depends(authenticate)], response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Not ready yet, or failed: see detail"}})
 def readyz(request: Request) -> JSONResponse:
     """200 once the engine, tokenizer and memory are ready to reply, 503 with the reason before."""
     hf = request.app.state.homefire
@@ -26,7 +36,8 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, 200 if ready else 503)
 
 
-@router.get("/metrics", dependencies=[Depends(require_key)])
+# Prometheus' text format, not part of the JSON API (nor of its schema).
+@router.get("/metrics", dependencies=[Depends(authenticate)], include_in_schema=False)
 def prometheus(request: Request) -> Response:
     metrics.ENGINE_RESTARTS.set(request.app.state.homefire.engine.restarts)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -13,35 +13,38 @@ from fastapi.responses import JSONResponse
 
 from memory.importer import Importer
 from memory.imports import FORMATS, ImportFailed, open_export
-from serve.chat import UnknownCompanion
-from serve.deps import API_GUARDS, HomefireDep
-from serve.errors import error_body
-from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
+from serve.account import AccountDep
+from serve.deps import API_GUARDS
+from serve.errors import ERROR_RESPONSES, ErrorResponse, error_body, raw_body
+from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
 
-router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=API_GUARDS)
+router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=API_GUARDS,
+                   responses=ERROR_RESPONSES)
 Format = Literal[FORMATS]  # type: ignore[valid-type]
 
 
 @router.post("/companions/{companion_id}/imports", responses={
-    200: {"description": "What was imported (or, with dry_run, would be): counts, date range, "
-                         "suggested persona. With `Accept: text/event-stream`, `progress` events "
-                         "({stage: read|index, done, total}) and then `done` or `error`."},
-    409: {"description": "Another import is running"}, 413: {"description": "Upload too large"},
-    422: {"description": "Not an export we can read; the message names the file and position"}})
+    **streamed("What was imported (or, with dry_run, would be): counts, date range, suggested "
+               "persona. With `Accept: text/event-stream`, `progress` events ({stage: read|index, "
+               "done, total}) and then `done` or `error`."),
+    409: {"model": ErrorResponse, "description": "Another import is running"},
+    413: {"model": ErrorResponse, "description": "Upload too large"},
+    422: {"model": ErrorResponse, "description": "Not an export we can read; the message names "
+          "the file and position"}},
+    openapi_extra=raw_body("the export: a zip, JSON or JSONL file"))
 async def import_export(
-    companion_id: str, request: Request, hf: HomefireDep,
+    companion_id: str, request: Request, account: AccountDep,
     format: Annotated[Format | None, Query(description="force a format instead of detecting it")] = None,
     dry_run: Annotated[bool, Query(description="count what would be imported; write nothing")] = False,
     filename: Annotated[str, Query(max_length=255, description="the file's name, for messages")] = "upload",
 ):
     """Import the export sent as the raw request body (zip, JSON or JSONL) into the companion.
 
-    All or nothing; what was imported before is not added twice. Memories are indexed
-    before the reply ends.
+    It becomes the user's history and memories with the companion. All or nothing; what was
+    imported before is not added twice. Memories are indexed before the reply ends.
     """
-    companion = hf.companions.get(companion_id)
-    if companion is None:
-        raise UnknownCompanion(companion_id, hf.companions.ids())
+    hf = account.hf
+    companion = account.companion_card(companion_id)
     memory = hf.chat.memory
     if memory is None and not dry_run:
         raise HTTPException(503, "the memory index is still opening; try again in a moment")
@@ -72,7 +75,7 @@ async def import_export(
     def work() -> dict:
         try:
             with open_export(str(spool), format, label) as export:
-                result = Importer(hf.db, hf.data_dir / "run").run(
+                result = Importer(hf.db, hf.data_dir / "run", account.name).run(
                     export, companion.id, companion.name, report("read"), dry_run)
         finally:
             spool.unlink(missing_ok=True)

@@ -9,70 +9,66 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory.cards import MAX_CARD_BYTES, parse_card
-from memory.companions import Companion, CompanionStore
-from memory.history import Conversation, History, Message
+from memory.companions import Companion
+from memory.history import Conversation, Message, UnknownConversation
 from memory.persona import substitute
-from serve.chat import Delta, Done, EngineFailed, Plan, Turn, UnknownCompanion
-from serve.deps import API_GUARDS, ChatDep, CompanionsDep, HistoryDep, LimiterDep, MemoryDep, UserDep
+from serve.account import AccountDep
+from serve.chat import Delta, Done, EngineFailed, Plan, Turn
+from serve.deps import API_GUARDS, ChatDep, LimiterDep
 from serve.engine import EngineUnavailable
-from serve.errors import error_body
-from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
+from serve.errors import ERROR_RESPONSES, error_body, raw_body
+from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
 
-router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS)
-
-
-def _editable(companions: CompanionStore, companion_id: str) -> None:
-    origin = companions.origin(companion_id)
-    if origin is None:
-        raise HTTPException(404, f"no companion named {companion_id!r}; known companions: "
-                                 f"{', '.join(companions.ids()) or 'none'}")
-    source, path = origin
-    if source == "config":
-        raise HTTPException(409, f"companion {companion_id!r} is defined in {path}; edit that file")
+router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
+                   responses=ERROR_RESPONSES)
 
 
 @router.get("/companions")
-def list_companions(companions: CompanionsDep) -> list[Companion]:
-    return companions.list()
+def list_companions(account: AccountDep) -> list[Companion]:
+    """The shared companions and the user's own."""
+    return account.companions()
 
 
 @router.get("/companions/{companion_id}")
-def get_companion(companion_id: str, companions: CompanionsDep) -> Companion:
-    companion = companions.get(companion_id)
-    if companion is None:
-        raise UnknownCompanion(companion_id, companions.ids())
-    return companion
+def get_companion(companion_id: str, account: AccountDep) -> Companion:
+    return account.companion_card(companion_id)
 
 
 @router.post("/companions", status_code=201)
-def create_companion(companion: Companion, companions: CompanionsDep) -> Companion:
-    if companions.get(companion.id):
-        raise HTTPException(409, f"a companion with id {companion.id!r} exists; PUT to replace it")
-    companions.put(companion, "api")
+def create_companion(companion: Companion, account: AccountDep) -> Companion:
+    """Create a companion: an admin's is shared with every user, anyone else's is their own."""
+    if account.hf.companions.origin(companion.id):
+        raise HTTPException(409, f"the id {companion.id!r} is taken; choose another")
+    account.hf.companions.put(companion, "api", owner=account.owner_for_new())
     return companion
 
 
 @router.put("/companions/{companion_id}")
-def replace_companion(companion_id: str, companion: Companion, companions: CompanionsDep) -> Companion:
+def replace_companion(companion_id: str, companion: Companion, account: AccountDep) -> Companion:
     if companion.id != companion_id:
         raise HTTPException(
             400, f"id: the body's id {companion.id!r} differs from the path's {companion_id!r}")
-    _editable(companions, companion_id)
-    companions.put(companion, "api")
+    _, owner = account.editable(companion_id)
+    account.hf.companions.put(companion, "api", owner=owner)
     return companion
 
 
 @router.delete("/companions/{companion_id}", status_code=204)
-def delete_companion(companion_id: str, companions: CompanionsDep) -> Response:
-    """Delete a companion together with its conversations."""
-    _editable(companions, companion_id)
-    companions.delete(companion_id)
+def delete_companion(companion_id: str, account: AccountDep) -> Response:
+    """Delete a companion together with its conversations; refused while others talk to it."""
+    account.editable(companion_id)
+    others = account.hf.db.query("SELECT COUNT(DISTINCT user_id) FROM conversations "
+                                 "WHERE companion_id = ? AND user_id != ?", (companion_id, account.name))
+    if others[0][0]:
+        raise HTTPException(409, f"{others[0][0]} other user(s) have conversations with {companion_id!r}; "
+                                 "deleting it would delete their history too")
+    account.hf.companions.delete(companion_id)
     return Response(status_code=204)
 
 
-@router.post("/companions/import", status_code=201)
+@router.post("/companions/import", status_code=201, openapi_extra=raw_body("the card file (.json or .png)"))
 async def import_card(
-    request: Request, companions: CompanionsDep,
+    request: Request, account: AccountDep,
     filename: Annotated[str, Query(description="Name of the uploaded file, for messages")] = "card",
     replace: Annotated[bool, Query(description="Replace a companion with the same id")] = False,
 ) -> Companion:
@@ -81,17 +77,18 @@ async def import_card(
     if declared > MAX_CARD_BYTES:
         raise HTTPException(413, f"{filename}: a card may be at most {MAX_CARD_BYTES} bytes")
     companion = parse_card(await request.body(), filename)
-    if companions.get(companion.id) and not replace:
-        raise HTTPException(409, f"{filename}: a companion with id {companion.id!r} exists; "
-                                 "import with replace=true to replace it")
-    if companions.get(companion.id):
-        _editable(companions, companion.id)
-    companions.put(companion, "card", filename)
+    owner = account.owner_for_new()
+    if account.hf.companions.origin(companion.id):
+        if not replace or account.hf.companions.get(companion.id, account.name) is None:
+            raise HTTPException(409, f"{filename}: the id {companion.id!r} is taken"
+                                     + ("" if replace else "; import with replace=true to replace yours"))
+        _, owner = account.editable(companion.id)
+    account.hf.companions.put(companion, "card", filename, owner=owner)
     return companion
 
 
 class NewConversation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"companion": "ember"}]})
     companion: str
     title: str | None = None
 
@@ -102,7 +99,9 @@ class ConversationWithMessages(BaseModel):
 
 
 class SendMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"content": "I planted tomatoes today.", "max_tokens": 16},
+        {"content": "Tell me a joke.", "stream": True, "max_tokens": 16}]})
     content: str = Field(min_length=1)
     stream: bool = False
     temperature: float | None = Field(None, ge=0, le=2)
@@ -115,63 +114,59 @@ class Exchange(BaseModel):
     reply: Message
 
 
-def _conversation(history: History, conversation_id: str) -> Conversation:
-    conversation = history.get_conversation(conversation_id)
-    if conversation is None:
-        raise HTTPException(404, f"no conversation with id {conversation_id!r}")
-    return conversation
-
-
 @router.post("/conversations", status_code=201)
-def create_conversation(
-    body: NewConversation, chat: ChatDep, history: HistoryDep
-) -> ConversationWithMessages:
+def create_conversation(body: NewConversation, account: AccountDep) -> ConversationWithMessages:
     """Start a conversation; the companion's greeting (first_mes) is its first message."""
-    companion = chat.companion(body.companion)
-    conversation = history.create_conversation(companion.id, body.title)
+    companion = account.companion(body.companion)
+    conversation = account.history.create_conversation(companion.id, body.title)
     messages = []
     if companion.first_mes.strip():
         greeting = substitute(companion.first_mes, companion, "User")
-        messages.append(history.append(conversation.id, "assistant", greeting))
+        messages.append(account.history.append(conversation.id, "assistant", greeting))
     return ConversationWithMessages(conversation=conversation, messages=messages)
 
 
 @router.get("/conversations")
 def list_conversations(
-    history: HistoryDep, companion: str | None = None,
+    account: AccountDep, companion: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[Conversation]:
-    return history.list_conversations(companion, limit, offset)
+    """The user's conversations, most recently active first."""
+    return account.history.list_conversations(companion, limit, offset)
 
 
 @router.get("/conversations/{conversation_id}")
-def get_conversation(conversation_id: str, history: HistoryDep) -> ConversationWithMessages:
-    conversation = _conversation(history, conversation_id)
-    return ConversationWithMessages(conversation=conversation, messages=history.messages(conversation.id))
+def get_conversation(conversation_id: str, account: AccountDep) -> ConversationWithMessages:
+    conversation = account.conversation(conversation_id)
+    return ConversationWithMessages(conversation=conversation,
+                                    messages=account.history.messages(conversation.id))
 
 
 @router.delete("/conversations/{conversation_id}", status_code=204)
-def delete_conversation(conversation_id: str, memory: MemoryDep) -> Response:
+def delete_conversation(conversation_id: str, account: AccountDep) -> Response:
     """Forget a conversation: its messages, its memories and their vectors."""
-    if not memory.forget_conversation(conversation_id):
-        raise HTTPException(404, f"no conversation with id {conversation_id!r}")
+    account.conversation(conversation_id)
+    account.memory.forget_conversation(conversation_id)
     return Response(status_code=204)
 
 
-@router.post("/conversations/{conversation_id}/messages", response_model=Exchange)
-async def send_message(conversation_id: str, body: SendMessage, chat: ChatDep, history: HistoryDep,
-                       limiter: LimiterDep, user: UserDep):
+@router.post("/conversations/{conversation_id}/messages", response_model=Exchange,
+             responses=streamed("The exchange; with stream: `delta` events, then `done` (or `error`)"))
+async def send_message(conversation_id: str, body: SendMessage, account: AccountDep, chat: ChatDep,
+                       limiter: LimiterDep):
     """Send a message; the reply comes back whole, or streamed as `delta` and `done` events."""
     limiter.check_messages([body.content])
-    conversation = _conversation(history, conversation_id)
-    companion = chat.companion(conversation.companion_id)
+    conversation = account.conversation(conversation_id)
+    companion = account.companion(conversation.companion_id)
+    history, user = account.history, account.name
     overrides = body.model_dump(include={"temperature", "top_p", "max_tokens"})
 
     def prepare() -> tuple[Plan, Message]:
         # Off the event loop, like the OpenAI route: reading history, tokenizing, the commit.
         past = [{"role": m.role, "content": m.content} for m in history.messages(conversation.id)
                 if m.content]
-        plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides))
+        plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides,
+                              user=user))
         return plan, history.append(conversation.id, "user", body.content)
 
     plan, message = await limiter.reserve(user, prepare)
@@ -193,5 +188,7 @@ async def _sse(events: AsyncIterator, message: Message) -> AsyncIterator[str]:
     except (EngineFailed, EngineUnavailable) as err:
         status = 503 if isinstance(err, EngineUnavailable) else 502
         yield event(error_body(status, str(err), code="engine_failed"), "error")
+    except UnknownConversation as err:   # deleted while the reply was being written
+        yield event(error_body(404, str(err), code="conversation_not_found"), "error")
     finally:
         await events.aclose()

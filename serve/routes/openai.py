@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
+from memory.history import UnknownConversation
+from serve.account import AccountDep
 from serve.chat import Delta, Done, EngineFailed, Turn
-from serve.deps import API_GUARDS, ChatDep, CompanionsDep, HistoryDep, LimiterDep, UserDep
+from serve.deps import API_GUARDS, ChatDep, LimiterDep
 from serve.engine import EngineUnavailable
-from serve.errors import error_body
+from serve.errors import ERROR_RESPONSES, error_body
 from serve.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -23,23 +25,26 @@ from serve.protocol import (
     ModelList,
     Usage,
 )
-from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event
+from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=API_GUARDS)
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=API_GUARDS,
+                   responses=ERROR_RESPONSES)
 
 
 @router.get("/models")
-def list_models(companions: CompanionsDep) -> ModelList:
-    """Every companion, as a model a client can name."""
-    return ModelList(data=[ModelCard(id=c.id, created=0) for c in companions.list()])
+def list_models(account: AccountDep) -> ModelList:
+    """Every companion the user may talk to, as a model a client can name."""
+    return ModelList(data=[ModelCard(id=c.id, created=0) for c in account.companions()])
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: HistoryDep,
-                           limiter: LimiterDep, user: UserDep):
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses=streamed("The completion; with stream: chunks as OpenAI sends them, then [DONE]"))
+async def chat_completions(body: ChatCompletionRequest, account: AccountDep, chat: ChatDep,
+                           limiter: LimiterDep):
     """Reply as the companion named by `model`; the conversation is stored, only what is new."""
     limiter.check_messages([m.text for m in body.messages])
-    companion = chat.companion(body.model)
+    companion = account.companion(body.model)
+    history, user = account.history, account.name
     system = [m.text for m in body.messages if m.role in ("system", "developer")]
     turns = [(m.role, m.text) for m in body.messages if m.role in ("user", "assistant")]
     if not turns or turns[-1][0] != "user":
@@ -50,7 +55,7 @@ async def chat_completions(body: ChatCompletionRequest, chat: ChatDep, history: 
         "stop": body.stop, "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
     }
-    turn = Turn(companion, [{"role": r, "content": c} for r, c in turns], overrides, system, "openai")
+    turn = Turn(companion, [{"role": r, "content": c} for r, c in turns], overrides, system, "openai", user)
 
     def prepare() -> tuple:
         # Tokenizing (which releases the GIL) and the commit run off the event loop, so a
@@ -109,5 +114,7 @@ async def _sse(events: AsyncIterator, completion_id: str, created: int, model: s
     except (EngineFailed, EngineUnavailable) as err:
         status = 503 if isinstance(err, EngineUnavailable) else 502
         yield event(error_body(status, str(err), code="engine_failed"))
+    except UnknownConversation as err:   # deleted while the reply was being written
+        yield event(error_body(404, str(err), code="conversation_not_found"))
     finally:
         await events.aclose()

@@ -8,7 +8,7 @@ import pytest
 
 from memory.companions import Companion, CompanionStore
 from memory.db import MIGRATIONS, Database, SchemaError
-from memory.history import History, ReplyMeta
+from memory.history import History, ReplyMeta, UnknownConversation
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_metadata_round_trips_and_deletes_cascade(db):
                      finish_reason="length", truncated=True)
     message = history.append(conv.id, "assistant", "partial", meta)
     assert (message.sampling, message.truncated, message.prompt_tokens) == ({"temperature": 0.5}, True, 40)
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownConversation):
         history.append("missing", "user", "x")
     CompanionStore(db).delete("ember")
     assert history.get_conversation(conv.id) is None

@@ -17,7 +17,8 @@ def homefire(*args, input=None, env=None) -> subprocess.CompletedProcess:
                           input=input, timeout=300, cwd=REPO, env=env)
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["chat"], ["companion"], ["companion", "import-card"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["chat"], ["companion"], ["companion", "import-card"],
+                                     ["user"], ["user", "add"]])
 def test_every_command_explains_itself(command):
     result = homefire(*command, "--help")
     assert result.returncode == 0 and "usage: homefire" in result.stdout
@@ -58,7 +59,8 @@ def test_chat_in_the_terminal(server):
 
 
 def test_cli_against_the_running_server(server):
-    listed = json.loads(homefire("companion", "list", "--json", "--url", server.url).stdout)
+    listed = json.loads(homefire("companion", "list", "--json", "--url", server.url,
+                                 "--data-dir", str(server.data_dir)).stdout)
     assert "ember" in [c["id"] for c in listed]
 
 

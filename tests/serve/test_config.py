@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +41,13 @@ def serve(tmp_path, *args, env=None):
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
 
 
-def test_serve_refuses_a_public_address_without_a_key(tmp_path):
-    result = serve(tmp_path, "--host", "0.0.0.0", "--port", "0")
+def test_serve_refuses_a_public_address_with_a_guessable_key(tmp_path):
+    # Keys are always required; off loopback a short HOMEFIRE_API_KEY is refused too.
+    weak = os.environ | {"HOMEFIRE_API_KEY": "1234"}
+    result = serve(tmp_path, "--host", "0.0.0.0", "--port", "0", env=weak)
     assert result.returncode == 2
-    assert "refusing to listen on 0.0.0.0" in result.stderr and "HOMEFIRE_API_KEY" in result.stderr
+    assert "refusing to listen on 0.0.0.0" in result.stderr
+    assert "HOMEFIRE_API_KEY is 4 characters" in result.stderr
 
 
 def test_serve_names_a_bad_companion_file(tmp_path):

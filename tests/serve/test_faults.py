@@ -27,7 +27,7 @@ def big_export(path: Path, conversations: int) -> Path:
 def first_event(server, path: str, body: bytes | dict, seen: threading.Event, store: list) -> None:
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     try:
-        with httpx.Client(base_url=server.url, timeout=120) as client, client.stream(
+        with server.http() as client, client.stream(
                 "POST", path, headers={"Accept": "text/event-stream"}, **kwargs) as response:
             for line in response.iter_lines():
                 store.append(line)

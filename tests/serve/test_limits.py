@@ -5,8 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
-
 
 def test_over_limit_requests_get_clear_4xx_and_leave_no_trace(make_server):
     server = make_server(config={"limits": {"max_body_kb": 4, "max_messages": 3, "max_content_chars": 200,
@@ -42,7 +40,7 @@ def test_over_limit_requests_get_clear_4xx_and_leave_no_trace(make_server):
     together, answers = threading.Barrier(2), []
 
     def send(path: str, body: dict) -> None:
-        with httpx.Client(base_url=server.url, timeout=120) as client:
+        with server.http() as client:
             together.wait()
             answers.append(client.post(path, json=body))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import openai
 import pytest
 
@@ -146,7 +145,7 @@ def test_disconnect_mid_stream_truncates_and_stops_the_engine(server):
             "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}]}
     tokens = "vllm:generation_tokens_total"
     before = server.engine_metric(tokens)
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with server.http() as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             conversation = response.headers["x-homefire-conversation"]
             received = 0

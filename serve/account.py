@@ -1,0 +1,100 @@
+"""Who is asking, and the one gate every request's data passes through.
+
+A route never touches the stores directly: it takes an Account, whose history and memory
+are views bound to the user in SQL, and whose lookups turn an id the user may not see
+into the same 404 as an id that does not exist. Admins manage users and shared companions;
+they read no one else's conversations or memories either.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from memory.companions import Companion
+from memory.history import Conversation, History, UnknownConversation
+from memory.store import Memory, MemoryStore
+from memory.users import User
+from serve.chat import UnknownCompanion
+from serve.engine import EngineUnavailable
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: `homefire user add NAME` prints one; "
+                     "the local owner's is in the data directory's api_key file")
+
+
+def authenticate(request: Request,
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    """Every route but /healthz: the user whose key is sent as `Authorization: Bearer KEY`."""
+    user = credentials and request.app.state.homefire.users.by_key(credentials.credentials)
+    if not user:
+        raise HTTPException(401, "missing, unknown or revoked API key: send 'Authorization: Bearer "
+                                 "KEY' (the local owner's key is in the data directory's api_key file)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+class Account:
+    def __init__(self, hf, user: User):
+        self.hf = hf
+        self.user = user
+        self.name = user.name
+        self.history = History(hf.db, user.name)
+
+    @property
+    def memory(self) -> MemoryStore:
+        if self.hf.chat.memory is None:
+            raise EngineUnavailable("the memory index is still opening")
+        return self.hf.chat.memory.for_user(self.name)
+
+    # -- companions: shared ones and the user's own ---------------------------------------
+
+    def companions(self) -> list[Companion]:
+        return self.hf.companions.list(self.name)
+
+    def companion(self, companion_id: str) -> Companion:
+        """A companion the user may talk to, or 404; also checked against the served model."""
+        return self.hf.chat.companion(companion_id, self.name)
+
+    def editable(self, companion_id: str) -> tuple[Companion, str | None]:
+        """(companion, owner) the user may change: their own, or a shared one for an admin."""
+        companion = self.companion_card(companion_id)
+        source, path, owner = self.hf.companions.origin(companion_id)
+        if owner is None and not self.user.admin:
+            raise HTTPException(403, f"companion {companion_id!r} is shared; only an admin may change it")
+        if source == "config":
+            raise HTTPException(409, f"companion {companion_id!r} is defined in {path}; edit that file")
+        return companion, owner
+
+    def companion_card(self, companion_id: str) -> Companion:
+        """The card alone (no base-model check), or 404."""
+        found = self.hf.companions.get(companion_id, self.name)
+        if found is None:
+            raise UnknownCompanion(companion_id, self.hf.companions.ids(self.name))
+        return found
+
+    def owner_for_new(self) -> str | None:
+        """Who owns a companion this user creates: an admin's is shared, anyone else's their own."""
+        return None if self.user.admin else self.name
+
+    # -- the user's own data ----------------------------------------------------------
+
+    def conversation(self, conversation_id: str) -> Conversation:
+        found = self.history.get_conversation(conversation_id)
+        if found is None:
+            raise UnknownConversation(conversation_id)
+        return found
+
+    def memory_item(self, memory_id: int) -> Memory:
+        found = self.memory.get(memory_id)
+        if found is None:
+            raise HTTPException(404, f"no memory with id {memory_id}")
+        return found
+
+
+def get_account(request: Request, user: Annotated[User, Depends(authenticate)]) -> Account:
+    return Account(request.app.state.homefire, user)
+
+
+AccountDep = Annotated[Account, Depends(get_account)]
