@@ -3,11 +3,12 @@
 Starts `homefire serve` on the embedded model with one account per user, then:
   1. all users stream chats for --seconds, each in their own conversation, one reply at a
      time: errors, lost messages, TTFT p50/p95 and throughput;
-  2. the fairness baseline: all users but one, the same way (their TTFT unloaded);
-  3. the same users again while the last user floods: --flood streams at once, a new one
+  2. the fairness baseline: one user fewer, the same way (their TTFT unloaded);
+  3. as many users again while one more user floods: --flood streams at once, a new one
      as each ends (the per-user limit refuses the excess with 429). Their TTFT p95 under
      the flood over the baseline's is the ratio printed (goal <= 2).
-After each phase every acknowledged message is looked up in its conversation.
+After each phase every acknowledged message is looked up in its conversation. Each phase
+has users of its own, who start without history or memories.
 
     .venv/bin/python bench/load.py [--users 16] [--seconds 60] [--flood 64]
 """
@@ -152,13 +153,18 @@ async def phase(name: str, clients: list[httpx.AsyncClient], seconds: float, max
 async def run(args, url: str, keys: list[str]) -> dict:
     clients = [httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {k}"},
                                  timeout=httpx.Timeout(30, read=600)) for k in keys]
+    # Fresh users for each phase: memories pile up as users talk (and recall puts them in
+    # the prompt), so a phase run by the same users later would start with longer prompts.
+    n = args.users
+    crowd, calm, busy = clients[:n], clients[n:2 * n - 1], clients[2 * n - 1:3 * n - 2]
+    flooder, warm = clients[3 * n - 2], clients[3 * n - 1:]
     try:
         # Warm-up: a few replies, so the first batches' one-off costs are not measured.
-        await phase("warm-up", clients, 10, args.max_tokens)
-        everyone = await phase("all users", clients, args.seconds, args.max_tokens)
-        baseline = await phase("others, unloaded", clients[:-1], args.seconds, args.max_tokens)
-        flooded = await phase("others, one user flooding", clients[:-1], args.seconds, args.max_tokens,
-                              flood=(clients[-1], args.flood))
+        await phase("warm-up", warm, 10, args.max_tokens)
+        everyone = await phase("all users", crowd, args.seconds, args.max_tokens)
+        baseline = await phase("others, unloaded", calm, args.seconds, args.max_tokens)
+        flooded = await phase("others, one user flooding", busy, args.seconds, args.max_tokens,
+                              flood=(flooder, args.flood))
     finally:
         for client in clients:
             await client.aclose()
@@ -177,7 +183,7 @@ def main() -> None:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="homefire-load-"))
     ensure_default_model(data_dir / "models")
     users = Users(Database(data_dir / "homefire.db"))
-    keys = [users.add(f"user{i:02d}") for i in range(args.users)]
+    keys = [users.add(f"user{i:02d}") for i in range(4 * args.users - 1)]
     config = data_dir / "bench-config.yaml"
     config.write_text(f"companions_dir: {REPO / 'configs' / 'companions'}\n")   # default limits
     print(f"starting homefire serve in {data_dir} ...", flush=True)
@@ -209,7 +215,7 @@ def main() -> None:
     print(f"{a['users']} users at once: {a['replies']} replies, {a['errors']} errors, {a['lost']} lost, "
           f"TTFT p50 {a['ttft_p50_ms']:.0f} ms p95 {a['ttft_p95_ms']:.0f} ms, "
           f"{a['tokens_per_s']:.1f} tokens/s")
-    print(f"{b['users']} users, unloaded: TTFT p95 {b['ttft_p95_ms']:.0f} ms; with user{args.users - 1:02d} "
+    print(f"{b['users']} users, unloaded: TTFT p95 {b['ttft_p95_ms']:.0f} ms; with one more user "
           f"flooding ({args.flood} streams): TTFT p95 {f['ttft_p95_ms']:.0f} ms, errors {f['errors']}, "
           f"lost {f['lost']}; flooder: {f['flooder']['replies']} replies, "
           f"{f['flooder']['refused_429']} refused with 429")

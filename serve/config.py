@@ -95,7 +95,7 @@ class LimitsConfig(BaseModel):
     """Longest single message, in characters."""
     requests_per_minute: int = Field(600, ge=0)
     """API requests per user per minute, in bursts of up to as many (0: no limit)."""
-    max_streams_per_user: int = Field(16, ge=0)
+    max_streams_per_user: int = Field(4, ge=0)
     """Replies being written for one user at once (0: no limit)."""
 
 

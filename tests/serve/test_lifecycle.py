@@ -59,18 +59,23 @@ def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
     server = make_server().start()
     server.http().post("/api/v1/companions", json={"id": "long", "name": "Long",
                                                    "sampling": {"max_tokens": 2000}})
-    stream = server.openai().chat.completions.create(
+    # Replies in flight for two users at once when the engine dies.
+    keys = [server.key, server.key, server.add_user("guest")]
+    streams = [server.openai(key).chat.completions.create(
         model="long", stream=True, max_tokens=2000, temperature=0,
-        messages=[{"role": "user", "content": "Count from 1 to 500, one number per line."}])
-    assert next(stream).choices[0].delta.role == "assistant"
-    while not next(stream).choices[0].delta.content:  # let some of the reply arrive
-        pass
+        messages=[{"role": "user", "content": f"Count from {n} to 500, one number per line."}])
+        for n, key in enumerate(keys, start=1)]
+    for stream in streams:
+        assert next(stream).choices[0].delta.role == "assistant"
+        while not next(stream).choices[0].delta.content:  # let some of the reply arrive
+            pass
     engine = next(p for p in family(server.proc.pid) if "vllm.entrypoints" in " ".join(p.cmdline()))
     os.kill(engine.pid, signal.SIGKILL)
-    with pytest.raises(openai.APIError) as err:
-        for _ in stream:
-            pass
-    assert "engine" in str(err.value.message)
+    for stream in streams:
+        with pytest.raises(openai.APIError) as err:
+            for _ in stream:
+                pass
+        assert "engine" in str(err.value.message)
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -83,9 +88,12 @@ def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
     reply = server.openai().chat.completions.create(
         model="ember", messages=[{"role": "user", "content": "Are you back?"}], max_tokens=8)
     assert reply.choices[0].message.content
-    conversations = server.http().get("/api/v1/conversations", params={"companion": "long"}).json()
-    messages = server.http().get(f"/api/v1/conversations/{conversations[0]['id']}").json()["messages"]
-    assert messages[-1]["truncated"] is True and messages[-1]["finish_reason"] == "engine_error"
+    for key, expected in ((server.key, 2), (keys[-1], 1)):
+        conversations = server.http(key).get("/api/v1/conversations", params={"companion": "long"}).json()
+        assert len(conversations) == expected
+        for conversation in conversations:
+            messages = server.http(key).get(f"/api/v1/conversations/{conversation['id']}").json()["messages"]
+            assert messages[-1]["truncated"] is True and messages[-1]["finish_reason"] == "engine_error"
 
 
 def test_an_external_engine_url_spawns_nothing(make_server, model_dir, tmp_path):
