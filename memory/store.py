@@ -24,13 +24,13 @@ from typing import Literal
 
 import chromadb
 import numpy as np
-import torch
 from chromadb.config import Settings as ChromaSettings
 from pydantic import BaseModel
 
 from memory.db import Database
 from memory.embedder import Embedder
 from memory.history import exchange_text
+from memory.mirror import Mirror
 from memory.users import LOCAL
 
 Kind = Literal["exchange", "fact"]
@@ -90,7 +90,7 @@ class MemoryStore:
             path=str(index_dir), settings=ChromaSettings(anonymized_telemetry=False))
         # Keyed by collection name and shared by every user's view.
         self._collections: dict[str, chromadb.Collection] = {}
-        self._mirrors: dict[str, _Mirror] = {}
+        self._mirrors: dict[str, Mirror] = {}
         self._index_lock = threading.Lock()
 
     def for_user(self, user: str) -> MemoryStore:
@@ -318,10 +318,10 @@ class MemoryStore:
         if collection.name in self._mirrors:
             self._mirrors[collection.name].drop(memory_ids)
 
-    def _mirror(self, companion_id: str) -> _Mirror:
+    def _mirror(self, companion_id: str) -> Mirror:
         collection = self.collection(companion_id)
         if collection.name not in self._mirrors:
-            mirror = _Mirror()
+            mirror = Mirror()
             # In pages: one get() of a large collection exceeds SQLite's variable limit.
             for offset in range(0, collection.count(), 5000):
                 page = collection.get(include=["embeddings", "metadatas"], limit=5000, offset=offset)
@@ -350,57 +350,6 @@ class MemoryStore:
                  for i, (score, vector) in best.items() if i in rows]
         found.sort(key=lambda c: c[0].score, reverse=True)
         return found[:k]
-
-
-class _Mirror:
-    """One companion's vectors in memory, for exact cosine search (all are unit vectors).
-
-    bfloat16 halves the bytes each query scans (recall is memory-bound: 100k x 384 floats)
-    and runs in torch's own threads, so it does not fight the embedder's OpenMP threads
-    for the cores as numpy's BLAS threads did (p95 at 100k: 119 ms with numpy, 24 ms so).
-    Scores stay within 0.001 of float32.
-    """
-
-    def __init__(self):
-        self.size = 0
-        self._ids = np.zeros(0, dtype=np.int64)
-        self._matrix = torch.zeros((0, 0), dtype=torch.bfloat16)
-        self._lock = threading.Lock()
-
-    def add(self, memory_ids: list[int], vectors) -> None:
-        if len(memory_ids) == 0:
-            return
-        block = torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(torch.bfloat16)
-        with self._lock:
-            need = self.size + len(block)
-            if need > len(self._ids):  # grow by doubling: appending one reply copies nothing
-                capacity = max(need, 2 * len(self._ids), 1024)
-                matrix = torch.zeros((capacity, block.shape[1]), dtype=torch.bfloat16)
-                if self.size:
-                    matrix[: self.size] = self._matrix[: self.size]
-                ids = np.zeros(capacity, dtype=np.int64)
-                ids[: self.size] = self._ids[: self.size]
-                self._matrix, self._ids = matrix, ids
-            self._matrix[self.size:need] = block
-            self._ids[self.size:need] = memory_ids
-            self.size = need
-
-    def drop(self, memory_ids: list[int]) -> None:
-        with self._lock:
-            keep = ~np.isin(self._ids[: self.size], memory_ids)
-            kept = int(keep.sum())
-            self._matrix[:kept] = self._matrix[: self.size][torch.from_numpy(keep)]
-            self._ids[:kept] = self._ids[: self.size][keep]
-            self.size = kept
-
-    def top(self, vector: np.ndarray, n: int) -> list[tuple[int, float, np.ndarray]]:
-        with self._lock:
-            matrix = self._matrix[: self.size]
-            scores = torch.mv(matrix, torch.from_numpy(vector).to(torch.bfloat16)).float()
-            values, rows = torch.topk(scores, min(n, self.size))
-            picked = matrix[rows].float().numpy()
-            return [(int(self._ids[r]), float(v), picked[i])
-                    for i, (r, v) in enumerate(zip(rows.tolist(), values.tolist(), strict=True))]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

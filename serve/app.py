@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ class Homefire:
     limiter: Limiter
     users: Users
     tasks: list[asyncio.Task] = field(default_factory=list)
-    import_lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # one import at a time
+    # One import at a time per user: another user's long import never makes yours wait.
+    import_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
     @classmethod
     def open(cls, settings: Settings, data_dir: Path) -> Homefire:

@@ -196,7 +196,7 @@ def _memory_locally(args: argparse.Namespace) -> object:
             store.index_pending()
             return store.get(fact.id).model_dump()
         if action == "rebuild":
-            return {"memories": store.rebuild()}
+            return {"memories": store.rebuild(everyone=True)}   # the operator, under the lock
         if action == "forget-conversation":
             if not store.forget_conversation(args.id):
                 raise UsageError(f"no conversation with id {args.id!r}")
@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("forget-conversation", parents=[remote],
                         help="delete a conversation with all its messages and memories")
     p.add_argument("id", help="conversation id")
-    msub.add_parser("rebuild", parents=[remote], help="recreate the vector index from SQLite")
+    msub.add_parser("rebuild", parents=[remote], help="recreate the vector index from SQLite (through the "
+                    "server: your own; without one: every user's)")
     for action_parser in msub.choices.values():
         action_parser.add_argument("--json", action="store_true", help="print JSON")
         action_parser.set_defaults(func=cmd_memory)

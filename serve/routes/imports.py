@@ -27,7 +27,7 @@ Format = Literal[FORMATS]  # type: ignore[valid-type]
     **streamed("What was imported (or, with dry_run, would be): counts, date range, suggested "
                "persona. With `Accept: text/event-stream`, `progress` events ({stage: read|index, "
                "done, total}) and then `done` or `error`."),
-    409: {"model": ErrorResponse, "description": "Another import is running"},
+    409: {"model": ErrorResponse, "description": "Another import of this user's is running"},
     413: {"model": ErrorResponse, "description": "Upload too large"},
     422: {"model": ErrorResponse, "description": "Not an export we can read; the message names "
           "the file and position"}},
@@ -53,16 +53,17 @@ async def import_export(
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the upload is {int(declared) >> 20} MB; this server accepts "
                                  f"at most {limit >> 20} MB (imports.max_upload_mb)")
-    if hf.import_lock.locked():
-        raise HTTPException(409, "another import is running; try again when it is done")
-    await hf.import_lock.acquire()   # held until the import's work is over, see below
+    lock = hf.import_locks[account.name]
+    if lock.locked():
+        raise HTTPException(409, "another import of yours is running; try again when it is done")
+    await lock.acquire()   # held until the import's work is over, see below
     spool = hf.data_dir / "run" / "uploads" / uuid.uuid4().hex
     try:
         spool.parent.mkdir(parents=True, exist_ok=True)
         await _receive(request, spool, limit)
     except BaseException:
         spool.unlink(missing_ok=True)
-        hf.import_lock.release()
+        lock.release()
         raise
     label = f"{filename} (uploaded)"
     queue: asyncio.Queue = asyncio.Queue()
@@ -84,7 +85,7 @@ async def import_export(
         return result.as_dict()
 
     task = asyncio.create_task(asyncio.to_thread(work))
-    task.add_done_callback(lambda _: hf.import_lock.release())
+    task.add_done_callback(lambda _: lock.release())
     if "text/event-stream" not in request.headers.get("accept", ""):
         try:
             return await asyncio.shield(task)   # a client gone away does not undo an import

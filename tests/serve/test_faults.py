@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.memory.exports import chatgpt_simple
+from tests.memory.exports import chatgpt_simple, chatgpt_zip
 
 
 def big_export(path: Path, conversations: int) -> Path:
@@ -62,6 +62,13 @@ def test_sigkill_mid_reply_and_mid_import_loses_nothing_acknowledged(make_server
     for thread in threads:
         thread.start()
     assert streaming.wait(120) and importing.wait(120)
+    # Meanwhile: one import at a time per user, and another user's import is not held up.
+    small = chatgpt_zip(tmp_path / "small.zip", [chatgpt_simple(
+        "s1", ("user", "I collect stamps."), ("assistant", "Which ones?"))]).read_bytes()
+    second = http.post("/api/v1/companions/ember/imports", content=small)
+    assert second.status_code == 409 and "of yours" in second.json()["error"]["message"]
+    guests = server.http(server.add_user("guest")).post("/api/v1/companions/ember/imports", content=small)
+    assert guests.status_code == 200 and guests.json()["conversations_added"] == 1, guests.text
     server.stop(signal.SIGKILL)
     for thread in threads:
         thread.join(60)
@@ -77,7 +84,8 @@ def test_sigkill_mid_reply_and_mid_import_loses_nothing_acknowledged(make_server
         "SELECT content FROM messages WHERE conversation_id = ? AND id > ? ORDER BY id",
         (conversation, acknowledged[-1]))]
     assert stored[:1] == ["Tell me a long story about the sea."], "the message under reply was committed"
-    imported = db.execute("SELECT COUNT(*) FROM conversations WHERE source = 'imported'").fetchone()[0]
+    imported = db.execute("SELECT COUNT(*) FROM conversations WHERE source = 'imported' "
+                          "AND user_id = 'local'").fetchone()[0]
     assert imported in (0, 60_000), "an import is all or nothing"
     assert not list((server.data_dir / "run").glob("import-*")), "no staging file is left"
     assert not list((server.data_dir / "run" / "uploads").glob("*")), "no upload is left"
