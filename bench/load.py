@@ -20,7 +20,6 @@ import asyncio
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +31,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serving import homefire_server  # noqa: E402
 from memory.db import Database  # noqa: E402
-from memory.users import Users, local_key  # noqa: E402
-from serve.default_model import MODEL_NAME, ensure_default_model  # noqa: E402
+from memory.users import Users  # noqa: E402
+from serve.default_model import MODEL_NAME  # noqa: E402
 
 TOPICS = ["my garden", "a film I saw", "my sister's wedding", "learning the piano", "a rainy walk",
           "my new job", "the stars last night", "cooking soup", "an old friend", "a long train ride"]
@@ -181,34 +181,11 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="data directory (default: a temporary one)")
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="homefire-load-"))
-    ensure_default_model(data_dir / "models")
     users = Users(Database(data_dir / "homefire.db"))
     keys = [users.add(f"user{i:02d}") for i in range(4 * args.users - 1)]
-    config = data_dir / "bench-config.yaml"
-    config.write_text(f"companions_dir: {REPO / 'configs' / 'companions'}\n")   # default limits
-    print(f"starting homefire serve in {data_dir} ...", flush=True)
-    log = (data_dir / "serve.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(data_dir),
-                             "--port", "0", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    owner = {"Authorization": f"Bearer {local_key(data_dir)}"}
-    try:
-        info = data_dir / "run" / "server.json"
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"homefire serve exited; see {data_dir / 'serve.log'}")
-            if info.exists():
-                url = json.loads(info.read_text())["url"]
-                try:
-                    if httpx.get(f"{url}/readyz", headers=owner, timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.5)
+    # Default settings (limits included): what a shared server runs.
+    with homefire_server(data_dir, f"companions_dir: {REPO / 'configs' / 'companions'}\n") as (url, _):
         result = asyncio.run(run(args, url, keys))
-    finally:
-        proc.terminate()
-        proc.wait(60)
     a, b, f = result["all"], result["baseline"], result["flooded"]
     print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; model {MODEL_NAME}; "
           f"{args.max_tokens} tokens per reply, {args.seconds:.0f} s per phase")

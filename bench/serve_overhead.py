@@ -15,7 +15,6 @@ import asyncio
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +26,10 @@ import openai
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serving import homefire_server  # noqa: E402
 from memory.companions import load_companion_file  # noqa: E402
 from memory.persona import persona_prompt  # noqa: E402
-from memory.users import local_key  # noqa: E402
-from serve.default_model import MODEL_NAME, ensure_default_model  # noqa: E402
+from serve.default_model import MODEL_NAME  # noqa: E402
 from serve.engine import SERVED_NAME  # noqa: E402
 
 TOPICS = ["my garden", "a film I saw", "my sister's wedding", "learning the piano", "a rainy walk",
@@ -131,38 +130,14 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="data directory (default: a temporary one)")
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="homefire-bench-"))
-    ensure_default_model(data_dir / "models")
-    log = (data_dir / "serve.log").open("ab")
     # Equal work on both paths: no recalled memories in Homefire's prompts (they would make
     # them longer than the baseline's). Remembering and indexing still run and count;
-    # recall's own cost is bench/memory.py's.
-    config = data_dir / "bench-config.yaml"
-    # No per-user limits either: the benchmark is one user with many streams at once.
-    config.write_text(f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n  top_k: 0\n"
-                      "limits:\n  max_streams_per_user: 0\n  requests_per_minute: 0\n")
-    key = local_key(data_dir)   # the owner's key, as `homefire user key` prints it
-    print(f"starting homefire serve in {data_dir} ...", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--data-dir", str(data_dir),
-                             "--port", "0", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        info = data_dir / "run" / "server.json"
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"homefire serve exited; see {data_dir / 'serve.log'}")
-            if info.exists():
-                url = json.loads(info.read_text())["url"]
-                try:
-                    if httpx.get(f"{url}/readyz", headers={"Authorization": f"Bearer {key}"},
-                                 timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.5)
+    # recall's own cost is bench/memory.py's. No per-user limits either: the benchmark is
+    # one user with many streams at once.
+    config = (f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n  top_k: 0\n"
+              "limits:\n  max_streams_per_user: 0\n  requests_per_minute: 0\n")
+    with homefire_server(data_dir, config) as (url, key):
         result = asyncio.run(run(args, url, data_dir / "run" / "engine.sock", key))
-    finally:
-        proc.terminate()
-        proc.wait(60)
     d, h = result["direct"], result["homefire"]
     print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; model {MODEL_NAME}; "
           f"{args.concurrency} concurrent streams x {args.max_tokens} tokens x {args.rounds} rounds")

@@ -93,7 +93,7 @@ class Account:
         return found
 
 
-def get_account(request: Request, user: Annotated[User, Depends(authenticate)]) -> Account:
+async def get_account(request: Request, user: Annotated[User, Depends(authenticate)]) -> Account:
     return Account(request.app.state.homefire, user)
 
 

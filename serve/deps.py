@@ -1,4 +1,7 @@
-"""Request dependencies: the process's Homefire objects, the user's account and rate limit."""
+"""Request dependencies: the process's Homefire objects, the user's account and rate limit.
+
+The ones that only read memory are async: a sync dependency costs a thread-pool hop per request.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +15,19 @@ from serve.chat import ChatService
 from serve.limits import Limiter
 
 
-def get_homefire(request: Request):
+async def get_homefire(request: Request):
     return request.app.state.homefire
 
 
-def get_chat(request: Request) -> ChatService:
+async def get_chat(request: Request) -> ChatService:
     return request.app.state.homefire.chat
 
 
-def get_limiter(request: Request) -> Limiter:
+async def get_limiter(request: Request) -> Limiter:
     return request.app.state.homefire.limiter
 
 
-def rate_limit(request: Request, user: Annotated[User, Depends(authenticate)]) -> None:
+async def rate_limit(request: Request, user: Annotated[User, Depends(authenticate)]) -> None:
     request.app.state.homefire.limiter.check_rate(user.name)
 
 
