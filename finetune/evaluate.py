@@ -68,8 +68,8 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
 
     from memory.embedder import Embedder
 
-    folder = adapters.adapters_dir(data_dir, companion.id) / version
-    info = adapters.manifest(data_dir, companion.id, version)
+    folder = adapters.version_dir(data_dir, companion.key, version)
+    info = adapters.manifest(data_dir, companion.key, version)
     adapters.verify(folder, adapters.model_sha256(Path(model_path)))
     config = FinetuneConfig.model_validate(info["config"])
     tokenizer = tokenizer_for(model_path)

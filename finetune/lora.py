@@ -30,7 +30,7 @@ def tokenizer_for(model_path: str):
 
 def dataset_for(db: Database, companion: Companion, tokenizer, config: FinetuneConfig,
                 user: str = LOCAL) -> Dataset:
-    return build(tokenizer, companion, load_history(db, companion.id, user), config)
+    return build(tokenizer, companion, load_history(db, companion.key, user), config)
 
 
 def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str, model_id: str,
@@ -41,14 +41,14 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
     data = dataset_for(db, companion, tokenizer, config, user)
     base_sha = adapters.model_sha256(Path(model_path))
     if resume:
-        out = adapters.adapters_dir(data_dir, companion.id) / resume
+        out = adapters.version_dir(data_dir, companion.key, resume)
         saved = out / "checkpoint" / "run.json"
         if not saved.exists():
             raise FinetuneError(f"nothing to resume in {out}: no checkpoint")
         if json.loads(saved.read_text())["dataset"] != data.digest():
             raise FinetuneError(f"{out}: the history changed since this run started; start a new run")
     else:
-        out = adapters.new_version(data_dir, companion.id)
+        out = adapters.new_version(data_dir, companion.key)
     model, device = load_model(model_path, config)
     trainer = Trainer(model, device, data.train, data.eval, config, tokenizer.pad_token_id, out, report)
     (out / "checkpoint").mkdir(exist_ok=True)

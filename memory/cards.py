@@ -1,16 +1,18 @@
 """Character Card import: V1, V2 (`chara_card_v2`) and V3 (`chara_card_v3`), as JSON or PNG.
 
 PNG cards carry the card as base64 JSON in a tEXt/iTXt chunk named `ccv3` (V3) or `chara`.
+Only those chunks are read, by walking the PNG's chunk structure: the picture is never
+decoded, so a decompression bomb is just bytes we skip.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+import struct
+import zlib
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from memory.companions import Companion, CompanionError, format_validation_error, slugify
@@ -45,13 +47,55 @@ def parse_card(data: bytes, filename: str = "card") -> Companion:
     return card_to_companion(card, filename)
 
 
+def png_texts(data: bytes, filename: str = "card") -> dict[str, str]:
+    """The tEXt and iTXt chunks of a PNG by keyword; errors name the damaged chunk."""
+    texts, position = {}, len(PNG_SIGNATURE)
+    while position < len(data):
+        if position + 8 > len(data):
+            raise CompanionError(f"{filename}: damaged PNG: the file ends inside a chunk header "
+                                 f"at byte {position}")
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        end = position + 8 + length + 4
+        if end > len(data):
+            raise CompanionError(f"{filename}: damaged PNG: the {kind!r} chunk at byte {position} "
+                                 f"is cut short ({length} bytes announced)")
+        body = data[position + 8:end - 4]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+            raise CompanionError(f"{filename}: damaged PNG: the {kind!r} chunk at byte {position} "
+                                 "fails its checksum")
+        if kind == b"IEND":
+            break
+        if kind in (b"tEXt", b"iTXt"):
+            keyword, _, rest = body.partition(b"\0")
+            name = keyword.decode("latin-1")
+            if kind == b"tEXt":
+                texts[name] = rest.decode("latin-1")
+            elif name in ("ccv3", "chara"):
+                texts[name] = _itxt(rest, filename, name)
+        position = end
+    return texts
+
+
+def _itxt(rest: bytes, filename: str, name: str) -> str:
+    compressed, _method, rest = rest[0:1], rest[1:2], rest[2:]
+    _language, _, rest = rest.partition(b"\0")
+    _translated, _, text = rest.partition(b"\0")
+    if compressed == b"\1":
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(text, MAX_CARD_BYTES)   # bounded: a card is never larger
+        if inflate.unconsumed_tail:
+            raise CompanionError(f"{filename}: the {name!r} chunk inflates past {MAX_CARD_BYTES >> 20} MiB")
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CompanionError(f"{filename}: the {name!r} chunk is not UTF-8 text") from err
+
+
 def _png_card_json(data: bytes, filename: str) -> bytes:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # text chunks after the image data are read only by load()
-            texts = dict(getattr(image, "text", {}))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise CompanionError(f"{filename}: damaged PNG: {err}") from err
+        texts = png_texts(data, filename)
+    except zlib.error as err:
+        raise CompanionError(f"{filename}: damaged PNG: a compressed text chunk: {err}") from err
     for key in ("ccv3", "chara"):
         if key in texts:
             try:

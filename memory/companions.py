@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from memory.db import Database
 
@@ -62,6 +62,27 @@ class Companion(BaseModel):
     adapter: str | None = None
     """LoRA adapter version the companion speaks through (filled by fine-tuning)."""
 
+    _key: str | None = PrivateAttr(None)
+
+    @property
+    def key(self) -> str:
+        """Where its data is kept: the id of a shared companion, OWNER.ID of a user's own."""
+        return self._key or self.id
+
+    def stored_as(self, key: str) -> Companion:
+        self._key = key
+        return self
+
+
+def key_for(companion_id: str, owner: str | None) -> str:
+    """A user's own companions live in that user's namespace; ids and user names hold no '.'."""
+    return f"{owner}.{companion_id}" if owner else companion_id
+
+
+def visible_id(key: str) -> str:
+    """The id its owner knows a companion by."""
+    return key.rpartition(".")[2]
+
 
 class CompanionError(ValueError):
     """A persona card or companion file is invalid; the message says where."""
@@ -93,53 +114,70 @@ def load_companion_file(path: Path) -> Companion:
 
 
 class CompanionStore:
-    """Companions: shared ones (owner NULL: persona files, admins' API companions) and each
-    user's own. `viewer` limits reads to what that user may see; None sees everything."""
+    """Companions: shared ones (owner NULL: persona files, admins' API companions), stored
+    under their id, and each user's own, stored under OWNER.ID, so two users may each have a
+    `luna` and neither learns of the other's. A viewer sees the shared ones and their own; an
+    id of theirs hides a shared one of the same id. `viewer` None is the operator, who names
+    companions by key."""
 
     def __init__(self, db: Database):
         self.db = db
 
-    def _rows(self, columns: str, viewer: str | None, where: str = "", params: tuple = ()) -> list:
-        if viewer is not None:
-            where, params = f"{where} AND (owner IS NULL OR owner = ?)", (*params, viewer)
-        return self.db.query(f"SELECT {columns} FROM companions WHERE 1 = 1 {where} ORDER BY id", params)
+    def _visible(self, viewer: str, where: str = "", params: tuple = ()) -> list[Companion]:
+        rows = self.db.query(
+            f"SELECT id, card FROM companions WHERE (owner IS NULL OR owner = ?) {where} "
+            "ORDER BY owner IS NULL, id", (viewer, *params))
+        seen, found = set(), []
+        for row in rows:   # the viewer's own first: they shadow shared ones of the same id
+            companion = Companion.model_validate_json(row["card"]).stored_as(row["id"])
+            if companion.id not in seen:
+                seen.add(companion.id)
+                found.append(companion)
+        return sorted(found, key=lambda c: c.id)
 
     def list(self, viewer: str | None = None) -> list[Companion]:
-        return [Companion.model_validate_json(r["card"]) for r in self._rows("card", viewer)]
+        if viewer is not None:
+            return self._visible(viewer)
+        rows = self.db.query("SELECT id, card FROM companions ORDER BY id")
+        return [Companion.model_validate_json(r["card"]).stored_as(r["id"]) for r in rows]
 
     def ids(self, viewer: str | None = None) -> list[str]:
-        return [r["id"] for r in self._rows("id", viewer)]
+        return [c.id if viewer is not None else c.key for c in self.list(viewer)]
 
     def get(self, companion_id: str, viewer: str | None = None) -> Companion | None:
-        rows = self._rows("card", viewer, "AND id = ?", (companion_id,))
-        return Companion.model_validate_json(rows[0]["card"]) if rows else None
+        """The companion `viewer` knows by this id (theirs first, then a shared one)."""
+        if viewer is not None:
+            found = self._visible(viewer, "AND id IN (?, ?)", (companion_id, key_for(companion_id, viewer)))
+            return found[0] if found else None
+        rows = self.db.query("SELECT id, card FROM companions WHERE id = ?", (companion_id,))
+        return Companion.model_validate_json(rows[0]["card"]).stored_as(rows[0]["id"]) if rows else None
 
-    def origin(self, companion_id: str) -> tuple[Source, str | None, str | None] | None:
-        """(source, source path, owner), or None when there is no such companion."""
-        rows = self.db.query(
-            "SELECT source, source_path, owner FROM companions WHERE id = ?", (companion_id,)
-        )
+    def origin(self, key: str) -> tuple[Source, str | None, str | None] | None:
+        """(source, source path, owner) of the companion stored as `key`, or None."""
+        rows = self.db.query("SELECT source, source_path, owner FROM companions WHERE id = ?", (key,))
         return (rows[0]["source"], rows[0]["source_path"], rows[0]["owner"]) if rows else None
 
     def put(self, companion: Companion, source: Source, source_path: str | None = None,
-            owner: str | None = None) -> None:
-        now = time.time()
+            owner: str | None = None) -> Companion:
+        """Create or replace the companion in its owner's namespace (None: shared)."""
+        now, key = time.time(), key_for(companion.id, owner)
         with self.db.transaction() as conn:
             conn.execute(
                 """INSERT INTO companions (id, card, source, source_path, owner, created_at, updated_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET card = excluded.card, source = excluded.source,
-                       source_path = excluded.source_path, owner = excluded.owner,
-                       updated_at = excluded.updated_at""",
-                (companion.id, companion.model_dump_json(), source, source_path, owner, now, now),
+                       source_path = excluded.source_path, updated_at = excluded.updated_at""",
+                (key, companion.model_dump_json(), source, source_path, owner, now, now),
             )
+        return companion.model_copy().stored_as(key)
 
-    def delete(self, companion_id: str) -> bool:
+    def delete(self, key: str) -> bool:
         with self.db.transaction() as conn:
-            return conn.execute("DELETE FROM companions WHERE id = ?", (companion_id,)).rowcount > 0
+            return conn.execute("DELETE FROM companions WHERE id = ?", (key,)).rowcount > 0
 
     def sync_dir(self, directory: Path) -> list[Companion]:
-        """Store every persona file of directory (see load_dir); returns them."""
+        """Store every persona file of directory (see load_dir) as a shared companion; a user's
+        own companion of the same id is a different row and is never touched."""
         loaded = load_dir(directory)
         for companion, path in loaded:
             shared_file = ("config", str(path), None)

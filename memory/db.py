@@ -1,7 +1,15 @@
-"""SQLite, the source of truth: one connection in WAL mode and versioned schema migrations."""
+"""SQLite, the source of truth: one writing connection in WAL mode, a reading connection per
+thread, and versioned schema migrations.
+
+Reads outside a transaction go to the thread's own connection: in WAL mode a reader never
+waits for a writer, so checking a key or reading history never queues behind a long write
+(an import's commit). Reads inside a transaction use the writing connection, and see its
+writes.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -86,6 +94,17 @@ MIGRATIONS: list[str] = [
     CREATE INDEX conversations_by_user ON conversations(user_id, companion_id, updated_at);
     CREATE INDEX memories_by_user ON memories(user_id, companion_id, created_at);
     """,
+    # A user's own companions move into the user's namespace: stored as OWNER.ID.
+    """
+    PRAGMA defer_foreign_keys = ON;
+    UPDATE conversations SET companion_id = (SELECT owner || '.' || id FROM companions
+                                             WHERE companions.id = conversations.companion_id)
+        WHERE companion_id IN (SELECT id FROM companions WHERE owner IS NOT NULL);
+    UPDATE memories SET companion_id = (SELECT owner || '.' || id FROM companions
+                                        WHERE companions.id = memories.companion_id)
+        WHERE companion_id IN (SELECT id FROM companions WHERE owner IS NOT NULL);
+    UPDATE companions SET id = owner || '.' || id WHERE owner IS NOT NULL;
+    """,
 ]
 
 
@@ -93,21 +112,52 @@ class SchemaError(RuntimeError):
     """The database was written by a newer Homefire, or a migration failed."""
 
 
+class EventLoopBlocked(RuntimeError):
+    """A coroutine called SQLite directly: every other request would wait for it."""
+
+
 class Database:
-    """One SQLite connection shared by the process; writes are serialised by a lock."""
+    """One writing SQLite connection shared by the process, serialised by a lock; a reading
+    connection per thread."""
 
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
+        self.conn = self._connect()
         self.conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed reply survives power loss, not only a process crash.
         self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA busy_timeout=10000")
         self._migrate()
+        self._local = threading.local()       # .reader, .writing (transaction depth)
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        # Set by a server once it serves: then SQLite on the event loop is an error (tests).
+        self.forbid_event_loop = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = self._connect()
+            reader.execute("PRAGMA query_only=ON")
+            with self._readers_lock:
+                self._readers.append(reader)
+        return reader
+
+    def _off_event_loop(self) -> None:
+        if self.forbid_event_loop:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            raise EventLoopBlocked("SQLite was called on the event loop; run it in a worker thread")
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -122,13 +172,17 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._off_event_loop()
         with self._lock:
             self.conn.execute("BEGIN IMMEDIATE")
+            self._local.writing = getattr(self._local, "writing", 0) + 1
             try:
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._local.writing -= 1
             self.conn.execute("COMMIT")
 
     @contextmanager
@@ -143,9 +197,16 @@ class Database:
                 self.conn.execute(f"DETACH DATABASE {name}")
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self.conn.execute(sql, params).fetchall()
+        self._off_event_loop()
+        if getattr(self._local, "writing", 0):   # inside this thread's transaction: see its writes
+            with self._lock:
+                return self.conn.execute(sql, params).fetchall()
+        return self._reader().execute(sql, params).fetchall()
 
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+        with self._readers_lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()

@@ -12,8 +12,9 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
+from memory.companions import visible_id
 from memory.db import Database
 from memory.users import LOCAL
 
@@ -43,13 +44,25 @@ class Message(ReplyMeta):
 
 class Conversation(BaseModel):
     id: str
-    companion_id: str
+    companion_id: str               # as its user knows it (the store keeps the key, memory.companions)
     title: str | None
     source: str                     # live | imported
     origin: str | None = None       # imported: the export's format (chatgpt, claude, ...)
     original_id: str | None = None  # imported: the export's id for it
     created_at: float
     updated_at: float
+
+
+    _companion_key: str = PrivateAttr("")
+
+    @property
+    def companion_key(self) -> str:
+        """The key its companion's data is stored under."""
+        return self._companion_key or self.companion_id
+
+    def stored_with(self, companion_key: str) -> Conversation:
+        self._companion_key = companion_key
+        return self
 
 
 class UnknownConversation(LookupError):
@@ -88,20 +101,20 @@ class History:
     def _insert_conversation(self, conn, companion_id: str, title: str | None, source: str) -> Conversation:
         now = time.time()
         conversation = Conversation(
-            id=uuid.uuid4().hex, companion_id=companion_id, title=title, source=source,
+            id=uuid.uuid4().hex, companion_id=visible_id(companion_id), title=title, source=source,
             created_at=now, updated_at=now,
         )
         conn.execute(
             "INSERT INTO conversations (id, companion_id, title, source, created_at, updated_at, user_id)"
             " VALUES (:id, :companion_id, :title, :source, :created_at, :updated_at, :user_id)",
-            conversation.model_dump() | {"user_id": self.user},
+            conversation.model_dump() | {"user_id": self.user, "companion_id": companion_id},
         )
-        return conversation
+        return conversation.stored_with(companion_id)
 
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         rows = self.db.query(f"SELECT {_CONVERSATION} FROM conversations WHERE id = ? AND user_id = ?",
                              (conversation_id, self.user))
-        return Conversation(**rows[0]) if rows else None
+        return _conversation(rows[0]) if rows else None
 
     def list_conversations(
         self, companion_id: str | None = None, limit: int = 50, offset: int = 0
@@ -112,7 +125,7 @@ class History:
             "ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
             (self.user, *params, limit, offset),
         )
-        return [Conversation(**r) for r in rows]
+        return [_conversation(r) for r in rows]
 
     def delete_conversation(self, conversation_id: str) -> bool:
         with self.db.transaction() as conn:
@@ -145,7 +158,7 @@ class History:
             "SELECT chain FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT 1",
             (conversation_id,),
         ).fetchone()
-        previous = last["chain"] if last else chain_root(conv["companion_id"])
+        previous = last["chain"] if last else chain_root(visible_id(conv["companion_id"]))
         cur = conn.execute(
             """INSERT INTO messages (conversation_id, role, content, created_at, tokens,
                    prompt_tokens, model, adapter, sampling, finish_reason, truncated, memories, chain)
@@ -171,27 +184,29 @@ class History:
         of its conversation, the rest is appended there; otherwise (a regenerated or edited
         turn) the turns start a new conversation, so no stored branch is rewritten.
         """
-        chains, previous = [], chain_root(companion_id)
+        chains, previous = [], chain_root(visible_id(companion_id))
         for role, content in turns:
             previous = chain_hash(previous, role, content)
             chains.append(previous)
         position = {chain: i + 1 for i, chain in enumerate(chains)}
         conversation_id, matched = None, 0
-        for start in range(0, len(chains), 500):  # stay under SQLite's parameter limit
-            batch = chains[start : start + 500]
-            rows = self.db.query(
-                f"""SELECT m.chain, m.conversation_id FROM messages m
-                    JOIN conversations c ON c.id = m.conversation_id
-                    WHERE m.chain IN ({",".join("?" * len(batch))}) AND c.companion_id = ?
-                      AND c.user_id = ? AND m.id = (SELECT MAX(id) FROM messages
-                                  WHERE conversation_id = m.conversation_id)
-                    ORDER BY c.updated_at DESC""",
-                (*batch, companion_id, self.user),
-            )
-            for row in rows:
-                if position[row["chain"]] > matched:
-                    conversation_id, matched = row["conversation_id"], position[row["chain"]]
+        # Matched and appended in one write transaction: two identical resends at once (an SDK
+        # retry, a double click) must find each other's turns rather than both appending.
         with self.db.transaction() as conn:
+            for start in range(0, len(chains), 500):  # stay under SQLite's parameter limit
+                batch = chains[start : start + 500]
+                rows = conn.execute(
+                    f"""SELECT m.chain, m.conversation_id FROM messages m
+                        JOIN conversations c ON c.id = m.conversation_id
+                        WHERE m.chain IN ({",".join("?" * len(batch))}) AND c.companion_id = ?
+                          AND c.user_id = ? AND m.id = (SELECT MAX(id) FROM messages
+                                      WHERE conversation_id = m.conversation_id)
+                        ORDER BY c.updated_at DESC""",
+                    (*batch, companion_id, self.user),
+                ).fetchall()
+                for row in rows:
+                    if position[row["chain"]] > matched:
+                        conversation_id, matched = row["conversation_id"], position[row["chain"]]
             if conversation_id is None:
                 conversation_id = self._insert_conversation(conn, companion_id, None, "live").id
             added = [
@@ -202,6 +217,11 @@ class History:
 
 
 _CONVERSATION = "id, companion_id, title, source, origin, original_id, created_at, updated_at"
+
+
+def _conversation(row) -> Conversation:
+    return Conversation(**dict(row) | {"companion_id": visible_id(row["companion_id"])}
+                        ).stored_with(row["companion_id"])
 
 
 def _message(row) -> Message:

@@ -1,8 +1,10 @@
 """Imported conversations into a companion's history and memory, all or nothing.
 
 Two phases, so a long import never holds the database: the export is read and checked
-into a staging SQLite file beside the data (bounded memory, no lock held), then one short
-transaction copies it in. A failure in either phase leaves the history as it was.
+into a staging SQLite file beside the data (bounded memory, no lock held), then copied in
+by batches of short transactions, invisible (owned by a user id nobody has) until one
+short transaction hands them to their user. A failure in either phase leaves the history
+as it was.
 
 Re-imports add only what is new: a conversation is matched by its export id, and by the
 chain hash of its messages (memory/history.py) against what is stored. A stored
@@ -20,17 +22,26 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from memory.companions import visible_id
 from memory.db import Database
 from memory.history import chain_hash, chain_root, exchange_text
 from memory.imports import Export, Imported, ImportFailed, Notes
 from memory.users import LOCAL
 
 Progress = Callable[[int, int], None]
+# Rows of an import that is not done yet belong to this user id plus a random suffix; user
+# names cannot start with "~", so no query of anyone's sees them.
+HIDDEN = "~import-"
+# Rows copied per transaction: each holds the database for tens of milliseconds (a 60,000
+# conversation import held it for 4.7 s in one transaction; bench/import_commit.py).
+COPY_BATCH = 2000
+HANDOFF_S = 0.005
 
 STAGING = """
 CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT, origin TEXT, original_id TEXT,
     created_at REAL, updated_at REAL, new INTEGER, expect_chain TEXT);
-CREATE TABLE messages (conversation_id TEXT, role TEXT, content TEXT, created_at REAL, chain TEXT);
+CREATE TABLE messages (conversation_id TEXT, role TEXT, content TEXT, created_at REAL, chain TEXT,
+    new INTEGER);  -- of a new conversation (else it extends a stored one)
 CREATE TABLE memories (conversation_id TEXT, reply_chain TEXT, text TEXT, asked TEXT, created_at REAL);
 """
 
@@ -82,19 +93,26 @@ def preview(export: Export, on_conversation: Callable[[Imported], None] | None =
     return result
 
 
-def remove_leftovers(run_dir: Path) -> int:
-    """Delete staging files and uploads that an interrupted import left (hold the data lock)."""
+def remove_leftovers(run_dir: Path, db: Database | None = None) -> int:
+    """Delete staging files, uploads and unfinished rows that an interrupted import left (hold
+    the data lock); returns how many files and conversations."""
     leftovers = [*run_dir.glob("import-*.db*"), *(run_dir / "uploads").glob("*")]
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
-    return len(leftovers)
+    if db is None:
+        return len(leftovers)
+    with db.transaction() as conn:
+        rows = conn.execute("DELETE FROM conversations WHERE user_id LIKE ?", (HIDDEN + "%",)).rowcount
+    return len(leftovers) + rows
 
 
 class Importer:
-    def __init__(self, db: Database, staging_dir: Path, user: str = LOCAL):
+    def __init__(self, db: Database, staging_dir: Path, user: str = LOCAL, batch: int = COPY_BATCH):
         self.db = db
         self.staging_dir = staging_dir
         self.user = user   # whose history the export becomes
+        self.batch = batch
+        self.holds: list[float] = []   # seconds each write transaction of the commit held the database
 
     def run(self, export: Export, companion_id: str, companion_name: str,
             progress: Progress | None = None, dry_run: bool = False) -> ImportResult:
@@ -118,7 +136,7 @@ class Importer:
             staging.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + STAGING)
             staging.execute("BEGIN")
             seen: set[tuple[str, str]] = set()
-            root = chain_root(companion_id)
+            root = chain_root(visible_id(companion_id))
             for count, conv in enumerate(export.conversations(notes), start=1):
                 if (conv.source, conv.id) in seen:   # listed twice in one export: once is enough
                     continue
@@ -129,6 +147,9 @@ class Importer:
                     self._stage_one(staging, conv, companion_id, name, root, result)
                 if progress and count % 200 == 0:
                     progress(export.done, export.size)
+            # What extends stored conversations is found at once in the short final transaction.
+            staging.execute("CREATE INDEX extending_messages ON messages(new) WHERE NOT new")
+            staging.execute("CREATE INDEX extended_conversations ON conversations(new) WHERE NOT new")
             staging.execute("COMMIT")
         finally:
             staging.close()
@@ -168,8 +189,8 @@ class Importer:
         staging.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (target, conv.title, conv.source, conv.id, created, max(times),
                          int(start == 0), chains[start - 1] if start else None))
-        staging.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
-                            [(target, t.role, t.content, times[i], chains[i])
+        staging.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                            [(target, t.role, t.content, times[i], chains[i], int(start == 0))
                              for i, t in enumerate(conv.messages) if i >= start])
         memories = [(target, chains[i], exchange_text(conv.messages[i - 1].content, t.content, name),
                      conv.messages[i - 1].content, times[i])
@@ -180,33 +201,66 @@ class Importer:
         result.memories_added += len(memories)
 
     def _commit(self, path: Path, companion_id: str, label: str) -> None:
-        now = time.time()
-        with self.db.attached(path, "staged") as conn:
-            changed = conn.execute(
-                """SELECT COUNT(*) FROM staged.conversations s WHERE NOT s.new AND s.expect_chain IS NOT
-                   (SELECT chain FROM messages WHERE conversation_id = s.id ORDER BY id DESC LIMIT 1)"""
-            ).fetchone()[0]
-            if changed:
-                raise ImportFailed(label, f"{changed} conversation(s) changed while the export was being "
-                                          "read; nothing was imported; run the import again")
-            conn.execute(
-                """INSERT INTO conversations (id, user_id, companion_id, title, source, origin,
-                       original_id, created_at, updated_at)
-                   SELECT id, ?, ?, title, 'imported', origin, original_id, created_at, updated_at
-                   FROM staged.conversations WHERE new""", (self.user, companion_id))
-            conn.execute(
-                """UPDATE conversations SET updated_at = MAX(updated_at, (SELECT updated_at FROM
-                       staged.conversations s WHERE s.id = conversations.id))
-                   WHERE id IN (SELECT id FROM staged.conversations WHERE NOT new)""")
-            conn.execute(
-                """INSERT INTO messages (conversation_id, role, content, created_at, chain)
-                   SELECT conversation_id, role, content, created_at, chain FROM staged.messages
-                   ORDER BY rowid""")
-            conn.execute(
-                """INSERT INTO memories (user_id, companion_id, conversation_id, reply_id, kind, text,
-                       asked, source, created_at, updated_at)
-                   SELECT ?, ?, s.conversation_id, m.id, 'exchange', s.text, s.asked, 'imported',
-                          s.created_at, ?
-                   FROM staged.memories s JOIN messages m
-                     ON m.conversation_id = s.conversation_id AND m.chain = s.reply_chain""",
-                (self.user, companion_id, now))
+        hidden = f"{HIDDEN}{uuid.uuid4().hex}"
+        try:
+            # New conversations and their messages, a batch at a time, owned by a user id no
+            # one can have: no query sees them yet, and other users' writes run in between.
+            self._in_batches(path, "conversations", self.batch, """
+                INSERT INTO conversations (id, user_id, companion_id, title, source, origin,
+                    original_id, created_at, updated_at)
+                SELECT id, ?, ?, title, 'imported', origin, original_id, created_at, updated_at
+                FROM staged.conversations WHERE new AND rowid BETWEEN ? AND ? ORDER BY rowid""",
+                             (hidden, companion_id))
+            self._in_batches(path, "messages", self.batch, """
+                INSERT INTO messages (conversation_id, role, content, created_at, chain)
+                SELECT conversation_id, role, content, created_at, chain FROM staged.messages
+                WHERE new AND rowid BETWEEN ? AND ? ORDER BY rowid""", ())
+            # One short transaction makes the import visible: the check that nothing changed
+            # meanwhile, the new conversations handed to their user, the stored ones extended.
+            started = time.perf_counter()
+            with self.db.attached(path, "staged") as conn:
+                changed = conn.execute(
+                    """SELECT COUNT(*) FROM staged.conversations s WHERE NOT s.new AND s.expect_chain
+                       IS NOT (SELECT chain FROM messages WHERE conversation_id = s.id
+                               ORDER BY id DESC LIMIT 1)""").fetchone()[0]
+                if changed:
+                    raise ImportFailed(label, f"{changed} conversation(s) changed while the export was "
+                                              "being read; nothing was imported; run the import again")
+                conn.execute("UPDATE conversations SET user_id = ? WHERE user_id = ?", (self.user, hidden))
+                conn.execute(
+                    """UPDATE conversations SET updated_at = MAX(updated_at, (SELECT updated_at FROM
+                           staged.conversations s WHERE s.id = conversations.id))
+                       WHERE id IN (SELECT id FROM staged.conversations WHERE NOT new)""")
+                conn.execute(
+                    """INSERT INTO messages (conversation_id, role, content, created_at, chain)
+                       SELECT conversation_id, role, content, created_at, chain FROM staged.messages
+                       WHERE NOT new ORDER BY rowid""")
+            self.holds.append(time.perf_counter() - started)
+        except BaseException:
+            with self.db.transaction() as conn:   # messages go with their conversations
+                conn.execute("DELETE FROM conversations WHERE user_id = ?", (hidden,))
+            raise
+        # Then the memories, a batch at a time. Stopped half-way (a crash), the start-up repair
+        # remembers the rest, as it does for live replies.
+        self._in_batches(path, "memories", self.batch, """
+            INSERT OR IGNORE INTO memories (user_id, companion_id, conversation_id, reply_id, kind,
+                text, asked, source, created_at, updated_at)
+            SELECT ?, ?, s.conversation_id, m.id, 'exchange', s.text, s.asked, 'imported',
+                   s.created_at, ?
+            FROM staged.memories s JOIN messages m
+              ON m.conversation_id = s.conversation_id AND m.chain = s.reply_chain
+            WHERE s.rowid BETWEEN ? AND ?""", (self.user, companion_id, time.time()))
+
+    def _in_batches(self, path: Path, table: str, size: int, sql: str, params: tuple) -> None:
+        """Run `sql` (ending in `rowid BETWEEN ? AND ?`) over the staged table, `size` rows per
+        transaction."""
+        with sqlite3.connect(path) as staged:
+            last = staged.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0] or 0
+        for first in range(1, last + 1, size):
+            started = time.perf_counter()
+            with self.db.attached(path, "staged") as conn:
+                conn.execute(sql, (*params, first, first + size - 1))
+            self.holds.append(time.perf_counter() - started)
+            # A lock is no queue: released and taken straight back, it would keep a waiting
+            # reply's commit out for batch after batch. This moment lets it in first.
+            time.sleep(HANDOFF_S)

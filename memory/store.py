@@ -27,6 +27,7 @@ import numpy as np
 from chromadb.config import Settings as ChromaSettings
 from pydantic import BaseModel
 
+from memory.companions import visible_id
 from memory.db import Database
 from memory.embedder import Embedder
 from memory.history import exchange_text
@@ -173,16 +174,25 @@ class MemoryStore:
     # -- the index ---------------------------------------------------------------------
 
     def index_pending(self, progress: Progress | None = None, batch: int = 256,
-                      limit: int | None = None) -> int:
-        """Embed memories not yet in the index (all, or the oldest `limit`); returns how many."""
-        with self._index_lock:
-            total = self.db.query("SELECT COUNT(*) FROM memories WHERE chunks = 0")[0][0]
-            done = 0
-            while (limit is None or done < limit) and (rows := self.db.query(
-                "SELECT id, user_id, companion_id, conversation_id, kind, pinned, created_at, text "
-                "FROM memories WHERE chunks = 0 ORDER BY id LIMIT ?",
-                (batch if limit is None else min(batch, limit - done),)
-            )):
+                      limit: int | None = None, imported: bool = True) -> int:
+        """Embed memories not yet in the index (all, or the oldest `limit`; without `imported`,
+        those an import brought are left to it); returns how many.
+
+        The lock is held a batch at a time, so two indexers (an import's, the replies') take
+        turns instead of one waiting minutes for the other."""
+        which = "chunks = 0" + ("" if imported else " AND source != 'imported'")
+        total = self.db.query(f"SELECT COUNT(*) FROM memories WHERE {which}")[0][0]
+        if progress and total:
+            progress(0, total)   # the stage has begun (an import's rows are in)
+        done = 0
+        while limit is None or done < limit:
+            with self._index_lock:
+                rows = self.db.query(
+                    "SELECT id, user_id, companion_id, conversation_id, kind, pinned, created_at, text "
+                    f"FROM memories WHERE {which} ORDER BY id LIMIT ?",
+                    (batch if limit is None else min(batch, limit - done),))
+                if not rows:
+                    break
                 pieces = [(row, i, piece) for row in rows
                           for i, piece in enumerate(self.index_embedder.chunks(row["text"]))]
                 vectors = self.index_embedder.embed([piece for _, _, piece in pieces])
@@ -208,7 +218,7 @@ class MemoryStore:
                 done += len(rows)
                 if progress:
                     progress(done, total)
-            return done
+        return done
 
     def repair(self) -> int:
         """Remember exchanges whose reply was committed but not yet turned into a memory."""
@@ -310,6 +320,20 @@ class MemoryStore:
             chosen_asked.add(asked)
         return [c for c, _ in chosen]
 
+    def drop_companion(self, companion_key: str) -> int:
+        """Delete every user's collection of a companion that is being deleted; returns how many."""
+        dropped = 0
+        with self._index_lock:
+            for collection in self.client.list_collections():
+                # u-USER--c-KEY, and user names hold no "--": the first "--c-" ends the user.
+                if collection.name.startswith("u-") and \
+                        collection.name[2:].partition("--c-")[2] == companion_key:
+                    self.client.delete_collection(collection.name)
+                    self._collections.pop(collection.name, None)
+                    self._mirrors.pop(collection.name, None)
+                    dropped += 1
+        return dropped
+
     def _drop_vectors(self, companion_id: str, memory_ids: list[int]) -> None:
         if not memory_ids:
             return
@@ -361,6 +385,7 @@ _COLUMNS = ("id, companion_id, conversation_id, kind, text, source, pinned, crea
 
 
 def _memory(row) -> Memory:
-    data = {k: row[k] for k in ("id", "companion_id", "conversation_id", "kind", "text", "source",
-                                "created_at", "updated_at")}
+    data = {k: row[k] for k in ("id", "conversation_id", "kind", "text", "source", "created_at",
+                                "updated_at")}
+    data["companion_id"] = visible_id(row["companion_id"])
     return Memory(**data, pinned=bool(row["pinned"]), indexed=row["chunks"] > 0)

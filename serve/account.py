@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from memory.companions import Companion
+from memory.companions import Companion, key_for
 from memory.history import Conversation, History, UnknownConversation
 from memory.store import Memory, MemoryStore
 from memory.users import User
@@ -60,7 +60,7 @@ class Account:
     def editable(self, companion_id: str) -> tuple[Companion, str | None]:
         """(companion, owner) the user may change: their own, or a shared one for an admin."""
         companion = self.companion_card(companion_id)
-        source, path, owner = self.hf.companions.origin(companion_id)
+        source, path, owner = self.hf.companions.origin(companion.key)
         if owner is None and not self.user.admin:
             raise HTTPException(403, f"companion {companion_id!r} is shared; only an admin may change it")
         if source == "config":
@@ -73,6 +73,15 @@ class Account:
         if found is None:
             raise UnknownCompanion(companion_id, self.hf.companions.ids(self.name))
         return found
+
+    def new_id_is_free(self, companion_id: str, where: str = "") -> None:
+        """409 if the id is shared, or already one of this user's own (for an admin: shared)."""
+        store, owner = self.hf.companions, self.owner_for_new()
+        taken = store.origin(companion_id) or (owner and store.origin(key_for(companion_id, owner)))
+        if taken:
+            prefix = f"{where}: " if where else ""
+            raise HTTPException(409, f"{prefix}the id {companion_id!r} is taken; choose another"
+                                + ("" if not where else ", or import with replace=true to replace yours"))
 
     def owner_for_new(self) -> str | None:
         """Who owns a companion this user creates: an admin's is shared, anyone else's their own."""

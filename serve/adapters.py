@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
 from pathlib import Path
 
 from finetune import adapters
 from finetune.config import FinetuneError
+from memory.users import LOCAL
 from serve.chat import ChatService, adapter_name
 
 log = logging.getLogger(__name__)
@@ -29,10 +32,10 @@ class AdapterService:
     def register_current(self, companion_ids: list[str]) -> None:
         """Before the engine starts: every companion's adapter in use, if it fits this model."""
         for companion_id in companion_ids:
-            version = adapters.current(self.data_dir, companion_id)
-            if version is None:
-                continue
             try:
+                version = adapters.current(self.data_dir, companion_id)
+                if version is None:
+                    continue
                 path = self._checked(companion_id, version)
             except FinetuneError as err:
                 self.problems[companion_id] = str(err)
@@ -45,6 +48,7 @@ class AdapterService:
     async def use(self, companion_id: str, version: str | None) -> None:
         """Switch a companion to `version` (None: the base model) at once."""
         if version is not None:
+            adapters.checked_version(version)   # before anything is loaded, restarted or written
             path = self._checked(companion_id, version)
             await self.chat.engine.load_adapter(adapter_name(companion_id, version), str(path))
             self.chat.adapters[companion_id] = version
@@ -52,6 +56,18 @@ class AdapterService:
             self.chat.adapters.pop(companion_id, None)
         adapters.set_current(self.data_dir, companion_id, version)
         self.problems.pop(companion_id, None)
+
+    def trained_by_others(self, companion_key: str, user: str) -> list[str]:
+        """Versions trained on the history of a user other than `user`."""
+        return [v for v in adapters.versions(self.data_dir, companion_key)
+                if adapters.manifest(self.data_dir, companion_key, v).get("user", LOCAL) != user]
+
+    async def forget(self, companion_key: str) -> None:
+        """A deleted companion: its adapters leave the engine and the disk."""
+        self.chat.adapters.pop(companion_key, None)
+        self.problems.pop(companion_key, None)
+        await self.chat.engine.unload_adapters(f"{companion_key}--")
+        await asyncio.to_thread(shutil.rmtree, adapters.adapters_dir(self.data_dir, companion_key), True)
 
     def listing(self, companion_id: str) -> dict:
         found = []
@@ -65,6 +81,6 @@ class AdapterService:
 
     def _checked(self, companion_id: str, version: str) -> Path:
         adapters.manifest(self.data_dir, companion_id, version)   # names the known versions if missing
-        path = adapters.adapters_dir(self.data_dir, companion_id) / version
+        path = adapters.version_dir(self.data_dir, companion_id, version)
         adapters.verify(path, self.base_sha256)
         return path

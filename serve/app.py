@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from tqdm import tqdm
 
-from memory.companions import CompanionStore
+from finetune.adapters import adopt_old_folders
+from memory.companions import Companion, CompanionStore
 from memory.db import Database
 from memory.importer import remove_leftovers
 from memory.users import Users, local_key
@@ -30,6 +33,7 @@ from serve.prompt import PromptBuilder
 from serve.routes import adapters, health, imports, memories, native, openai
 
 log = logging.getLogger(__name__)
+BACKGROUND_NICE = 10
 
 
 @dataclass
@@ -48,18 +52,24 @@ class Homefire:
     tasks: list[asyncio.Task] = field(default_factory=list)
     # One import at a time per user: another user's long import never makes yours wait.
     import_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    # Imports read, commit and embed on threads of low priority: on the one core vLLM leaves
+    # to Homefire, the event loop that relays every user's tokens must win (bench/import_commit.py).
+    background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        4, thread_name_prefix="homefire-background", initializer=lower_priority))
 
     @classmethod
     def open(cls, settings: Settings, data_dir: Path) -> Homefire:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o700)  # conversations are private
         db = Database(data_dir / "homefire.db")
-        if removed := remove_leftovers(data_dir / "run"):
-            log.info("imports: removed %d files an interrupted import left behind", removed)
+        if removed := remove_leftovers(data_dir / "run", db):
+            log.info("imports: removed %d files and rows an interrupted import left behind", removed)
         users = Users(db)
         users.ensure_local(local_key(data_dir))
         companions = CompanionStore(db)
         companions.sync_dir(settings.companions_dir)
+        if moved := adopt_old_folders(data_dir, companions.ids()):
+            log.info("adapters: moved into their owners' namespaces: %s", ", ".join(moved))
         model = settings.engine.model
         engine = Engine(settings.engine, data_dir / "run", model)
         chat = ChatService(engine, db, companions, model_id=model or MODEL_NAME)
@@ -124,7 +134,7 @@ class Homefire:
                 engine.model_path = str(path)
             if self.settings.engine.lora is not False and not self.settings.engine.url:
                 await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
-                self.adapters.register_current(self.companions.ids())
+                await asyncio.to_thread(lambda: self.adapters.register_current(self.companions.ids()))
                 engine.lora = engine.lora or bool(engine.adapters)
             await engine.start()
             if engine.state == "failed":
@@ -137,11 +147,41 @@ class Homefire:
             engine.state, engine.detail = "failed", f"{type(err).__name__}: {err}"
             log.exception("engine: start-up failed")
 
+    async def delete_companion(self, companion: Companion, user: str) -> None:
+        """Delete `user`'s companion (or an admin's shared one) with everything that is only
+        theirs; refused (409) while another user has conversations, memories or adapters with it."""
+        key = companion.key
+        row = (await asyncio.to_thread(self.db.query, """SELECT
+            (SELECT COUNT(*) FROM conversations WHERE companion_id = ? AND user_id != ?),
+            (SELECT COUNT(*) FROM memories WHERE companion_id = ? AND user_id != ?)""",
+                                       (key, user, key, user)))[0]
+        adapters = await asyncio.to_thread(self.adapters.trained_by_others, key, user)
+        held = [f"{n} {what}" for n, what in ((row[0], "conversations"), (row[1], "memories"),
+                                              (len(adapters), "adapter versions")) if n]
+        if held:
+            raise HTTPException(409, f"other users' {', '.join(held)} belong to companion {companion.id!r};"
+                                     " deleting it would delete them too")
+        # Vectors and adapters first: rows left by a failure are found again; a row-less
+        # collection or folder would be inherited by the next companion of this id.
+        if self.chat.memory is not None:
+            await asyncio.to_thread(self.chat.memory.drop_companion, key)
+        await self.adapters.forget(key)
+        await asyncio.to_thread(self.companions.delete, key)
+
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
+        self.background.shutdown(wait=False, cancel_futures=True)
         await self.engine.stop()
         self.db.close()
+
+
+def lower_priority() -> None:
+    """Nice this thread (Linux: per thread) so that request handling comes first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except OSError as err:   # not allowed here: it still runs, at normal priority
+        log.warning("background thread stays at normal priority: %s", err)
 
 
 def with_progress(description: str, work) -> int:
@@ -183,9 +223,13 @@ def create_app(settings: Settings, data_dir: Path) -> FastAPI:
         hf = Homefire.open(settings, data_dir)
         app.state.homefire = hf
         hf.tasks.append(asyncio.create_task(hf.start_engine()))
+        # From here on every request shares the event loop: SQLite belongs in worker threads.
+        # A development check (the tests turn it on) makes a call on the loop an error.
+        hf.db.forbid_event_loop = os.environ.get("HOMEFIRE_STRICT_EVENT_LOOP") == "1"
         try:
             yield
         finally:
+            hf.db.forbid_event_loop = False
             await hf.close()
 
     app = FastAPI(
@@ -198,6 +242,7 @@ def create_app(settings: Settings, data_dir: Path) -> FastAPI:
     # Uploads (exports, cards) are raw bodies with limits of their own.
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_kb * 1024,
                        exempt=("/imports", "/companions/import"))
+    app.add_middleware(errors.CatchAll)   # outermost of ours: it sees what the others raise
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(native.router)

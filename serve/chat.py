@@ -7,7 +7,6 @@ short (client gone, engine failure) is stored marked truncated.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import anyio
 import httpx
 
+from finetune.template import alternate
 from memory.companions import Companion, CompanionStore
 from memory.db import Database
 from memory.history import History, Message, ReplyMeta, UnknownConversation
@@ -100,7 +100,7 @@ class ChatService:
         self._index_wanted = False
         self._indexer: asyncio.Task | None = None
         self._streaming = 0  # replies being generated now
-        self.adapters: dict[str, str] = {}   # companion id -> adapter version in use
+        self.adapters: dict[str, str] = {}   # companion key -> adapter version in use
 
     def companion(self, companion_id: str, viewer: str | None = None) -> Companion:
         """The companion, if `viewer` may see it (None: anyone's), made for the served model."""
@@ -141,19 +141,20 @@ class ChatService:
             raise EngineUnavailable("the engine is ready but the tokenizer or memory is still loading")
         params = self.sampling(turn.companion, turn.overrides)
         build = self.prompts.build
-        prompt = build(turn.companion, turn.history, params["max_tokens"], extra_system=turn.extra_system)
+        history = alternate(turn.history)
+        prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system)
         # Recall what the kept history does not already hold, then make room for it.
-        kept = turn.history[len(turn.history) - prompt.history_kept:]
+        kept = history[len(history) - prompt.history_kept:]
         asked = turn.history[-1]["content"]
-        context = next((m["content"][-300:] for m in reversed(turn.history[:-1])
+        context = next((m["content"][-300:] for m in reversed(history[:-1])
                         if m["role"] == "assistant"), "")
         memories = self.memory.for_user(turn.user).recall(
-            turn.companion.id, f"{context}\n{asked}".strip(),
+            turn.companion.key, f"{context}\n{asked}".strip(),
             skip_asked={m["content"] for m in kept if m["role"] == "user"},
             count_tokens=lambda text: len(self.prompts.encode(text)))
         if memories:
             dated = [f"[{datetime.fromtimestamp(m.created_at):%Y-%m-%d}] {m.text}" for m in memories]
-            prompt = build(turn.companion, turn.history, params["max_tokens"],
+            prompt = build(turn.companion, history, params["max_tokens"],
                            extra_system=turn.extra_system, memories=dated)
         return Plan(turn, params, prompt, memories)
 
@@ -161,8 +162,7 @@ class ChatService:
         """Turn a committed exchange into a memory; its embedding happens in the background."""
         assert self.memory is not None
         text = exchange_text(asked, reply.content, companion.name)
-        self.memory.add_exchange(companion.id, conversation_id, reply.id, asked, text, reply.created_at)
-        self.index_soon()
+        self.memory.add_exchange(companion.key, conversation_id, reply.id, asked, text, reply.created_at)
 
     def index_soon(self) -> None:
         """Embed new and edited memories in the background, one indexing run at a time."""
@@ -183,18 +183,30 @@ class ChatService:
                     waited += 0.05
                 limit = INDEX_BATCH if waited < INDEX_PATIENCE_S else None
                 try:
-                    if not await asyncio.to_thread(self.memory.index_pending, limit=limit):
+                    # An import indexes what it brought itself (with its progress); this is for
+                    # replies and facts, which must never wait behind an import's thousands.
+                    if not await asyncio.to_thread(self.memory.index_pending, limit=limit,
+                                                   imported=False):
                         break
                 except Exception:  # the rows stay unindexed; the next reply or start-up retries
                     log.exception("memory: indexing failed")
                     break
+
+    @staticmethod
+    def _keep_truncated(history: History, conversation_id: str, text: str, meta: ReplyMeta) -> None:
+        try:
+            history.append(conversation_id, "assistant", text, meta)
+        except UnknownConversation:   # the user deleted the conversation meanwhile: nowhere to keep it
+            pass
+        except Exception:   # the failure being reported matters more than this one
+            log.exception("history: could not keep the cut-off reply in %s", conversation_id)
 
     async def reply(self, plan: Plan, conversation_id: str) -> AsyncIterator[Delta | Done]:
         """Stream the planned reply; the last event is Done, sent after the commit."""
         turn, params, prompt = plan.turn, plan.params, plan.prompt
         started = time.perf_counter()
         payload = {
-            "model": self.served_name(turn.companion.id), "prompt": prompt.for_engine, "stream": True,
+            "model": self.served_name(turn.companion.key), "prompt": prompt.for_engine, "stream": True,
             # The template already placed every special token.
             "add_special_tokens": False, "stream_options": {"include_usage": True}, **params,
         }
@@ -245,30 +257,40 @@ class ChatService:
             usage = usage or {}
             completion = usage.get("completion_tokens", len(parts))
             prompt_tokens = usage.get("prompt_tokens", len(prompt.token_ids or ()))
-            message = history.append(
-                conversation_id, "assistant", "".join(parts),
-                ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens,
-                          model=self.model_id, adapter=self.adapters.get(turn.companion.id),
-                          sampling=params, finish_reason=finish,
-                          memories_used=[m.model_dump(include={"id", "text", "score"})
-                                         for m in plan.memories]),
-            )
-            outcome = "ok"
+            # SQLite (a durable commit, then the memory row) never runs on the event loop; the
+            # commit is shielded, so a client leaving meanwhile cannot have it stored twice.
+            with anyio.CancelScope(shield=True):
+                message = await asyncio.to_thread(
+                    history.append, conversation_id, "assistant", "".join(parts),
+                    ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens,
+                              model=self.model_id, adapter=self.adapters.get(turn.companion.key),
+                              sampling=params, finish_reason=finish,
+                              memories_used=[m.model_dump(include={"id", "text", "score"})
+                                             for m in plan.memories]),
+                )
+                outcome = "ok"
             try:
-                self.remember(turn.companion, conversation_id, turn.history[-1]["content"], message)
+                await asyncio.to_thread(self.remember, turn.companion, conversation_id,
+                                        turn.history[-1]["content"], message)
+                self.index_soon()
             except Exception:  # the reply stands; start-up repair remembers it later
                 log.exception("memory: could not remember reply %s", message.id)
             metrics.TOKENS.inc(completion)
+        except Exception as err:
+            # Neither the engine's doing, nor the client's, nor a conversation deleted meanwhile.
+            if outcome in ("disconnected", "ok") and not isinstance(err, UnknownConversation):
+                outcome = "server_error"
+            raise
         finally:
             self._streaming -= 1
             metrics.REPLIES.labels(turn.api, outcome).inc()
             if outcome != "ok" and (parts or outcome == "disconnected"):
-                # Unless the user deleted the conversation meanwhile: then there is nowhere to keep it.
-                with contextlib.suppress(UnknownConversation):
-                    history.append(
-                        conversation_id, "assistant", "".join(parts),
-                        ReplyMeta(tokens=len(parts), prompt_tokens=(usage or {}).get("prompt_tokens"),
-                                  model=self.model_id, adapter=self.adapters.get(turn.companion.id),
-                                  sampling=params, finish_reason=outcome, truncated=True),
-                    )
+                # Shielded: a client that leaves cancels this task, and the cut reply is kept all the same.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.to_thread(self._keep_truncated, history, conversation_id, "".join(parts),
+                                            ReplyMeta(tokens=len(parts),
+                                                      prompt_tokens=(usage or {}).get("prompt_tokens"),
+                                                      model=self.model_id,
+                                                      adapter=self.adapters.get(turn.companion.key),
+                                                      sampling=params, finish_reason=outcome, truncated=True))
         yield Done(message, finish, prompt_tokens, completion)

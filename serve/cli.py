@@ -100,8 +100,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_companion_list(args: argparse.Namespace) -> None:
     url = args.url or running_url(resolve_data_dir(args))
+    # Without a server, the operator sees every user's companions, named by key (OWNER.ID).
     rows = connect(args, url).request("GET", "/api/v1/companions") if url else [
-        c.model_dump() for c in local_store(args).list()]
+        c.model_dump() | {"id": c.key} for c in local_store(args).list()]
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return

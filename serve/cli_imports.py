@@ -92,9 +92,9 @@ def _import_locally(args: argparse.Namespace) -> dict:
     data_dir = resolve_data_dir(args)
     lock = hold_lock(data_dir)
     try:
-        remove_leftovers(data_dir / "run")
         settings = load_settings(args.config)
         db = Database(data_dir / "homefire.db")
+        remove_leftovers(data_dir / "run", db)
         companions = CompanionStore(db)
         companions.sync_dir(settings.companions_dir)
         if Users(db).get(args.user) is None and args.user != LOCAL:
@@ -105,7 +105,7 @@ def _import_locally(args: argparse.Namespace) -> dict:
                              f"companions: {', '.join(companions.ids(args.user))}")
         with open_export(str(args.path), args.format) as export, \
                 Bar(f"importing {args.path.name}", export.size, "B") as bar:
-            result = Importer(db, data_dir / "run", args.user).run(export, companion.id, companion.name,
+            result = Importer(db, data_dir / "run", args.user).run(export, companion.key, companion.name,
                                                         lambda done, total: bar(done))
         store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
         pending = db.query("SELECT COUNT(*) FROM memories WHERE chunks = 0")[0][0]

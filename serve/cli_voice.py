@@ -32,15 +32,14 @@ def _base_model(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _companion(args: argparse.Namespace, url: str | None):
-    from memory.companions import Companion
-
-    if url:
-        card = connect(args, url).request("GET", f"/api/v1/companions/{args.companion}")
-        return Companion.model_validate(card)
+    """The companion as `--user` (default local) knows it; its key names its adapters' folder.
+    Read from SQLite, which a running server shares (WAL)."""
+    user = getattr(args, "user", LOCAL)
     store = local_store(args)
-    companion = store.get(args.companion)
+    companion = store.get(args.companion, user)
     if companion is None:
-        raise UsageError(f"no companion named {args.companion!r}; known companions: {', '.join(store.ids())}")
+        raise UsageError(f"no companion named {args.companion!r} that {user} may use; known companions: "
+                         f"{', '.join(store.ids(user))}")
     return companion
 
 
@@ -59,6 +58,17 @@ def _finetune_config(args: argparse.Namespace):
             raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set eval_every=10")
         overrides[key.strip()] = yaml.safe_load(value)
     return load_config(args.finetune_config, overrides)
+
+
+def version_arg(text: str) -> str | None:
+    """An adapter version on the command line: v1, v2, ... ('base' where the base model is meant)."""
+    from finetune.adapters import checked_version
+    from finetune.config import FinetuneError
+
+    try:
+        return checked_version(text, "adapter version")
+    except FinetuneError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -97,7 +107,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         bar.update(1)
 
     try:
-        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, report, args.user)
+        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, report,
+                       args.user)
     finally:
         bar.close()
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
@@ -105,25 +116,24 @@ def cmd_finetune(args: argparse.Namespace) -> None:
           f" -> {metrics['train_loss']:.3f}" + (f", held-out loss {metrics['eval_loss']:.3f}"
                                                  if metrics["eval_loss"] is not None else "")
           + f", {metrics['tokens_per_s']:.0f} tokens/s; in {out}")
-    _switch_adapter(args, companion.id, out.name, url)
+    _switch_adapter(args, companion, out.name, url)
 
 
-def _switch_adapter(args: argparse.Namespace, companion_id: str, version: str | None,
-                    url: str | None) -> None:
+def _switch_adapter(args: argparse.Namespace, companion, version: str | None, url: str | None) -> None:
     from finetune import adapters
 
     if url:
-        connect(args, url).request("PUT", f"/api/v1/companions/{companion_id}/adapter",
+        connect(args, url).request("PUT", f"/api/v1/companions/{companion.id}/adapter",
                                    json={"version": version})
         where = "the running server uses it now"
     else:
         if version is not None:
             model_path, _ = _base_model(args)
-            adapters.verify(adapters.adapters_dir(resolve_data_dir(args), companion_id) / version,
+            adapters.verify(adapters.version_dir(resolve_data_dir(args), companion.key, version),
                             adapters.model_sha256(Path(model_path)))
-        adapters.set_current(resolve_data_dir(args), companion_id, version)
+        adapters.set_current(resolve_data_dir(args), companion.key, version)
         where = "the server uses it from its next start"
-    print(f"{companion_id} speaks through {version or 'the base model'}; {where}")
+    print(f"{companion.id} speaks through {version or 'the base model'}; {where}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -132,8 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     data_dir = resolve_data_dir(args)
     companion = _companion(args, args.url or running_url(data_dir))
-    version = args.adapter or adapters.current(data_dir, companion.id) or (
-        adapters.versions(data_dir, companion.id) or [None])[-1]
+    version = args.adapter or adapters.current(data_dir, companion.key) or (
+        adapters.versions(data_dir, companion.key) or [None])[-1]
     if version is None:
         raise UsageError(f"companion {companion.id!r} has no adapters yet; run `homefire finetune` first")
     model_path, _ = _base_model(args)
@@ -146,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{companion.id} {version} on {result['held_out_tokens']} held-out reply tokens:")
     print(f"  perplexity   base {p['base']:.2f}   tuned {p['tuned']:.2f}")
     print(f"  similarity   base {sim['base']:.3f}   tuned {sim['tuned']:.3f}  (to the real replies)")
-    print(f"report: {adapters.adapters_dir(data_dir, companion.id) / version / 'report.md'}")
+    print(f"report: {adapters.version_dir(data_dir, companion.key, version) / 'report.md'}")
 
 
 def cmd_adapter(args: argparse.Namespace) -> None:
@@ -154,24 +164,25 @@ def cmd_adapter(args: argparse.Namespace) -> None:
 
     data_dir = resolve_data_dir(args)
     url = args.url or running_url(data_dir)
-    _companion(args, url)
+    companion = _companion(args, url)
+    key = companion.key
     if args.action == "list":
-        current = adapters.current(data_dir, args.companion)
+        current = adapters.current(data_dir, key)
         if url:
             listing = connect(args, url).request("GET", f"/api/v1/companions/{args.companion}/adapters")
             current = listing["current"]
-        for version in adapters.versions(data_dir, args.companion):
-            info = adapters.manifest(data_dir, args.companion, version)
+        for version in adapters.versions(data_dir, key):
+            info = adapters.manifest(data_dir, key, version)
             m = info.get("metrics", {})
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("created_at", 0)))
             held = f"held-out loss {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else ""
             mark = "*" if version == current else " "
             print(f"{mark} {version:<6} {when}  {m.get('steps', '?')} steps  {held}")
-        if not adapters.versions(data_dir, args.companion):
+        if not adapters.versions(data_dir, key):
             print(f"{args.companion} has no adapters yet (homefire finetune {args.companion})")
         return
-    version = args.version if args.action == "use" else adapters.previous(data_dir, args.companion)
-    _switch_adapter(args, args.companion, version, url)
+    version = args.version if args.action == "use" else adapters.previous(data_dir, key)
+    _switch_adapter(args, companion, version, url)
 
 
 def add_commands(sub, remote: argparse.ArgumentParser) -> None:
@@ -194,7 +205,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p.add_argument("--filter-boilerplate", action="store_true",
                    help='do not train on refusals and "As an AI" replies')
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other setting of the YAML")
-    p.add_argument("--resume", metavar="VERSION", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--resume", metavar="VERSION", type=version_arg,
+                   help="continue an interrupted run from its checkpoint")
     p.add_argument("--user", default=LOCAL, help="whose history to learn from (default: local); "
                    "everyone who talks to the companion hears the adapter")
     p.set_defaults(func=cmd_finetune)
@@ -205,7 +217,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         "the base model and the adapter, and style and similarity of replies both generate. Writes "
         "report.md, voice.png and eval.json into the adapter's folder.")
     p.add_argument("companion", help="companion id")
-    p.add_argument("--adapter", metavar="VERSION", help="adapter version (default: the one in use)")
+    p.add_argument("--adapter", metavar="VERSION", type=version_arg,
+                   help="adapter version (default: the one in use)")
     p.add_argument("--samples", type=int, default=8, help="replies to generate with each model (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated reply (default 64)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -221,7 +234,7 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p.add_argument("companion", help="companion id")
     p = asub.add_parser("use", parents=[remote], help="speak through this version (or 'base')")
     p.add_argument("companion", help="companion id")
-    p.add_argument("version", type=lambda v: None if v == "base" else v, help="e.g. v2, or base")
+    p.add_argument("version", type=lambda v: None if v == "base" else version_arg(v), help="e.g. v2, or base")
     p = asub.add_parser("rollback", parents=[remote], help="go back to the version before the one in use")
     p.add_argument("companion", help="companion id")
     for action_parser in asub.choices.values():

@@ -68,10 +68,15 @@ def keep_off_engine_cores(engine_pid: int) -> set[int] | None:
     return spare
 
 
-def _term_with_parent() -> None:
-    # Runs in the guard before exec: when Homefire dies, even by SIGKILL, the guard gets
-    # SIGTERM and ends the engine's whole process group (see serve/engine_guard.py).
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _prepare_child(cores: set[int]):
+    def prepare() -> None:
+        # Runs in the guard before exec. When Homefire dies, even by SIGKILL, the guard gets
+        # SIGTERM and ends the engine's whole process group (see serve/engine_guard.py).
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # A restart is spawned from a thread that keep_off_engine_cores narrowed; the engine
+        # must get every core the first one had, not Homefire's spare ones.
+        os.sched_setaffinity(0, cores)
+    return prepare
 
 
 class Engine:
@@ -89,6 +94,7 @@ class Engine:
         # An external server names its model itself; we learn it once it is ready.
         self.served_name = SERVED_NAME if not config.url else (model_path or "")
         self.log_path = run_dir / "engine.log"
+        self.cores = set(os.sched_getaffinity(0))   # before Homefire keeps off any of them
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._monitor: asyncio.Task | None = None
@@ -140,7 +146,11 @@ class Engine:
     async def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.socket_path:
-            await self._spawn()
+            try:
+                await self._spawn()
+            except Exception as err:   # nothing to supervise: the first start is final
+                self._fail(f"could not start vLLM: {type(err).__name__}: {err}")
+                return
             self._monitor = asyncio.create_task(self._supervise())
         else:
             await self._await_ready(None)
@@ -183,6 +193,17 @@ class Engine:
                 raise EngineUnavailable(f"vLLM could not load adapter {name}: {response.text[:300]}")
         self.adapters[name] = path
 
+    async def unload_adapters(self, prefix: str) -> None:
+        """Forget the adapters whose served names start with `prefix`, in the engine too, so a
+        later companion of the same key never speaks through them."""
+        for name in [n for n in self.adapters if n.startswith(prefix)]:
+            del self.adapters[name]
+            if self.lora and self.ready:
+                try:
+                    await self.client.post("/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+                except httpx.HTTPError as err:   # gone with the engine anyway at its next start
+                    log.warning("engine: could not unload adapter %s: %s", name, err)
+
     async def _spawn(self) -> None:
         self.socket_path.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("HOMEFIRE_API_KEY",)}
@@ -197,7 +218,7 @@ class Engine:
             self._proc = await asyncio.create_subprocess_exec(
                 *guard, *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
                 stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
-                preexec_fn=_term_with_parent,
+                preexec_fn=_prepare_child(self.cores),
             )
         log.info("engine: started vLLM (pid %s), log in %s", self._proc.pid, self.log_path)
         await self._await_ready(self._proc)
@@ -255,30 +276,42 @@ class Engine:
         log.error("engine: %s", why)
 
     async def _supervise(self) -> None:
-        while not self._stopping and self._proc is not None and self.state != "failed":
+        """Restart a dead engine within the budget (max_restarts in restart_window_s). A restart
+        that cannot be spawned, or dies or times out while starting, counts like a death."""
+        why = ""
+        while not self._stopping:
             proc = self._proc
-            code = await proc.wait()
-            if self._stopping:
-                return
-            if self._planned_restart or self._proc is not proc:
-                while self._planned_restart:   # _restart_with_lora brings the new one up
-                    await asyncio.sleep(0.1)
-                continue
+            if proc is not None:
+                code = await proc.wait()
+                if self._stopping:
+                    return
+                if self._planned_restart or self._proc is not proc:
+                    while self._planned_restart:   # _restart_with_lora brings the new one up
+                        await asyncio.sleep(0.1)
+                    if self.state != "failed":
+                        continue
+                # Died or timed out while starting (_fail said why), or died while serving.
+                why = (self.detail.splitlines()[0] if self.state == "failed"
+                       else f"vLLM died (exit code {code})")
             now = time.monotonic()
             while self._restart_times and now - self._restart_times[0] > self.config.restart_window_s:
                 self._restart_times.popleft()
             if len(self._restart_times) >= self.config.max_restarts:
-                self._fail(f"vLLM died (exit code {code}) and was restarted "
-                           f"{len(self._restart_times)} times in {self.config.restart_window_s:.0f} s;"
-                           f" giving up. Last lines of {self.log_path}:\n{self.log_tail()}")
+                self._fail(f"{why}; restarted {len(self._restart_times)} times in "
+                           f"{self.config.restart_window_s:.0f} s, giving up. Last lines of "
+                           f"{self.log_path}:\n{self.log_tail()}")
                 return
             self._restart_times.append(now)
             self.restarts += 1
-            self.state, self.detail = "restarting", f"vLLM died (exit code {code}), restarting"
+            self.state, self.detail = "restarting", f"{why}, restarting"
             self._ready_event.clear()
             log.warning("engine: %s (restart %d)", self.detail, self.restarts)
             await self._kill()  # reap whatever the dead server left in its process group
-            await self._spawn()
+            try:
+                await self._spawn()
+            except Exception as err:
+                self._proc, why = None, f"could not start vLLM: {type(err).__name__}: {err}"
+                log.error("engine: %s", why)
 
     async def stop(self) -> None:
         self._stopping = True

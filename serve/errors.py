@@ -1,6 +1,16 @@
-"""Every error leaves as JSON in OpenAI's shape: {"error": {message, type, param, code}}."""
+"""Every error leaves as JSON in OpenAI's shape: {"error": {message, type, param, code}}.
+
+Errors nobody expected too: each request has an id (the X-Request-Id header), and a request
+that fails on a bug answers 500 with that id, which the log line with the traceback also has.
+A stream that already sent its 200 ends with an error event instead.
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+import uuid
+from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +23,9 @@ from memory.history import UnknownConversation
 from serve.chat import EngineFailed, UnknownCompanion, WrongBaseModel
 from serve.engine import EngineUnavailable
 from serve.prompt import PromptTooLong
+
+log = logging.getLogger(__name__)
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -64,6 +77,56 @@ def field_path(loc: tuple) -> str:
     for p in parts:
         path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
     return path or "body"
+
+
+def stream_error(err: Exception) -> dict:
+    """The error event's body for a stream that failed after its 200 was sent."""
+    if isinstance(err, EngineUnavailable):
+        return error_body(503, str(err), code="engine_failed")
+    if isinstance(err, EngineFailed):
+        return error_body(502, str(err), code="engine_failed")
+    if isinstance(err, UnknownConversation):   # deleted while the reply was being written
+        return error_body(404, str(err), code="conversation_not_found")
+    request_id = REQUEST_ID.get()
+    log.error("request %s: the stream failed", request_id, exc_info=err)
+    return error_body(500, f"the reply failed on the server (request id {request_id}; the server "
+                           "log has the details)", code="internal_error")
+
+
+class CatchAll:
+    """ASGI middleware: a request id for every request, and a JSON 500 for any unexpected error."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = f"req_{uuid.uuid4().hex[:20]}"
+        REQUEST_ID.set(request_id)
+        started = False
+
+        async def sending(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            log.exception("request %s: %s %s failed", request_id, scope["method"], scope["path"])
+            if started:   # the body was under way: all that can be done is to end it
+                return
+            body = json.dumps(error_body(500, f"the server failed on this request (request id "
+                                              f"{request_id}; the server log has the details)",
+                                         code="internal_error")).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"x-request-id", request_id.encode())]})
+            await send({"type": "http.response.body", "body": body})
 
 
 def install(app: FastAPI) -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.config import LimitsConfig
@@ -62,6 +62,20 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def bounded_stream(request: Request, limit: int, too_large: str) -> AsyncIterator[bytes]:
+    """An upload's body, chunk by chunk: 413 (`too_large`) as soon as it passes `limit` bytes,
+    whether it declared its length or came chunked."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, too_large)
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, too_large)
+        yield chunk
 
 
 class Limiter:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
+from finetune.template import Neutralizer, alternate
 from memory.companions import Companion
 from memory.persona import DEFAULT_USER_NAME, persona_prompt, substitute
 
@@ -22,6 +23,8 @@ class PromptTooLong(ValueError):
 # most N tokens (a few more for tokenizers that add a prefix space). A prompt that short
 # fits without being tokenized here: we send its text and vLLM counts it exactly.
 BYTE_MARGIN = 8
+# Stands before a conversation that the companion opened, for templates where users speak first.
+OPENING = "(The conversation begins.)"
 
 
 @dataclass
@@ -46,6 +49,7 @@ class PromptBuilder:
         # every call, which fails when two threads encode at once ("Already borrowed").
         self.backend = tokenizer.backend_tokenizer
         self.max_model_len = max_model_len
+        self.neutral = Neutralizer(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -53,7 +57,8 @@ class PromptBuilder:
     def build(self, companion: Companion, history: list[dict], max_tokens: int,
               extra_system: list[str] = (), memories: list[str] | None = None,
               user: str = DEFAULT_USER_NAME) -> Prompt:
-        """history: oldest first, ending with the user's new message."""
+        """history: oldest first, ending with the user's new message (normalised by `alternate`)."""
+        history = alternate(history)
         budget = self.max_model_len - max_tokens
         system = persona_prompt(companion, user, memories)
         if extra_system:
@@ -99,9 +104,14 @@ class PromptBuilder:
         try:
             return self._template(messages), messages
         except TemplateError:
+            # Strict templates: one system message, and the user speaks first (before a greeting).
             messages = [{"role": "system", "content": "\n\n".join(m["content"] for m in system)}]
+            if history and history[0]["role"] == "assistant":
+                messages.append({"role": "user", "content": OPENING})
             messages += history
             return self._template(messages), messages
 
     def _template(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Every text in a prompt comes from people (cards, messages, memories, imports).
+        return self.tokenizer.apply_chat_template(self.neutral.messages(messages), tokenize=False,
+                                                  add_generation_prompt=True)

@@ -44,7 +44,8 @@ class Server:
         self.config_path = data_dir / "test-config.yaml"
         base = {"port": 0, "companions_dir": str(REPO / "configs" / "companions")}
         self.config_path.write_text(yaml.safe_dump(base | (config or {})))
-        self.env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+        # SQLite on the event loop is an error in every server the tests start.
+        self.env = os.environ | {"PYTHONUNBUFFERED": "1", "HOMEFIRE_STRICT_EVENT_LOOP": "1"} | (env or {})
         # The local owner's key, as `homefire user key` finds it (made here before the start).
         self.key = self.env.get("HOMEFIRE_API_KEY") or local_key(data_dir)
         self.proc: subprocess.Popen | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,9 +24,9 @@ class AdapterChoice(BaseModel):
 @router.get("/companions/{companion_id}/adapters")
 def list_adapters(companion_id: str, account: AccountDep) -> dict:
     """Versions (oldest first) with their manifests' metrics, and the one in use."""
-    account.companion_card(companion_id)
+    key = account.companion_card(companion_id).key
     try:
-        return account.hf.adapters.listing(companion_id)
+        return account.hf.adapters.listing(key)
     except FinetuneError as err:
         raise HTTPException(422, str(err)) from err
 
@@ -36,10 +38,10 @@ async def use_adapter(companion_id: str, choice: AdapterChoice, account: Account
     Only the companion's owner may switch (an admin, for a shared one). Refused (422) when the
     version is unknown, not safetensors, or made for another base model.
     """
-    account.editable(companion_id)
+    companion, _ = await asyncio.to_thread(account.editable, companion_id)
     hf = account.hf
     try:
-        await hf.adapters.use(companion_id, choice.version)
+        await hf.adapters.use(companion.key, choice.version)
     except FinetuneError as err:
         raise HTTPException(422, str(err)) from err
-    return hf.adapters.listing(companion_id)
+    return hf.adapters.listing(companion.key)

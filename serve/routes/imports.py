@@ -15,7 +15,8 @@ from memory.importer import Importer
 from memory.imports import FORMATS, ImportFailed, open_export
 from serve.account import AccountDep
 from serve.deps import API_GUARDS
-from serve.errors import ERROR_RESPONSES, ErrorResponse, error_body, raw_body
+from serve.errors import ERROR_RESPONSES, ErrorResponse, error_body, raw_body, stream_error
+from serve.limits import bounded_stream
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
 
 router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=API_GUARDS,
@@ -44,7 +45,7 @@ async def import_export(
     imported before is not added twice. Memories are indexed before the reply ends.
     """
     hf = account.hf
-    companion = account.companion_card(companion_id)
+    companion = await asyncio.to_thread(account.companion_card, companion_id)
     memory = hf.chat.memory
     if memory is None and not dry_run:
         raise HTTPException(503, "the memory index is still opening; try again in a moment")
@@ -77,14 +78,14 @@ async def import_export(
         try:
             with open_export(str(spool), format, label) as export:
                 result = Importer(hf.db, hf.data_dir / "run", account.name).run(
-                    export, companion.id, companion.name, report("read"), dry_run)
+                    export, companion.key, companion.name, report("read"), dry_run)
         finally:
             spool.unlink(missing_ok=True)
         if not dry_run:
             memory.index_pending(report("index"))
         return result.as_dict()
 
-    task = asyncio.create_task(asyncio.to_thread(work))
+    task = asyncio.ensure_future(loop.run_in_executor(hf.background, work))
     task.add_done_callback(lambda _: lock.release())
     if "text/event-stream" not in request.headers.get("accept", ""):
         try:
@@ -99,11 +100,9 @@ async def _receive(request: Request, spool, limit: int) -> None:
     size = 0
     with spool.open("wb") as out:
         spool.chmod(0o600)
-        async for chunk in request.stream():
+        async for chunk in bounded_stream(request, limit, f"the upload is over {limit >> 20} MB, the "
+                                          "most this server accepts (imports.max_upload_mb)"):
             size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"the upload is over {limit >> 20} MB, the most this server "
-                                         "accepts (imports.max_upload_mb)")
             out.write(chunk)
     if size == 0:
         raise HTTPException(422, "the request body is empty: send the export file as the body")
@@ -126,4 +125,4 @@ async def _events(task: asyncio.Task, queue: asyncio.Queue) -> AsyncIterator[str
     except ImportFailed as err:
         yield event(error_body(422, str(err), code="import_failed"), "error")
     except Exception as err:   # the stream has begun: an error event, not a status code
-        yield event(error_body(500, f"the import failed: {err}"), "error")
+        yield event(stream_error(err), "error")

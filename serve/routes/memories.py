@@ -39,7 +39,7 @@ def list_memories(
     limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[Memory]:
     """The user's memories with the companion: pinned first, then newest first."""
-    return account.memory.list(account.companion_card(companion_id).id, limit, offset, kind)
+    return account.memory.list(account.companion_card(companion_id).key, limit, offset, kind)
 
 
 @router.get("/companions/{companion_id}/memories/search")
@@ -49,17 +49,22 @@ async def search_memories(
     k: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> list[Recalled]:
     """The k of the user's memories closest in meaning to q, with their similarity."""
-    companion = account.companion_card(companion_id)
-    return await asyncio.to_thread(account.memory.search, companion.id, q, k)
+    def search() -> list[Recalled]:
+        return account.memory.search(account.companion_card(companion_id).key, q, k)
+
+    return await asyncio.to_thread(search)
 
 
 @router.post("/companions/{companion_id}/memories", status_code=201)
 async def add_memory(companion_id: str, body: NewFact, account: AccountDep) -> Memory:
     """Add a fact ("I'm allergic to walnuts"); facts rank first whenever they are relevant."""
-    memory = account.memory
-    fact = memory.add_fact(account.companion_card(companion_id).id, body.text, body.pinned)
-    await asyncio.to_thread(memory.index_pending)  # searchable as soon as this returns
-    return account.memory_item(fact.id)
+    def add() -> Memory:
+        memory = account.memory
+        fact = memory.add_fact(account.companion_card(companion_id).key, body.text, body.pinned)
+        memory.index_pending()   # searchable as soon as this returns
+        return account.memory_item(fact.id)
+
+    return await asyncio.to_thread(add)
 
 
 @router.get("/memories/{memory_id}")
@@ -70,11 +75,14 @@ def get_memory(memory_id: MemoryId, account: AccountDep) -> Memory:
 @router.patch("/memories/{memory_id}")
 async def edit_memory(memory_id: MemoryId, body: MemoryEdit, account: AccountDep) -> Memory:
     """Correct its text or pin it; an edited text is embedded again."""
-    account.memory_item(memory_id)
-    memory = account.memory
-    memory.edit(memory_id, body.text, body.pinned)
-    await asyncio.to_thread(memory.index_pending)
-    return account.memory_item(memory_id)   # 404 if it was deleted meanwhile
+    def change() -> Memory:
+        account.memory_item(memory_id)
+        memory = account.memory
+        memory.edit(memory_id, body.text, body.pinned)
+        memory.index_pending()
+        return account.memory_item(memory_id)   # 404 if it was deleted meanwhile
+
+    return await asyncio.to_thread(change)
 
 
 @router.delete("/memories/{memory_id}", status_code=204)

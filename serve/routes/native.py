@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -9,14 +10,14 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory.cards import MAX_CARD_BYTES, parse_card
-from memory.companions import Companion
-from memory.history import Conversation, Message, UnknownConversation
+from memory.companions import Companion, key_for
+from memory.history import Conversation, Message
 from memory.persona import substitute
 from serve.account import AccountDep
-from serve.chat import Delta, Done, EngineFailed, Plan, Turn
+from serve.chat import Delta, Done, Plan, Turn
 from serve.deps import API_GUARDS, ChatDep, LimiterDep
-from serve.engine import EngineUnavailable
-from serve.errors import ERROR_RESPONSES, error_body, raw_body
+from serve.errors import ERROR_RESPONSES, raw_body, stream_error
+from serve.limits import bounded_stream
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
@@ -36,9 +37,11 @@ def get_companion(companion_id: str, account: AccountDep) -> Companion:
 
 @router.post("/companions", status_code=201)
 def create_companion(companion: Companion, account: AccountDep) -> Companion:
-    """Create a companion: an admin's is shared with every user, anyone else's is their own."""
-    if account.hf.companions.origin(companion.id):
-        raise HTTPException(409, f"the id {companion.id!r} is taken; choose another")
+    """Create a companion: an admin's is shared with every user, anyone else's is their own.
+
+    A user's own ids are theirs alone (another user may have a companion of the same id);
+    shared ids are public and cannot be taken again."""
+    account.new_id_is_free(companion.id)
     account.hf.companions.put(companion, "api", owner=account.owner_for_new())
     return companion
 
@@ -54,15 +57,11 @@ def replace_companion(companion_id: str, companion: Companion, account: AccountD
 
 
 @router.delete("/companions/{companion_id}", status_code=204)
-def delete_companion(companion_id: str, account: AccountDep) -> Response:
-    """Delete a companion together with its conversations; refused while others talk to it."""
-    account.editable(companion_id)
-    others = account.hf.db.query("SELECT COUNT(DISTINCT user_id) FROM conversations "
-                                 "WHERE companion_id = ? AND user_id != ?", (companion_id, account.name))
-    if others[0][0]:
-        raise HTTPException(409, f"{others[0][0]} other user(s) have conversations with {companion_id!r}; "
-                                 "deleting it would delete their history too")
-    account.hf.companions.delete(companion_id)
+async def delete_companion(companion_id: str, account: AccountDep) -> Response:
+    """Delete a companion with its conversations, memories, vectors and adapters; refused (409)
+    while anything of another user's belongs to it."""
+    companion, _ = await asyncio.to_thread(account.editable, companion_id)
+    await account.hf.delete_companion(companion, account.name)
     return Response(status_code=204)
 
 
@@ -73,18 +72,20 @@ async def import_card(
     replace: Annotated[bool, Query(description="Replace a companion with the same id")] = False,
 ) -> Companion:
     """Import a Character Card V1/V2/V3: the raw bytes of a .json or .png file as the body."""
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > MAX_CARD_BYTES:
-        raise HTTPException(413, f"{filename}: a card may be at most {MAX_CARD_BYTES} bytes")
-    companion = parse_card(await request.body(), filename)
-    owner = account.owner_for_new()
-    if account.hf.companions.origin(companion.id):
-        if not replace or account.hf.companions.get(companion.id, account.name) is None:
-            raise HTTPException(409, f"{filename}: the id {companion.id!r} is taken"
-                                     + ("" if replace else "; import with replace=true to replace yours"))
-        _, owner = account.editable(companion.id)
-    account.hf.companions.put(companion, "card", filename, owner=owner)
-    return companion
+    too_large = f"{filename}: a card may be at most {MAX_CARD_BYTES >> 20} MiB"
+    data = b"".join([chunk async for chunk in bounded_stream(request, MAX_CARD_BYTES, too_large)])
+    companion = await asyncio.to_thread(parse_card, data, filename)   # never on the event loop
+
+    def store() -> Companion:
+        owner = account.owner_for_new()
+        if replace and account.hf.companions.origin(key_for(companion.id, owner)):
+            _, owner = account.editable(companion.id)
+        else:
+            account.new_id_is_free(companion.id, filename)
+        account.hf.companions.put(companion, "card", filename, owner=owner)
+        return companion
+
+    return await asyncio.to_thread(store)
 
 
 class NewConversation(BaseModel):
@@ -118,7 +119,7 @@ class Exchange(BaseModel):
 def create_conversation(body: NewConversation, account: AccountDep) -> ConversationWithMessages:
     """Start a conversation; the companion's greeting (first_mes) is its first message."""
     companion = account.companion(body.companion)
-    conversation = account.history.create_conversation(companion.id, body.title)
+    conversation = account.history.create_conversation(companion.key, body.title)
     messages = []
     if companion.first_mes.strip():
         greeting = substitute(companion.first_mes, companion, "User")
@@ -132,7 +133,8 @@ def list_conversations(
     limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[Conversation]:
     """The user's conversations, most recently active first."""
-    return account.history.list_conversations(companion, limit, offset)
+    found = companion and account.hf.companions.get(companion, account.name)
+    return account.history.list_conversations(found.key if found else companion, limit, offset)
 
 
 @router.get("/conversations/{conversation_id}")
@@ -156,8 +158,12 @@ async def send_message(conversation_id: str, body: SendMessage, account: Account
                        limiter: LimiterDep):
     """Send a message; the reply comes back whole, or streamed as `delta` and `done` events."""
     limiter.check_messages([body.content])
-    conversation = account.conversation(conversation_id)
-    companion = account.companion(conversation.companion_id)
+
+    def find() -> tuple[Conversation, Companion]:
+        conversation = account.conversation(conversation_id)
+        return conversation, account.companion(conversation.companion_id)
+
+    conversation, companion = await asyncio.to_thread(find)
     history, user = account.history, account.name
     overrides = body.model_dump(include={"temperature", "top_p", "max_tokens"})
 
@@ -185,10 +191,7 @@ async def _sse(events: AsyncIterator, message: Message) -> AsyncIterator[str]:
                 yield event({"content": item.text}, "delta")
             elif isinstance(item, Done):
                 yield event(Exchange(message=message, reply=item.message).model_dump_json(), "done")
-    except (EngineFailed, EngineUnavailable) as err:
-        status = 503 if isinstance(err, EngineUnavailable) else 502
-        yield event(error_body(status, str(err), code="engine_failed"), "error")
-    except UnknownConversation as err:   # deleted while the reply was being written
-        yield event(error_body(404, str(err), code="conversation_not_found"), "error")
+    except Exception as err:
+        yield event(stream_error(err), "error")
     finally:
         await events.aclose()

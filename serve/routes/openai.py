@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -10,12 +11,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
-from memory.history import UnknownConversation
 from serve.account import AccountDep
-from serve.chat import Delta, Done, EngineFailed, Turn
+from serve.chat import Delta, Done, Turn
 from serve.deps import API_GUARDS, ChatDep, LimiterDep
-from serve.engine import EngineUnavailable
-from serve.errors import ERROR_RESPONSES, error_body
+from serve.errors import ERROR_RESPONSES, stream_error
 from serve.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -43,7 +42,7 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
                            limiter: LimiterDep):
     """Reply as the companion named by `model`; the conversation is stored, only what is new."""
     limiter.check_messages([m.text for m in body.messages])
-    companion = account.companion(body.model)
+    companion = await asyncio.to_thread(account.companion, body.model)
     history, user = account.history, account.name
     system = [m.text for m in body.messages if m.role in ("system", "developer")]
     turns = [(m.role, m.text) for m in body.messages if m.role in ("user", "assistant")]
@@ -61,7 +60,7 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
         # Tokenizing (which releases the GIL) and the commit run off the event loop, so a
         # burst of requests is prepared side by side instead of queueing behind each other.
         plan = chat.plan(turn)
-        return plan, history.record_resent(companion.id, turns)[0]
+        return plan, history.record_resent(companion.key, turns)[0]
 
     plan, conversation_id = await limiter.reserve(user, prepare)
     events = chat.reply(plan, conversation_id)
@@ -111,10 +110,7 @@ async def _sse(events: AsyncIterator, completion_id: str, created: int, model: s
                                  "created": created, "model": model, "choices": [],
                                  "usage": usage})
         yield "data: [DONE]\n\n"
-    except (EngineFailed, EngineUnavailable) as err:
-        status = 503 if isinstance(err, EngineUnavailable) else 502
-        yield event(error_body(status, str(err), code="engine_failed"))
-    except UnknownConversation as err:   # deleted while the reply was being written
-        yield event(error_body(404, str(err), code="conversation_not_found"))
+    except Exception as err:
+        yield event(stream_error(err))
     finally:
         await events.aclose()

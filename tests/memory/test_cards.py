@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
+import zlib
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -69,3 +71,41 @@ def test_bad_cards_say_what_and_where(content, words):
 def test_png_without_a_card():
     with pytest.raises(CompanionError, match="no character card"):
         parse_card(png({}), "plain.png")
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def bomb(card: dict) -> bytes:
+    """A 40000 x 40000 grayscale PNG (1.6 G pixels of zeros in a few KB), the card after its pixels."""
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+    row = b"\0" * 40001
+    pixels = zlib.compressobj(9)
+    idat = b"".join(pixels.compress(row) for _ in range(2000)) + pixels.flush()
+    text = b"chara\0" + base64.b64encode(json.dumps(card).encode())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"tEXt", text)
+            + chunk(b"IEND", b""))
+
+
+def test_a_png_bomb_is_read_for_its_card_without_decoding_a_pixel():
+    data = bomb(V2)
+    assert len(data) < 200_000
+    assert parse_card(data, "bomb.png").name == "Luna"
+
+
+def test_compressed_itxt_cards_are_read():
+    text = b"ccv3\0\1\0\0\0" + zlib.compress(base64.b64encode(json.dumps(V2).encode()))
+    data = bomb({"name": "ignored"})
+    cut = data.index(b"IEND") - 4
+    assert parse_card(data[:cut] + chunk(b"iTXt", text) + data[cut:], "c.png").name == "Luna"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[:-14], "cut short"),
+    (lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:], "fails its checksum"),
+    (lambda d: d[:10], "ends inside a chunk header"),
+])
+def test_damaged_pngs_name_the_damage(damage, message):
+    with pytest.raises(CompanionError, match=f"card.png: damaged PNG: .*{message}"):
+        parse_card(damage(png({"chara": V2})), "card.png")

@@ -62,3 +62,31 @@ def test_metadata_round_trips_and_deletes_cascade(db):
     CompanionStore(db).delete("ember")
     assert history.get_conversation(conv.id) is None
     assert db.query("SELECT COUNT(*) FROM messages")[0][0] == 0
+
+
+def test_identical_resends_at_once_store_the_turn_once(db):
+    import sys
+    import threading
+
+    # Threads switch as often as the interpreter allows, so any gap between matching the
+    # stored tail and appending to it is hit (the old code's gap was hit in 100 rounds).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for attempt in range(100):
+            turns = [("user", f"Are you there? ({attempt})")]
+            gate = threading.Barrier(4)
+
+            def resend(turns=turns, gate=gate) -> None:
+                gate.wait()
+                History(db).record_resent("ember", turns)
+
+            threads = [threading.Thread(target=resend) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            stored = db.query("SELECT COUNT(*) FROM messages WHERE content = ?", (turns[0][1],))[0][0]
+            assert stored == 1, f"attempt {attempt}: the same resent turn was stored {stored} times"
+    finally:
+        sys.setswitchinterval(interval)

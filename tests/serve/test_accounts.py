@@ -180,7 +180,8 @@ def test_shared_companions_are_managed_by_admins_and_each_users_history_is_their
     assert [m["content"] for m in mine if m["role"] == "user"] == ["Carol likes rowing."]
 
     deleting = admin.delete("/api/v1/companions/hearth")
-    assert deleting.status_code == 409 and "2 other user(s)" in deleting.json()["error"]["message"]
+    assert deleting.status_code == 409 and "other users' 2 conversations, 2 memories" in \
+        deleting.json()["error"]["message"]
     # A user's own companion is theirs to change and nobody else's to see.
     assert c.post("/api/v1/companions", json={"id": "carols-own", "name": "Own"}).status_code == 201
     renamed = c.put("/api/v1/companions/carols-own", json={"id": "carols-own", "name": "Renamed"})

@@ -55,8 +55,30 @@ def test_history_survives_restarts_and_no_process_is_orphaned(make_server, tmp_p
     assert wait_gone(engine_tree) == [], "vLLM processes outlived a killed homefire serve"
 
 
+def engine_cores(server) -> tuple[str, str]:
+    """Cpus_allowed_list of vLLM's server process and of its worker."""
+    def cores(process: psutil.Process) -> str:
+        with open(f"/proc/{process.pid}/status") as status:
+            return next(line.split()[1] for line in status if line.startswith("Cpus_allowed_list"))
+
+    tree = family(server.proc.pid)
+    api = next(p for p in tree if "vllm.entrypoints" in " ".join(p.cmdline()))
+    return cores(api), ",".join(cores(p) for p in tree if p.name().startswith("VLLM::Worker"))
+
+
+def wait_for_engine(server, *states: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = server.http().get("/readyz").json()
+        if body["engine"] in states:
+            return body
+        time.sleep(1)
+    raise AssertionError(f"the engine never became {states}: {body}")
+
+
 def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
     server = make_server().start()
+    first_cores = engine_cores(server)
     server.http().post("/api/v1/companions", json={"id": "long", "name": "Long",
                                                    "sampling": {"max_tokens": 2000}})
     # Replies in flight for two users at once when the engine dies.
@@ -85,6 +107,8 @@ def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
         assert ready.json()["engine"] in ("restarting", "ready"), ready.text
         time.sleep(1)
     assert ready.json()["restarts"] == 1
+    # Spawned from a thread whose cores Homefire narrowed, the new engine still gets them all.
+    assert engine_cores(server) == first_cores
     reply = server.openai().chat.completions.create(
         model="ember", messages=[{"role": "user", "content": "Are you back?"}], max_tokens=8)
     assert reply.choices[0].message.content
@@ -94,6 +118,17 @@ def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
         for conversation in conversations:
             messages = server.http(key).get(f"/api/v1/conversations/{conversation['id']}").json()["messages"]
             assert messages[-1]["truncated"] is True and messages[-1]["finish_reason"] == "engine_error"
+
+    # An engine that cannot even be spawned (its log is no longer a file) uses up the restart
+    # budget and ends in "failed" with the reason, instead of "restarting" for ever.
+    log = server.data_dir / "run" / "engine.log"
+    log.unlink()
+    log.mkdir()
+    engine = next(p for p in family(server.proc.pid) if "vllm.entrypoints" in " ".join(p.cmdline()))
+    os.kill(engine.pid, signal.SIGKILL)
+    failed = wait_for_engine(server, "failed")
+    assert "could not start vLLM: IsADirectoryError" in failed["detail"], failed
+    assert "giving up" in failed["detail"] and failed["restarts"] == 3
 
 
 def test_an_external_engine_url_spawns_nothing(make_server, model_dir, tmp_path):
