@@ -131,3 +131,34 @@ def test_recall_off_recalls_nothing(store):
     memory.settings.top_k = 0
     assert memory.recall("ember", "Where is my sister's wedding going to be?") == []
     assert any("Lisbon" in m.text for m in memory.search("ember", "sister's wedding", 3))
+
+
+def test_a_replys_memory_is_indexed_while_an_import_indexes_its_thousands(tmp_path, embedder):
+    import threading
+
+    db = Database(tmp_path / "homefire.db")
+    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
+    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    imported = history.create_conversation("ember", source="imported").id
+    with db.transaction() as conn:   # an import's backlog: many seconds of embedding on this machine
+        conn.executemany("INSERT INTO memories (user_id, companion_id, conversation_id, kind, text, "
+                         "source, created_at, updated_at) "
+                         "VALUES ('local', 'ember', ?, 'exchange', ?, 'imported', ?, ?)",
+                         [(imported, f"User: imported question {i}\nEmber: answer {i}", i, i)
+                          for i in range(3000)])
+    progress: list[int] = []
+    importing = threading.Thread(target=memory.index_pending,
+                                 kwargs={"progress": lambda done, total: progress.append(done)})
+    importing.start()
+    try:
+        while not progress or progress[-1] == 0:   # the import's indexing is under way
+            importing.join(0.05)
+        fact = memory.add_fact("ember", "My bike is teal.")
+        # What the replies' indexer does: everything but imported memories, taking turns on the lock.
+        assert memory.index_pending(imported=False) == 1
+        assert importing.is_alive(), "the reply's memory waited for the whole import"
+        assert memory.get(fact.id).indexed
+        assert memory.search("ember", "what colour is my bike?", 1)[0].id == fact.id
+    finally:
+        importing.join()
+    assert progress[-1] == 3000 and memory.index_pending() == 0
