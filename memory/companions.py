@@ -181,7 +181,9 @@ class CompanionStore:
         loaded = load_dir(directory)
         for companion, path in loaded:
             shared_file = ("config", str(path), None)
-            if self.get(companion.id) != companion or self.origin(companion.id) != shared_file:
+            stored = self.get(companion.id)   # compared by fields: the stored one knows its key
+            if stored is None or stored.model_dump() != companion.model_dump() \
+                    or self.origin(companion.id) != shared_file:
                 self.put(companion, "config", str(path))
         return [companion for companion, _ in loaded]
 

@@ -56,3 +56,15 @@ def test_schema_5_moves_users_own_companions_into_their_namespace(tmp_path):
     assert History(db, "ann").get_conversation("c1").companion_id == "luna"
     assert adopt_old_folders(tmp_path, CompanionStore(db).ids()) == ["ann.luna"]
     assert (Path(tmp_path) / "adapters" / "ann.luna" / "v1").is_dir()
+
+
+def test_an_unchanged_config_file_is_not_written_again(tmp_path):
+    db = Database(tmp_path / "homefire.db")
+    store = CompanionStore(db)
+    files = tmp_path / "companions"
+    files.mkdir()
+    (files / "kit.yaml").write_text("name: Kit\n")
+    store.sync_dir(files)
+    first = db.query("SELECT updated_at FROM companions WHERE id = 'kit'")[0][0]
+    store.sync_dir(files)
+    assert db.query("SELECT updated_at FROM companions WHERE id = 'kit'")[0][0] == first
