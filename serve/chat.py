@@ -159,7 +159,7 @@ class ChatService:
         return Plan(turn, params, prompt, memories)
 
     def remember(self, companion: Companion, conversation_id: str, asked: str, reply: Message) -> None:
-        """Turn a committed exchange into a memory; its embedding happens in the background."""
+        """Turn a committed exchange into a memory (SQLite; embedded later, see index_soon)."""
         assert self.memory is not None
         text = exchange_text(asked, reply.content, companion.name)
         self.memory.add_exchange(companion.key, conversation_id, reply.id, asked, text, reply.created_at)

@@ -148,10 +148,12 @@ class Engine:
         if self.socket_path:
             try:
                 await self._spawn()
-            except Exception as err:   # nothing to supervise: the first start is final
+            except Exception as err:
                 self._fail(f"could not start vLLM: {type(err).__name__}: {err}")
-                return
-            self._monitor = asyncio.create_task(self._supervise())
+            # A first start that fails is final (a setting is wrong); only a running engine is
+            # supervised, and restarted within the budget when it dies.
+            if self.state != "failed":
+                self._monitor = asyncio.create_task(self._supervise())
         else:
             await self._await_ready(None)
 

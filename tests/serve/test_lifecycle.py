@@ -176,3 +176,15 @@ def test_homefire_keeps_its_threads_off_the_engines_compute_cores(server):
         model="ember", messages=[{"role": "user", "content": "Hello there."}], max_tokens=4)
     ours = thread_cores(server.proc.pid)
     assert ours and all(cores and not cores & compute for cores in ours.values()), (ours, compute)
+
+
+def test_a_first_start_that_fails_is_final_and_says_why(make_server, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    server = make_server(config={"engine": {"model": str(empty)}}).start(ready=False)
+    failed = wait_for_engine(server, "failed")
+    assert "while starting" in failed["detail"] and failed["restarts"] == 0, failed
+    # A wrong setting is not retried: vLLM was started once, and the state stays failed.
+    assert server.http().get("/readyz").json()["engine"] == "failed"
+    starts = (server.data_dir / "run" / "engine.log").read_text().count("=== ")
+    assert starts == 1, f"vLLM was started {starts} times"
