@@ -117,19 +117,26 @@ class Importer:
     def run(self, export: Export, companion_id: str, companion_name: str,
             progress: Progress | None = None, dry_run: bool = False) -> ImportResult:
         """Import what is new; with dry_run, only count it."""
+        return self.run_with(lambda path: self.stage(export, companion_id, companion_name, path, progress),
+                             companion_id, export.path, dry_run)
+
+    def run_with(self, stage: Callable[[Path], ImportResult], companion_id: str, label: str,
+                 dry_run: bool = False) -> ImportResult:
+        """Fill a new staging file with `stage(path)`, then commit it (unless dry_run)."""
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         path = self.staging_dir / f"import-{uuid.uuid4().hex}.db"
         try:
-            result = self._stage(export, companion_id, companion_name, path, progress)
+            result = stage(path)
             if not dry_run:
-                self._commit(path, companion_id, export.path)
+                self._commit(path, companion_id, label)
             return result
         finally:
             for leftover in (path, path.with_name(path.name + "-journal")):
                 leftover.unlink(missing_ok=True)
 
-    def _stage(self, export: Export, companion_id: str, name: str, path: Path,
-               progress: Progress | None) -> ImportResult:
+    def stage(self, export: Export, companion_id: str, name: str, path: Path,
+              progress: Progress | None) -> ImportResult:
+        """Read and check the export into the staging file at `path`; reads the database only."""
         notes, result = Notes(), ImportResult(export.formats)
         staging = sqlite3.connect(path, isolation_level=None)
         try:

@@ -11,8 +11,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
+from memory.import_child import run_apart
 from memory.importer import Importer
-from memory.imports import FORMATS, ImportFailed, open_export
+from memory.imports import FORMATS, ImportFailed
 from serve.account import AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, ErrorResponse, error_body, raw_body, stream_error
@@ -76,9 +77,8 @@ async def import_export(
 
     def work() -> dict:
         try:
-            with open_export(str(spool), format, label) as export:
-                result = Importer(hf.db, hf.data_dir / "run", account.name).run(
-                    export, companion.key, companion.name, report("read"), dry_run)
+            result = run_apart(Importer(hf.db, hf.data_dir / "run", account.name), spool, format, label,
+                               companion.key, companion.name, report("read"), dry_run)
         finally:
             spool.unlink(missing_ok=True)
         if not dry_run:

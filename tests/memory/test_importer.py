@@ -13,6 +13,7 @@ from memory.companions import Companion, CompanionStore
 from memory.db import Database
 from memory.embedder import Embedder
 from memory.history import History
+from memory.import_child import run_apart
 from memory.importer import Importer
 from memory.imports import ImportFailed, open_export
 from memory.store import MemoryStore
@@ -111,6 +112,26 @@ def test_a_failed_import_changes_nothing(db, tmp_path):
 
     dry = run(db, write_json(tmp_path / "new.json", convs[:30]), tmp_path, dry_run=True)
     assert dry.conversations_added == 30 and counts(db) == before
+
+
+def test_a_child_process_stages_an_import_as_this_process_would(db, tmp_path):
+    convs = [chatgpt_simple(f"n{i}", ("user", f"new {i}"), ("assistant", f"reply {i}")) for i in range(450)]
+    export = write_json(tmp_path / "conversations.json", convs)
+    reports: list[tuple[int, int]] = []
+    result = run_apart(Importer(db, tmp_path / "run"), export, None, "my export", "ember", "Ember",
+                       lambda done, total: reports.append((done, total)))
+    assert (result.formats, result.conversations_added, result.memories_added) == (["chatgpt"], 450, 450)
+    assert counts(db) == (450, 900, 450)
+    assert len(reports) >= 3 and reports[-1][0] == reports[-1][1] > 0, "progress comes through"
+    again = run_apart(Importer(db, tmp_path / "run"), export, None, "my export", "ember", "Ember")
+    assert (again.conversations_unchanged, again.messages_added) == (450, 0), "it reads what is stored"
+
+    convs.insert(30, {"id": "broken", "title": "x", "mapping": ["not", "an", "object"]})
+    broken = write_json(tmp_path / "broken.json", convs)
+    with pytest.raises(ImportFailed, match=r"^my export: conversation 31 has no 'mapping' object"):
+        run_apart(Importer(db, tmp_path / "run"), broken, None, "my export", "ember", "Ember")
+    assert counts(db) == (450, 900, 450)
+    assert not list((tmp_path / "run").glob("import-*"))
 
 
 def test_a_cycle_in_the_message_tree_is_reported(db, tmp_path):
