@@ -76,6 +76,9 @@ class Account:
 
     def new_id_is_free(self, companion_id: str, where: str = "") -> None:
         """409 if the id is shared, or already one of this user's own (for an admin: shared)."""
+        if companion_id == self.hf.tasks.model:
+            raise HTTPException(409, f"{where + ': ' if where else ''}the id {companion_id!r} is the utility "
+                                     "model's (tasks.model); choose another")
         store, owner = self.hf.companions, self.owner_for_new()
         taken = store.origin(companion_id) or (owner and store.origin(key_for(companion_id, owner)))
         if taken:

@@ -25,12 +25,13 @@ from memory.users import Users, local_key
 from serve import errors, metrics
 from serve.adapters import AdapterService
 from serve.chat import ChatService
-from serve.config import Settings
+from serve.config import Settings, default_data_dir
 from serve.default_model import MODEL_NAME, ensure_default_model
 from serve.engine import Engine
 from serve.limits import BodyLimit, Limiter
 from serve.prompt import PromptBuilder
 from serve.routes import adapters, health, imports, memories, native, openai
+from serve.tasks import Tasks
 
 log = logging.getLogger(__name__)
 BACKGROUND_NICE = 10
@@ -49,7 +50,9 @@ class Homefire:
     adapters: AdapterService
     limiter: Limiter
     users: Users
-    tasks: list[asyncio.Task] = field(default_factory=list)
+    tasks: Tasks                 # clients' background work, and the utility model
+    url: str = ""                # where clients reach it, once it listens
+    chores: list[asyncio.Task] = field(default_factory=list)   # the engine's start, and such
     # One import at a time per user: another user's long import never makes yours wait.
     import_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     # Imports read, commit and embed on threads of low priority: on the one core vLLM leaves
@@ -74,7 +77,7 @@ class Homefire:
         engine = Engine(settings.engine, data_dir / "run", model)
         chat = ChatService(engine, db, companions, model_id=model or MODEL_NAME)
         return cls(settings, data_dir, db, companions, engine, chat, AdapterService(data_dir, chat),
-                   Limiter(settings.limits), users)
+                   Limiter(settings.limits), users, Tasks(settings.tasks))
 
     def open_memory(self) -> None:
         """Open the memory index; rebuild it from SQLite if it is missing or damaged."""
@@ -143,6 +146,7 @@ class Homefire:
             tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
             self.chat.prompts = PromptBuilder(tokenizer, engine.max_model_len)
             await memory
+            log.info("%s", how_to_connect(self.url, self.data_dir, self.settings))
         except Exception as err:
             engine.state, engine.detail = "failed", f"{type(err).__name__}: {err}"
             log.exception("engine: start-up failed")
@@ -169,7 +173,7 @@ class Homefire:
         await asyncio.to_thread(self.companions.delete, key)
 
     async def close(self) -> None:
-        for task in self.tasks:
+        for task in self.chores:
             task.cancel()
         self.background.shutdown(wait=False, cancel_futures=True)
         await self.engine.stop()
@@ -217,12 +221,27 @@ def chroma_server(url: str | None):
                                settings=ChromaSettings(anonymized_telemetry=False))
 
 
-def create_app(settings: Settings, data_dir: Path) -> FastAPI:
+def how_to_connect(url: str, data_dir: Path, settings: Settings) -> str:
+    """The block printed once the server is ready: where it is and how to talk to it."""
+    where = "" if data_dir == default_data_dir() else f" --data-dir {data_dir}"
+    return "\n".join([
+        f"Homefire is ready at {url}",
+        f"  your API key:    homefire user key{where}",
+        f"  talk here:       homefire chat {settings.default_companion}{where}",
+        f"  OpenAI clients:  base URL {url}/v1, that key, a companion's id as the model "
+        f"(e.g. {settings.default_companion})",
+        f"  Open WebUI and SillyTavern: the same; their background tasks go to the model "
+        f"{settings.tasks.model} (README: Clients)",
+    ])
+
+
+def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hf = Homefire.open(settings, data_dir)
+        hf.url = url
         app.state.homefire = hf
-        hf.tasks.append(asyncio.create_task(hf.start_engine()))
+        hf.chores.append(asyncio.create_task(hf.start_engine()))
         # From here on every request shares the event loop: SQLite belongs in worker threads.
         # A development check (the tests turn it on) makes a call on the loop an error.
         hf.db.forbid_event_loop = os.environ.get("HOMEFIRE_STRICT_EVENT_LOOP") == "1"

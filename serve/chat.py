@@ -19,7 +19,7 @@ import anyio
 import httpx
 
 from finetune.template import alternate
-from memory.companions import Companion, CompanionStore
+from memory.companions import Companion, CompanionStore, Sampling
 from memory.db import Database
 from memory.history import History, Message, ReplyMeta, UnknownConversation
 from memory.store import MemoryStore, Recalled, exchange_text
@@ -71,7 +71,7 @@ class Done:
 class Turn:
     """One reply to produce: who speaks and what they have to go on."""
 
-    companion: Companion
+    companion: Companion | None         # None: the utility model (no persona, no memory)
     history: list[dict]                 # oldest first, ending with the user's message
     overrides: dict = field(default_factory=dict)
     extra_system: list[str] = field(default_factory=list)
@@ -116,13 +116,13 @@ class ChatService:
             )
         return companion
 
-    def served_name(self, companion_id: str) -> str:
+    def served_name(self, companion_id: str | None) -> str:
         """The engine's name for the companion's model: its adapter's, or the base model's."""
-        version = self.adapters.get(companion_id)
+        version = self.adapters.get(companion_id) if companion_id else None
         return adapter_name(companion_id, version) if version else self.engine.served_name
 
-    def sampling(self, companion: Companion, overrides: dict) -> dict:
-        defaults = companion.sampling
+    def sampling(self, companion: Companion | None, overrides: dict) -> dict:
+        defaults = companion.sampling if companion else Sampling()
         params = {
             "temperature": defaults.temperature,
             "top_p": defaults.top_p,
@@ -143,6 +143,8 @@ class ChatService:
         build = self.prompts.build
         history = alternate(turn.history)
         prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system)
+        if turn.companion is None:
+            return Plan(turn, params, prompt)
         # Recall what the kept history does not already hold, then make room for it.
         kept = history[len(history) - prompt.history_kept:]
         asked = turn.history[-1]["content"]
@@ -201,12 +203,14 @@ class ChatService:
         except Exception:   # the failure being reported matters more than this one
             log.exception("history: could not keep the cut-off reply in %s", conversation_id)
 
-    async def reply(self, plan: Plan, conversation_id: str) -> AsyncIterator[Delta | Done]:
-        """Stream the planned reply; the last event is Done, sent after the commit."""
+    async def reply(self, plan: Plan, conversation_id: str | None) -> AsyncIterator[Delta | Done]:
+        """Stream the planned reply; the last event is Done, sent after the commit. No
+        conversation: nothing is stored or remembered (store false, the utility model)."""
         turn, params, prompt = plan.turn, plan.params, plan.prompt
+        key = turn.companion.key if turn.companion else None
         started = time.perf_counter()
         payload = {
-            "model": self.served_name(turn.companion.key), "prompt": prompt.for_engine, "stream": True,
+            "model": self.served_name(key), "prompt": prompt.for_engine, "stream": True,
             # The template already placed every special token.
             "add_special_tokens": False, "stream_options": {"include_usage": True}, **params,
         }
@@ -257,24 +261,27 @@ class ChatService:
             usage = usage or {}
             completion = usage.get("completion_tokens", len(parts))
             prompt_tokens = usage.get("prompt_tokens", len(prompt.token_ids or ()))
-            # SQLite (a durable commit, then the memory row) never runs on the event loop; the
-            # commit is shielded, so a client leaving meanwhile cannot have it stored twice.
-            with anyio.CancelScope(shield=True):
-                message = await asyncio.to_thread(
-                    history.append, conversation_id, "assistant", "".join(parts),
-                    ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens,
-                              model=self.model_id, adapter=self.adapters.get(turn.companion.key),
-                              sampling=params, finish_reason=finish,
-                              memories_used=[m.model_dump(include={"id", "text", "score"})
-                                             for m in plan.memories]),
-                )
+            meta = ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens, model=self.model_id,
+                             adapter=self.adapters.get(key), sampling=params, finish_reason=finish,
+                             memories_used=[m.model_dump(include={"id", "text", "score"})
+                                            for m in plan.memories])
+            if conversation_id is None:   # answered, and kept nowhere
+                message = Message(id=0, conversation_id="", role="assistant", content="".join(parts),
+                                  created_at=time.time(), **meta.model_dump())
                 outcome = "ok"
-            try:
-                await asyncio.to_thread(self.remember, turn.companion, conversation_id,
-                                        turn.history[-1]["content"], message)
-                self.index_soon()
-            except Exception:  # the reply stands; start-up repair remembers it later
-                log.exception("memory: could not remember reply %s", message.id)
+            else:
+                # SQLite (a durable commit, then the memory row) never runs on the event loop;
+                # the commit is shielded, so a client leaving meanwhile cannot have it stored twice.
+                with anyio.CancelScope(shield=True):
+                    message = await asyncio.to_thread(
+                        history.append, conversation_id, "assistant", "".join(parts), meta)
+                    outcome = "ok"
+                try:
+                    await asyncio.to_thread(self.remember, turn.companion, conversation_id,
+                                            turn.history[-1]["content"], message)
+                    self.index_soon()
+                except Exception:  # the reply stands; start-up repair remembers it later
+                    log.exception("memory: could not remember reply %s", message.id)
             metrics.TOKENS.inc(completion)
         except Exception as err:
             # Neither the engine's doing, nor the client's, nor a conversation deleted meanwhile.
@@ -284,13 +291,13 @@ class ChatService:
         finally:
             self._streaming -= 1
             metrics.REPLIES.labels(turn.api, outcome).inc()
-            if outcome != "ok" and (parts or outcome == "disconnected"):
+            if outcome != "ok" and conversation_id is not None and (parts or outcome == "disconnected"):
                 # Shielded: a client that leaves cancels this task, and the cut reply is kept all the same.
                 with anyio.CancelScope(shield=True):
                     await asyncio.to_thread(self._keep_truncated, history, conversation_id, "".join(parts),
                                             ReplyMeta(tokens=len(parts),
                                                       prompt_tokens=(usage or {}).get("prompt_tokens"),
                                                       model=self.model_id,
-                                                      adapter=self.adapters.get(turn.companion.key),
-                                                      sampling=params, finish_reason=outcome, truncated=True))
+                                                      adapter=self.adapters.get(key), sampling=params,
+                                                      finish_reason=outcome, truncated=True))
         yield Done(message, finish, prompt_tokens, completion)

@@ -19,6 +19,7 @@ from memory.cards import parse_card
 from memory.companions import CompanionError, CompanionStore, load_dir
 from memory.db import Database
 from memory.imports import ImportFailed
+from memory.users import LOCAL
 from serve import cli_imports, cli_users, cli_voice
 from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir
 from serve.client import Client, ServerError, running_url, server_file
@@ -38,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     data_dir = resolve_data_dir(args)
     lock = hold_lock(data_dir)  # noqa: F841 (held until the process exits)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     try:
         sock = socket.create_server((settings.host, settings.port), family=family)
@@ -48,12 +50,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{host}:{port}"
     server_file(data_dir).write_text(json.dumps({"url": url, "pid": os.getpid()}))
     logging.getLogger("homefire").info("listening on %s (data in %s)", url, data_dir)
-    app = create_app(settings, data_dir)
+    app = create_app(settings, data_dir, url)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         server_file(data_dir).unlink(missing_ok=True)
+
+
+def quiet_libraries() -> None:
+    """A server's log says what Homefire does: not every request to the engine (httpx), nor
+    the libraries' loading bars and notices on each start."""
+    from transformers.utils import logging as transformers_logging
+
+    for name in ("httpx", "httpcore", "sentence_transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -165,8 +178,13 @@ def cmd_memory(args: argparse.Namespace) -> None:
             "delete": lambda: client.request("DELETE", f"/api/v1/memories/{args.id}"),
             "forget-conversation": lambda: client.request("DELETE", f"/api/v1/conversations/{args.id}"),
             "rebuild": lambda: client.request("POST", "/api/v1/memories/rebuild"),
+            "find-tasks": lambda: client.request("GET",
+                                                 f"/api/v1/companions/{args.companion}/task-conversations"),
         }
         result = calls[action]()
+        if action == "find-tasks" and args.forget:
+            for found in result:
+                client.request("DELETE", f"/api/v1/conversations/{found['id']}")
     else:
         result = _memory_locally(args)
     _print_memory_result(action, result, args)
@@ -198,6 +216,14 @@ def _memory_locally(args: argparse.Namespace) -> object:
             return store.get(fact.id).model_dump()
         if action == "rebuild":
             return {"memories": store.rebuild(everyone=True)}   # the operator, under the lock
+        if action == "find-tasks":
+            from serve.tasks import Tasks, task_conversations
+
+            key = companions.get(args.companion).key
+            found = [t.model_dump() for t in task_conversations(db, Tasks(settings.tasks), key, LOCAL)]
+            for conversation in found if args.forget else ():
+                store.forget_conversation(conversation["id"])
+            return found
         if action == "forget-conversation":
             if not store.forget_conversation(args.id):
                 raise UsageError(f"no conversation with id {args.id!r}")
@@ -228,6 +254,15 @@ def _print_memory_result(action: str, result: object, args: argparse.Namespace) 
         print("deleted")
     elif action == "rebuild":
         print(f"rebuilt the index of {result['memories']} memories")
+    elif action == "find-tasks":
+        for t in result:
+            when = time.strftime("%Y-%m-%d", time.localtime(t["created_at"]))
+            print(f"{t['id']}  {when}  {t['client']:<12} {t['first_message'].splitlines()[0][:70]}")
+        if args.forget:
+            print(f"forgot {len(result)} conversation(s), with their memories")
+        else:
+            print(f"{len(result)} conversation(s) began with a client's background task"
+                  + ("; add --forget to delete them with their memories" if result else ""))
     else:
         print(f"memory {result['id']}: {result['text']}" + (" (pinned)" if result["pinned"] else ""))
 
@@ -303,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("forget-conversation", parents=[remote],
                         help="delete a conversation with all its messages and memories")
     p.add_argument("id", help="conversation id")
+    p = msub.add_parser("find-tasks", parents=[remote],
+                        help="find conversations that began with a client's background task",
+                        description="List the conversations with a companion whose first message is a "
+                        "client's background task (Open WebUI's title, tag and follow-up requests, "
+                        "SillyTavern's quiet prompts: the tasks.patterns setting), stored before Homefire "
+                        "kept them out; --forget deletes them with their memories.")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("--forget", action="store_true", help="delete them, with their messages and memories")
     msub.add_parser("rebuild", parents=[remote], help="recreate the vector index from SQLite (through the "
                     "server: your own; without one: every user's)")
     for action_parser in msub.choices.values():

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memory.settings_file import read_settings
 
@@ -99,6 +100,43 @@ class LimitsConfig(BaseModel):
     """Replies being written for one user at once (0: no limit)."""
 
 
+class TaskPattern(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    client: str = Field(min_length=1)
+    """Who sends it (shown in the X-Homefire-Task header, the log and the metrics)."""
+    pattern: str = Field(min_length=1)
+    """A Python regular expression searched in the request's last message."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression: {err}") from None
+        return value
+
+
+class TasksConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model: str = Field("homefire-utility", min_length=1)
+    """Model id for clients' utility work (titles, tags, summaries): the served model with no
+    persona and no memory, never stored. Listed in /v1/models; no companion may take it."""
+    patterns: list[TaskPattern] = [
+        TaskPattern(client="open-webui", pattern=r"^### Task:"),
+        TaskPattern(client="sillytavern", pattern=r"^Ignore previous instructions\. Summarize the most "
+                    r"important facts and events"),
+        TaskPattern(client="sillytavern", pattern=r"Classify the emotion of the last message\."),
+        TaskPattern(client="sillytavern", pattern=r"^\[Write your next reply from the point of view of"),
+        TaskPattern(client="sillytavern", pattern=r"^\[In the next response I want you to provide only "
+                    r"a detailed comma-delimited list of keywords"),
+    ]
+    """Requests whose last message matches one of these are a client's background task, not
+    the person talking: answered as the utility model is, and never stored."""
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -119,6 +157,8 @@ class Settings(BaseModel):
     """Imports of chat exports (`homefire import`)."""
     limits: LimitsConfig = LimitsConfig()
     """What one client may ask of the server; over a limit is a clear 4xx."""
+    tasks: TasksConfig = TasksConfig()
+    """Clients' background work (titles, tags, summaries), kept out of history and memory."""
 
 
 def load_settings(path: Path | None = None) -> Settings:

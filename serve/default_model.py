@@ -83,6 +83,6 @@ def _convert(source: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     model.to(torch.bfloat16)
-    model.config.torch_dtype = torch.bfloat16
+    model.config.dtype = torch.bfloat16
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -10,3 +10,6 @@ TTFT = Histogram(
 )
 ENGINE_READY = Gauge("homefire_engine_ready", "1 when the vLLM engine is ready")
 ENGINE_RESTARTS = Gauge("homefire_engine_restarts", "Times the vLLM child was restarted")
+UNSTORED = Counter("homefire_unstored_requests_total",
+                   "Chat requests answered without being stored, by why (store_false, utility_model, "
+                   "task) and the client whose background task it was", ["why", "client"])

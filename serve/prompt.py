@@ -54,18 +54,19 @@ class PromptBuilder:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def build(self, companion: Companion, history: list[dict], max_tokens: int,
+    def build(self, companion: Companion | None, history: list[dict], max_tokens: int,
               extra_system: list[str] = (), memories: list[str] | None = None,
               user: str = DEFAULT_USER_NAME) -> Prompt:
-        """history: oldest first, ending with the user's new message (normalised by `alternate`)."""
+        """history: oldest first, ending with the user's new message (normalised by `alternate`).
+        No companion: no persona, only the caller's system messages (the utility model)."""
         history = alternate(history)
         budget = self.max_model_len - max_tokens
-        system = persona_prompt(companion, user, memories)
+        system = "\n\n".join([persona_prompt(companion, user, memories)] if companion else [])
         if extra_system:
-            system += "\n\n" + "\n\n".join(extra_system)
-        head = [{"role": "system", "content": system}]
+            system = "\n\n".join([system, *extra_system] if system else extra_system)
+        head = [{"role": "system", "content": system}] if system else []
         tail = []
-        if companion.post_history_instructions.strip():
+        if companion and companion.post_history_instructions.strip():
             tail = [{"role": "system",
                      "content": substitute(companion.post_history_instructions, companion, user)}]
         text, messages = self.render(head + tail, history)

@@ -1,5 +1,6 @@
 """Liveness, readiness and Prometheus metrics."""
 
+import httpx
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,6 +39,29 @@ def readyz(request: Request) -> JSONResponse:
 
 # Prometheus' text format, not part of the JSON API (nor of its schema).
 @router.get("/metrics", dependencies=[Depends(authenticate)], include_in_schema=False)
-def prometheus(request: Request) -> Response:
-    metrics.ENGINE_RESTARTS.set(request.app.state.homefire.engine.restarts)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def prometheus(request: Request) -> Response:
+    """Homefire's metrics, then the engine's own (`vllm:` series) from its private socket:
+    one scrape shows both."""
+    engine = request.app.state.homefire.engine
+    metrics.ENGINE_RESTARTS.set(engine.restarts)
+    return Response(generate_latest() + await engine_metrics(engine), media_type=CONTENT_TYPE_LATEST)
+
+
+async def engine_metrics(engine) -> bytes:
+    """The engine's `vllm:` families as Prometheus text; its process and Python metrics are
+    left out (their names are Homefire's too). A comment says why when there are none."""
+    if not engine.ready:
+        return f"# the engine's metrics: none while it is {engine.state}\n".encode()
+    try:
+        response = await engine.client.get("/metrics", timeout=ENGINE_METRICS_TIMEOUT_S)
+        response.raise_for_status()
+    except httpx.HTTPError as err:
+        return f"# the engine's metrics: unavailable ({type(err).__name__})\n".encode()
+    kept = [line for line in response.text.splitlines()
+            if line.startswith(ENGINE_PREFIX) or line.startswith(("# HELP " + ENGINE_PREFIX,
+                                                                  "# TYPE " + ENGINE_PREFIX))]
+    return ("\n".join(kept) + "\n").encode()
+
+
+ENGINE_PREFIX = "vllm:"
+ENGINE_METRICS_TIMEOUT_S = 5

@@ -19,6 +19,7 @@ from serve.deps import API_GUARDS, ChatDep, LimiterDep
 from serve.errors import ERROR_RESPONSES, raw_body, stream_error
 from serve.limits import bounded_stream
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from serve.tasks import TaskConversation, task_conversations
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -135,6 +136,15 @@ def list_conversations(
     """The user's conversations, most recently active first."""
     found = companion and account.hf.companions.get(companion, account.name)
     return account.history.list_conversations(found.key if found else companion, limit, offset)
+
+
+@router.get("/companions/{companion_id}/task-conversations")
+def list_task_conversations(companion_id: str, account: AccountDep) -> list[TaskConversation]:
+    """The user's conversations with the companion that began with a client's background task
+    (a title or tag request, a summary prompt: `tasks.patterns`), stored before Homefire kept
+    such requests out. Forget each with DELETE /conversations/{id}."""
+    companion = account.companion_card(companion_id)
+    return task_conversations(account.hf.db, account.hf.tasks, companion.key, account.name)
 
 
 @router.get("/conversations/{conversation_id}")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 
+from serve import metrics
 from serve.account import AccountDep
 from serve.chat import Delta, Done, Turn
 from serve.deps import API_GUARDS, ChatDep, LimiterDep
@@ -25,6 +26,7 @@ from serve.protocol import (
     Usage,
 )
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from serve.tasks import SYSTEM_ROLES, utility_turns
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -32,20 +34,34 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=API_GUARDS,
 
 @router.get("/models")
 def list_models(account: AccountDep) -> ModelList:
-    """Every companion the user may talk to, as a model a client can name."""
-    return ModelList(data=[ModelCard(id=c.id, created=0) for c in account.companions()])
+    """Every companion the user may talk to, as a model a client can name, and the utility
+    model for clients' background work (no persona, no memory, never stored)."""
+    return ModelList(data=[*(ModelCard(id=c.id, created=0) for c in account.companions()),
+                           ModelCard(id=account.hf.tasks.model, created=0)])
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
              responses=streamed("The completion; with stream: chunks as OpenAI sends them, then [DONE]"))
 async def chat_completions(body: ChatCompletionRequest, account: AccountDep, chat: ChatDep,
                            limiter: LimiterDep):
-    """Reply as the companion named by `model`; the conversation is stored, only what is new."""
-    limiter.check_messages([m.text for m in body.messages])
-    companion = await asyncio.to_thread(account.companion, body.model)
-    history, user = account.history, account.name
-    system = [m.text for m in body.messages if m.role in ("system", "developer")]
-    turns = [(m.role, m.text) for m in body.messages if m.role in ("user", "assistant")]
+    """Reply as the companion named by `model`; the conversation is stored, only what is new.
+
+    Not stored: requests with `store: false`, those to the utility model, and clients'
+    background tasks (titles, tags, summaries: `tasks.patterns`), which the utility model
+    answers."""
+    said = [(m.role, m.text) for m in body.messages if m.role not in ("tool", "function")]
+    if not said:
+        raise HTTPException(400, "messages: there is no system, user or assistant message")
+    limiter.check_messages([text for _, text in said])
+    handling = account.hf.tasks.handling(body.model, body.store, said[-1][1])
+    companion = None
+    if handling.why != "utility_model":   # an unknown companion is a 404, task or not
+        companion = await asyncio.to_thread(account.companion, body.model)
+    if handling.utility:
+        system, turns = utility_turns(said)
+    else:
+        system = [text for role, text in said if role in SYSTEM_ROLES]
+        turns = [(role, text) for role, text in said if role not in SYSTEM_ROLES]
     if not turns or turns[-1][0] != "user":
         raise HTTPException(400, "messages: the last non-system message must have role 'user'")
     overrides = {
@@ -53,22 +69,33 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
         "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
         "stop": body.stop, "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+        "top_k": body.top_k, "min_p": body.min_p,
     }
-    turn = Turn(companion, [{"role": r, "content": c} for r, c in turns], overrides, system, "openai", user)
+    history, user = account.history, account.name
+    turn = Turn(None if handling.utility else companion, [{"role": r, "content": c} for r, c in turns],
+                overrides, system, "openai", user)
 
     def prepare() -> tuple:
         # Tokenizing (which releases the GIL) and the commit run off the event loop, so a
         # burst of requests is prepared side by side instead of queueing behind each other.
         plan = chat.plan(turn)
+        if not handling.store:
+            return plan, None
         return plan, history.record_resent(companion.key, turns)[0]
 
     plan, conversation_id = await limiter.reserve(user, prepare)
     events = chat.reply(plan, conversation_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    headers = {"X-Homefire-Conversation": conversation_id}
+    model = companion.id if companion else body.model
+    if conversation_id:
+        headers = {"X-Homefire-Conversation": conversation_id}
+    else:
+        metrics.UNSTORED.labels(handling.why, handling.client or "").inc()
+        headers = {"X-Homefire-Stored": "false"} | (
+            {"X-Homefire-Task": handling.client} if handling.client else {})
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = limiter.counted(user, _sse(events, completion_id, created, companion.id, usage))
+        stream = limiter.counted(user, _sse(events, completion_id, created, model, usage))
         return ClosingStreamingResponse(stream, media_type="text/event-stream",
                                         headers=SSE_HEADERS | headers)
     done = None
@@ -77,7 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
             done = item
     assert done is not None
     result = ChatCompletion(
-        id=completion_id, created=created, model=companion.id,
+        id=completion_id, created=created, model=model,
         choices=[Choice(message=ChatMessageOut(content=done.message.content),
                         finish_reason=done.finish_reason)],
         usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,

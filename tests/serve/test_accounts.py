@@ -39,7 +39,7 @@ def test_every_route_but_healthz_needs_a_valid_key(make_server):
                     assert response.json()["error"]["type"] == "authentication_error"
     with server.http() as keyed:
         assert keyed.get("/api/v1/companions").status_code == 200
-        assert [m["id"] for m in keyed.get("/v1/models").json()["data"]] == ["ember"]
+        assert [m["id"] for m in keyed.get("/v1/models").json()["data"]] == ["ember", "homefire-utility"]
         unready = keyed.get("/readyz")
         assert unready.status_code == 503 and unready.json()["engine"] == "starting"
         busy = keyed.post("/v1/chat/completions",

@@ -26,6 +26,8 @@ def test_the_shipped_config_documents_the_defaults():
         ("engin: {}\n", "engin: Extra inputs are not permitted"),
         ("port: [\n", "not valid YAML"),
         ("- a list\n", "expected a mapping"),
+        ("tasks:\n  patterns:\n    - {client: mine, pattern: '(unclosed'}\n",
+         "tasks.patterns.0.pattern: Value error, not a regular expression: missing )"),
     ],
 )
 def test_config_errors_name_the_file_and_the_setting(tmp_path, text, words):

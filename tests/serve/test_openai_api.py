@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import openai
 import pytest
+
+from serve.protocol import ChatCompletionRequest
 
 FIRST = "Hi Ember! I adopted a cat called Biscuit today."
 
@@ -111,8 +114,12 @@ def test_unknown_companion_is_404_listing_the_known_ones(server):
         ({"model": "ember", "messages": [{"role": "user"}]}, "messages[0].content", "Field required"),
         ({"model": "ember", "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
          "temperature", "less than or equal to 2"),
-        ({"model": "ember", "messages": [{"role": "user", "content": "hi"}], "temprature": 1},
-         "temprature", "Extra inputs"),
+        ({"model": "ember", "messages": [{"role": "user", "content": "hi"}], "top_k": -2},
+         "top_k", "greater than or equal to -1"),
+        ({"model": "ember", "messages": [{"role": "user", "content": "hi"}], "store": "maybe"},
+         "store", "valid boolean"),
+        ({"model": "ember", "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, None,
+         "no system, user or assistant message"),
         ({"model": "ember", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "1"),
         ({"model": "ember", "messages": [{"role": "assistant", "content": "hi"}]}, None, "role 'user'"),
     ],
@@ -128,6 +135,23 @@ def test_malformed_bodies_get_a_400_naming_the_field(server, body, param, words)
     if param:
         assert error["message"].startswith(param)
     assert len(server.http().get("/api/v1/conversations", params={"limit": 500}).json()) == before
+
+
+def test_fields_nobody_defines_are_ignored_with_a_debug_line_each(caplog):
+    caplog.set_level(logging.DEBUG, logger="serve.protocol")
+    body = ChatCompletionRequest.model_validate({
+        "model": "ember", "temprature": 1, "my_client_flag": {"a": 1},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}],
+        "stream_options": {"include_usage": True, "chunk_size": 3}})
+    assert body.messages[0].text == "hi" and body.stream_options.include_usage
+    logged = [r.getMessage() for r in caplog.records]
+    for name in ("temprature", "my_client_flag", "cache_control", "chunk_size"):
+        assert sum(f"field {name!r}" in line for line in logged) == 1, (name, logged)
+    # What OpenAI defines but companions do not use is accepted without a word.
+    caplog.clear()
+    ChatCompletionRequest.model_validate({"model": "ember", "messages": [{"role": "user", "content": "hi"}],
+                                          "tools": [{"type": "function"}], "response_format": {"type": "x"}})
+    assert caplog.records == []
 
 
 def test_invalid_json_is_a_400(server):

@@ -1,0 +1,87 @@
+"""Clients' background work: recognised, answered without persona or memory, never stored.
+
+Front ends send more than the person's messages: Open WebUI asks the chat model for titles,
+tags and follow-ups after each reply; SillyTavern sends "quiet" prompts (summaries,
+expression labels, impersonation). Stored, they would become the companion's history,
+memories and, through `homefire finetune`, its voice. A request is kept out when it names
+the utility model, asks `store: false`, or its last message matches a known task pattern
+(`tasks.patterns`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from memory.db import Database
+from serve.config import TasksConfig
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass(frozen=True)
+class Handling:
+    """How one chat request is answered."""
+
+    store: bool                  # history, memory and training data take it
+    utility: bool = False        # no persona, no memory: the served model as the messages ask
+    why: str | None = None       # why it is not stored: store_false | utility_model | task
+    client: str | None = None    # the client whose task pattern matched
+
+
+class Tasks:
+    def __init__(self, config: TasksConfig):
+        self.model = config.model
+        self.patterns = [(p.client, re.compile(p.pattern)) for p in config.patterns]
+
+    def client_of(self, text: str) -> str | None:
+        """The client whose background task `text` (a request's last message) is, if any."""
+        text = text.lstrip()
+        return next((client for client, pattern in self.patterns if pattern.search(text)), None)
+
+    def handling(self, model: str, store: bool | None, last_message: str) -> Handling:
+        if model == self.model:
+            return Handling(store=False, utility=True, why="utility_model")
+        if client := self.client_of(last_message):
+            return Handling(store=False, utility=True, why="task", client=client)
+        if store is False:
+            return Handling(store=False, why="store_false")
+        return Handling(store=True)
+
+
+def utility_turns(messages: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(system texts, turns) for a utility request: the system messages before the first
+    turn stay system; a later one is an instruction in its place (SillyTavern ends its quiet
+    prompts with one), so it becomes the user's."""
+    system, turns = [], []
+    for role, text in messages:
+        if role in SYSTEM_ROLES and not turns:
+            system.append(text)
+        else:
+            turns.append(("user" if role in SYSTEM_ROLES else role, text))
+    return system, turns
+
+
+class TaskConversation(BaseModel):
+    id: str
+    title: str | None
+    created_at: float
+    client: str          # whose task pattern its first message matches
+    first_message: str   # its beginning
+
+
+def task_conversations(db: Database, tasks: Tasks, companion_key: str, user: str) -> list[TaskConversation]:
+    """The user's conversations with the companion that began with a client's background task
+    (stored before Homefire recognised them, or by a client with patterns of its own)."""
+    rows = db.query(
+        """SELECT c.id, c.title, c.created_at, (SELECT content FROM messages WHERE conversation_id = c.id
+               AND role = 'user' ORDER BY id LIMIT 1) AS first FROM conversations c
+           WHERE c.companion_id = ? AND c.user_id = ? ORDER BY c.created_at, c.id""", (companion_key, user))
+    found = []
+    for row in rows:
+        if row["first"] and (client := tasks.client_of(row["first"])):
+            found.append(TaskConversation(id=row["id"], title=row["title"], created_at=row["created_at"],
+                                          client=client, first_message=row["first"][:200]))
+    return found
