@@ -78,7 +78,31 @@ def chain_hash(previous: str, role: str, content: str) -> str:
 
 def exchange_text(asked: str, reply: str, companion_name: str, user: str = "User") -> str:
     """How an exchange reads as a memory."""
-    return f"{user}: {asked}\n{companion_name}: {reply}"
+    return span_text([("user", asked), ("assistant", reply)], companion_name, user)
+
+
+def span_text(said: list[tuple[str, str]], companion_name: str, user: str = "User") -> str:
+    """How a memory reads: each message on its own line after its speaker's name."""
+    return "\n".join(f"{user if role == 'user' else companion_name}: {text}" for role, text in said)
+
+
+def memory_spans(roles: list[str], settled: bool) -> list[list[int]]:
+    """Which messages (indices into `roles`) each memory holds, oldest first.
+
+    Every message belongs to one memory: a memory ends at a reply of the companion and holds
+    the user's messages before it, with any companion message that answered no one (an
+    opening, a second reply) as context. What follows the last reply waits for the next one,
+    unless the conversation is `settled` (an import, a start-up): then it is a memory too.
+    """
+    spans, run = [], []
+    for i, role in enumerate(roles):
+        run.append(i)
+        if role == "assistant" and any(roles[j] == "user" for j in run):
+            spans.append(run)
+            run = []
+    if run and settled:
+        spans.append(run)
+    return spans
 
 
 def chain_root(companion_id: str) -> str:

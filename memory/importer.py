@@ -24,7 +24,7 @@ from pathlib import Path
 
 from memory.companions import visible_id
 from memory.db import Database
-from memory.history import chain_hash, chain_root, exchange_text
+from memory.history import chain_hash, chain_root, memory_spans, span_text
 from memory.imports import Export, Imported, ImportFailed, Notes
 from memory.users import LOCAL
 
@@ -199,10 +199,14 @@ class Importer:
         staging.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
                             [(target, t.role, t.content, times[i], chains[i], int(start == 0))
                              for i, t in enumerate(conv.messages) if i >= start])
-        memories = [(target, chains[i], exchange_text(conv.messages[i - 1].content, t.content, name),
-                     conv.messages[i - 1].content, times[i])
-                    for i, t in enumerate(conv.messages)
-                    if i >= start and i > 0 and t.role == "assistant" and conv.messages[i - 1].role == "user"]
+        # Every message in a memory, whatever its neighbours (memory_spans); what is stored
+        # already has its memories.
+        memories = []
+        for span in memory_spans([t.role for t in conv.messages], settled=True):
+            if span[-1] >= start:
+                said = [(conv.messages[i].role, conv.messages[i].content) for i in span]
+                asked = next((text for role, text in reversed(said) if role == "user"), None)
+                memories.append((target, chains[span[-1]], span_text(said, name), asked, times[span[-1]]))
         staging.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?)", memories)
         result.tally(conv, added=len(conv.messages) - start)
         result.memories_added += len(memories)

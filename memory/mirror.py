@@ -18,19 +18,23 @@ class Mirror:
     bfloat16 halves the bytes each query scans (recall is memory-bound: 100k x 384 floats)
     and runs in torch's own threads, so it does not fight the embedder's OpenMP threads
     for the cores as numpy's BLAS threads did (p95 at 100k: 119 ms with numpy, 24 ms so).
-    Scores stay within 0.001 of float32.
+    Its scores are rounded to about 0.004, so near-ties would come back in an order that
+    depends on how many are asked for; the rows it picks are scored again exactly, from a
+    float32 copy.
     """
 
     def __init__(self):
         self.size = 0
         self._ids = np.zeros(0, dtype=np.int64)
         self._matrix = torch.zeros((0, 0), dtype=torch.bfloat16)
+        self._exact = np.zeros((0, 0), dtype=np.float32)
         self._lock = threading.Lock()
 
     def add(self, memory_ids: list[int], vectors) -> None:
         if len(memory_ids) == 0:
             return
-        block = torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(torch.bfloat16)
+        exact = np.asarray(vectors, dtype=np.float32)
+        block = torch.from_numpy(exact).to(torch.bfloat16)
         with self._lock:
             need = self.size + len(block)
             if need > len(self._ids):  # grow by doubling: appending one reply copies nothing
@@ -40,8 +44,12 @@ class Mirror:
                     matrix[: self.size] = self._matrix[: self.size]
                 ids = np.zeros(capacity, dtype=np.int64)
                 ids[: self.size] = self._ids[: self.size]
-                self._matrix, self._ids = matrix, ids
+                copy = np.zeros((capacity, block.shape[1]), dtype=np.float32)
+                if self.size:
+                    copy[: self.size] = self._exact[: self.size]
+                self._matrix, self._ids, self._exact = matrix, ids, copy
             self._matrix[self.size:need] = block
+            self._exact[self.size:need] = exact
             self._ids[self.size:need] = memory_ids
             self.size = need
 
@@ -50,14 +58,19 @@ class Mirror:
             keep = ~np.isin(self._ids[: self.size], memory_ids)
             kept = int(keep.sum())
             self._matrix[:kept] = self._matrix[: self.size][torch.from_numpy(keep)]
+            self._exact[:kept] = self._exact[: self.size][keep]
             self._ids[:kept] = self._ids[: self.size][keep]
             self.size = kept
 
     def top(self, vector: np.ndarray, n: int) -> list[tuple[int, float, np.ndarray]]:
+        """The n rows nearest `vector` by the fast scan, as (memory id, exact score, vector),
+        best first; equal scores in memory id order."""
         with self._lock:
             matrix = self._matrix[: self.size]
             scores = torch.mv(matrix, torch.from_numpy(vector).to(torch.bfloat16)).float()
-            values, rows = torch.topk(scores, min(n, self.size))
-            picked = matrix[rows].float().numpy()
-            return [(int(self._ids[r]), float(v), picked[i])
-                    for i, (r, v) in enumerate(zip(rows.tolist(), values.tolist(), strict=True))]
+            rows = torch.topk(scores, min(n, self.size)).indices.numpy()
+            picked = self._exact[rows]
+            ids = self._ids[rows]
+        exact = picked @ vector.astype(np.float32)
+        order = np.lexsort((ids, -exact))
+        return [(int(ids[i]), float(exact[i]), picked[i]) for i in order]

@@ -15,9 +15,9 @@ def substitute(text: str, companion: Companion, user: str) -> str:
     return text
 
 
-def persona_prompt(companion: Companion, user: str = DEFAULT_USER_NAME,
-                   memories: list[str] | None = None) -> str:
-    """The system message: the instruction, then the card's sections, then the memory slot."""
+def persona_prompt(companion: Companion, user: str = DEFAULT_USER_NAME) -> str:
+    """The system message: the instruction, then the card's sections. It stays the same from
+    turn to turn, so the engine's prefix cache keeps it and the history after it."""
     parts = [companion.system_prompt or "You are {{char}}. Stay in character as {{char}}."]
     for title, value in (
         ("About {{char}}", companion.description),
@@ -27,7 +27,11 @@ def persona_prompt(companion: Companion, user: str = DEFAULT_USER_NAME,
     ):
         if value.strip():
             parts.append(f"{title}:\n{value.strip()}")
-    if memories:
-        quoted = "\n>\n".join("\n".join(f"> {line}" for line in m.splitlines()) for m in memories)
-        parts.append(f"{MEMORY_HEADER}\n{quoted}")
     return substitute("\n\n".join(parts), companion, user)
+
+
+def memory_block(memories: list[str], user: str = DEFAULT_USER_NAME) -> str:
+    """Recalled memories as a quoted block, for just before the newest message: quoted past
+    conversation, never instructions."""
+    quoted = "\n>\n".join("\n".join(f"> {line}" for line in m.splitlines()) for m in memories)
+    return f"{MEMORY_HEADER.replace('{{user}}', user)}\n{quoted}"

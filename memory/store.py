@@ -30,12 +30,13 @@ from pydantic import BaseModel
 from memory.companions import visible_id
 from memory.db import Database
 from memory.embedder import Embedder
-from memory.history import exchange_text
+from memory.history import memory_spans, span_text
 from memory.mirror import Mirror
 from memory.users import LOCAL
 
 Kind = Literal["exchange", "fact"]
 HNSW = {"space": "cosine"}
+POOL = 100   # rows the fast scan hands to exact scoring
 Progress = Callable[[int, int], None]
 
 
@@ -54,6 +55,7 @@ class Memory(BaseModel):
 
 class Recalled(BaseModel):
     id: int
+    conversation_id: str | None   # where it was said (None: a fact the user added)
     text: str
     score: float
     kind: Kind
@@ -110,8 +112,10 @@ class MemoryStore:
 
     # -- writes: SQLite first, the index follows (index_pending) --------------------------
 
-    def add_exchange(self, companion_id: str, conversation_id: str, reply_id: int, asked: str,
+    def add_exchange(self, companion_id: str, conversation_id: str, reply_id: int, asked: str | None,
                      text: str, created_at: float, source: str = "live") -> int:
+        """A memory of messages ending with `reply_id` (the key: one memory per ending message);
+        returns its id, or 0 if that message has one already."""
         with self.db.transaction() as conn:
             # It belongs to whoever owns the conversation (start-up repair serves every user).
             cur = conn.execute(
@@ -120,7 +124,7 @@ class MemoryStore:
                    SELECT user_id, ?, ?, ?, 'exchange', ?, ?, ?, ?, ? FROM conversations WHERE id = ?""",
                 (companion_id, conversation_id, reply_id, text, asked, source, created_at, time.time(),
                  conversation_id))
-            return cur.lastrowid
+            return cur.lastrowid if cur.rowcount else 0
 
     def add_fact(self, companion_id: str, text: str, pinned: bool = False) -> Memory:
         now = time.time()
@@ -220,25 +224,44 @@ class MemoryStore:
                     progress(done, total)
         return done
 
-    def repair(self) -> int:
-        """Remember exchanges whose reply was committed but not yet turned into a memory."""
+    def remember_new(self, conversation_id: str, companion_name: str, settled: bool = False,
+                     source: str = "live") -> int:
+        """Remember the conversation's messages that no memory holds yet, a span at a time
+        (memory_spans); returns how many memories were added. Messages after a deleted
+        memory's are never taken back into one."""
         rows = self.db.query(
-            """SELECT r.id, r.conversation_id, r.content, r.created_at, c.companion_id, c.source,
-                      (SELECT content FROM messages u WHERE u.conversation_id = r.conversation_id
-                         AND u.id < r.id AND u.role = 'user' ORDER BY u.id DESC LIMIT 1) AS asked,
-                      (SELECT card FROM companions WHERE id = c.companion_id) AS card
-               FROM messages r JOIN conversations c ON c.id = r.conversation_id
-               LEFT JOIN memories m ON m.reply_id = r.id
-               WHERE r.role = 'assistant' AND r.truncated = 0 AND r.forgotten = 0
-                 AND m.id IS NULL""")
-        for row in rows:
-            if row["asked"] is None:
-                continue  # a greeting, not an exchange
-            name = json.loads(row["card"])["name"]
-            self.add_exchange(row["companion_id"], row["conversation_id"], row["id"], row["asked"],
-                              exchange_text(row["asked"], row["content"], name), row["created_at"],
-                              "imported" if row["source"] == "imported" else "live")
-        return len(rows)
+            """SELECT c.companion_id, m.id, m.role, m.content, m.created_at FROM messages m
+               JOIN conversations c ON c.id = m.conversation_id
+               WHERE m.conversation_id = ?1 AND m.truncated = 0 AND m.content != '' AND m.id > COALESCE(
+                   (SELECT MAX(x.id) FROM messages x WHERE x.conversation_id = ?1 AND (x.forgotten = 1
+                        OR x.id IN (SELECT reply_id FROM memories WHERE conversation_id = ?1))), 0)
+               ORDER BY m.id""", (conversation_id,))
+        added = 0
+        for span in memory_spans([r["role"] for r in rows], settled):
+            said = [(rows[i]["role"], rows[i]["content"]) for i in span]
+            asked = next((text for role, text in reversed(said) if role == "user"), None)
+            if asked is None and source != "imported":
+                continue   # a greeting alone is the card's, not something said
+            end = rows[span[-1]]
+            if self.add_exchange(end["companion_id"], conversation_id, end["id"], asked,
+                                 span_text(said, companion_name), end["created_at"], source):
+                added += 1
+        return added
+
+    def repair(self) -> int:
+        """At start-up: remember what no memory holds yet (exchanges committed just before a
+        crash, messages no reply followed); returns how many memories were added."""
+        rows = self.db.query(
+            """SELECT c.id, c.source, co.card FROM conversations c
+               JOIN companions co ON co.id = c.companion_id
+               WHERE (SELECT MAX(id) FROM messages WHERE conversation_id = c.id AND truncated = 0
+                          AND content != '')
+                     > COALESCE((SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = c.id
+                                 AND (m.forgotten = 1 OR m.id IN (SELECT reply_id FROM memories
+                                                                  WHERE conversation_id = c.id))), 0)""")
+        return sum(self.remember_new(row["id"], json.loads(row["card"])["name"], settled=True,
+                                     source="imported" if row["source"] == "imported" else "live")
+                   for row in rows)
 
     def index_is_consistent(self) -> bool:
         """Does every user's every collection hold exactly the vectors SQLite says it should?"""
@@ -359,7 +382,8 @@ class MemoryStore:
             return []
         vector = np.asarray(self.embedder.embed([query])[0], dtype=np.float32)
         best: dict[int, tuple[float, np.ndarray]] = {}
-        for memory_id, score, embedding in mirror.top(vector, k * 2):
+        # One pool whatever k is (up to POOL / 2): scored exactly, k=5 is the top of k=20.
+        for memory_id, score, embedding in mirror.top(vector, max(POOL, k * 2)):
             if memory_id not in best or score > best[memory_id][0]:
                 best[memory_id] = (score, embedding)
         if not best:
@@ -368,11 +392,12 @@ class MemoryStore:
         rows = {r["id"]: r for r in self.db.query(
             f"SELECT {_COLUMNS} FROM memories WHERE user_id = ? AND id IN ({','.join('?' * len(best))})",
             [self.user, *best])}
-        found = [(Recalled(id=i, text=rows[i]["text"], score=round(score, 4), kind=rows[i]["kind"],
+        found = [(Recalled(id=i, conversation_id=rows[i]["conversation_id"], text=rows[i]["text"],
+                           score=round(score, 4), kind=rows[i]["kind"],
                            pinned=bool(rows[i]["pinned"]), created_at=rows[i]["created_at"]),
                   vector, rows[i]["asked"])
                  for i, (score, vector) in best.items() if i in rows]
-        found.sort(key=lambda c: c[0].score, reverse=True)
+        found.sort(key=lambda c: (-c[0].score, c[0].id))
         return found[:k]
 
 

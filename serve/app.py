@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -224,10 +225,12 @@ def chroma_server(url: str | None):
 def how_to_connect(url: str, data_dir: Path, settings: Settings) -> str:
     """The block printed once the server is ready: where it is and how to talk to it."""
     where = "" if data_dir == default_data_dir() else f" --data-dir {data_dir}"
+    # As it was started (`make serve` runs .venv/bin/homefire), so the lines can be pasted.
+    program = sys.argv[0] if Path(sys.argv[0]).name == "homefire" else "homefire"
     return "\n".join([
         f"Homefire is ready at {url}",
-        f"  your API key:    homefire user key{where}",
-        f"  talk here:       homefire chat {settings.default_companion}{where}",
+        f"  your API key:    {program} user key{where}",
+        f"  talk here:       {program} chat {settings.default_companion}{where}",
         f"  OpenAI clients:  base URL {url}/v1, that key, a companion's id as the model "
         f"(e.g. {settings.default_companion})",
         f"  Open WebUI and SillyTavern: the same; their background tasks go to the model "

@@ -22,7 +22,7 @@ from finetune.template import alternate
 from memory.companions import Companion, CompanionStore, Sampling
 from memory.db import Database
 from memory.history import History, Message, ReplyMeta, UnknownConversation
-from memory.store import MemoryStore, Recalled, exchange_text
+from memory.store import MemoryStore, Recalled
 from memory.users import LOCAL
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
@@ -145,26 +145,33 @@ class ChatService:
         prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system)
         if turn.companion is None:
             return Plan(turn, params, prompt)
-        # Recall what the kept history does not already hold, then make room for it.
-        kept = history[len(history) - prompt.history_kept:]
-        asked = turn.history[-1]["content"]
-        context = next((m["content"][-300:] for m in reversed(history[:-1])
-                        if m["role"] == "assistant"), "")
-        memories = self.memory.for_user(turn.user).recall(
-            turn.companion.key, f"{context}\n{asked}".strip(),
-            skip_asked={m["content"] for m in kept if m["role"] == "user"},
-            count_tokens=lambda text: len(self.prompts.encode(text)))
+        memories = self.recall(turn.companion, turn.user, history, prompt.history_kept)
         if memories:
             dated = [f"[{datetime.fromtimestamp(m.created_at):%Y-%m-%d}] {m.text}" for m in memories]
             prompt = build(turn.companion, history, params["max_tokens"],
                            extra_system=turn.extra_system, memories=dated)
         return Plan(turn, params, prompt, memories)
 
-    def remember(self, companion: Companion, conversation_id: str, asked: str, reply: Message) -> None:
-        """Turn a committed exchange into a memory (SQLite; embedded later, see index_soon)."""
+    def recall(self, companion: Companion, user: str, history: list[dict], kept: int | None = None,
+               ) -> list[Recalled]:
+        """The memories a reply to history's newest message places in its prompt: what the
+        kept history (its newest `kept` messages; all by default) does not already hold."""
+        if self.prompts is None or self.memory is None:
+            raise EngineUnavailable("the tokenizer or the memory is still loading")
+        kept_turns = history[len(history) - (len(history) if kept is None else kept):]
+        asked = history[-1]["content"]
+        context = next((m["content"][-300:] for m in reversed(history[:-1])
+                        if m["role"] == "assistant"), "")
+        return self.memory.for_user(user).recall(
+            companion.key, f"{context}\n{asked}".strip(),
+            skip_asked={m["content"] for m in kept_turns if m["role"] == "user"},
+            count_tokens=lambda text: len(self.prompts.encode(text)))
+
+    def remember(self, companion: Companion, conversation_id: str) -> None:
+        """Turn what the committed reply ends into a memory: the user's messages since the last
+        one, with the reply (SQLite; embedded later, see index_soon)."""
         assert self.memory is not None
-        text = exchange_text(asked, reply.content, companion.name)
-        self.memory.add_exchange(companion.key, conversation_id, reply.id, asked, text, reply.created_at)
+        self.memory.remember_new(conversation_id, companion.name)
 
     def index_soon(self) -> None:
         """Embed new and edited memories in the background, one indexing run at a time."""
@@ -277,8 +284,7 @@ class ChatService:
                         history.append, conversation_id, "assistant", "".join(parts), meta)
                     outcome = "ok"
                 try:
-                    await asyncio.to_thread(self.remember, turn.companion, conversation_id,
-                                            turn.history[-1]["content"], message)
+                    await asyncio.to_thread(self.remember, turn.companion, conversation_id)
                     self.index_soon()
                 except Exception:  # the reply stands; start-up repair remembers it later
                     log.exception("memory: could not remember reply %s", message.id)

@@ -178,6 +178,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
             "delete": lambda: client.request("DELETE", f"/api/v1/memories/{args.id}"),
             "forget-conversation": lambda: client.request("DELETE", f"/api/v1/conversations/{args.id}"),
             "rebuild": lambda: client.request("POST", "/api/v1/memories/rebuild"),
+            "recall": lambda: client.request("GET", f"/api/v1/companions/{args.companion}/memories/recall",
+                                             params={"q": args.text}),
             "find-tasks": lambda: client.request("GET",
                                                  f"/api/v1/companions/{args.companion}/task-conversations"),
         }
@@ -185,6 +187,9 @@ def cmd_memory(args: argparse.Namespace) -> None:
         if action == "find-tasks" and args.forget:
             for found in result:
                 client.request("DELETE", f"/api/v1/conversations/{found['id']}")
+    elif action == "recall":
+        raise UsageError("`homefire memory recall` asks the running server (it counts with the model's "
+                         "tokenizer, as a reply does); start `homefire serve` first, or pass --url")
     else:
         result = _memory_locally(args)
     _print_memory_result(action, result, args)
@@ -244,12 +249,14 @@ def _memory_locally(args: argparse.Namespace) -> object:
 def _print_memory_result(action: str, result: object, args: argparse.Namespace) -> None:
     if getattr(args, "json", False):
         print(json.dumps(result, ensure_ascii=False, indent=2))
-    elif action in ("list", "search"):
+    elif action in ("list", "search", "recall"):
         for m in result:
             when = time.strftime("%Y-%m-%d", time.localtime(m["created_at"]))
             flag = "*" if m["pinned"] else " "
             score = f" {m['score']:.2f}" if "score" in m else ""
-            print(f"{m['id']:>6}{flag} {when} {m['kind']:<8}{score} {m['text'].splitlines()[0][:90]}")
+            where = (m["conversation_id"] or "-")[:8]   # the conversation it was said in
+            said = " / ".join(m["text"].splitlines())   # both speakers of an exchange
+            print(f"{m['id']:>6}{flag} {when} {where:<8} {m['kind']:<8}{score} {said[:100]}")
     elif action in ("delete", "forget-conversation"):
         print("deleted")
     elif action == "rebuild":
@@ -338,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("forget-conversation", parents=[remote],
                         help="delete a conversation with all its messages and memories")
     p.add_argument("id", help="conversation id")
+    p = msub.add_parser("recall", parents=[remote], help="show what a reply to TEXT would recall",
+                        description="Show exactly the memories a reply to TEXT would place in its prompt "
+                        "(through the running server, with the function replies use); stores nothing.")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("text", help='a message, e.g. "where is my sister\'s wedding?"')
     p = msub.add_parser("find-tasks", parents=[remote],
                         help="find conversations that began with a client's background task",
                         description="List the conversations with a companion whose first message is a "

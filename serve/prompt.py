@@ -12,7 +12,7 @@ from jinja2 import TemplateError
 
 from finetune.template import Neutralizer, alternate
 from memory.companions import Companion
-from memory.persona import DEFAULT_USER_NAME, persona_prompt, substitute
+from memory.persona import DEFAULT_USER_NAME, memory_block, persona_prompt, substitute
 
 
 class PromptTooLong(ValueError):
@@ -61,15 +61,18 @@ class PromptBuilder:
         No companion: no persona, only the caller's system messages (the utility model)."""
         history = alternate(history)
         budget = self.max_model_len - max_tokens
-        system = "\n\n".join([persona_prompt(companion, user, memories)] if companion else [])
+        # The head stays the same from turn to turn, so vLLM's prefix cache keeps it and the
+        # history after it; what changes each turn (recalled memories, post-history
+        # instructions) goes in the tail, just before the newest message.
+        system = "\n\n".join([persona_prompt(companion, user)] if companion else [])
         if extra_system:
             system = "\n\n".join([system, *extra_system] if system else extra_system)
         head = [{"role": "system", "content": system}] if system else []
-        tail = []
+        late = [memory_block(memories, user)] if memories else []
         if companion and companion.post_history_instructions.strip():
-            tail = [{"role": "system",
-                     "content": substitute(companion.post_history_instructions, companion, user)}]
-        text, messages = self.render(head + tail, history)
+            late.append(substitute(companion.post_history_instructions, companion, user))
+        tail = [{"role": "system", "content": "\n\n".join(late)}] if late else []
+        text, messages = self.render(head, tail, history)
         if len(text.encode()) + BYTE_MARGIN <= budget:
             return Prompt(text, None, messages, len(history), 0)
 
@@ -85,7 +88,7 @@ class PromptBuilder:
             used += sizes[start]
         start = min(start, len(history) - 1)  # the newest message always goes in
         while True:
-            text, messages = self.render(head + tail, history[start:])
+            text, messages = self.render(head, tail, history[start:])
             ids = self.encode(text)
             if len(ids) <= budget:
                 return Prompt(text, ids, messages, len(history) - start, start)
@@ -97,19 +100,23 @@ class PromptBuilder:
                 )
             start += 1
 
-    def render(self, system: list[dict], history: list[dict]) -> tuple[str, list[dict]]:
-        head, tail = system[:1], system[1:]
-        # post_history_instructions go right before the newest message; templates that
-        # allow one system message only get them folded into the first.
+    def render(self, head: list[dict], tail: list[dict], history: list[dict]) -> tuple[str, list[dict]]:
+        """head: the persona's system message; tail (memories, post-history instructions):
+        one system message, right before the newest message."""
         messages = head + history[:-1] + tail + history[-1:] if tail and history else head + history
         try:
             return self._template(messages), messages
         except TemplateError:
-            # Strict templates: one system message, and the user speaks first (before a greeting).
-            messages = [{"role": "system", "content": "\n\n".join(m["content"] for m in system)}]
+            # Strict templates: one system message, the user speaks first (before a greeting),
+            # and the tail opens the newest message (still before it, so the head and the
+            # history stay a prefix that the cache keeps).
+            messages = list(head)
             if history and history[0]["role"] == "assistant":
                 messages.append({"role": "user", "content": OPENING})
-            messages += history
+            newest = history[-1:]
+            if tail and newest:
+                newest = [{**newest[0], "content": f"{tail[0]['content']}\n\n{newest[0]['content']}"}]
+            messages += history[:-1] + newest
             return self._template(messages), messages
 
     def _template(self, messages: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""Long-term memory the user can see and control: list, search, add, edit, pin, delete."""
+"""Long-term memory the user can see and control: list, search, recall, add, edit, pin, delete."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memory.store import Kind, Memory, Recalled
 from serve.account import AccountDep
-from serve.deps import API_GUARDS
+from serve.deps import API_GUARDS, ChatDep
 from serve.errors import ERROR_RESPONSES
 
 router = APIRouter(prefix="/api/v1", tags=["memory"], dependencies=API_GUARDS,
@@ -53,6 +53,20 @@ async def search_memories(
         return account.memory.search(account.companion_card(companion_id).key, q, k)
 
     return await asyncio.to_thread(search)
+
+
+@router.get("/companions/{companion_id}/memories/recall")
+async def recall_memories(
+    companion_id: str, account: AccountDep, chat: ChatDep,
+    q: Annotated[str, Query(min_length=1, description="a message to the companion")],
+) -> list[Recalled]:
+    """Exactly the memories a reply to q would place in its prompt (as the first message of a
+    conversation), best first: the function the reply uses. Nothing is stored."""
+    def recall() -> list[Recalled]:
+        companion = account.companion_card(companion_id)
+        return chat.recall(companion, account.name, [{"role": "user", "content": q}])
+
+    return await asyncio.to_thread(recall)
 
 
 @router.post("/companions/{companion_id}/memories", status_code=201)

@@ -168,3 +168,23 @@ def test_the_cli_imports_without_a_server_and_the_memories_are_searchable(tmp_pa
     assert unknown.returncode == 2 and "no companion named 'nobody'" in unknown.stderr
     store = MemoryStore(Database(data / "homefire.db"), data / "index", Embedder())
     assert store.index_is_consistent()
+
+
+def test_every_message_of_an_import_is_in_a_memory_and_searchable(db, tmp_path):
+    said = [("assistant", "Hi! I just got back from camping in the Alps."),
+            ("user", "I adopted a dog named Rex yesterday."), ("user", "Also, how are you?"),
+            ("assistant", "I'm well, thank you! Tell me about Rex."),
+            ("user", "By the way, I am moving to Berlin next month.")]
+    export = tmp_path / "chat.jsonl"
+    export.write_text(json.dumps({"id": "rex", "messages": [{"role": r, "content": c} for r, c in said]}))
+    assert run(db, export, tmp_path).memories_added == 2
+    texts = [r["text"] for r in db.query("SELECT text FROM memories ORDER BY id")]
+    assert texts == ["Ember: Hi! I just got back from camping in the Alps.\n"
+                     "User: I adopted a dog named Rex yesterday.\nUser: Also, how are you?\n"
+                     "Ember: I'm well, thank you! Tell me about Rex.",
+                     "User: By the way, I am moving to Berlin next month."]
+    store = MemoryStore(db, tmp_path / "index", Embedder())
+    assert store.index_pending() == 2
+    for question, words in (("Which city am I moving to?", "Berlin"), ("What is my dog called?", "Rex"),
+                            ("Where did you go camping?", "camping")):
+        assert words in store.search("ember", question, 1)[0].text, question

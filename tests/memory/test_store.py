@@ -10,8 +10,8 @@ import pytest
 from memory.companions import Companion, CompanionStore
 from memory.db import Database
 from memory.embedder import Embedder
-from memory.history import History, ReplyMeta
-from memory.store import MemoryStore, exchange_text
+from memory.history import History, ReplyMeta, exchange_text
+from memory.store import MemoryStore
 
 DAY = 86400
 SMALL_TALK = ["the weather was grey", "I watched a film", "work was long", "I made pasta",
@@ -162,3 +162,40 @@ def test_a_replys_memory_is_indexed_while_an_import_indexes_its_thousands(tmp_pa
     finally:
         importing.join()
     assert progress[-1] == 3000 and memory.index_pending() == 0
+
+
+def test_a_smaller_search_is_the_top_of_a_larger_one(store):
+    # 300 exchanges of 14 small-talk lines: many memories tie to within bfloat16's rounding.
+    _, memory, _ = store
+    for query in ("What did I do today?", "Tell me about the train", "pasta", "socks and fences",
+                  "Was the weather nice?", "music practice"):
+        five, twenty = memory.search("ember", query, 5), memory.search("ember", query, 20)
+        assert [m.id for m in five] == [m.id for m in twenty[:5]], query
+        scores = [m.score for m in twenty]
+        assert scores == sorted(scores, reverse=True)
+        assert [m.id for m in memory.search("ember", query, 5)] == [m.id for m in five], "and the same again"
+
+
+def test_messages_no_reply_followed_are_remembered_when_the_conversation_is_settled(tmp_path, embedder):
+    db = Database(tmp_path / "homefire.db")
+    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
+    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    greeting_only = history.create_conversation("ember").id
+    history.append(greeting_only, "assistant", "Hey, you're here!")
+    conversation = history.create_conversation("ember").id
+    for role, text in [("assistant", "Hey, you're here!"), ("user", "I got the job!"),
+                       ("user", "At the observatory."), ("assistant", "Congratulations!"),
+                       ("user", "My first day is in May."), ("user", "I'm nervous.")]:
+        history.append(conversation, role, text)
+    # A live reply remembers what it ends; the messages after it wait for the next reply...
+    assert memory.remember_new(conversation, "Ember") == 1
+    assert memory.remember_new(conversation, "Ember") == 0
+    # ...or for the start-up, when no reply is on its way: then they are a memory of their own.
+    assert memory.repair() == 1 and memory.repair() == 0
+    texts = [m.text for m in reversed(memory.list("ember"))]
+    assert texts == ["Ember: Hey, you're here!\nUser: I got the job!\nUser: At the observatory.\n"
+                     "Ember: Congratulations!", "User: My first day is in May.\nUser: I'm nervous."]
+    # Deleted, a memory's messages are not taken into another one.
+    memory.delete(memory.list("ember")[0].id)
+    history.append(conversation, "assistant", "You'll be great.")
+    assert memory.remember_new(conversation, "Ember") == 0 and memory.repair() == 0

@@ -60,6 +60,30 @@ def test_a_fact_the_user_adds_is_used_and_their_deletion_is_final(server):
     assert fact["id"] not in [m["id"] for m in reply["memories_used"] or []]
 
 
+def test_recall_shows_exactly_what_a_reply_would_use_and_stores_nothing(server):
+    key = server.add_user("recaller")
+    http = server.http(key)
+    for text in ("My sister Ada is getting married in Lisbon in June.", "I play the cello on Sundays.",
+                 "My cat Biscuit hates the vacuum cleaner."):
+        assert http.post("/api/v1/companions/ember/memories", json={"text": text}).status_code == 201
+    asked = "Where is Ada's wedding going to be?"
+    before = http.get("/api/v1/companions/ember/memories").json()
+    shown = http.get("/api/v1/companions/ember/memories/recall", params={"q": asked}).json()
+    assert shown and "Lisbon" in shown[0]["text"] and shown[0]["conversation_id"] is None
+    assert http.get("/api/v1/companions/ember/memories").json() == before, "recall stores nothing"
+    assert http.get("/api/v1/conversations").json() == []
+    cli = subprocess.run([sys.executable, "-m", "serve.cli", "memory", "recall", "ember", asked,
+                          "--data-dir", str(server.data_dir)], capture_output=True, text=True, cwd=REPO,
+                         env=server.env | {"HOMEFIRE_API_KEY": key}, timeout=120)
+    assert cli.returncode == 0 and "Lisbon" in cli.stdout.splitlines()[0], cli.stdout + cli.stderr
+    # A reply to the same message, as a conversation's first, uses the very same memories.
+    raw = server.openai(key).chat.completions.with_raw_response.create(
+        model="ember", messages=[{"role": "user", "content": asked}], max_tokens=8)
+    stored = http.get(f"/api/v1/conversations/{raw.headers['X-Homefire-Conversation']}").json()
+    assert [m["id"] for m in stored["messages"][-1]["memories_used"]] == [m["id"] for m in shown]
+    assert http.get("/api/v1/companions/nobody/memories/recall", params={"q": "x"}).status_code == 404
+
+
 def test_bad_memory_requests_are_named(server):
     http = server.http()
     assert http.get("/api/v1/companions/nobody/memories").status_code == 404
@@ -137,3 +161,13 @@ def test_the_vector_index_can_live_on_a_chroma_server(make_server, tmp_path):
     finally:
         chroma.terminate()
         chroma.wait(30)
+
+
+def test_every_message_of_a_live_conversation_is_in_a_memory(server):
+    key = server.add_user("talker")
+    said = ["I adopted a dog named Rex yesterday.", "Also, how are you?"]
+    reply = server.openai(key).chat.completions.create(
+        model="ember", max_tokens=8, messages=[{"role": "user", "content": text} for text in said])
+    memories = server.http(key).get("/api/v1/companions/ember/memories").json()
+    assert [m["text"] for m in memories] == [
+        f"User: {said[0]}\nUser: {said[1]}\nEmber: {reply.choices[0].message.content}"]
