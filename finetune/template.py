@@ -44,7 +44,9 @@ def alternate(messages: list[dict]) -> list[dict]:
         if not message["content"].strip():
             continue
         if merged and merged[-1]["role"] == message["role"] != "system":
-            merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']}\n\n{message['content']}"}
+            # The later message's other keys win (a reply's memories belong to the last of a run).
+            joined = f"{merged[-1]['content']}\n\n{message['content']}"
+            merged[-1] = {**merged[-1], **message, "content": joined}
         else:
             merged.append(message)
     return merged

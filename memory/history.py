@@ -199,6 +199,27 @@ class History:
         conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
         return _message(conn.execute("SELECT * FROM messages WHERE id = ?", (cur.lastrowid,)).fetchone())
 
+    def memories_shown(self, companion_id: str, turns: list[tuple[Role, str]]) -> dict[int, list[int]]:
+        """{index of a reply among `turns`: ids of the memories its prompt showed}, for the
+        replies stored in the user's conversations with the companion (matched by chain)."""
+        chains, previous = [], chain_root(visible_id(companion_id))
+        for role, content in turns:
+            previous = chain_hash(previous, role, content)
+            chains.append(previous)
+        wanted = {chain: i for i, chain in enumerate(chains) if turns[i][0] == "assistant"}
+        shown: dict[int, list[int]] = {}
+        batch_chains = list(wanted)
+        for start in range(0, len(batch_chains), 500):   # under SQLite's parameter limit
+            batch = batch_chains[start:start + 500]
+            for row in self.db.query(
+                f"""SELECT m.chain, m.memories FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                    WHERE m.chain IN ({",".join("?" * len(batch))}) AND m.memories IS NOT NULL
+                      AND c.companion_id = ? AND c.user_id = ?""", (*batch, companion_id, self.user)):
+                ids = [m["id"] for m in json.loads(row["memories"])]
+                if ids:
+                    shown[wanted[row["chain"]]] = ids
+        return shown
+
     def record_resent(
         self, companion_id: str, turns: list[tuple[Role, str]]
     ) -> tuple[str, list[Message]]:

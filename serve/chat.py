@@ -31,6 +31,11 @@ from serve.prompt import Prompt, PromptBuilder
 log = logging.getLogger(__name__)
 
 
+def dated(text: str, created_at: float) -> str:
+    """A memory as the prompt shows it."""
+    return f"[{datetime.fromtimestamp(created_at):%Y-%m-%d}] {text}"
+
+
 def adapter_name(companion_id: str, version: str) -> str:
     return f"{companion_id}--{version}"
 
@@ -141,19 +146,39 @@ class ChatService:
             raise EngineUnavailable("the engine is ready but the tokenizer or memory is still loading")
         params = self.sampling(turn.companion, turn.overrides)
         build = self.prompts.build
-        history = alternate(turn.history)
-        prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system)
         if turn.companion is None:
+            prompt = build(None, turn.history, params["max_tokens"], extra_system=turn.extra_system)
             return Plan(turn, params, prompt)
-        memories = self.recall(turn.companion, turn.user, history, prompt.history_kept)
+        history = alternate(self.shown_before(turn))
+        prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system)
+        kept = history[len(history) - prompt.history_kept:]
+        memories = self.recall(turn.companion, turn.user, history, prompt.history_kept,
+                               skip_ids={i for m in kept for i in m.get("memory_ids", ())})
         if memories:
-            dated = [f"[{datetime.fromtimestamp(m.created_at):%Y-%m-%d}] {m.text}" for m in memories]
-            prompt = build(turn.companion, history, params["max_tokens"],
-                           extra_system=turn.extra_system, memories=dated)
+            prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
+                           memories=[dated(m.text, m.created_at) for m in memories])
         return Plan(turn, params, prompt, memories)
 
+    def shown_before(self, turn: Turn) -> list[dict]:
+        """turn.history with the memories each stored reply's prompt showed attached to the user
+        message before it ("memories", "memory_ids"), so they are shown in the same place
+        again and the engine's cached prefix still holds. Deleted memories are left out."""
+        assert self.memory is not None and turn.companion is not None
+        turns = [(m["role"], m["content"]) for m in turn.history]
+        shown = History(self.db, turn.user).memories_shown(turn.companion.key, turns)
+        if not shown:
+            return turn.history
+        texts = self.memory.for_user(turn.user).texts([i for ids in shown.values() for i in ids])
+        history = list(turn.history)
+        for reply, ids in shown.items():
+            ids = [i for i in ids if i in texts]
+            if reply > 0 and history[reply - 1]["role"] == "user" and ids:
+                history[reply - 1] = {**history[reply - 1], "memory_ids": ids,
+                                      "memories": [dated(*texts[i]) for i in ids]}
+        return history
+
     def recall(self, companion: Companion, user: str, history: list[dict], kept: int | None = None,
-               ) -> list[Recalled]:
+               skip_ids: set[int] = frozenset()) -> list[Recalled]:
         """The memories a reply to history's newest message places in its prompt: what the
         kept history (its newest `kept` messages; all by default) does not already hold."""
         if self.prompts is None or self.memory is None:
@@ -164,7 +189,7 @@ class ChatService:
                         if m["role"] == "assistant"), "")
         return self.memory.for_user(user).recall(
             companion.key, f"{context}\n{asked}".strip(),
-            skip_asked={m["content"] for m in kept_turns if m["role"] == "user"},
+            skip_asked={m["content"] for m in kept_turns if m["role"] == "user"}, skip_ids=skip_ids,
             count_tokens=lambda text: len(self.prompts.encode(text)))
 
     def remember(self, companion: Companion, conversation_id: str) -> None:

@@ -58,7 +58,9 @@ class PromptBuilder:
               extra_system: list[str] = (), memories: list[str] | None = None,
               user: str = DEFAULT_USER_NAME) -> Prompt:
         """history: oldest first, ending with the user's new message (normalised by `alternate`).
-        No companion: no persona, only the caller's system messages (the utility model)."""
+        A message may carry "memories": those shown before it when it was the newest, shown
+        there again so the prompt's prefix stays what the engine has cached. No companion:
+        no persona, only the caller's system messages (the utility model)."""
         history = alternate(history)
         budget = self.max_model_len - max_tokens
         # The head stays the same from turn to turn, so vLLM's prefix cache keeps it and the
@@ -72,14 +74,16 @@ class PromptBuilder:
         if companion and companion.post_history_instructions.strip():
             late.append(substitute(companion.post_history_instructions, companion, user))
         tail = [{"role": "system", "content": "\n\n".join(late)}] if late else []
-        text, messages = self.render(head, tail, history)
+        text, messages = self.render(head, tail, history, user)
         if len(text.encode()) + BYTE_MARGIN <= budget:
             return Prompt(text, None, messages, len(history), 0)
 
         # Estimate from one batched tokenization of every message's text (a template adds
         # a few tokens around each), keep the newest that fit, then render exactly and drop
         # the oldest until the real count fits: usually a single exact render.
-        texts = [m["content"] for m in head + tail + history]
+        texts = [m["content"] for m in head + tail] + [
+            f"{memory_block(m['memories'], user)}\n\n{m['content']}" if m.get("memories") else m["content"]
+            for m in history]
         counts = [len(e.ids) + 5 for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         sizes = counts[len(head) + len(tail):]
         start, used = len(history), sum(counts[: len(head) + len(tail)])
@@ -88,7 +92,7 @@ class PromptBuilder:
             used += sizes[start]
         start = min(start, len(history) - 1)  # the newest message always goes in
         while True:
-            text, messages = self.render(head, tail, history[start:])
+            text, messages = self.render(head, tail, history[start:], user)
             ids = self.encode(text)
             if len(ids) <= budget:
                 return Prompt(text, ids, messages, len(history) - start, start)
@@ -100,23 +104,33 @@ class PromptBuilder:
                 )
             start += 1
 
-    def render(self, head: list[dict], tail: list[dict], history: list[dict]) -> tuple[str, list[dict]]:
-        """head: the persona's system message; tail (memories, post-history instructions):
-        one system message, right before the newest message."""
-        messages = head + history[:-1] + tail + history[-1:] if tail and history else head + history
+    def render(self, head: list[dict], tail: list[dict], history: list[dict],
+               user: str = DEFAULT_USER_NAME) -> tuple[str, list[dict]]:
+        """head: the persona's system message; tail (memories, post-history instructions): one
+        system message right before the newest message; an earlier message's memories right
+        before it, as when it was the newest."""
+        body = []
+        for m in history[:-1]:
+            if m.get("memories"):
+                body.append({"role": "system", "content": memory_block(m["memories"], user)})
+            body.append({"role": m["role"], "content": m["content"]})
+        body += tail + [{"role": m["role"], "content": m["content"]} for m in history[-1:]]
+        messages = head + body
         try:
             return self._template(messages), messages
         except TemplateError:
-            # Strict templates: one system message, the user speaks first (before a greeting),
-            # and the tail opens the newest message (still before it, so the head and the
-            # history stay a prefix that the cache keeps).
-            messages = list(head)
+            # Strict templates: one system message and the user speaks first (before a
+            # greeting); every later system message opens the message after it (still before
+            # it, so the head and the history stay a prefix that the cache keeps).
+            messages, waiting = list(head), []
             if history and history[0]["role"] == "assistant":
                 messages.append({"role": "user", "content": OPENING})
-            newest = history[-1:]
-            if tail and newest:
-                newest = [{**newest[0], "content": f"{tail[0]['content']}\n\n{newest[0]['content']}"}]
-            messages += history[:-1] + newest
+            for m in body:
+                if m["role"] == "system":
+                    waiting.append(m["content"])
+                else:
+                    messages.append({**m, "content": "\n\n".join([*waiting, m["content"]])})
+                    waiting = []
             return self._template(messages), messages
 
     def _template(self, messages: list[dict]) -> str:

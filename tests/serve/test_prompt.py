@@ -87,6 +87,16 @@ def test_memories_sit_before_the_newest_message_so_the_prefix_is_kept(tokenizer,
     assert shared > turn_opens and shared > 0.8 * len(first.text)
     assert "I adopted Rex" not in second.text and "Rex chewed a shoe" in second.text
 
+    # Shown again where they were (the reply's stored memories_used), the whole last prompt
+    # is the next one's prefix, up to its generation prompt.
+    plain = EMBER.model_copy(update={"post_history_instructions": ""})
+    rex = ["[2026-05-01] User: I adopted Rex."]
+    first = builder.build(plain, turns, max_tokens=64, memories=rex)
+    later[len(turns) - 1] = {**later[len(turns) - 1], "memories": rex}
+    second = builder.build(plain, later, max_tokens=64, memories=["[2026-06-02] User: Rex chewed a shoe."])
+    assert second.text.startswith(first.text) and second.text.count("I adopted Rex") == 1
+    assert second.text.index("I adopted Rex") < second.text.index("message number 20")
+
 
 def test_prompts_built_on_many_threads_at_once_are_right(tokenizer):
     from concurrent.futures import ThreadPoolExecutor

@@ -1,0 +1,201 @@
+"""How well memory finds what was said: recall@k and evidence in the prompt, on generated lives.
+
+Generates (from a seed, never edited by hand) --people conversations of --sessions dated
+sessions each: small talk around facts said once, facts that change later (a move, then a
+move back), events whose date is the point, and facts that answer a question only together.
+Each person's sessions are imported with Homefire's importer into a companion of their own
+and indexed. Every question knows its evidence (the messages that answer it); a memory holds
+evidence when its text holds that message. Prints, per kind of question and overall,
+recall@5/10/20 of the evidence for plain dense search (MiniLM cosine over the memory texts,
+computed here) and for Homefire's search, and the share of questions whose evidence is all
+in what a reply would put in the prompt (MemoryStore.recall with the default settings and
+the model's tokenizer). Goals (issue 13): ours at least 0.15 above plain dense at recall@10,
+and the evidence in the prompt for at least 70% of the questions.
+
+    .venv/bin/python bench/memory_quality.py [--people 10] [--sessions 24] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from memory.companions import Companion, CompanionStore  # noqa: E402
+from memory.db import Database  # noqa: E402
+from memory.embedder import Embedder  # noqa: E402
+from memory.importer import Importer  # noqa: E402
+from memory.imports import open_export  # noqa: E402
+from memory.store import MemoryStore  # noqa: E402
+
+SIBLINGS = ["Ada", "Noor", "Lena", "Mira", "Ines", "Tove", "Hana", "Zoe", "Ruth", "Elif"]
+JOBS = ["a midwife", "an air traffic controller", "a patent lawyer", "a pastry chef", "a vet",
+        "a firefighter", "a sound engineer", "a translator", "a pharmacist", "a structural engineer"]
+CITIES = ["Berlin", "Lisbon", "Oslo", "Porto", "Vienna", "Krakow", "Lyon", "Ghent", "Turin", "Bergen"]
+PETS = ["Miso", "Pepper", "Biscuit", "Olive", "Tofu", "Mango", "Pixel", "Nori", "Juniper", "Basil"]
+DOGS = ["Rex", "Bruno", "Luna", "Otto", "Maple", "Fig", "Scout", "Hugo", "Poppy", "Atlas"]
+HOBBIES = ["pottery", "salsa", "bouldering", "watercolour", "cello", "fencing", "ceramics", "kendo",
+           "calligraphy", "sailing"]
+ALLERGIES = ["shellfish", "peanuts", "sesame", "kiwi", "mustard", "celery", "lupin", "soy", "walnuts",
+             "buckwheat"]
+FEATS = ["ran my first half marathon", "passed my driving test", "sold my first painting",
+         "gave a talk at the conference", "finished the quilt for grandma", "swam across the lake"]
+SMALL_TALK = ["I had a long day at work.", "The weather was grey again.", "I made soup for dinner.",
+              "The bus was late this morning.", "I watched a documentary about whales.",
+              "My phone battery died twice today.", "I tidied the kitchen finally.",
+              "I read a few chapters before bed.", "The neighbours were loud again.",
+              "I went for a short walk at lunch.", "Work meetings ran over today.",
+              "I tried a new coffee place.", "I fixed the squeaky door.", "I called my aunt for a bit.",
+              "I bought new running socks.", "The train was packed.", "I baked bread, it was dense.",
+              "I spent the evening on the sofa.", "I cleaned out my inbox.", "I planted some basil."]
+REPLIES = ["That sounds like a lot, I'm glad you told me.", "Oh, tell me more about that!",
+           "I hope tomorrow is gentler.", "That made me smile.", "How did that feel?",
+           "You deserve a quiet evening.", "I love hearing about your days."]
+START = datetime(2025, 1, 6, 19, 0, tzinfo=UTC)
+
+
+@dataclass
+class Question:
+    text: str
+    evidence: list[str]   # the user's messages that answer it
+    kind: str             # once | change | time | two_facts
+
+
+def life(rng: random.Random, n: int, sessions: int) -> tuple[list[tuple[datetime, list]], list[Question]]:
+    """One person's dated sessions (each a list of (role, text)) and the questions about them."""
+    sibling, job, pet, dog, hobby = (SIBLINGS[n], rng.choice(JOBS), PETS[n], DOGS[n], HOBBIES[n])
+    home, away = rng.sample(CITIES, 2)
+    allergy, feat = rng.choice(ALLERGIES), rng.choice(FEATS)
+    when = [START + timedelta(days=5 * i + rng.randint(0, 3)) for i in range(sessions)]
+    slots = rng.sample(range(1, sessions - 1), 8)
+    moved, back = sorted(rng.sample(range(2, sessions - 2), 2))
+    if back - moved < 3:
+        moved, back = 2, sessions - 3
+    said = {
+        slots[0]: f"My sister {sibling} just started working as {job} over in {home}.",
+        moved: f"We finally moved to {away}! The new flat has a balcony.",
+        back: f"Big news: we are moving back to {home}, {away} never felt like home.",
+        slots[1]: f"Today I adopted a kitten and called her {pet}.",
+        slots[2]: f"Tonight was my very first {hobby} class, my hands still ache.",
+        slots[3]: f"The doctor says I'm allergic to {allergy}, so no more of that for me.",
+        slots[4]: f"I {feat} this morning, I can't believe it!",
+        slots[5]: f"{dog} the dog turned {rng.randint(6, 11)} this week, he's getting grey.",
+        slots[6]: f"{pet} is {rng.randint(3, 9)} months old now and climbs everything.",
+    }
+    month = when[slots[4]].strftime("%B")
+    questions = [
+        Question("What does my sibling do for a living?", [said[slots[0]]], "once"),
+        Question("Is there any food I have to stay away from?", [said[slots[3]]], "once"),
+        Question("Which city do I live in these days?", [said[back]], "change"),
+        Question("Where did I live for a while before returning?", [said[moved]], "change"),
+        Question(f"When did {pet} join the family?", [said[slots[1]]], "time"),
+        Question(f"When did I start learning {hobby}?", [said[slots[2]]], "time"),
+        Question(f"What did I achieve in {month}?", [said[slots[4]]], "time"),
+        Question("Which of my animals is older?", [said[slots[5]], said[slots[6]]], "two_facts"),
+    ]
+    lives = []
+    for i, at in enumerate(when):
+        turns = []
+        talk = rng.sample(SMALL_TALK, rng.randint(4, 7))
+        if i in said:
+            talk.insert(rng.randint(0, len(talk)), said[i])
+        for text in talk:
+            turns += [("user", text), ("assistant", rng.choice(REPLIES))]
+        lives.append((at, turns))
+    return lives, questions
+
+
+def export(path: Path, lives: list[tuple[datetime, list]]) -> None:
+    with path.open("w") as out:
+        for s, (at, turns) in enumerate(lives):
+            messages = [{"role": role, "content": text, "created_at": (at + timedelta(minutes=j)).timestamp()}
+                        for j, (role, text) in enumerate(turns)]
+            out.write(json.dumps({"id": f"session-{s}", "created_at": at.timestamp(), "messages": messages}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--people", type=int, default=10, help="conversations (one person each)")
+    parser.add_argument("--sessions", type=int, default=24, help="dated sessions per person")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from serve.default_model import ensure_default_model
+
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="homefire-memory-quality-"))
+    db = Database(work / "homefire.db")
+    embedder = Embedder()
+    store = MemoryStore(db, work / "index", embedder)
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(work / "models"))
+    people = []
+    for n in range(args.people):
+        lives, questions = life(rng, n, args.sessions)
+        key = f"p{n}"
+        CompanionStore(db).put(Companion(id=key, name="Ember"), "api")
+        export(work / f"{key}.jsonl", lives)
+        with open_export(str(work / f"{key}.jsonl")) as opened:
+            Importer(db, work / "run").run(opened, key, "Ember")
+        people.append((key, lives, questions))
+    started = time.perf_counter()
+    indexed = store.index_pending()
+    print(f"{args.people} people, {args.sessions} sessions each: {indexed} memories indexed in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    found: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    in_prompt: dict[str, list[bool]] = defaultdict(list)
+    for key, lives, questions in people:
+        rows = db.query("SELECT id, text FROM memories WHERE companion_id = ? ORDER BY id", (key,))
+        ids = np.array([r["id"] for r in rows])
+        vectors = np.array(embedder.embed([r["text"] for r in rows]), dtype=np.float32)
+        now = lives[-1][0].timestamp() + 86400
+        for q in questions:
+            wanted = [{r["id"] for r in rows if text in r["text"]} for text in q.evidence]
+            assert all(wanted), f"evidence not in any memory: {q.evidence}"
+            scores = vectors @ np.array(embedder.embed([q.text])[0], dtype=np.float32)
+            rankings = {"plain dense": list(ids[np.argsort(-scores, kind="stable")][:20]),
+                        "homefire": [m.id for m in store.search(key, q.text, 20)]}
+            for name, ranking in rankings.items():
+                for k in (5, 10, 20):
+                    hits = sum(bool(w & set(ranking[:k])) for w in wanted) / len(wanted)
+                    for kind in (q.kind, "all"):
+                        found[(name, kind)][k].append(hits)
+            recalled = {m.id for m in store.recall(key, q.text, now=now,
+                                                   count_tokens=lambda t: len(tokenizer.encode(t)))}
+            for kind in (q.kind, "all"):
+                in_prompt[kind].append(all(w & recalled for w in wanted))
+
+    print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; embedder all-MiniLM-L6-v2; "
+          f"seed {args.seed}")
+    result = {}
+    kinds = ["once", "change", "time", "two_facts", "all"]
+    for kind in kinds:
+        line = {name: {k: float(np.mean(found[(name, kind)][k])) for k in (5, 10, 20)}
+                for name in ("plain dense", "homefire")}
+        prompt = float(np.mean(in_prompt[kind]))
+        result[kind] = {**line, "evidence_in_prompt": prompt, "questions": len(in_prompt[kind])}
+        print(f"{kind:>9} ({len(in_prompt[kind]):3d} questions): " + "  ".join(
+            f"{name} R@5 {v[5]:.3f} R@10 {v[10]:.3f} R@20 {v[20]:.3f}" for name, v in line.items())
+            + f"  evidence in prompt {prompt:.2f}")
+    gain = result["all"]["homefire"][10] - result["all"]["plain dense"][10]
+    print(f"recall@10 gain over plain dense: {gain:+.3f}   (goal >= +0.15); evidence in the prompt: "
+          f"{result['all']['evidence_in_prompt']:.2f}   (goal >= 0.70)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
