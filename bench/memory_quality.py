@@ -121,9 +121,11 @@ def life(rng: random.Random, n: int, sessions: int) -> tuple[list[tuple[datetime
 def export(path: Path, lives: list[tuple[datetime, list]]) -> None:
     with path.open("w") as out:
         for s, (at, turns) in enumerate(lives):
-            messages = [{"role": role, "content": text, "created_at": (at + timedelta(minutes=j)).timestamp()}
+            messages = [{"role": role, "content": text,
+                         "created_at": (at + timedelta(minutes=j)).timestamp()}
                         for j, (role, text) in enumerate(turns)]
-            out.write(json.dumps({"id": f"session-{s}", "created_at": at.timestamp(), "messages": messages}) + "\n")
+            session = {"id": f"session-{s}", "created_at": at.timestamp(), "messages": messages}
+            out.write(json.dumps(session) + "\n")
 
 
 def main() -> None:

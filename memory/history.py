@@ -212,7 +212,8 @@ class History:
         for start in range(0, len(batch_chains), 500):   # under SQLite's parameter limit
             batch = batch_chains[start:start + 500]
             for row in self.db.query(
-                f"""SELECT m.chain, m.memories FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                f"""SELECT m.chain, m.memories FROM messages m
+                    JOIN conversations c ON c.id = m.conversation_id
                     WHERE m.chain IN ({",".join("?" * len(batch))}) AND m.memories IS NOT NULL
                       AND c.companion_id = ? AND c.user_id = ?""", (*batch, companion_id, self.user)):
                 ids = [m["id"] for m in json.loads(row["memories"])]
