@@ -183,6 +183,8 @@ class ChatService:
         kept history (its newest `kept` messages; all by default) does not already hold."""
         if self.prompts is None or self.memory is None:
             raise EngineUnavailable("the tokenizer or the memory is still loading")
+        if not history:   # every message was empty: nothing to recall for
+            return []
         kept_turns = history[len(history) - (len(history) if kept is None else kept):]
         asked = history[-1]["content"]
         context = next((m["content"][-300:] for m in reversed(history[:-1])

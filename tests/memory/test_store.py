@@ -148,7 +148,9 @@ def test_a_replys_memory_is_indexed_while_an_import_indexes_its_thousands(tmp_pa
                           for i in range(3000)])
     progress: list[int] = []
     importing = threading.Thread(target=memory.index_pending,
-                                 kwargs={"progress": lambda done, total: progress.append(done)})
+                                 # Small batches: the import takes many turns on the lock,
+                                 # however fast this machine embeds.
+                                 kwargs={"progress": lambda done, total: progress.append(done), "batch": 32})
     importing.start()
     try:
         while not progress or progress[-1] == 0:   # the import's indexing is under way
