@@ -76,6 +76,15 @@ def chain_hash(previous: str, role: str, content: str) -> str:
     return hashlib.sha256(f"{previous}\x00{role}\x00{content}".encode()).hexdigest()[:32]
 
 
+def chains(root: str, turns: list[tuple[str, str]]) -> list[str]:
+    """The chain hash of each of `turns` ((role, content), oldest first) from `root`."""
+    found, previous = [], root
+    for role, content in turns:
+        previous = chain_hash(previous, role, content)
+        found.append(previous)
+    return found
+
+
 def exchange_text(asked: str, reply: str, companion_name: str, user: str = "User") -> str:
     """How an exchange reads as a memory."""
     return span_text([("user", asked), ("assistant", reply)], companion_name, user)
@@ -202,11 +211,8 @@ class History:
     def memories_shown(self, companion_id: str, turns: list[tuple[Role, str]]) -> dict[int, list[int]]:
         """{index of a reply among `turns`: ids of the memories its prompt showed}, for the
         replies stored in the user's conversations with the companion (matched by chain)."""
-        chains, previous = [], chain_root(visible_id(companion_id))
-        for role, content in turns:
-            previous = chain_hash(previous, role, content)
-            chains.append(previous)
-        wanted = {chain: i for i, chain in enumerate(chains) if turns[i][0] == "assistant"}
+        wanted = {chain: i for i, chain in enumerate(chains(chain_root(visible_id(companion_id)), turns))
+                  if turns[i][0] == "assistant"}
         shown: dict[int, list[int]] = {}
         batch_chains = list(wanted)
         for start in range(0, len(batch_chains), 500):   # under SQLite's parameter limit
@@ -230,17 +236,14 @@ class History:
         of its conversation, the rest is appended there; otherwise (a regenerated or edited
         turn) the turns start a new conversation, so no stored branch is rewritten.
         """
-        chains, previous = [], chain_root(visible_id(companion_id))
-        for role, content in turns:
-            previous = chain_hash(previous, role, content)
-            chains.append(previous)
-        position = {chain: i + 1 for i, chain in enumerate(chains)}
+        hashes = chains(chain_root(visible_id(companion_id)), turns)
+        position = {chain: i + 1 for i, chain in enumerate(hashes)}
         conversation_id, matched = None, 0
         # Matched and appended in one write transaction: two identical resends at once (an SDK
         # retry, a double click) must find each other's turns rather than both appending.
         with self.db.transaction() as conn:
-            for start in range(0, len(chains), 500):  # stay under SQLite's parameter limit
-                batch = chains[start : start + 500]
+            for start in range(0, len(hashes), 500):  # stay under SQLite's parameter limit
+                batch = hashes[start : start + 500]
                 rows = conn.execute(
                     f"""SELECT m.chain, m.conversation_id FROM messages m
                         JOIN conversations c ON c.id = m.conversation_id

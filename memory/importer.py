@@ -24,7 +24,7 @@ from pathlib import Path
 
 from memory.companions import visible_id
 from memory.db import Database
-from memory.history import chain_hash, chain_root, memory_spans, span_text
+from memory.history import chain_root, chains, memory_spans, span_text
 from memory.imports import Export, Imported, ImportFailed, Notes
 from memory.users import LOCAL
 
@@ -167,20 +167,17 @@ class Importer:
 
     def _stage_one(self, staging: sqlite3.Connection, conv: Imported, companion_id: str, name: str,
                    root: str, result: ImportResult) -> None:
-        chains, previous = [], root
-        for turn in conv.messages:
-            previous = chain_hash(previous, turn.role, turn.content)
-            chains.append(previous)
-        position = {chain: i for i, chain in enumerate(chains)}
+        hashes = chains(root, [(turn.role, turn.content) for turn in conv.messages])
+        position = {chain: i for i, chain in enumerate(hashes)}
         target, start = None, 0
         for row in self.db.query(
             "SELECT id, (SELECT chain FROM messages WHERE conversation_id = c.id ORDER BY id DESC LIMIT 1)"
             " AS last FROM conversations c WHERE companion_id = ? AND origin = ? AND original_id = ?"
             " AND user_id = ?", (companion_id, conv.source, conv.id, self.user),
         ):
-            if row["last"] == chains[-1] or self.db.query(
+            if row["last"] == hashes[-1] or self.db.query(
                     "SELECT 1 FROM messages WHERE conversation_id = ? AND chain = ?",
-                    (row["id"], chains[-1])):
+                    (row["id"], hashes[-1])):
                 result.conversations_unchanged += 1   # the export holds nothing this one lacks
                 return
             if row["last"] in position and position[row["last"]] + 1 > start:
@@ -195,9 +192,9 @@ class Importer:
         created = conv.created_at or times[0]
         staging.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (target, conv.title, conv.source, conv.id, created, max(times),
-                         int(start == 0), chains[start - 1] if start else None))
+                         int(start == 0), hashes[start - 1] if start else None))
         staging.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                            [(target, t.role, t.content, times[i], chains[i], int(start == 0))
+                            [(target, t.role, t.content, times[i], hashes[i], int(start == 0))
                              for i, t in enumerate(conv.messages) if i >= start])
         # Every message in a memory, whatever its neighbours (memory_spans); what is stored
         # already has its memories.
@@ -206,7 +203,7 @@ class Importer:
             if span[-1] >= start:
                 said = [(conv.messages[i].role, conv.messages[i].content) for i in span]
                 asked = next((text for role, text in reversed(said) if role == "user"), None)
-                memories.append((target, chains[span[-1]], span_text(said, name), asked, times[span[-1]]))
+                memories.append((target, hashes[span[-1]], span_text(said, name), asked, times[span[-1]]))
         staging.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?)", memories)
         result.tally(conv, added=len(conv.messages) - start)
         result.memories_added += len(memories)
