@@ -95,17 +95,22 @@ def span_text(said: list[tuple[str, str]], companion_name: str, user: str = "Use
     return "\n".join(f"{user if role == 'user' else companion_name}: {text}" for role, text in said)
 
 
-def memory_spans(roles: list[str], settled: bool) -> list[list[int]]:
+def memory_spans(roles: list[str], settled: bool, greeting: bool = False) -> list[list[int]]:
     """Which messages (indices into `roles`) each memory holds, oldest first.
 
-    Every message belongs to one memory: a memory ends at a reply of the companion and holds
-    the user's messages before it, with any companion message that answered no one (an
-    opening, a second reply) as context. What follows the last reply waits for the next one,
-    unless the conversation is `settled` (an import, a start-up): then it is a memory too.
+    A memory ends at a reply of the companion and holds the user's messages before it, with
+    any companion message that answered no one (an opening, a second reply) as context.
+    What follows the last reply waits for the next one, unless the conversation is `settled`
+    (an import, a start-up): then it is a memory too. With `greeting`, `roles` begin a live
+    conversation, whose companion messages before the user's first are the card's greeting:
+    the same in every conversation, it made every first memory alike (and a question asked
+    after a greeting recalled them all), so it is in none.
     """
     spans, run = [], []
     for i, role in enumerate(roles):
-        run.append(i)
+        greeting = greeting and role != "user"
+        if not greeting:
+            run.append(i)
         if role == "assistant" and any(roles[j] == "user" for j in run):
             spans.append(run)
             run = []

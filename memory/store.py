@@ -73,6 +73,30 @@ class RecallSettings:
     budget_tokens: int = 400
 
 
+class TurnLock:
+    """A lock that goes to its waiters in the order they asked for it.
+
+    threading.Lock is not fair: an import's indexer that releases it between batches and
+    takes it again at once kept it for the whole import (minutes on CI), and a reply's
+    memory waited all that time."""
+
+    def __init__(self):
+        self._turns = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._turns:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._turns.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self._turns:
+            self._serving += 1
+            self._turns.notify_all()
+
+
 class MemoryStore:
     """One user's memories (`user`); for_user() gives another user's view of the same index.
 
@@ -94,7 +118,7 @@ class MemoryStore:
         # Keyed by collection name and shared by every user's view.
         self._collections: dict[str, chromadb.Collection] = {}
         self._mirrors: dict[str, Mirror] = {}
-        self._index_lock = threading.Lock()
+        self._index_lock = TurnLock()
 
     def for_user(self, user: str) -> MemoryStore:
         view = copy.copy(self)
@@ -236,8 +260,13 @@ class MemoryStore:
                    (SELECT MAX(x.id) FROM messages x WHERE x.conversation_id = ?1 AND (x.forgotten = 1
                         OR x.id IN (SELECT reply_id FROM memories WHERE conversation_id = ?1))), 0)
                ORDER BY m.id""", (conversation_id,))
+        if not rows:
+            return 0
+        greeting = source == "live" and not self.db.query(
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND id < ? LIMIT 1",
+            (conversation_id, rows[0]["id"]))
         added = 0
-        for span in memory_spans([r["role"] for r in rows], settled):
+        for span in memory_spans([r["role"] for r in rows], settled, greeting):
             said = [(rows[i]["role"], rows[i]["content"]) for i in span]
             asked = next((text for role, text in reversed(said) if role == "user"), None)
             if asked is None and source != "imported":

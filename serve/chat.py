@@ -187,7 +187,10 @@ class ChatService:
             return []
         kept_turns = history[len(history) - (len(history) if kept is None else kept):]
         asked = history[-1]["content"]
-        context = next((m["content"][-300:] for m in reversed(history[:-1])
+        # The companion's last reply, as context ("yes, that one"); a greeting before the
+        # user's first message is the card's, the same in every conversation, not context.
+        first_user = next((i for i, m in enumerate(history) if m["role"] == "user"), len(history))
+        context = next((m["content"][-300:] for m in reversed(history[first_user:-1])
                         if m["role"] == "assistant"), "")
         return self.memory.for_user(user).recall(
             companion.key, f"{context}\n{asked}".strip(),
