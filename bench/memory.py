@@ -39,13 +39,14 @@ def pct(values: list[float], q: int) -> float:
 
 
 def fill(store: MemoryStore, n: int, dim: int, rng: np.random.Generator) -> None:
-    """n memories: rows in SQLite and clustered unit vectors in Chroma."""
+    """n memories: rows in SQLite and clustered unit vectors in Chroma, two per memory as
+    indexing makes them (the text, and the user's own words)."""
     centres = rng.standard_normal((64, dim)).astype(np.float32)
     now = time.time()
     with store.db.transaction() as conn:
         conn.executemany(
             "INSERT INTO memories (companion_id, kind, text, asked, source, created_at, updated_at, chunks)"
-            " VALUES ('ember', 'exchange', ?, ?, 'imported', ?, ?, 1)",
+            " VALUES ('ember', 'exchange', ?, ?, 'imported', ?, ?, 2)",
             [(f"User: note {i}\nEmber: reply {i}", f"note {i}", now - i * 60, now) for i in range(n)])
     ids = [r[0] for r in store.db.query("SELECT id FROM memories ORDER BY id")]
     collection = store.collection("ember")
@@ -53,9 +54,13 @@ def fill(store: MemoryStore, n: int, dim: int, rng: np.random.Generator) -> None
         block = centres[rng.integers(0, 64, min(5000, n - start))]
         block = block + 0.35 * rng.standard_normal(block.shape).astype(np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
+        words = block + 0.2 * rng.standard_normal(block.shape).astype(np.float32)
+        words /= np.linalg.norm(words, axis=1, keepdims=True)
         batch = ids[start:start + len(block)]
-        collection.add(ids=[f"{i}:0" for i in batch], embeddings=block,
-                       metadatas=[{"memory_id": i, "conversation_id": "", "kind": "exchange"} for i in batch])
+        collection.add(ids=[f"{i}:{p}" for p in (0, 1) for i in batch],
+                       embeddings=np.concatenate([block, words]),
+                       metadatas=[{"memory_id": i, "conversation_id": "", "kind": "exchange"}
+                                  for _ in (0, 1) for i in batch])
 
 
 def main() -> None:

@@ -2,14 +2,16 @@
 
 Generates (from a seed, never edited by hand) --people conversations of --sessions dated
 sessions each: small talk around facts said once, facts that change later (a move, then a
-move back), events whose date is the point, and facts that answer a question only together.
+move back), events whose date is the point, facts that answer a question only together,
+and a person named once (asked about by name).
 Each person's sessions are imported with Homefire's importer into a companion of their own
 and indexed. Every question knows its evidence (the messages that answer it); a memory holds
 evidence when its text holds that message. Prints, per kind of question and overall,
 recall@5/10/20 of the evidence for plain dense search (MiniLM cosine over the memory texts,
 computed here) and for Homefire's search, and the share of questions whose evidence is all
 in what a reply would put in the prompt (MemoryStore.recall with the default settings and
-the model's tokenizer). Goals (issue 13): ours at least 0.15 above plain dense at recall@10,
+the model's tokenizer), and how many memories the prompt gets for questions about nothing
+anyone said (noise). Goals (issue 13): ours at least 0.15 above plain dense at recall@10,
 and the evidence in the prompt for at least 70% of the questions.
 
     .venv/bin/python bench/memory_quality.py [--people 10] [--sessions 24] [--seed 1]
@@ -64,6 +66,15 @@ SMALL_TALK = ["I had a long day at work.", "The weather was grey again.", "I mad
 REPLIES = ["That sounds like a lot, I'm glad you told me.", "Oh, tell me more about that!",
            "I hope tomorrow is gentler.", "That made me smile.", "How did that feel?",
            "You deserve a quiet evening.", "I love hearing about your days."]
+PEOPLE = ["Dr. Okafor", "Mrs. Halvorsen", "Tomasz", "Priyanka", "Mr. Achterberg", "Ingeborg", "Dariusz",
+          "Aoife", "Mr. Szabo", "Keziah"]
+ROLES = ["dentist", "new manager", "landlord", "piano teacher", "neighbour", "physio", "mechanic",
+         "driving instructor", "accountant", "flatmate"]
+# Questions about nothing anyone said: what is recalled for them is noise in the prompt.
+UNRELATED = ["Can you recommend a good science fiction novel?", "What's the capital of Australia?",
+             "Tell me a joke.", "How do I boil an egg?", "Write me a short poem about rain.",
+             "What is the tallest mountain in Africa?", "Explain how a rainbow forms.",
+             "What's a good name for a sailing boat?"]
 START = datetime(2025, 1, 6, 19, 0, tzinfo=UTC)
 
 
@@ -71,7 +82,7 @@ START = datetime(2025, 1, 6, 19, 0, tzinfo=UTC)
 class Question:
     text: str
     evidence: list[str]   # the user's messages that answer it
-    kind: str             # once | change | time | two_facts
+    kind: str             # once | change | time | two_facts | name
 
 
 def life(rng: random.Random, n: int, sessions: int) -> tuple[list[tuple[datetime, list]], list[Question]]:
@@ -81,6 +92,7 @@ def life(rng: random.Random, n: int, sessions: int) -> tuple[list[tuple[datetime
     allergy, feat = rng.choice(ALLERGIES), rng.choice(FEATS)
     when = [START + timedelta(days=5 * i + rng.randint(0, 3)) for i in range(sessions)]
     slots = rng.sample(range(1, sessions - 1), 8)
+    named, role = PEOPLE[n], ROLES[(n * 3) % len(ROLES)]
     moved, back = sorted(rng.sample(range(2, sessions - 2), 2))
     if back - moved < 3:
         moved, back = 2, sessions - 3
@@ -94,6 +106,7 @@ def life(rng: random.Random, n: int, sessions: int) -> tuple[list[tuple[datetime
         slots[4]: f"I {feat} this morning, I can't believe it!",
         slots[5]: f"{dog} the dog turned {rng.randint(6, 11)} this week, he's getting grey.",
         slots[6]: f"{pet} is {rng.randint(3, 9)} months old now and climbs everything.",
+        slots[7]: f"Had a chat with {named} today, my {role}, who was surprisingly kind.",
     }
     month = when[slots[4]].strftime("%B")
     questions = [
@@ -105,6 +118,7 @@ def life(rng: random.Random, n: int, sessions: int) -> tuple[list[tuple[datetime
         Question(f"When did I start learning {hobby}?", [said[slots[2]]], "time"),
         Question(f"What did I achieve in {month}?", [said[slots[4]]], "time"),
         Question("Which of my animals is older?", [said[slots[5]], said[slots[6]]], "two_facts"),
+        Question(f"Who is {named.split()[-1]} again?", [said[slots[7]]], "name"),
     ]
     lives = []
     for i, at in enumerate(when):
@@ -170,7 +184,7 @@ def main() -> None:
             assert all(wanted), f"evidence not in any memory: {q.evidence}"
             scores = vectors @ np.array(embedder.embed([q.text])[0], dtype=np.float32)
             rankings = {"plain dense": list(ids[np.argsort(-scores, kind="stable")][:20]),
-                        "homefire": [m.id for m in store.search(key, q.text, 20)]}
+                        "homefire": [m.id for m in store.search(key, q.text, 20, now=now)]}
             for name, ranking in rankings.items():
                 for k in (5, 10, 20):
                     hits = sum(bool(w & set(ranking[:k])) for w in wanted) / len(wanted)
@@ -181,10 +195,16 @@ def main() -> None:
             for kind in (q.kind, "all"):
                 in_prompt[kind].append(all(w & recalled for w in wanted))
 
+    noise = []   # memories placed in the prompt for questions about nothing said
+    for key, lives, _ in people:
+        now = lives[-1][0].timestamp() + 86400
+        noise += [len(store.recall(key, text, now=now, count_tokens=lambda t: len(tokenizer.encode(t))))
+                  for text in UNRELATED]
+
     print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; embedder all-MiniLM-L6-v2; "
           f"seed {args.seed}")
     result = {}
-    kinds = ["once", "change", "time", "two_facts", "all"]
+    kinds = ["once", "change", "time", "two_facts", "name", "all"]
     for kind in kinds:
         line = {name: {k: float(np.mean(found[(name, kind)][k])) for k in (5, 10, 20)}
                 for name in ("plain dense", "homefire")}
@@ -196,6 +216,10 @@ def main() -> None:
     gain = result["all"]["homefire"][10] - result["all"]["plain dense"][10]
     print(f"recall@10 gain over plain dense: {gain:+.3f}   (goal >= +0.15); evidence in the prompt: "
           f"{result['all']['evidence_in_prompt']:.2f}   (goal >= 0.70)")
+    result["unrelated"] = {"questions": len(noise), "mean_recalled": float(np.mean(noise)),
+                           "share_with_any": float(np.mean([n > 0 for n in noise]))}
+    print(f"questions about nothing said ({len(noise)}): {np.mean(noise):.2f} memories in the prompt on "
+          f"average, some in {np.mean([n > 0 for n in noise]):.0%} of them")
     print(json.dumps(result))
 
 

@@ -74,3 +74,12 @@ class Mirror:
         exact = picked @ vector.astype(np.float32)
         order = np.lexsort((ids, -exact))
         return [(int(ids[i]), float(exact[i]), picked[i]) for i in order]
+
+    def score(self, memory_ids: list[int], vector: np.ndarray) -> list[tuple[int, float, np.ndarray]]:
+        """The exact scores of these memories' rows (a memory cut in pieces has several)."""
+        with self._lock:
+            rows = np.flatnonzero(np.isin(self._ids[: self.size], memory_ids))
+            picked = self._exact[rows]
+            ids = self._ids[rows]
+        exact = picked @ vector.astype(np.float32)
+        return [(int(ids[i]), float(exact[i]), picked[i]) for i in range(len(rows))]

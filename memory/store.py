@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Literal
 
 import chromadb
 import numpy as np
@@ -32,11 +30,15 @@ from memory.db import Database
 from memory.embedder import Embedder
 from memory.history import memory_spans, span_text
 from memory.mirror import Mirror
+from memory.recall import Kind, Recalled, RecallSettings, choose
 from memory.users import LOCAL
+from memory.when import asked_span
 
-Kind = Literal["exchange", "fact"]
+__all__ = ["Memory", "MemoryStore", "Kind", "RecallSettings", "Recalled"]
+
 HNSW = {"space": "cosine"}
 POOL = 100   # rows the fast scan hands to exact scoring
+TIME_POOL = 2000    # memories of the asked-about span added to the candidates
 Progress = Callable[[int, int], None]
 
 
@@ -51,26 +53,6 @@ class Memory(BaseModel):
     created_at: float
     updated_at: float
     indexed: bool
-
-
-class Recalled(BaseModel):
-    id: int
-    conversation_id: str | None   # where it was said (None: a fact the user added)
-    text: str
-    score: float
-    kind: Kind
-    pinned: bool
-    created_at: float
-
-
-@dataclass
-class RecallSettings:
-    top_k: int = 6
-    threshold: float = 0.30       # cosine similarity below this is not about the question
-    near_copy: float = 0.90       # this close to a chosen one adds nothing (same words: 0.91)
-    recency_bonus: float = 0.03   # at most this much extra score for what was said today
-    recency_days: float = 60
-    budget_tokens: int = 400
 
 
 class TurnLock:
@@ -221,8 +203,10 @@ class MemoryStore:
                     (batch if limit is None else min(batch, limit - done),))
                 if not rows:
                     break
-                pieces = [(row, i, piece) for row in rows
-                          for i, piece in enumerate(self.index_embedder.chunks(row["text"]))]
+                words = self._users_words(rows)
+                chunks = self.index_embedder.chunks
+                pieces = [(row, i, piece) for row in rows for i, piece in enumerate(
+                    chunks(row["text"]) + (chunks(words[row["id"]]) if row["id"] in words else []))]
                 vectors = self.index_embedder.embed([piece for _, _, piece in pieces])
                 by_collection: dict[str, list] = {}
                 for (row, i, _), vector in zip(pieces, vectors, strict=True):
@@ -247,6 +231,26 @@ class MemoryStore:
                 if progress:
                     progress(done, total)
         return done
+
+    def _users_words(self, rows) -> dict[int, str]:
+        """{memory id: the user's own messages in it}, embedded as a piece of their own: the
+        companion's lines ("Oh, tell me more!") pulled a memory's one vector away from what the
+        user said (see bench/memory_quality.py). Only messages the memory's text holds count,
+        so a deleted neighbour's words never come back through another memory."""
+        exchanges = {row["id"]: row["text"] for row in rows if row["kind"] == "exchange"}
+        if not exchanges:
+            return {}
+        said: dict[int, list[str]] = {}
+        for r in self.db.query(
+                f"""SELECT mem.id, x.content FROM memories mem JOIN messages x
+                      ON x.conversation_id = mem.conversation_id AND x.role = 'user' AND x.id <= mem.reply_id
+                    WHERE mem.id IN ({','.join('?' * len(exchanges))}) AND x.id > COALESCE(
+                        (SELECT MAX(p.reply_id) FROM memories p WHERE p.conversation_id = mem.conversation_id
+                         AND p.reply_id < mem.reply_id), 0)
+                    ORDER BY x.id""", list(exchanges)):
+            if f": {r['content']}" in exchanges[r["id"]]:
+                said.setdefault(r["id"], []).append(r["content"])
+        return {i: "\n".join(lines) for i, lines in said.items()}
 
     def remember_new(self, conversation_id: str, companion_name: str, settled: bool = False,
                      source: str = "live") -> int:
@@ -346,42 +350,21 @@ class MemoryStore:
                 found[r["id"]] = (r["text"], r["created_at"])
         return found
 
-    def search(self, companion_id: str, query: str, k: int = 10) -> list[Recalled]:
-        """Semantic search: the k closest memories, best first, no threshold."""
-        return [c for c, _, _ in self._candidates(companion_id, query, k)]
+    def search(self, companion_id: str, query: str, k: int = 10, now: float | None = None) -> list[Recalled]:
+        """The k memories that best answer `query` (recall's score), best first, no threshold."""
+        return [c for c, _, _ in self._candidates(companion_id, query, k, now or time.time())]
 
     def recall(self, companion_id: str, query: str, skip_asked: set[str] = frozenset(),
                count_tokens: Callable[[str], int] = lambda text: len(text.encode()) // 3 + 1,
-               now: float | None = None, skip_ids: set[int] = frozenset()) -> list[Recalled]:
-        """The memories worth putting in the prompt for `query`, best first."""
+               now: float | None = None, skip_ids: set[int] = frozenset(),
+               context: str = "") -> list[Recalled]:
+        """The memories worth putting in the prompt for `query` (with `context`, the
+        companion's last reply, in what is embedded), best first."""
         now, settings = now or time.time(), self.settings
         if settings.top_k == 0:  # recall is off: not even the question is embedded
             return []
-        chosen: list[tuple[Recalled, np.ndarray]] = []
-        candidates = []
-        for candidate, vector, asked in self._candidates(companion_id, query, settings.top_k * 4):
-            if candidate.score < settings.threshold or asked in skip_asked or candidate.id in skip_ids:
-                continue
-            age_days = max(0.0, now - candidate.created_at) / 86400
-            adjusted = candidate.score + settings.recency_bonus * math.exp(-age_days / settings.recency_days)
-            explicit = candidate.kind == "fact" or candidate.pinned
-            candidates.append(((explicit, adjusted), candidate, vector, asked))
-        candidates.sort(key=lambda c: c[0], reverse=True)
-        used, chosen_asked = 0, set()
-        for _, candidate, vector, asked in candidates:
-            if len(chosen) == settings.top_k:
-                break
-            # A near-copy adds nothing: the same words asked again, or nearly the same meaning.
-            if (asked and asked in chosen_asked) or any(
-                    _cosine(vector, other) > settings.near_copy for _, other in chosen):
-                continue
-            cost = count_tokens(candidate.text)
-            if used + cost > settings.budget_tokens:
-                continue
-            used += cost
-            chosen.append((candidate, vector))
-            chosen_asked.add(asked)
-        return [c for c, _ in chosen]
+        candidates = self._candidates(companion_id, query, settings.top_k * 4, now, context)
+        return choose(candidates, settings, now, skip_asked, skip_ids, count_tokens)
 
     def drop_companion(self, companion_key: str) -> int:
         """Delete every user's collection of a companion that is being deleted; returns how many."""
@@ -416,14 +399,20 @@ class MemoryStore:
             self._mirrors[collection.name] = mirror
         return self._mirrors[collection.name]
 
-    def _candidates(self, companion_id: str, query: str, k: int) -> list[tuple[Recalled, np.ndarray, str]]:
+    def _candidates(self, companion_id: str, query: str, k: int, now: float,
+                    context: str = "") -> list[tuple[Recalled, np.ndarray, str | None]]:
         mirror = self._mirror(companion_id)
         if mirror.size == 0:
             return []
-        vector = np.asarray(self.embedder.embed([query])[0], dtype=np.float32)
+        settings = self.settings
+        vector = np.asarray(self.embedder.embed([f"{context}\n{query}".strip()])[0], dtype=np.float32)
         best: dict[int, tuple[float, np.ndarray]] = {}
         # One pool whatever k is (up to POOL / 2): scored exactly, k=5 is the top of k=20.
-        for memory_id, score, embedding in mirror.top(vector, max(POOL, k * 2)):
+        found = mirror.top(vector, max(POOL, k * 2))
+        span = asked_span(query, datetime.fromtimestamp(now)) if settings.time_bonus else None
+        in_span = self._said_between(companion_id, *span) if span else set()
+        found += mirror.score(list(in_span - {i for i, _, _ in found}), vector)
+        for memory_id, score, embedding in found:
             if memory_id not in best or score > best[memory_id][0]:
                 best[memory_id] = (score, embedding)
         if not best:
@@ -434,17 +423,22 @@ class MemoryStore:
         rows = {r["id"]: r for r in self.db.query(
             f"SELECT {_COLUMNS} FROM memories WHERE id IN ({','.join('?' * len(best))}) AND +user_id = ?",
             [*best, self.user])}
-        found = [(Recalled(id=i, conversation_id=rows[i]["conversation_id"], text=rows[i]["text"],
-                           score=round(score, 4), kind=rows[i]["kind"],
-                           pinned=bool(rows[i]["pinned"]), created_at=rows[i]["created_at"]),
-                  vector, rows[i]["asked"])
-                 for i, (score, vector) in best.items() if i in rows]
-        found.sort(key=lambda c: (-c[0].score, c[0].id))
-        return found[:k]
+        scored = []
+        for i, (score, embedding) in best.items():
+            if i in rows:
+                score += settings.time_bonus * (i in in_span)
+                row = rows[i]
+                scored.append((Recalled(id=i, conversation_id=row["conversation_id"], text=row["text"],
+                                        score=round(score, 4), kind=row["kind"], pinned=bool(row["pinned"]),
+                                        created_at=row["created_at"]), embedding, row["asked"]))
+        scored.sort(key=lambda c: (-c[0].score, c[0].id))
+        return scored[:k]
 
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b))  # both are unit vectors
+    def _said_between(self, companion_id: str, start: datetime, end: datetime) -> set[int]:
+        return {r[0] for r in self.db.query(
+            "SELECT id FROM memories WHERE user_id = ? AND companion_id = ? AND created_at >= ? "
+            "AND created_at < ? ORDER BY created_at DESC LIMIT ?",
+            (self.user, companion_id, start.timestamp(), end.timestamp(), TIME_POOL))}
 
 
 _COLUMNS = ("id, companion_id, conversation_id, kind, text, source, pinned, created_at, updated_at, "

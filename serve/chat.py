@@ -193,7 +193,7 @@ class ChatService:
         context = next((m["content"][-300:] for m in reversed(history[first_user:-1])
                         if m["role"] == "assistant"), "")
         return self.memory.for_user(user).recall(
-            companion.key, f"{context}\n{asked}".strip(),
+            companion.key, asked, context=context,
             skip_asked={m["content"] for m in kept_turns if m["role"] == "user"}, skip_ids=skip_ids,
             count_tokens=lambda text: len(self.prompts.encode(text)))
 

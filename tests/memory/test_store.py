@@ -202,3 +202,28 @@ def test_messages_no_reply_followed_are_remembered_when_the_conversation_is_sett
     memory.delete(memory.list("ember")[0].id)
     history.append(conversation, "assistant", "You'll be great.")
     assert memory.remember_new(conversation, "Ember") == 0 and memory.repair() == 0
+
+
+def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):
+    from datetime import datetime
+
+    db = Database(tmp_path / "homefire.db")
+    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
+    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    said = {"I passed my driving test, finally!": datetime(2025, 3, 12, 19),
+            "I ran my first half marathon this morning.": datetime(2025, 5, 18, 9),
+            "The bus was late again.": datetime(2025, 5, 20, 8),
+            "I made soup for dinner.": datetime(2025, 6, 2, 19)}
+    for text, at in said.items():
+        conversation = history.create_conversation("ember").id
+        history.append(conversation, "user", text)
+        reply = history.append(conversation, "assistant", "Tell me more!").id
+        memory.add_exchange("ember", conversation, reply, text, f"User: {text}\nEmber: Tell me more!",
+                            at.timestamp())
+    memory.index_pending()
+    now = datetime(2025, 6, 4, 12).timestamp()
+    # The same words asked about another time find what was said then.
+    in_may = memory.recall("ember", "What did I achieve in May?", now=now)
+    assert "half marathon" in in_may[0].text
+    assert "half marathon" in memory.search("ember", "What did I achieve last month?", 1, now=now)[0].text
+    assert "driving test" in memory.search("ember", "What did I achieve in March?", 1, now=now)[0].text
