@@ -57,10 +57,10 @@ def fill(store: MemoryStore, n: int, dim: int, rng: np.random.Generator) -> None
         words = block + 0.2 * rng.standard_normal(block.shape).astype(np.float32)
         words /= np.linalg.norm(words, axis=1, keepdims=True)
         batch = ids[start:start + len(block)]
-        collection.add(ids=[f"{i}:{p}" for p in (0, 1) for i in batch],
-                       embeddings=np.concatenate([block, words]),
-                       metadatas=[{"memory_id": i, "conversation_id": "", "kind": "exchange"}
-                                  for _ in (0, 1) for i in batch])
+        for piece, vectors in enumerate((block, words)):
+            collection.add(ids=[f"{i}:{piece}" for i in batch], embeddings=vectors,
+                           metadatas=[{"memory_id": i, "conversation_id": "", "kind": "exchange"}
+                                      for i in batch])
 
 
 def main() -> None:

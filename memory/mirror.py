@@ -28,9 +28,10 @@ class Mirror:
         self._ids = np.zeros(0, dtype=np.int64)
         self._matrix = torch.zeros((0, 0), dtype=torch.float16)
         self._exact = np.zeros((0, 0), dtype=np.float32)
+        self._times = torch.zeros(0, dtype=torch.float64)   # when each vector's memory was said
         self._lock = threading.Lock()
 
-    def add(self, memory_ids: list[int], vectors) -> None:
+    def add(self, memory_ids: list[int], vectors, times: list[float]) -> None:
         if len(memory_ids) == 0:
             return
         exact = np.asarray(vectors, dtype=np.float32)
@@ -47,10 +48,13 @@ class Mirror:
                 copy = np.zeros((capacity, block.shape[1]), dtype=np.float32)
                 if self.size:
                     copy[: self.size] = self._exact[: self.size]
-                self._matrix, self._ids, self._exact = matrix, ids, copy
+                said = torch.zeros(capacity, dtype=torch.float64)
+                said[: self.size] = self._times[: self.size]
+                self._matrix, self._ids, self._exact, self._times = matrix, ids, copy, said
             self._matrix[self.size:need] = block
             self._exact[self.size:need] = exact
             self._ids[self.size:need] = memory_ids
+            self._times[self.size:need] = torch.tensor(times, dtype=torch.float64)
             self.size = need
 
     def drop(self, memory_ids: list[int]) -> None:
@@ -60,26 +64,27 @@ class Mirror:
             self._matrix[:kept] = self._matrix[: self.size][torch.from_numpy(keep)]
             self._exact[:kept] = self._exact[: self.size][keep]
             self._ids[:kept] = self._ids[: self.size][keep]
+            self._times[:kept] = self._times[: self.size][torch.from_numpy(keep)]
             self.size = kept
 
-    def top(self, vector: np.ndarray, n: int) -> list[tuple[int, float, np.ndarray]]:
+    def top(self, vector: np.ndarray, n: int, span: tuple[float, float] | None = None,
+            bonus: float = 0.0) -> list[tuple[int, float, np.ndarray]]:
         """The n rows nearest `vector` by the fast scan, as (memory id, exact score, vector),
-        best first; equal scores in memory id order."""
+        best first; equal scores in memory id order. Rows said within `span` (start, end
+        timestamps) score `bonus` more, in the scan itself: a question about "last week"
+        costs no more than any other."""
         with self._lock:
             matrix = self._matrix[: self.size]
             scores = torch.mv(matrix, torch.from_numpy(vector).to(torch.float16)).float()
+            if span:
+                times = self._times[: self.size]
+                scores += bonus * ((times >= span[0]) & (times < span[1])).float()
             rows = torch.topk(scores, min(n, self.size)).indices.numpy()
             picked = self._exact[rows]
             ids = self._ids[rows]
+            said = self._times[rows].numpy()
         exact = picked @ vector.astype(np.float32)
+        if span:
+            exact += bonus * ((said >= span[0]) & (said < span[1]))
         order = np.lexsort((ids, -exact))
         return [(int(ids[i]), float(exact[i]), picked[i]) for i in order]
-
-    def score(self, memory_ids: list[int], vector: np.ndarray) -> list[tuple[int, float, np.ndarray]]:
-        """The exact scores of these memories' rows (a memory cut in pieces has several)."""
-        with self._lock:
-            rows = np.flatnonzero(np.isin(self._ids[: self.size], memory_ids))
-            picked = self._exact[rows]
-            ids = self._ids[rows]
-        exact = picked @ vector.astype(np.float32)
-        return [(int(ids[i]), float(exact[i]), picked[i]) for i in range(len(rows))]
