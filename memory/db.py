@@ -105,6 +105,10 @@ MIGRATIONS: list[str] = [
         WHERE companion_id IN (SELECT id FROM companions WHERE owner IS NOT NULL);
     UPDATE companions SET id = owner || '.' || id WHERE owner IS NOT NULL;
     """,
+    # What companions call the user ({{user}}, memories); NULL: "User".
+    """
+    ALTER TABLE users ADD COLUMN display_name TEXT;
+    """,
 ]
 
 

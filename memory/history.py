@@ -85,40 +85,6 @@ def chains(root: str, turns: list[tuple[str, str]]) -> list[str]:
     return found
 
 
-def exchange_text(asked: str, reply: str, companion_name: str, user: str = "User") -> str:
-    """How an exchange reads as a memory."""
-    return span_text([("user", asked), ("assistant", reply)], companion_name, user)
-
-
-def span_text(said: list[tuple[str, str]], companion_name: str, user: str = "User") -> str:
-    """How a memory reads: each message on its own line after its speaker's name."""
-    return "\n".join(f"{user if role == 'user' else companion_name}: {text}" for role, text in said)
-
-
-def memory_spans(roles: list[str], settled: bool, greeting: bool = False) -> list[list[int]]:
-    """Which messages (indices into `roles`) each memory holds, oldest first.
-
-    A memory ends at a reply of the companion and holds the user's messages before it, with
-    any companion message that answered no one (an opening, a second reply) as context.
-    What follows the last reply waits for the next one, unless the conversation is `settled`
-    (an import, a start-up): then it is a memory too. With `greeting`, `roles` begin a live
-    conversation, whose companion messages before the user's first are the card's greeting:
-    the same in every conversation, it made every first memory alike (and a question asked
-    after a greeting recalled them all), so it is in none.
-    """
-    spans, run = [], []
-    for i, role in enumerate(roles):
-        greeting = greeting and role != "user"
-        if not greeting:
-            run.append(i)
-        if role == "assistant" and any(roles[j] == "user" for j in run):
-            spans.append(run)
-            run = []
-    if run and settled:
-        spans.append(run)
-    return spans
-
-
 def chain_root(companion_id: str) -> str:
     return hashlib.sha256(f"homefire\x00{companion_id}".encode()).hexdigest()[:32]
 

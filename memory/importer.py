@@ -24,9 +24,10 @@ from pathlib import Path
 
 from memory.companions import visible_id
 from memory.db import Database
-from memory.history import chain_root, chains, memory_spans, span_text
+from memory.history import chain_root, chains
 from memory.imports import Export, Imported, ImportFailed, Notes
-from memory.users import LOCAL
+from memory.remember import memory_spans, span_text
+from memory.users import LOCAL, Users
 
 Progress = Callable[[int, int], None]
 # Rows of an import that is not done yet belong to this user id plus a random suffix; user
@@ -111,6 +112,7 @@ class Importer:
         self.db = db
         self.staging_dir = staging_dir
         self.user = user   # whose history the export becomes
+        self.called = Users(db).called(user)   # their name in the memories' text
         self.batch = batch
         self.holds: list[float] = []   # seconds each write transaction of the commit held the database
 
@@ -203,7 +205,8 @@ class Importer:
             if span[-1] >= start:
                 said = [(conv.messages[i].role, conv.messages[i].content) for i in span]
                 asked = next((text for role, text in reversed(said) if role == "user"), None)
-                memories.append((target, hashes[span[-1]], span_text(said, name), asked, times[span[-1]]))
+                memories.append((target, hashes[span[-1]], span_text(said, name, self.called), asked,
+                                 times[span[-1]]))
         staging.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?)", memories)
         result.tally(conv, added=len(conv.messages) - start)
         result.memories_added += len(memories)

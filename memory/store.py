@@ -13,7 +13,6 @@ Chroma's HNSW search missed an isolated memory among 300 clustered small-talk ex
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,6 @@ from pydantic import BaseModel
 from memory.companions import visible_id
 from memory.db import Database
 from memory.embedder import Embedder
-from memory.history import memory_spans, span_text
 from memory.mirror import Mirror
 from memory.recall import Kind, Recalled, RecallSettings, choose
 from memory.users import LOCAL
@@ -251,50 +249,6 @@ class MemoryStore:
             if f": {r['content']}" in exchanges[r["id"]]:
                 said.setdefault(r["id"], []).append(r["content"])
         return {i: "\n".join(lines) for i, lines in said.items()}
-
-    def remember_new(self, conversation_id: str, companion_name: str, settled: bool = False,
-                     source: str = "live") -> int:
-        """Remember the conversation's messages that no memory holds yet, a span at a time
-        (memory_spans); returns how many memories were added. Messages after a deleted
-        memory's are never taken back into one."""
-        rows = self.db.query(
-            """SELECT c.companion_id, m.id, m.role, m.content, m.created_at FROM messages m
-               JOIN conversations c ON c.id = m.conversation_id
-               WHERE m.conversation_id = ?1 AND m.truncated = 0 AND m.content != '' AND m.id > COALESCE(
-                   (SELECT MAX(x.id) FROM messages x WHERE x.conversation_id = ?1 AND (x.forgotten = 1
-                        OR x.id IN (SELECT reply_id FROM memories WHERE conversation_id = ?1))), 0)
-               ORDER BY m.id""", (conversation_id,))
-        if not rows:
-            return 0
-        greeting = source == "live" and not self.db.query(
-            "SELECT 1 FROM messages WHERE conversation_id = ? AND id < ? LIMIT 1",
-            (conversation_id, rows[0]["id"]))
-        added = 0
-        for span in memory_spans([r["role"] for r in rows], settled, greeting):
-            said = [(rows[i]["role"], rows[i]["content"]) for i in span]
-            asked = next((text for role, text in reversed(said) if role == "user"), None)
-            if asked is None and source != "imported":
-                continue   # a greeting alone is the card's, not something said
-            end = rows[span[-1]]
-            if self.add_exchange(end["companion_id"], conversation_id, end["id"], asked,
-                                 span_text(said, companion_name), end["created_at"], source):
-                added += 1
-        return added
-
-    def repair(self) -> int:
-        """At start-up: remember what no memory holds yet (exchanges committed just before a
-        crash, messages no reply followed); returns how many memories were added."""
-        rows = self.db.query(
-            """SELECT c.id, c.source, co.card FROM conversations c
-               JOIN companions co ON co.id = c.companion_id
-               WHERE (SELECT MAX(id) FROM messages WHERE conversation_id = c.id AND truncated = 0
-                          AND content != '')
-                     > COALESCE((SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = c.id
-                                 AND (m.forgotten = 1 OR m.id IN (SELECT reply_id FROM memories
-                                                                  WHERE conversation_id = c.id))), 0)""")
-        return sum(self.remember_new(row["id"], json.loads(row["card"])["name"], settled=True,
-                                     source="imported" if row["source"] == "imported" else "live")
-                   for row in rows)
 
     def index_is_consistent(self) -> bool:
         """Does every user's every collection hold exactly the vectors SQLite says it should?"""

@@ -21,8 +21,12 @@ from pydantic import BaseModel
 from memory.db import Database
 
 LOCAL = "local"
+DEFAULT_USER_NAME = "User"   # what companions call a user who has not said
 # No "--": memory collections are named u-<user>--c-<companion> and must not collide.
 NAME = re.compile(r"^[a-z0-9](?:[a-z0-9_]|-(?!-)){0,31}$")
+# Printed after "{name}: " at the start of memory lines and put in prompts: one line, no
+# speaker colon, no template braces or markup.
+DISPLAY_NAME = re.compile(r"^[^\x00-\x1f\x7f:{}<>\[\]]{1,40}$")
 
 
 class User(BaseModel):
@@ -30,6 +34,16 @@ class User(BaseModel):
     admin: bool
     created_at: float
     revoked_at: float | None = None
+    display_name: str | None = None   # what companions call them (None: "User")
+
+
+def check_display_name(display_name: str) -> str:
+    """The display name, trimmed, or UserError saying what is wrong with it."""
+    trimmed = re.sub(" {2,}", " ", display_name.strip(" "))
+    if not DISPLAY_NAME.match(trimmed):
+        raise UserError(f"display name {display_name!r}: use 1 to 40 characters on one line, without "
+                        "':', braces, brackets or '<' '>'")
+    return trimmed
 
 
 class UserError(ValueError):
@@ -85,19 +99,33 @@ class Users:
     def list(self) -> list[User]:
         return [_user(r) for r in self.db.query("SELECT * FROM users ORDER BY created_at, name")]
 
-    def add(self, name: str, admin: bool = False) -> str:
+    def add(self, name: str, admin: bool = False, display_name: str | None = None) -> str:
         """Create an account; returns its key, which is not stored and cannot be shown again."""
         if not NAME.match(name):
             raise UserError(f"user name {name!r}: use 1 to 32 lower-case letters, digits, '_' or "
                             "single '-', starting with a letter or digit")
+        shown = check_display_name(display_name) if display_name is not None else None
         key = new_key()
         with self.db.transaction() as conn:
             if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise UserError(f"a user named {name!r} exists; `homefire user rotate {name}` gives "
                                 "it a new key")
-            conn.execute("INSERT INTO users (name, key_hash, admin, created_at) VALUES (?, ?, ?, ?)",
-                         (name, key_hash(key), int(admin), time.time()))
+            conn.execute("INSERT INTO users (name, key_hash, admin, created_at, display_name) "
+                         "VALUES (?, ?, ?, ?, ?)", (name, key_hash(key), int(admin), time.time(), shown))
         return key
+
+    def set_display_name(self, name: str, display_name: str) -> str:
+        """What companions call the user from now on (memories already made keep theirs)."""
+        shown = check_display_name(display_name)
+        with self.db.transaction() as conn:
+            if not conn.execute("UPDATE users SET display_name = ? WHERE name = ?", (shown, name)).rowcount:
+                raise UserError(f"no user named {name!r}")
+        return shown
+
+    def called(self, name: str) -> str:
+        """What companions call the user: their display name, else "User"."""
+        rows = self.db.query("SELECT display_name FROM users WHERE name = ?", (name,))
+        return (rows[0][0] if rows else None) or DEFAULT_USER_NAME
 
     def rotate(self, name: str) -> str:
         """A new key for the user (also re-enabling a revoked one); the old key stops working."""
@@ -128,4 +156,4 @@ class Users:
 
 def _user(row) -> User:
     return User(name=row["name"], admin=bool(row["admin"]), created_at=row["created_at"],
-                revoked_at=row["revoked_at"])
+                revoked_at=row["revoked_at"], display_name=row["display_name"])

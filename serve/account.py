@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from memory.companions import Companion, key_for
 from memory.history import Conversation, History, UnknownConversation
 from memory.store import Memory, MemoryStore
-from memory.users import User
+from memory.users import DEFAULT_USER_NAME, User
 from serve.chat import UnknownCompanion
 from serve.engine import EngineUnavailable
 
@@ -41,6 +41,7 @@ class Account:
         self.user = user
         self.name = user.name
         self.history = History(hf.db, user.name)
+        self.called = user.display_name or DEFAULT_USER_NAME   # what companions call them
 
     @property
     def memory(self) -> MemoryStore:

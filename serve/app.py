@@ -86,6 +86,7 @@ class Homefire:
         from chromadb.api.shared_system_client import SharedSystemClient
 
         from memory.embedder import Embedder
+        from memory.remember import repair
         from memory.store import MemoryStore, RecallSettings
 
         # The embedder's torch runs beside the engine: a pool of OpenMP threads spinning
@@ -119,7 +120,7 @@ class Homefire:
         if not consistent:
             log.warning("memory: the index is missing or out of step with SQLite; rebuilding it")
             with_progress("rebuilding memory index", lambda progress: store.rebuild(progress, everyone=True))
-        repaired = store.repair()
+        repaired = repair(store)
         if repaired:
             log.info("memory: remembered %d exchanges committed before the last stop", repaired)
         with_progress("indexing memories", store.index_pending)

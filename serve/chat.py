@@ -22,8 +22,9 @@ from finetune.template import alternate
 from memory.companions import Companion, CompanionStore, Sampling
 from memory.db import Database
 from memory.history import History, Message, ReplyMeta, UnknownConversation
+from memory.remember import remember_new
 from memory.store import MemoryStore, Recalled
-from memory.users import LOCAL
+from memory.users import LOCAL, Users
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
 from serve.prompt import Prompt, PromptBuilder
@@ -150,13 +151,15 @@ class ChatService:
             prompt = build(None, turn.history, params["max_tokens"], extra_system=turn.extra_system)
             return Plan(turn, params, prompt)
         history = alternate(self.shown_before(turn))
-        prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system)
+        called = Users(self.db).called(turn.user)
+        prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
+                       user=called)
         kept = history[len(history) - prompt.history_kept:]
         memories = self.recall(turn.companion, turn.user, history, prompt.history_kept,
                                skip_ids={i for m in kept for i in m.get("memory_ids", ())})
         if memories:
             prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
-                           memories=[dated(m.text, m.created_at) for m in memories])
+                           memories=[dated(m.text, m.created_at) for m in memories], user=called)
         return Plan(turn, params, prompt, memories)
 
     def shown_before(self, turn: Turn) -> list[dict]:
@@ -201,7 +204,7 @@ class ChatService:
         """Turn what the committed reply ends into a memory: the user's messages since the last
         one, with the reply (SQLite; embedded later, see index_soon)."""
         assert self.memory is not None
-        self.memory.remember_new(conversation_id, companion.name)
+        remember_new(self.memory, conversation_id, companion.name)
 
     def index_soon(self) -> None:
         """Embed new and edited memories in the background, one indexing run at a time."""

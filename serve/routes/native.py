@@ -123,7 +123,7 @@ def create_conversation(body: NewConversation, account: AccountDep) -> Conversat
     conversation = account.history.create_conversation(companion.key, body.title)
     messages = []
     if companion.first_mes.strip():
-        greeting = substitute(companion.first_mes, companion, "User")
+        greeting = substitute(companion.first_mes, companion, account.called)
         messages.append(account.history.append(conversation.id, "assistant", greeting))
     return ConversationWithMessages(conversation=conversation, messages=messages)
 

@@ -17,6 +17,7 @@ from memory.import_child import run_apart
 from memory.importer import Importer
 from memory.imports import ImportFailed, open_export
 from memory.store import MemoryStore
+from memory.users import Users
 from tests.memory.exports import T0, ChatGPTTree, chatgpt_hard, chatgpt_simple, chatgpt_zip, write_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,6 +186,17 @@ def test_every_message_of_an_import_is_in_a_memory_and_searchable(db, tmp_path):
                      "User: By the way, I am moving to Berlin next month."]
     store = MemoryStore(db, tmp_path / "index", Embedder())
     assert store.index_pending() == 2
+    # The companion's opening is in a memory too: an import's first message is no card greeting.
     for question, words in (("Which city am I moving to?", "Berlin"), ("What is my dog called?", "Rex"),
                             ("Where did you go camping?", "camping")):
         assert words in store.search("ember", question, 1)[0].text, question
+
+
+def test_an_imports_memories_call_the_user_by_their_display_name(db, tmp_path):
+    users = Users(db)
+    users.ensure_local("a-key")
+    users.set_display_name("local", "Sam")
+    said = chatgpt_simple("a", ("user", "I keep bees."), ("assistant", "Lovely!"))
+    export = write_json(tmp_path / "one.json", [said])
+    assert run(db, export, tmp_path).memories_added == 1
+    assert [r["text"] for r in db.query("SELECT text FROM memories")] == ["Sam: I keep bees.\nEmber: Lovely!"]

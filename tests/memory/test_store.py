@@ -10,7 +10,8 @@ import pytest
 from memory.companions import Companion, CompanionStore
 from memory.db import Database
 from memory.embedder import Embedder
-from memory.history import History, ReplyMeta, exchange_text
+from memory.history import History, ReplyMeta
+from memory.remember import exchange_text, remember_new, repair
 from memory.store import MemoryStore
 
 DAY = 86400
@@ -101,12 +102,12 @@ def test_rebuild_gives_the_same_recall_and_repair_restores_missing_memories(stor
     # An exchange committed without its memory (a crash in between) is repaired...
     with memory.db.transaction() as conn:
         conn.execute("DELETE FROM memories WHERE conversation_id = ?", (old,))
-    assert memory.repair() == 1 and memory.index_pending() == 1
+    assert repair(memory) == 1 and memory.index_pending() == 1
     assert any("Lisbon" in t for t in recalled(memory, "Where is my sister's wedding?"))
     # ...but one the user deleted stays deleted.
     wedding = next(m for m in memory.list("ember", limit=500) if "Lisbon" in m.text)
     memory.delete(wedding.id)
-    assert memory.repair() == 0
+    assert repair(memory) == 0
 
 
 def test_forgetting_a_conversation_removes_history_memories_and_vectors(store):
@@ -190,10 +191,10 @@ def test_messages_no_reply_followed_are_remembered_when_the_conversation_is_sett
                        ("user", "My first day is in May."), ("user", "I'm nervous.")]:
         history.append(conversation, role, text)
     # A live reply remembers what it ends; the messages after it wait for the next reply...
-    assert memory.remember_new(conversation, "Ember") == 1
-    assert memory.remember_new(conversation, "Ember") == 0
+    assert remember_new(memory, conversation, "Ember") == 1
+    assert remember_new(memory, conversation, "Ember") == 0
     # ...or for the start-up, when no reply is on its way: then they are a memory of their own.
-    assert memory.repair() == 1 and memory.repair() == 0
+    assert repair(memory) == 1 and repair(memory) == 0
     # The card's greeting, the same in every conversation, is in none of them.
     texts = [m.text for m in reversed(memory.list("ember"))]
     assert texts == ["User: I got the job!\nUser: At the observatory.\nEmber: Congratulations!",
@@ -201,7 +202,7 @@ def test_messages_no_reply_followed_are_remembered_when_the_conversation_is_sett
     # Deleted, a memory's messages are not taken into another one.
     memory.delete(memory.list("ember")[0].id)
     history.append(conversation, "assistant", "You'll be great.")
-    assert memory.remember_new(conversation, "Ember") == 0 and memory.repair() == 0
+    assert remember_new(memory, conversation, "Ember") == 0 and repair(memory) == 0
 
 
 def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):

@@ -70,6 +70,15 @@ def test_user_commands_keep_only_hashes_and_keys_work_at_once(make_server):
     assert "revoked" in server.cli("user", "list").stdout
     refused = server.cli("user", "revoke", "local")
     assert refused.returncode == 2 and "rotate" in refused.stderr
+    # What companions call a user: set at creation or later, checked, listed.
+    assert server.cli("user", "add", "bea", "--display-name", "  Bea  Lund ").returncode == 0
+    assert server.cli("user", "display-name", "local", "Sam").returncode == 0
+    listed = server.cli("user", "list").stdout
+    assert "called 'Bea Lund'" in listed and "called 'Sam'" in listed and "called 'User'" in listed
+    for bad in ("Ann: says hi", "{{char}}", "two\nlines", ""):
+        refused = server.cli("user", "display-name", "bea", bad)
+        assert refused.returncode == 2 and "display name" in refused.stderr, (bad, refused.stderr)
+    assert "no user named 'nobody'" in server.cli("user", "display-name", "nobody", "X").stderr
     # The local key file is what `homefire user key` prints and what the CLI sends.
     assert server.cli("user", "key").stdout.strip() == server.key
     assert (server.data_dir / "api_key").stat().st_mode & 0o077 == 0
@@ -160,9 +169,11 @@ def test_another_users_ids_get_the_same_404_and_their_data_never_shows(server, t
 
 def test_shared_companions_are_managed_by_admins_and_each_users_history_is_their_own(server):
     carol, dave = server.add_user("carol"), server.add_user("dave")
+    assert server.cli("user", "display-name", "carol", "Carol Ann").returncode == 0
     admin = server.http(server.add_user("ops", admin=True))
     c, d = server.http(carol), server.http(dave)
-    assert admin.post("/api/v1/companions", json={"id": "hearth", "name": "Hearth"}).status_code == 201
+    hearth = {"id": "hearth", "name": "Hearth", "first_mes": "Hello {{user}}!"}
+    assert admin.post("/api/v1/companions", json=hearth).status_code == 201
     assert "hearth" in c.get("/v1/models").text and "hearth" in d.get("/v1/models").text
     refused = c.put("/api/v1/companions/hearth", json={"id": "hearth", "name": "Mine now"})
     assert refused.status_code == 403 and "only an admin" in refused.json()["error"]["message"]
@@ -178,6 +189,11 @@ def test_shared_companions_are_managed_by_admins_and_each_users_history_is_their
     assert len(carols) == len(daves) == 1 and carols[0]["id"] != daves[0]["id"]
     mine = c.get(f"/api/v1/conversations/{carols[0]['id']}").json()["messages"]
     assert [m["content"] for m in mine if m["role"] == "user"] == ["Carol likes rowing."]
+    # Each is called by their own name: in the greeting, and in what their memories say.
+    assert mine[0]["content"] == "Hello Carol Ann!"
+    assert d.get(f"/api/v1/conversations/{daves[0]['id']}").json()["messages"][0]["content"] == "Hello User!"
+    memory = c.get("/api/v1/companions/hearth/memories").json()[0]["text"]
+    assert memory.startswith("Carol Ann: Carol likes rowing.\nHearth: "), memory
 
     deleting = admin.delete("/api/v1/companions/hearth")
     assert deleting.status_code == 409 and "other users' 2 conversations, 2 memories" in \

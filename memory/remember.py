@@ -1,0 +1,92 @@
+"""Turning what was said into memories: which messages each memory holds (memory_spans), how
+it reads (span_text), and remembering what a conversation said since its last memory."""
+
+from __future__ import annotations
+
+import json
+
+from memory.store import MemoryStore
+from memory.users import DEFAULT_USER_NAME
+
+
+def exchange_text(asked: str, reply: str, companion_name: str, user: str = DEFAULT_USER_NAME) -> str:
+    """How an exchange reads as a memory."""
+    return span_text([("user", asked), ("assistant", reply)], companion_name, user)
+
+
+def span_text(said: list[tuple[str, str]], companion_name: str, user: str = DEFAULT_USER_NAME) -> str:
+    """How a memory reads: each message on its own line after its speaker's name."""
+    return "\n".join(f"{user if role == 'user' else companion_name}: {text}" for role, text in said)
+
+
+def memory_spans(roles: list[str], settled: bool, greeting: bool = False) -> list[list[int]]:
+    """Which messages (indices into `roles`) each memory holds, oldest first.
+
+    A memory ends at a reply of the companion and holds the user's messages before it, with
+    any companion message that answered no one (an opening, a second reply) as context.
+    What follows the last reply waits for the next one, unless the conversation is `settled`
+    (an import, a start-up): then it is a memory too. With `greeting`, `roles` begin a live
+    conversation, whose companion messages before the user's first are the card's greeting:
+    the same in every conversation, it made every first memory alike (and a question asked
+    after a greeting recalled them all), so it is in none.
+    """
+    spans, run = [], []
+    for i, role in enumerate(roles):
+        greeting = greeting and role != "user"
+        if not greeting:
+            run.append(i)
+        if role == "assistant" and any(roles[j] == "user" for j in run):
+            spans.append(run)
+            run = []
+    if run and settled:
+        spans.append(run)
+    return spans
+
+
+def remember_new(store: MemoryStore, conversation_id: str, companion_name: str, settled: bool = False,
+                 source: str = "live") -> int:
+    """Remember the conversation's messages that no memory holds yet, a span at a time
+    (memory_spans); returns how many memories were added. Messages after a deleted
+    memory's are never taken back into one."""
+    rows = store.db.query(
+        """SELECT c.companion_id, m.id, m.role, m.content, m.created_at FROM messages m
+           JOIN conversations c ON c.id = m.conversation_id
+           WHERE m.conversation_id = ?1 AND m.truncated = 0 AND m.content != '' AND m.id > COALESCE(
+               (SELECT MAX(x.id) FROM messages x WHERE x.conversation_id = ?1 AND (x.forgotten = 1
+                    OR x.id IN (SELECT reply_id FROM memories WHERE conversation_id = ?1))), 0)
+           ORDER BY m.id""", (conversation_id,))
+    if not rows:
+        return 0
+    user = store.db.query("SELECT u.display_name FROM conversations c LEFT JOIN users u "
+                         "ON u.name = c.user_id WHERE c.id = ?", (conversation_id,))
+    called = (user[0][0] if user else None) or DEFAULT_USER_NAME
+    greeting = source == "live" and not store.db.query(
+        "SELECT 1 FROM messages WHERE conversation_id = ? AND id < ? LIMIT 1",
+        (conversation_id, rows[0]["id"]))
+    added = 0
+    for span in memory_spans([r["role"] for r in rows], settled, greeting):
+        said = [(rows[i]["role"], rows[i]["content"]) for i in span]
+        asked = next((text for role, text in reversed(said) if role == "user"), None)
+        if asked is None and source != "imported":
+            continue   # a greeting alone is the card's, not something said
+        end = rows[span[-1]]
+        if store.add_exchange(end["companion_id"], conversation_id, end["id"], asked,
+                             span_text(said, companion_name, called), end["created_at"], source):
+            added += 1
+    return added
+
+def repair(store: MemoryStore) -> int:
+    """At start-up: remember what no memory holds yet (exchanges committed just before a
+    crash, messages no reply followed); returns how many memories were added."""
+    rows = store.db.query(
+        """SELECT c.id, c.source, co.card FROM conversations c
+           JOIN companions co ON co.id = c.companion_id
+           WHERE (SELECT MAX(id) FROM messages WHERE conversation_id = c.id AND truncated = 0
+                      AND content != '')
+                 > COALESCE((SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = c.id
+                             AND (m.forgotten = 1 OR m.id IN (SELECT reply_id FROM memories
+                                                              WHERE conversation_id = c.id))), 0)""")
+    return sum(remember_new(store, row["id"], json.loads(row["card"])["name"], settled=True,
+                            source="imported" if row["source"] == "imported" else "live")
+               for row in rows)
+
