@@ -109,6 +109,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE users ADD COLUMN display_name TEXT;
     """,
+    # Memories gained a second vector (the user's own words): the next start embeds every
+    # memory again, with a progress bar, replacing its old vectors.
+    """
+    UPDATE memories SET chunks = 0;
+    """,
 ]
 
 

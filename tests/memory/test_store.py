@@ -228,3 +228,25 @@ def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):
     assert "half marathon" in in_may[0].text
     assert "half marathon" in memory.search("ember", "What did I achieve last month?", 1, now=now)[0].text
     assert "driving test" in memory.search("ember", "What did I achieve in March?", 1, now=now)[0].text
+
+
+def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrade(tmp_path, embedder):
+    from memory.db import MIGRATIONS
+
+    db = Database(tmp_path / "homefire.db")
+    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
+    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    conversation = history.create_conversation("ember").id
+    history.append(conversation, "user", "My sister Ada is getting married in Lisbon.")
+    history.append(conversation, "assistant", "How lovely!")
+    assert remember_new(memory, conversation, "Ember") == 1 and memory.index_pending() == 1
+    # As the previous version left it: one vector, the text's.
+    memory.collection("ember").delete(ids=["1:1"])
+    with db.transaction() as conn:
+        conn.execute("UPDATE memories SET chunks = 1")
+    db.conn.execute(f"PRAGMA user_version={len(MIGRATIONS) - 1}")
+    db.close()
+    db = Database(tmp_path / "homefire.db")
+    upgraded = MemoryStore(db, tmp_path / "index", embedder)
+    assert upgraded.index_pending() == 1
+    assert upgraded.collection("ember").count() == 2 and upgraded.index_is_consistent()
