@@ -1,12 +1,15 @@
 """Long-term memory speed: recall latency at 1k, 10k and 100k memories, insert throughput,
-and what recall adds to preparing a reply.
+what recall adds to preparing a reply, and the start-up check for unremembered messages.
 
 Recall (our exact search over the mirrored vectors, plus SQLite) is compared in the same
 run with Chroma's own HNSW query on the same vectors. The 10k/100k collections hold
 synthetic unit vectors clustered like chat (embedding 100k texts takes ~7 min on 2 cores);
 queries are real embeddings of real questions, and insert throughput uses the real embedder.
+The start-up check (memory.remember.repair) runs over --conversations conversations of four
+exchanges each, against the same database without the memories_by_conversation index (the
+schema before it).
 
-    .venv/bin/python bench/memory.py [--sizes 1000 10000 100000] [--queries 200]
+    .venv/bin/python bench/memory.py [--sizes 1000 10000 100000] [--queries 200] [--conversations 5000]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from memory.companions import Companion, CompanionStore  # noqa: E402
 from memory.db import Database  # noqa: E402
 from memory.embedder import Embedder  # noqa: E402
+from memory.remember import repair  # noqa: E402
 from memory.store import MemoryStore  # noqa: E402
 
 QUESTIONS = ["Where is my sister's wedding?", "What did I cook last week?", "Do I have allergies?",
@@ -63,10 +67,41 @@ def fill(store: MemoryStore, n: int, dim: int, rng: np.random.Generator) -> None
                                       for i in batch])
 
 
+def startup_check(embedder: Embedder, conversations: int) -> None:
+    """Seconds the start-up repair takes to find that nothing needs remembering."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Database(Path(tmp) / "h.db")
+        CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
+        with db.transaction() as conn:
+            for n in range(conversations):
+                conn.execute("INSERT INTO conversations (id, companion_id, source, created_at, "
+                             "updated_at, user_id) VALUES (?, 'ember', 'live', 0, 0, 'local')", (f"c{n}",))
+                for t in range(4):
+                    for role, text in (("user", f"note {n}.{t}"), ("assistant", "I see.")):
+                        reply = conn.execute(
+                            "INSERT INTO messages (conversation_id, role, content, created_at, chain) "
+                            "VALUES (?, ?, ?, 0, 'x')", (f"c{n}", role, text)).lastrowid
+                    conn.execute(
+                        "INSERT INTO memories (companion_id, conversation_id, reply_id, kind, text, source, "
+                        "created_at, updated_at) VALUES ('ember', ?, ?, 'exchange', ?, 'live', 0, 0)",
+                        (f"c{n}", reply, f"User: note {n}.{t}\nEmber: I see."))
+        store = MemoryStore(db, Path(tmp) / "index", embedder)
+        seconds = []
+        for _ in ("indexed", "baseline"):
+            start = time.perf_counter()
+            assert repair(store) == 0
+            seconds.append(time.perf_counter() - start)
+            db.conn.execute("DROP INDEX IF EXISTS memories_by_conversation")
+        print(f"start-up check, {conversations} conversations ({4 * conversations} memories): "
+              f"{seconds[0]:.2f} s | without the conversation index {seconds[1]:.2f} s   "
+              f"ratio {seconds[0] / seconds[1]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--conversations", type=int, default=5000, help="for the start-up check")
     args = parser.parse_args()
     embedder = Embedder()
     rng = np.random.default_rng(0)
@@ -116,6 +151,7 @@ def main() -> None:
         embedder.embed([q])
         embed_only.append((time.perf_counter() - t) * 1000)
     print(f"of which embedding the question: p50 {statistics.median(embed_only):.1f} ms")
+    startup_check(embedder, args.conversations)
 
 
 if __name__ == "__main__":
