@@ -24,7 +24,7 @@ from memory.db import Database
 from memory.history import History, Message, ReplyMeta, UnknownConversation
 from memory.remember import remember_new
 from memory.store import MemoryStore, Recalled
-from memory.users import LOCAL, Users
+from memory.users import DEFAULT_USER_NAME, LOCAL
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
 from serve.prompt import Prompt, PromptBuilder
@@ -83,6 +83,7 @@ class Turn:
     extra_system: list[str] = field(default_factory=list)
     api: str = "native"
     user: str = LOCAL                   # whose memories are recalled
+    called: str = DEFAULT_USER_NAME     # what the companion calls them ({{user}})
 
 
 @dataclass
@@ -151,15 +152,14 @@ class ChatService:
             prompt = build(None, turn.history, params["max_tokens"], extra_system=turn.extra_system)
             return Plan(turn, params, prompt)
         history = alternate(self.shown_before(turn))
-        called = Users(self.db).called(turn.user)
         prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
-                       user=called)
+                       user=turn.called)
         kept = history[len(history) - prompt.history_kept:]
         memories = self.recall(turn.companion, turn.user, history, prompt.history_kept,
                                skip_ids={i for m in kept for i in m.get("memory_ids", ())})
         if memories:
             prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
-                           memories=[dated(m.text, m.created_at) for m in memories], user=called)
+                           memories=[dated(m.text, m.created_at) for m in memories], user=turn.called)
         return Plan(turn, params, prompt, memories)
 
     def shown_before(self, turn: Turn) -> list[dict]:

@@ -182,7 +182,7 @@ async def send_message(conversation_id: str, body: SendMessage, account: Account
         past = [{"role": m.role, "content": m.content} for m in history.messages(conversation.id)
                 if m.content]
         plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides,
-                              user=user))
+                              user=user, called=account.called))
         return plan, history.append(conversation.id, "user", body.content)
 
     plan, message = await limiter.reserve(user, prepare)

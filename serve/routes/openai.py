@@ -73,7 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
     }
     history, user = account.history, account.name
     turn = Turn(None if handling.utility else companion, [{"role": r, "content": c} for r, c in turns],
-                overrides, system, "openai", user)
+                overrides, system, "openai", user, account.called)
 
     def prepare() -> tuple:
         # Tokenizing (which releases the GIL) and the commit run off the event loop, so a

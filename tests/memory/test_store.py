@@ -32,11 +32,16 @@ def chat(history: History, memory: MemoryStore, conversation: str, asked: str, r
     memory.add_exchange("ember", conversation, answer.id, asked, exchange_text(asked, reply, "Ember"), when)
 
 
-@pytest.fixture
-def store(tmp_path, embedder):
+def fresh(tmp_path, embedder) -> tuple[Database, History, MemoryStore]:
+    """An empty data directory with the companion Ember."""
     db = Database(tmp_path / "homefire.db")
     CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
-    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    return db, History(db), MemoryStore(db, tmp_path / "index", embedder)
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    db, history, memory = fresh(tmp_path, embedder)
     now = time.time()
     # A fact said once, long ago, in one conversation...
     old = history.create_conversation("ember").id
@@ -137,9 +142,7 @@ def test_recall_off_recalls_nothing(store):
 def test_a_replys_memory_is_indexed_while_an_import_indexes_its_thousands(tmp_path, embedder):
     import threading
 
-    db = Database(tmp_path / "homefire.db")
-    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
-    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    db, history, memory = fresh(tmp_path, embedder)
     imported = history.create_conversation("ember", source="imported").id
     with db.transaction() as conn:   # an import's backlog: many seconds of embedding on this machine
         conn.executemany("INSERT INTO memories (user_id, companion_id, conversation_id, kind, text, "
@@ -180,9 +183,7 @@ def test_a_smaller_search_is_the_top_of_a_larger_one(store):
 
 
 def test_messages_no_reply_followed_are_remembered_when_the_conversation_is_settled(tmp_path, embedder):
-    db = Database(tmp_path / "homefire.db")
-    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
-    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    db, history, memory = fresh(tmp_path, embedder)
     greeting_only = history.create_conversation("ember").id
     history.append(greeting_only, "assistant", "Hey, you're here!")
     conversation = history.create_conversation("ember").id
@@ -208,19 +209,13 @@ def test_messages_no_reply_followed_are_remembered_when_the_conversation_is_sett
 def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):
     from datetime import datetime
 
-    db = Database(tmp_path / "homefire.db")
-    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
-    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    db, history, memory = fresh(tmp_path, embedder)
     said = {"I passed my driving test, finally!": datetime(2025, 3, 12, 19),
             "I ran my first half marathon this morning.": datetime(2025, 5, 18, 9),
             "The bus was late again.": datetime(2025, 5, 20, 8),
             "I made soup for dinner.": datetime(2025, 6, 2, 19)}
     for text, at in said.items():
-        conversation = history.create_conversation("ember").id
-        history.append(conversation, "user", text)
-        reply = history.append(conversation, "assistant", "Tell me more!").id
-        memory.add_exchange("ember", conversation, reply, text, f"User: {text}\nEmber: Tell me more!",
-                            at.timestamp())
+        chat(history, memory, history.create_conversation("ember").id, text, "Tell me more!", at.timestamp())
     memory.index_pending()
     now = datetime(2025, 6, 4, 12).timestamp()
     # The same words asked about another time find what was said then.
@@ -233,9 +228,7 @@ def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):
 def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrade(tmp_path, embedder):
     from memory.db import MIGRATIONS
 
-    db = Database(tmp_path / "homefire.db")
-    CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")
-    history, memory = History(db), MemoryStore(db, tmp_path / "index", embedder)
+    db, history, memory = fresh(tmp_path, embedder)
     conversation = history.create_conversation("ember").id
     history.append(conversation, "user", "My sister Ada is getting married in Lisbon.")
     history.append(conversation, "assistant", "How lovely!")
