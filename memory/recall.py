@@ -4,9 +4,10 @@ A candidate's score is its best cosine similarity to the question over the memor
 pieces (its text, and the user's own words on their own; exact, from the float32 mirror),
 plus a bonus when it was said in the span of time the question names (memory/when.py).
 What a reply places in the prompt is the best of those over a threshold, without near
-copies, within a token budget. Each part is here because bench/memory_quality.py measured
-that it puts more of what was said in the prompt; keyword search (SQLite FTS5 fused with
-dense) was tried and found nothing dense did not (bench/RESULTS.md), so it is not here.
+copies (the store leaves them out of the ranking), within a token budget. Each part is
+here because bench/memory_quality.py measured that it puts more of what was said in the
+prompt; keyword search (SQLite FTS5 fused with dense, and the best memories' rare words as
+a second query) was tried and found nothing dense did not (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel
 
 Kind = Literal["exchange", "fact"]
@@ -24,7 +24,7 @@ Kind = Literal["exchange", "fact"]
 @dataclass
 class RecallSettings:
     top_k: int = 6
-    threshold: float = 0.30       # cosine similarity below this is not about the question
+    threshold: float = 0.28       # below this is not about the question (0.30: 0.69 in prompt, not 0.74)
     near_copy: float = 0.90       # this close to a chosen one adds nothing (same words: 0.91)
     recency_bonus: float = 0.03   # at most this much extra score for what was said today
     recency_days: float = 60
@@ -42,32 +42,26 @@ class Recalled(BaseModel):
     created_at: float
 
 
-def choose(candidates: list[tuple[Recalled, np.ndarray, str | None]], settings: RecallSettings,
-           now: float, skip_asked: set[str], skip_ids: set[int],
-           count_tokens: Callable[[str], int]) -> list[Recalled]:
-    """What a reply places in the prompt, best first, from candidates scored by the store."""
+def choose(candidates: list[tuple[Recalled, str | None]], settings: RecallSettings, now: float,
+           skip_asked: set[str], skip_ids: set[int], count_tokens: Callable[[str], int]) -> list[Recalled]:
+    """What a reply places in the prompt, best first, from distinct candidates (no near copies)
+    scored by the store, with what their users asked."""
     ranked = []
-    for candidate, vector, asked in candidates:
+    for candidate, asked in candidates:
         if candidate.score < settings.threshold or asked in skip_asked or candidate.id in skip_ids:
             continue
         age_days = max(0.0, now - candidate.created_at) / 86400
         adjusted = candidate.score + settings.recency_bonus * math.exp(-age_days / settings.recency_days)
         explicit = candidate.kind == "fact" or candidate.pinned
-        ranked.append(((explicit, adjusted), candidate, vector, asked))
+        ranked.append(((explicit, adjusted), candidate))
     ranked.sort(key=lambda c: c[0], reverse=True)
-    chosen: list[tuple[Recalled, np.ndarray]] = []
-    used, chosen_asked = 0, set()
-    for _, candidate, vector, asked in ranked:
+    chosen, used = [], 0
+    for _, candidate in ranked:
         if len(chosen) == settings.top_k:
             break
-        # A near-copy adds nothing: the same words asked again, or nearly the same meaning.
-        if (asked and asked in chosen_asked) or any(
-                float(np.dot(vector, other)) > settings.near_copy for _, other in chosen):
-            continue
         cost = count_tokens(candidate.text)
         if used + cost > settings.budget_tokens:
             continue
         used += cost
-        chosen.append((candidate, vector))
-        chosen_asked.add(asked)
-    return [c for c, _ in chosen]
+        chosen.append(candidate)
+    return chosen

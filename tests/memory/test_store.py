@@ -78,6 +78,19 @@ def test_near_copies_are_not_all_recalled(store):
     assert len(texts) == len(set(t.split("\n")[0] for t in texts))  # no two of the same words
 
 
+def test_what_was_said_once_is_not_crowded_out_by_what_was_said_again_and_again(store):
+    # Each small-talk line is said about 21 times; its copies filled every place of the top 5.
+    _, memory, _ = store
+    query = "Tell me about my family"
+    assert not any("Lisbon" in m.text for m in memory.search("ember", query, 5))
+    distinct = memory.search("ember", query, 5, distinct=True)
+    assert any("Lisbon" in m.text for m in distinct)
+    assert len({m.text.split("\n")[0] for m in distinct}) == 5   # no two of the same words
+    # Without `distinct` every copy is found: a person looking for what to delete wants them all.
+    copies = memory.search("ember", "Today I painted the fence.", 100)
+    assert sum(m.text.startswith("User: Today I painted the fence.") for m in copies) > 10
+
+
 def test_what_is_already_in_the_prompt_is_skipped(store):
     _, memory, _ = store
     asked = "My sister Ada is getting married in Lisbon in June."
@@ -177,6 +190,8 @@ def test_a_smaller_search_is_the_top_of_a_larger_one(store):
                   "Was the weather nice?", "music practice"):
         five, twenty = memory.search("ember", query, 5), memory.search("ember", query, 20)
         assert [m.id for m in five] == [m.id for m in twenty[:5]], query
+        distinct = [memory.search("ember", query, k, distinct=True) for k in (5, 20)]
+        assert [m.id for m in distinct[0]] == [m.id for m in distinct[1][:5]], query
         scores = [m.score for m in twenty]
         assert scores == sorted(scores, reverse=True)
         assert [m.id for m in memory.search("ember", query, 5)] == [m.id for m in five], "and the same again"
