@@ -1,17 +1,21 @@
-"""LoRA training throughput: ours (length-grouped batches) against a plain transformers
-Trainer + peft baseline (random batches padded to the longest), same data, same run.
+"""LoRA training throughput: ours, run as a job of the server (POST /api/v1/companions/{id}/finetunes,
+trained in its child process), against a plain transformers Trainer + peft baseline (random
+batches padded to the longest), same data, same run; and what a training beside the engine
+costs replies: time to first token with and without a `concurrent` training running.
 
 The data is a generated history whose conversations vary in length the way chat does
 (a line or two up to long evening talks), turned into examples by finetune.dataset. Both
 train one epoch with the same LoRA config and the same average number of examples per
-step; the figure is real (unpadded) tokens per second.
+step; the figure is real (unpadded) tokens per second. The job runs with
+finetune.gpu_sharing: stop (the engine is stopped, so it has the cores the baseline has).
 
-    .venv/bin/python bench/finetune.py [--conversations 48] [--batch-tokens 2048]
+    .venv/bin/python bench/finetune.py [--conversations 48] [--batch-tokens 2048] [--rounds 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import random
 import statistics
@@ -20,16 +24,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.clients import ttft  # noqa: E402
+from bench.serving import homefire_server  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.dataset import build  # noqa: E402
 from finetune.lora import tokenizer_for  # noqa: E402
-from finetune.train import Trainer, length_grouped, load_model  # noqa: E402
-from memory.companions import Companion  # noqa: E402
+from finetune.train import length_grouped, load_model  # noqa: E402
+from memory.companions import Companion, CompanionStore  # noqa: E402
+from memory.db import Database  # noqa: E402
+from memory.history import History  # noqa: E402
 from serve.default_model import ensure_default_model  # noqa: E402
 
 WORDS = "the rain garden piano soup stars train sister film coffee walk letter music river quiet".split()
@@ -74,13 +83,63 @@ def baseline(model_path: str, tokenizer, examples, config: FinetuneConfig, batch
             "steps": trainer.state.global_step}
 
 
-def ours(model_path: str, examples, config: FinetuneConfig, pad_id: int) -> dict:
-    model, device = load_model(model_path, config)
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, device, examples, [], config, pad_id, Path(out))
-        metrics = trainer.run()
+def with_history(conversations: list[tuple[str, list[dict]]]) -> Path:
+    """A data directory where the owner has had these conversations with kit."""
+    data_dir = Path(tempfile.mkdtemp(prefix="homefire-bench-finetune-"))
+    db = Database(data_dir / "homefire.db")
+    CompanionStore(db).put(KIT, "api")
+    history = History(db)
+    for _, messages in conversations:
+        conversation = history.create_conversation("kit").id
+        for message in messages:
+            history.append(conversation, message["role"], message["content"])
+    db.close()
+    return data_dir
+
+
+def server_config(sharing: str) -> str:
+    return (f"companions_dir: {REPO / 'configs' / 'companions'}\nlimits:\n  requests_per_minute: 0\n"
+            f"memory:\n  top_k: 0\nfinetune:\n  gpu_sharing: {sharing}\n  samples: 1\n")
+
+
+def follow(client: httpx.Client, job_id: str, until) -> dict:
+    while not until(job := client.get(f"/api/v1/finetunes/{job_id}").json()):
+        if job["state"] in ("failed", "cancelled", "interrupted"):
+            sys.exit(f"job {job_id} {job['state']}: {job['error']}")
+        time.sleep(0.5)
+    return job
+
+
+def ours(conversations, settings: dict) -> dict:
+    """Our trainer as the server runs it: a job, in its child process, the engine stopped."""
+    with homefire_server(with_history(conversations), server_config("stop")) as (url, key):
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        answer = client.post("/api/v1/companions/kit/finetunes", json=settings)
+        assert answer.status_code == 202, answer.text
+        job = follow(client, answer.json()["id"], lambda j: j["state"] == "done")
+    metrics = job["metrics"]
     return {"tokens": metrics["tokens"], "seconds": metrics["seconds"],
-            "tokens_per_s": metrics["tokens_per_s"], "steps": metrics["steps"]}
+            "tokens_per_s": metrics["tokens_per_s"], "steps": metrics["steps"], "job": job["id"]}
+
+
+def replies_beside_training(conversations, rounds: int) -> dict:
+    """TTFT p50 of streamed replies, alone and while a `concurrent` training runs."""
+    body = {"model": "kit", "max_tokens": 16, "stream": True, "store": False, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me about the garden tonight."}]}
+    with homefire_server(with_history(conversations), server_config("concurrent")) as (url, key):
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        ttft(client, body)   # warm-up
+        alone = [ttft(client, body) for _ in range(rounds)]
+        job = client.post("/api/v1/companions/kit/finetunes", json={"epochs": 50, "eval_share": 0}).json()
+        follow(client, job["id"], lambda j: j["state"] == "running" and (j["step"] or 0) >= 1)
+        during = [ttft(client, body) for _ in range(rounds)]
+        still = client.get(f"/api/v1/finetunes/{job['id']}").json()
+        assert still["state"] == "running", f"the training ended before the replies did: {still}"
+        client.post(f"/api/v1/finetunes/{job['id']}/cancel")
+    return {"alone_ms": 1000 * statistics.median(alone), "during_ms": 1000 * statistics.median(during),
+            "alone_p95_ms": 1000 * sorted(alone)[int(0.95 * (rounds - 1))],
+            "during_p95_ms": 1000 * sorted(during)[int(0.95 * (rounds - 1))],
+            "steps_meanwhile": still["step"]}
 
 
 def main() -> None:
@@ -88,12 +147,15 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=48)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=12, help="replies timed alone and beside a training")
     args = parser.parse_args()
     model_path = str(ensure_default_model(Path(tempfile.gettempdir()) / "homefire-bench-models"))
     tokenizer = tokenizer_for(model_path)
-    config = FinetuneConfig(epochs=1, batch_tokens=args.batch_tokens, max_seq_len=args.max_seq_len,
-                            eval_share=0, warmup_steps=2)
-    data = build(tokenizer, Companion(id="kit", name="Kit"), history(args.conversations), config)
+    settings = {"epochs": 1, "batch_tokens": args.batch_tokens, "max_seq_len": args.max_seq_len,
+                "eval_share": 0, "warmup_steps": 2}
+    config = FinetuneConfig(**settings)
+    conversations = history(args.conversations)
+    data = build(tokenizer, KIT, conversations, config)
     examples = data.train
     lengths = [len(e.input_ids) for e in examples]
     mean = statistics.fmean(lengths)
@@ -101,14 +163,24 @@ def main() -> None:
     batch_size = max(1, round(len(examples) / len(length_grouped(examples, args.batch_tokens))))
     print(f"{len(examples)} examples, {sum(lengths)} tokens, length {min(lengths)}-{max(lengths)} "
           f"(mean {mean:.0f}); baseline batch size {batch_size}", flush=True)
-    mine = ours(model_path, examples, config, tokenizer.pad_token_id)
-    print(f"ours    : {mine['tokens_per_s']:.0f} tokens/s ({mine['steps']} steps, {mine['seconds']:.1f} s)",
-          flush=True)
+    mine = ours(conversations, settings)
+    print(f"ours (job {mine['job']}): {mine['tokens_per_s']:.0f} tokens/s ({mine['steps']} steps, "
+          f"{mine['seconds']:.1f} s)", flush=True)
     base = baseline(model_path, tokenizer, examples, config, batch_size)
-    print(f"baseline: {base['tokens_per_s']:.0f} tokens/s ({base['steps']} steps, {base['seconds']:.1f} s)")
+    print(f"baseline: {base['tokens_per_s']:.0f} tokens/s ({base['steps']} steps, {base['seconds']:.1f} s)",
+          flush=True)
+    replies = replies_beside_training(conversations, args.rounds)
     print(f"\nmachine: {platform.machine()}, {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"ratio ours / baseline: {mine['tokens_per_s'] / base['tokens_per_s']:.2f}   (goal >= 1.3)")
+    print(f"replies' TTFT p50 alone {replies['alone_ms']:.0f} ms, beside a concurrent training "
+          f"{replies['during_ms']:.0f} ms ({replies['steps_meanwhile']} steps meanwhile): ratio "
+          f"{replies['during_ms'] / replies['alone_ms']:.2f}; p95 {replies['alone_p95_ms']:.0f} / "
+          f"{replies['during_p95_ms']:.0f} ms")
+    print(json.dumps({"ours": mine, "baseline": base, "replies": replies}))
+
+
+KIT = Companion(id="kit", name="Kit")
 
 
 if __name__ == "__main__":

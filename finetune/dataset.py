@@ -64,14 +64,17 @@ class Dataset:
                 "skipped": dict(self.skipped), "hash": self.digest()}
 
 
-def load_history(db: Database, companion_id: str, user: str = LOCAL) -> list[tuple[str, list[dict]]]:
+def load_history(db: Database, companion_id: str, user: str = LOCAL,
+                 until: int | None = None) -> list[tuple[str, list[dict]]]:
     """(conversation id, messages) of the user's every conversation with the companion,
-    imported and live, oldest first. Only one user's: a voice is never learnt from others."""
+    imported and live, oldest first. Only one user's: a voice is never learnt from others.
+    `until`: only messages up to this id, the history as it was when a job began (a resumed
+    job learns from the same examples while the person goes on talking)."""
     conversations = []
     for conv in db.query("SELECT id FROM conversations WHERE companion_id = ? AND user_id = ? "
                          "ORDER BY created_at, id", (companion_id, user)):
         rows = db.query("SELECT role, content FROM messages WHERE conversation_id = ? AND truncated = 0 "
-                        "ORDER BY id", (conv["id"],))
+                        "AND id <= ? ORDER BY id", (conv["id"], until if until is not None else 2**62))
         messages = [{"role": r["role"], "content": r["content"]} for r in rows if r["content"].strip()]
         if any(m["role"] == "assistant" for m in messages):
             conversations.append((conv["id"], messages))

@@ -62,7 +62,11 @@ def style(texts: list[str]) -> dict:
 
 
 def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: str, version: str,
-                samples: int = 8, max_new_tokens: int = 64, user: str = LOCAL) -> dict:
+                samples: int = 8, max_new_tokens: int = 64, user: str = LOCAL, until: int | None = None,
+                in_use: str | None = None) -> dict:
+    """The voice report of `version` on the held-out conversations (of the history up to message
+    `until`, if given); with `in_use`, also the held-out loss of that version on the same
+    conversations (loss.in_use), so a new version can be compared with the one it would replace."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +77,7 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
     adapters.verify(folder, adapters.model_sha256(Path(model_path)))
     config = FinetuneConfig.model_validate(info["config"])
     tokenizer = tokenizer_for(model_path)
-    held = dataset_for(db, companion, tokenizer, config, user).eval
+    held = dataset_for(db, companion, tokenizer, config, user, until).eval
     if not held:
         raise FinetuneError(f"companion {companion.id!r} has no held-out conversations to evaluate on "
                             "(eval_share is 0, or there is only one conversation)")
@@ -83,6 +87,14 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
     with model.disable_adapter():
         base_loss = evaluate(model, held, config.batch_tokens, tokenizer.pad_token_id, device)
     tuned_loss = evaluate(model, held, config.batch_tokens, tokenizer.pad_token_id, device)
+    in_use_loss = None
+    if in_use and in_use != version:
+        other = adapters.version_dir(data_dir, companion.key, in_use)
+        adapters.verify(other, adapters.model_sha256(Path(model_path)))
+        model.load_adapter(other, adapter_name="in_use")
+        model.set_adapter("in_use")
+        in_use_loss = evaluate(model, held, config.batch_tokens, tokenizer.pad_token_id, device)
+        model.set_adapter("default")
 
     prompts, real = [], []
     for example in held:
@@ -105,7 +117,7 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
     result = {
         "companion": companion.id, "adapter": version, "held_out_examples": len(held),
         "held_out_tokens": sum(e.trained for e in held),
-        "loss": {"base": base_loss, "tuned": tuned_loss},
+        "loss": {"base": base_loss, "tuned": tuned_loss, "in_use": in_use_loss}, "in_use": in_use,
         "perplexity": {"base": math.exp(base_loss), "tuned": math.exp(tuned_loss)},
         "style": {"real": style(real)},
         "similarity_to_real": {},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from finetune import adapters
@@ -29,16 +30,18 @@ def tokenizer_for(model_path: str):
 
 
 def dataset_for(db: Database, companion: Companion, tokenizer, config: FinetuneConfig,
-                user: str = LOCAL) -> Dataset:
-    return build(tokenizer, companion, load_history(db, companion.key, user), config)
+                user: str = LOCAL, until: int | None = None) -> Dataset:
+    return build(tokenizer, companion, load_history(db, companion.key, user, until), config)
 
 
 def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str, model_id: str,
              config: FinetuneConfig, resume: str | None = None, report: Report | None = None,
-             user: str = LOCAL) -> Path:
-    """Train a new adapter version on `user`'s history (or finish `resume`); returns its folder."""
+             user: str = LOCAL, until: int | None = None,
+             begun: Callable[[Path], None] | None = None) -> Path:
+    """Train a new adapter version on `user`'s history (messages up to `until`, if given), or
+    finish `resume`; returns its folder. `begun` hears the folder before the first step."""
     tokenizer = tokenizer_for(model_path)
-    data = dataset_for(db, companion, tokenizer, config, user)
+    data = dataset_for(db, companion, tokenizer, config, user, until)
     base_sha = adapters.model_sha256(Path(model_path))
     if resume:
         out = adapters.version_dir(data_dir, companion.key, resume)
@@ -49,6 +52,8 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
             raise FinetuneError(f"{out}: the history changed since this run started; start a new run")
     else:
         out = adapters.new_version(data_dir, companion.key)
+    if begun:
+        begun(out)
     model, device = load_model(model_path, config)
     trainer = Trainer(model, device, data.train, data.eval, config, tokenizer.pad_token_id, out, report)
     (out / "checkpoint").mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -199,12 +200,17 @@ class Trainer:
         self.model.save_pretrained(directory, safe_serialization=True)
 
     def checkpoint(self) -> None:
+        """Adapter, optimizer and history in `checkpoint/`; trainer_state.pt comes last, by
+        rename, so the state file is never half-written. A kill between the files leaves the
+        previous state beside an adapter up to save_every steps newer: the resumed run repeats
+        those steps on it, and keeps the history only up to the state's step."""
         directory = self.out_dir / "checkpoint"
         self.save(directory)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "best": self.best, "bad_evals": self.bad_evals},
-                   directory / "trainer_state.pt")
         (directory / "history.json").write_text(json.dumps(self.history))
+        scratch = directory / "trainer_state.pt.tmp"
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step, "best": self.best, "bad_evals": self.bad_evals}, scratch)
+        os.replace(scratch, directory / "trainer_state.pt")
 
     def resume(self) -> None:
         directory = self.out_dir / "checkpoint"
@@ -216,4 +222,5 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
-        self.history = json.loads((directory / "history.json").read_text())
+        self.history = [p for p in json.loads((directory / "history.json").read_text())
+                        if p["step"] <= self.step]

@@ -120,6 +120,28 @@ MIGRATIONS: list[str] = [
     """
     UPDATE memories SET chunks = 0;
     """,
+    # The server's fine-tuning jobs (serve/finetunes.py): one runs at a time, oldest first.
+    """
+    CREATE TABLE finetune_jobs (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,        -- who asked; whose history it learns from
+        companion_id TEXT NOT NULL,   -- the companion's key
+        kind TEXT NOT NULL,           -- train | eval
+        state TEXT NOT NULL,          -- queued running evaluating done failed cancelled interrupted
+        settings TEXT NOT NULL,       -- JSON: the fine-tuning settings it runs with
+        switch TEXT NOT NULL,         -- auto | always | never
+        until_message INTEGER NOT NULL,   -- the history it learns from ends at this message id
+        version TEXT,                 -- the adapter version it writes (or evaluates)
+        progress TEXT NOT NULL DEFAULT '{}',   -- JSON: the latest step, losses, speed
+        result TEXT,                  -- JSON: metrics, voice report, whether it was switched to
+        error TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL
+    );
+    CREATE INDEX finetune_jobs_by_state ON finetune_jobs(state, created_at);
+    CREATE INDEX finetune_jobs_by_user ON finetune_jobs(user_id, created_at);
+    """,
 ]
 
 

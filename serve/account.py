@@ -68,6 +68,15 @@ class Account:
             raise HTTPException(409, f"companion {companion_id!r} is defined in {path}; edit that file")
         return companion, owner
 
+    def tunable(self, companion_id: str) -> Companion:
+        """A companion whose voice (adapters, training) the user may change: their own, or a
+        shared one for an admin; one defined in a config file too (its card is not changed)."""
+        companion = self.companion_card(companion_id)
+        if self.hf.companions.origin(companion.key)[2] is None and not self.user.admin:
+            raise HTTPException(403, f"companion {companion_id!r} is shared; only an admin may change "
+                                     "its voice")
+        return companion
+
     def companion_card(self, companion_id: str) -> Companion:
         """The card alone (no base-model check), or 404."""
         found = self.hf.companions.get(companion_id, self.name)

@@ -57,6 +57,16 @@ class AdapterService:
         adapters.set_current(self.data_dir, companion_id, version)
         self.problems.pop(companion_id, None)
 
+    def use_at_start(self, companion_id: str, version: str) -> None:
+        """Switch a companion to `version` while the engine is stopped: given to vLLM at its next
+        start (a training that stopped it ends with one start, not two)."""
+        path = self._checked(companion_id, version)
+        self.chat.engine.adapters[adapter_name(companion_id, version)] = str(path)
+        self.chat.engine.lora = True
+        self.chat.adapters[companion_id] = version
+        adapters.set_current(self.data_dir, companion_id, version)
+        self.problems.pop(companion_id, None)
+
     def trained_by_others(self, companion_key: str, user: str) -> list[str]:
         """Versions trained on the history of a user other than `user`."""
         return [v for v in adapters.versions(self.data_dir, companion_key)

@@ -29,9 +29,10 @@ from serve.chat import ChatService
 from serve.config import Settings, default_data_dir
 from serve.default_model import MODEL_NAME, ensure_default_model
 from serve.engine import Engine
+from serve.finetunes import FinetuneService, sleep_mode_supported
 from serve.limits import BodyLimit, Limiter
 from serve.prompt import PromptBuilder
-from serve.routes import adapters, health, imports, memories, native, openai
+from serve.routes import adapters, finetunes, health, imports, memories, native, openai
 from serve.tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Homefire:
     limiter: Limiter
     users: Users
     tasks: Tasks                 # clients' background work, and the utility model
+    finetunes: FinetuneService = field(init=False)   # training jobs, one at a time
     url: str = ""                # where clients reach it, once it listens
     chores: list[asyncio.Task] = field(default_factory=list)   # the engine's start, and such
     # One import at a time per user: another user's long import never makes yours wait.
@@ -76,9 +78,17 @@ class Homefire:
             log.info("adapters: moved into their owners' namespaces: %s", ", ".join(moved))
         model = settings.engine.model
         engine = Engine(settings.engine, data_dir / "run", model)
+        # Started with sleep mode, the engine can free the GPU for a training without a restart.
+        engine.sleep_mode = (not settings.engine.url and settings.finetune.gpu_sharing in ("sleep", "auto")
+                             and sleep_mode_supported())
         chat = ChatService(engine, db, companions, model_id=model or MODEL_NAME)
-        return cls(settings, data_dir, db, companions, engine, chat, AdapterService(data_dir, chat),
-                   Limiter(settings.limits), users, Tasks(settings.tasks))
+        hf = cls(settings, data_dir, db, companions, engine, chat, AdapterService(data_dir, chat),
+                 Limiter(settings.limits), users, Tasks(settings.tasks))
+        hf.finetunes = FinetuneService(hf)
+        if interrupted := hf.finetunes.recover():
+            log.info("finetune: %d training jobs were cut short by the last stop; resume them with "
+                     "POST /api/v1/finetunes/ID/resume", interrupted)
+        return hf
 
     def open_memory(self) -> None:
         """Open the memory index; rebuild it from SQLite if it is missing or damaged."""
@@ -148,6 +158,7 @@ class Homefire:
             tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, source)
             self.chat.prompts = PromptBuilder(tokenizer, engine.max_model_len)
             await memory
+            self.finetunes.start()   # jobs run once the engine they may stop is up
             log.info("%s", how_to_connect(self.url, self.data_dir, self.settings))
         except Exception as err:
             engine.state, engine.detail = "failed", f"{type(err).__name__}: {err}"
@@ -162,6 +173,10 @@ class Homefire:
             (SELECT COUNT(*) FROM memories WHERE companion_id = ? AND user_id != ?)""",
                                        (key, user, key, user)))[0]
         adapters = await asyncio.to_thread(self.adapters.trained_by_others, key, user)
+        jobs = await asyncio.to_thread(self.finetunes.open_jobs, key)
+        if jobs:
+            raise HTTPException(409, f"{jobs} training jobs of companion {companion.id!r} are queued or "
+                                     "running; cancel them first (GET /api/v1/finetunes)")
         held = [f"{n} {what}" for n, what in ((row[0], "conversations"), (row[1], "memories"),
                                               (len(adapters), "adapter versions")) if n]
         if held:
@@ -177,6 +192,7 @@ class Homefire:
     async def close(self) -> None:
         for task in self.chores:
             task.cancel()
+        await self.finetunes.close()
         self.background.shutdown(wait=False, cancel_futures=True)
         await self.engine.stop()
         self.db.close()
@@ -272,6 +288,7 @@ def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
     app.include_router(memories.router)
     app.include_router(imports.router)
     app.include_router(adapters.router)
+    app.include_router(finetunes.router)
     metrics.ENGINE_READY.set_function(
         lambda: float(getattr(app.state, "homefire", None) is not None
                       and app.state.homefire.engine.ready and app.state.homefire.chat.prompts is not None)

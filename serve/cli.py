@@ -36,6 +36,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings.port = settings.port if args.port is None else args.port
     check_exposure(settings)
     load_dir(settings.companions_dir)  # fail here, with the file named, not mid-start-up
+    if settings.finetune.config:   # the training jobs' settings, named at start and not at a job's
+        from finetune.config import load_config
+
+        load_config(settings.finetune.config)
     data_dir = resolve_data_dir(args)
     lock = hold_lock(data_dir)  # noqa: F841 (held until the process exits)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

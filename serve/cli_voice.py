@@ -11,7 +11,7 @@ from pathlib import Path
 from memory.db import Database
 from memory.users import LOCAL
 from serve.cli_base import UsageError, connect, local_store, resolve_data_dir
-from serve.client import running_url
+from serve.client import ServerError, running_url
 from serve.config import load_settings
 
 
@@ -71,6 +71,98 @@ def version_arg(text: str) -> str | None:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _job_settings(args: argparse.Namespace) -> dict:
+    """What a server's job is asked to change: the flags given, or a whole --finetune-config."""
+    import yaml
+
+    settings = _finetune_config(args).model_dump() if args.finetune_config else {}
+    settings |= {k: v for k, v in {"max_steps": args.steps, "rank": args.rank, "learning_rate": args.lr,
+                                   "epochs": args.epochs, "max_seq_len": args.max_seq_len}.items()
+                 if v is not None}
+    if args.filter_boilerplate:
+        settings["filter_boilerplate"] = True
+    for item in args.set or ():
+        key, _, value = item.partition("=")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
+
+
+def _follow(client, job: dict, what: str) -> dict:
+    """Follow a server's job with a progress bar until it ends; Ctrl-C offers to cancel it."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=what, unit="step", file=sys.stderr, disable=None)
+    path = f"/api/v1/finetunes/{job['id']}"
+    try:
+        queue = f" ({job['queue_position']} in the queue)" if job.get("queue_position") else ""
+        print(f"{what} runs in the server as job {job['id']}{queue}; Ctrl-C to cancel it", file=sys.stderr,
+              flush=True)
+        for name, job in client.stream_events(path, None, method="GET"):  # noqa: B020 (the same job, newer)
+            if job.get("total_steps"):
+                bar.total = job["total_steps"]
+                note = {"loss": f"{job['loss']:.3f}", "tok/s": f"{job['tokens_per_s']:.0f}"}
+                if job.get("eval_loss") is not None:
+                    note["held-out"] = f"{job['eval_loss']:.3f}"
+                bar.set_postfix(note, refresh=False)
+                bar.update(job["step"] - bar.n)
+            bar.set_description(f"{what} ({job['state']})", refresh=True)
+            if name == "end":
+                return job
+    except KeyboardInterrupt:
+        bar.close()
+        try:
+            answer = input(f"\ncancel job {job['id']}? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer.strip().lower() in ("y", "yes"):
+            client.request("POST", f"/api/v1/finetunes/{job['id']}/cancel")
+            raise UsageError(f"job {job['id']} cancelled; no version is left behind") from None
+        raise UsageError(f"job {job['id']} goes on in the server; follow it with GET "
+                         f"/api/v1/finetunes/{job['id']}, or cancel it with POST "
+                         f"/api/v1/finetunes/{job['id']}/cancel") from None
+    finally:
+        bar.close()
+    raise ServerError(f"the server ended the stream of job {job['id']} before the job ended")
+
+
+def _finetune_via_server(args: argparse.Namespace, url: str, companion) -> None:
+    client = connect(args, url)
+    if args.user != LOCAL:
+        raise UsageError("with a server running, a training learns from the history of the user whose key "
+                         "asks for it: set HOMEFIRE_API_KEY to that user's key instead of --user")
+    if args.resume:
+        jobs = client.request("GET", "/api/v1/finetunes")
+        job = next((j for j in jobs if j["version"] == args.resume and j["companion"] == companion.id
+                    and j["state"] == "interrupted"), None)
+        if job is None:
+            raise UsageError(f"no interrupted job of yours wrote {args.resume} of {companion.id}; "
+                             "GET /api/v1/finetunes lists your jobs")
+        job = client.request("POST", f"/api/v1/finetunes/{job['id']}/resume")
+    else:
+        job = client.request("POST", f"/api/v1/companions/{companion.id}/finetunes", json=_job_settings(args))
+    job = _follow(client, job, f"training {companion.id}")
+    if job["state"] != "done":
+        raise ServerError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+    m = job["metrics"]
+    held = f", held-out loss {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else ""
+    print(f"adapter {job['version']} for {companion.id}: {m['steps']} steps, loss {m['first_loss']:.3f} -> "
+          f"{m['train_loss']:.3f}{held}, {m['tokens_per_s']:.0f} tokens/s (job {job['id']})")
+    _print_voice(job)
+    print(f"{companion.id} speaks through {job['version']}: {job['switch_reason']}" if job["switched"] else
+          f"{companion.id} goes on as before: {job['switch_reason']} (homefire adapter use "
+          f"{companion.id} {job['version']} switches by hand)")
+
+
+def _print_voice(job: dict) -> None:
+    voice = job.get("voice") or {}
+    if "perplexity" in voice:
+        p, sim = voice["perplexity"], voice["similarity_to_real"]
+        print(f"  perplexity   base {p['base']:.2f}   tuned {p['tuned']:.2f}   "
+              f"similarity to the real replies   base {sim['base']:.3f}   tuned {sim['tuned']:.3f}")
+    elif voice.get("error"):
+        print(f"  no voice report: {voice['error']}")
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from finetune.dataset import show
     from finetune.lora import dataset_for, finetune, tokenizer_for
@@ -79,6 +171,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     data_dir = resolve_data_dir(args)
     url = args.url or running_url(data_dir)
     companion = _companion(args, url)
+    if url and not args.dry_run:
+        _finetune_via_server(args, url, companion)
+        return
     model_path, model_id = _base_model(args)
     db = Database(data_dir / "homefire.db")
     if args.dry_run:
@@ -141,14 +236,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from finetune.evaluate import voice_match
 
     data_dir = resolve_data_dir(args)
-    companion = _companion(args, args.url or running_url(data_dir))
+    url = args.url or running_url(data_dir)
+    companion = _companion(args, url)
     version = args.adapter or adapters.current(data_dir, companion.key) or (
         adapters.versions(data_dir, companion.key) or [None])[-1]
     if version is None:
         raise UsageError(f"companion {companion.id!r} has no adapters yet; run `homefire finetune` first")
-    model_path, _ = _base_model(args)
-    result = voice_match(data_dir, Database(data_dir / "homefire.db"), companion, model_path, version,
-                         samples=args.samples, max_new_tokens=args.max_new_tokens, user=args.user)
+    if url:   # through the server's queue: it shares the GPU with the engine and other jobs
+        if args.user != LOCAL:
+            raise UsageError("with a server running, the report uses the held-out conversations of the "
+                             "user whose key asks for it: set HOMEFIRE_API_KEY instead of --user")
+        client = connect(args, url)
+        job = client.request("POST", f"/api/v1/companions/{companion.id}/adapters/{version}/evaluations")
+        job = _follow(client, job, f"evaluating {companion.id} {version}")
+        if job["state"] != "done":
+            raise ServerError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+        if (job.get("voice") or {}).get("error"):
+            raise UsageError(job["voice"]["error"])
+        folder = adapters.version_dir(data_dir, companion.key, version)
+        result = json.loads((folder / "eval.json").read_text())
+    else:
+        model_path, _ = _base_model(args)
+        result = voice_match(data_dir, Database(data_dir / "homefire.db"), companion, model_path, version,
+                             samples=args.samples, max_new_tokens=args.max_new_tokens, user=args.user)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
@@ -192,7 +302,10 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         "loss on the companion's replies only, with a held-out share of whole conversations "
         "for evaluation and early stopping. Writes adapters/COMPANION/vN/ in the data directory "
         "and makes the companion speak through it (at once, if the server runs). Settings: "
-        "configs/finetune.yaml; flags override it.")
+        "configs/finetune.yaml; flags override it. When a server runs on the data directory, the "
+        "training is one of its jobs (POST /api/v1/companions/ID/finetunes): it waits its turn, "
+        "shares the GPU as finetune.gpu_sharing says, switches only to a better version "
+        "(finetune.switch), and Ctrl-C offers to cancel it.")
     p.add_argument("companion", help="companion id")
     p.add_argument("--dry-run", action="store_true",
                    help="build the dataset only: print its size and one example with trained tokens marked")
@@ -215,7 +328,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         "eval", parents=[remote], help="measure how close an adapter's voice is to the original",
         description="On the held-out conversations: perplexity of the companion's real replies under "
         "the base model and the adapter, and style and similarity of replies both generate. Writes "
-        "report.md, voice.png and eval.json into the adapter's folder.")
+        "report.md, voice.png and eval.json into the adapter's folder. When a server runs on the data "
+        "directory, it is one of its jobs (the server's finetune.samples replies each).")
     p.add_argument("companion", help="companion id")
     p.add_argument("--adapter", metavar="VERSION", type=version_arg,
                    help="adapter version (default: the one in use)")

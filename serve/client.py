@@ -50,11 +50,14 @@ class Client:
             raise ServerError(_error_message(response.content, response.status_code))
         return response.json() if response.content else None
 
-    def stream_events(self, path: str, body: dict | None, **kwargs) -> Iterator[tuple[str, dict]]:
-        """POST and yield (event name, data) from a server-sent event stream."""
+    def stream_events(self, path: str, body: dict | None, method: str = "POST",
+                      **kwargs) -> Iterator[tuple[str, dict]]:
+        """POST (or `method`) and yield (event name, data) from a server-sent event stream."""
         headers = {"Accept": "text/event-stream", **kwargs.pop("headers", {})}
+        if body is not None:
+            kwargs["json"] = body
         try:
-            with self.http.stream("POST", path, json=body, headers=headers, **kwargs) as response:
+            with self.http.stream(method, path, headers=headers, **kwargs) as response:
                 if response.status_code >= 400:
                     raise ServerError(_error_message(response.read(), response.status_code))
                 name = "message"

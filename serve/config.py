@@ -138,6 +138,25 @@ class TasksConfig(BaseModel):
     the person talking: answered as the utility model is, and never stored."""
 
 
+class FinetuneServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    gpu_sharing: Literal["auto", "stop", "sleep", "concurrent"] = "auto"
+    """How a training job shares the GPU with the engine. stop: the engine stops for the
+    training and starts again after (replies get 503 saying how far it is); sleep: vLLM's
+    sleep mode frees the GPU without a restart, where the installed vLLM has it; concurrent:
+    both at once, for GPUs with room (what the CPU build does); auto: picks from the GPU's
+    free memory and the model's size, and logs why."""
+    switch: Literal["auto", "always", "never"] = "auto"
+    """After a training: speak through the new version when its held-out loss beats the
+    version in use (auto), always, or never (then `homefire adapter use`)."""
+    config: Path | None = None
+    """Fine-tuning settings of the server's jobs (empty: configs/finetune.yaml); a job's own
+    settings go on top."""
+    samples: int = Field(8, ge=1, le=64)
+    """Replies each model writes for a job's voice report."""
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -160,6 +179,8 @@ class Settings(BaseModel):
     """What one client may ask of the server; over a limit is a clear 4xx."""
     tasks: TasksConfig = TasksConfig()
     """Clients' background work (titles, tags, summaries), kept out of history and memory."""
+    finetune: FinetuneServerConfig = FinetuneServerConfig()
+    """Training jobs of the server (POST /api/v1/companions/{id}/finetunes)."""
 
 
 def load_settings(path: Path | None = None) -> Settings:
@@ -169,6 +190,8 @@ def load_settings(path: Path | None = None) -> Settings:
     settings = read_settings(path, Settings, ConfigError)
     if not settings.companions_dir.is_absolute():
         settings.companions_dir = (path.parent / settings.companions_dir).resolve()
+    if settings.finetune.config and not settings.finetune.config.is_absolute():
+        settings.finetune.config = (path.parent / settings.finetune.config).resolve()
     return settings
 
 

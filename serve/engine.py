@@ -31,7 +31,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine is starting, restarting or has failed; the message says which."""
+    """The engine is starting, restarting, paused or has failed; the message says which, and
+    retry_after (seconds) when it is worth asking again."""
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def is_cpu_build() -> bool:
@@ -107,6 +112,10 @@ class Engine:
         # so by default it is on only once a companion uses an adapter.
         self.lora = bool(config.lora)
         self._planned_restart = False
+        # vLLM's sleep mode (GPU builds that have it): started with it, the engine can free the
+        # GPU for a training and take it back without a restart (serve/finetunes.py).
+        self.sleep_mode = False
+        self.retry_after = 5   # what a 503 says while it is paused or asleep for a training
         if config.url:
             headers = {}
             if key := os.environ.get("HOMEFIRE_ENGINE_API_KEY"):
@@ -137,6 +146,8 @@ class Engine:
         return self._proc.pid if self._proc else None
 
     def require_ready(self) -> None:
+        if self.state in ("paused", "asleep"):   # for a training: the detail says whose and how far
+            raise EngineUnavailable(self.detail, self.retry_after)
         if self.state != "ready":
             raise EngineUnavailable(f"the engine is {self.state}: {self.detail}")
 
@@ -171,6 +182,8 @@ class Engine:
             cmd.append("--enforce-eager")
         if not is_cpu_build():
             cmd += ["--gpu-memory-utilization", str(self.config.gpu_memory_utilization)]
+        if self.sleep_mode:
+            cmd.append("--enable-sleep-mode")
         if self.lora:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.config.max_lora_rank),
                     "--max-loras", str(self.config.max_loras)]
@@ -206,14 +219,21 @@ class Engine:
                 except httpx.HTTPError as err:   # gone with the engine anyway at its next start
                     log.warning("engine: could not unload adapter %s: %s", name, err)
 
-    async def _spawn(self) -> None:
-        self.socket_path.unlink(missing_ok=True)
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours without secrets, and what its settings need."""
         env = {k: v for k, v in os.environ.items() if k not in ("HOMEFIRE_API_KEY",)}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
         if self.lora:  # the route it enables is on our private socket only
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if self.sleep_mode:   # /sleep and /wake_up are dev-mode routes: on our private socket only
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         if Path(self.model_path).is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
+    async def _spawn(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        env = self.environment()
         with self.log_path.open("ab") as logfile:
             logfile.write(f"\n=== {time.ctime()} starting: {' '.join(self.command())}\n".encode())
             guard = [sys.executable, "-m", "serve.engine_guard", str(os.getpid())]
@@ -272,6 +292,44 @@ class Engine:
         finally:
             self._planned_restart = False
         self.require_ready()
+
+    async def pause(self, why: str) -> None:
+        """Stop vLLM for a training that needs its memory; replies get 503 with `why` (kept up
+        to date by the caller) until resume(). The supervisor leaves it stopped."""
+        self._planned_restart = True
+        self._ready_event.clear()
+        self.state, self.detail = "paused", why
+        log.info("engine: stopping vLLM: %s", why)
+        await self._kill()
+
+    async def resume(self) -> None:
+        """Start vLLM again after pause(), with the adapters registered meanwhile."""
+        self.state, self.detail = "restarting", "starting again after a training"
+        try:
+            await self._spawn()
+        finally:
+            self._planned_restart = False
+
+    async def sleep(self, why: str) -> None:
+        """vLLM's sleep mode, level 1: weights to CPU memory, KV cache dropped, the GPU free
+        for a training; replies get 503 with `why` until wake_up()."""
+        self.require_ready()
+        self._ready_event.clear()
+        self.state, self.detail = "asleep", why
+        response = await self.client.post("/sleep", params={"level": "1"}, timeout=300)
+        if response.status_code != 200:
+            self.state, self.detail = "ready", "ready"
+            self._ready_event.set()
+            raise EngineUnavailable(f"vLLM could not go to sleep: {response.text[:300]}")
+        log.info("engine: vLLM is asleep: %s", why)
+
+    async def wake_up(self) -> None:
+        response = await self.client.post("/wake_up", timeout=300)
+        if response.status_code != 200:
+            raise EngineUnavailable(f"vLLM could not wake up: {response.text[:300]}")
+        self.state, self.detail = "ready", "awake after a training"
+        self._ready_event.set()
+        log.info("engine: vLLM is awake")
 
     def _fail(self, why: str) -> None:
         self.state, self.detail = "failed", why

@@ -164,4 +164,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineUnavailable)
     async def unavailable(request: Request, exc: EngineUnavailable):
-        return error_response(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"})
+        return error_response(503, str(exc), code="engine_unavailable",
+                              headers={"Retry-After": str(exc.retry_after)})

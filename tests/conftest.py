@@ -104,6 +104,16 @@ class Server:
         text = (self.data_dir / "serve.log").read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
+    def reply(self, companion: str, max_tokens: int = 24) -> dict:
+        """The greedy reply to one question in a new native conversation with the companion."""
+        with self.http() as http:
+            conversation = http.post("/api/v1/conversations", json={"companion": companion}).json()
+            answer = http.post(f"/api/v1/conversations/{conversation['conversation']['id']}/messages",
+                               json={"content": "What do you think about the moon?", "max_tokens": max_tokens,
+                                     "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["reply"]
+
     def openai(self, key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.key, max_retries=0, timeout=120)
 

@@ -38,7 +38,7 @@ async def use_adapter(companion_id: str, choice: AdapterChoice, account: Account
     Only the companion's owner may switch (an admin, for a shared one). Refused (422) when the
     version is unknown, not safetensors, or made for another base model.
     """
-    companion, _ = await asyncio.to_thread(account.editable, companion_id)
+    companion = await asyncio.to_thread(account.tunable, companion_id)
     hf = account.hf
     try:
         await hf.adapters.use(companion.key, choice.version)

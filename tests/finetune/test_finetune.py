@@ -150,12 +150,7 @@ def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, 
     http = server.http()
 
     def reply(companion: str) -> dict:
-        conversation = http.post("/api/v1/conversations", json={"companion": companion}).json()
-        answer = http.post(f"/api/v1/conversations/{conversation['conversation']['id']}/messages",
-                           json={"content": "What do you think about the moon?", "max_tokens": 24,
-                                 "temperature": 0})
-        assert answer.status_code == 200, answer.text
-        return answer.json()["reply"]
+        return server.reply(companion)
 
     base = reply("twin")
     assert reply("kit")["content"] == base["content"], "identical cards, no adapter: identical replies"

@@ -1,0 +1,528 @@
+"""Fine-tuning as jobs of the server: queued, one at a time, each in a child process.
+
+POST /api/v1/companions/{id}/finetunes queues a job. The runner takes the oldest, makes room
+on the GPU (finetune.gpu_sharing: the engine stops, sleeps, or runs beside it), trains and
+writes the voice report in a child process at the lowest priority (finetune/job_child.py),
+gives the GPU back, and speaks through the new version when it beats the one in use
+(finetune.switch). Every change of state is a row (finetune_jobs), so a job outlives the
+client that asked for it, and one a stop of the server cut short says so after the restart
+(`interrupted`), to be resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel
+
+from finetune import adapters
+from finetune.config import FinetuneConfig
+from memory.companions import Companion, visible_id
+from serve.engine import is_cpu_build
+
+if TYPE_CHECKING:
+    from serve.app import Homefire
+
+log = logging.getLogger(__name__)
+
+State = Literal["queued", "running", "evaluating", "done", "failed", "cancelled", "interrupted"]
+OPEN = ("queued", "running", "evaluating")
+REPO = Path(__file__).resolve().parents[1]
+_PR_SET_PDEATHSIG = 1
+
+
+class Job(BaseModel):
+    id: str
+    companion: str
+    kind: Literal["train", "eval"]
+    state: State
+    queue_position: int | None = None   # 1: the next to run (queued jobs only)
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    eval_loss: float | None = None       # the latest held-out loss
+    tokens_per_s: float | None = None
+    eta_s: float | None = None           # training time left, from the pace so far
+    version: str | None = None           # the adapter version it writes (or evaluates)
+    metrics: dict | None = None          # the training's, as in the version's manifest
+    voice: dict | None = None            # the voice report's figures (homefire eval)
+    switched: bool | None = None
+    switch_reason: str | None = None
+    gpu_sharing: str | None = None       # how it shared the GPU, and why
+    error: str | None = None
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class JobError(Exception):
+    """A request about jobs that cannot be done: status and message for the API."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# GPU sharing ------------------------------------------------------------------------------
+
+
+def sleep_mode_supported() -> bool:
+    """vLLM's sleep mode exists in this vLLM and on this platform (CUDA; not the CPU build)."""
+    if is_cpu_build():
+        return False
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    arg_utils = Path(next(iter(spec.submodule_search_locations))) / "engine" / "arg_utils.py"
+    try:
+        return "enable_sleep_mode" in arg_utils.read_text()
+    except OSError:
+        return False
+
+
+def gpu_free_gib() -> float | None:
+    """Free memory of the first GPU, from nvidia-smi (None: no GPU, or no nvidia-smi)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return int(out.split()[0]) / 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def training_gib(model_dir: Path, qlora: bool) -> float:
+    """A rough need of GPU memory to LoRA-tune the model: its weights (bf16, or 4-bit with
+    QLoRA), plus about a third for activations with checkpointing, plus 1.5 GiB for the
+    adapter, its optimizer and CUDA itself."""
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30
+    return (weights * 0.3 if qlora else weights) * 1.35 + 1.5
+
+
+def choose_sharing(mode: str, cpu_build: bool, sleep_supported: bool, free_gib: float | None,
+                   need_gib: float) -> tuple[str, str]:
+    """(stop | sleep | concurrent, why) for a training beside the engine."""
+    if mode == "sleep" and not sleep_supported:
+        return "stop", ("finetune.gpu_sharing is sleep, but this vLLM has no sleep mode "
+                        "(the CPU build, or too old): the engine stops instead")
+    if mode != "auto":
+        return mode, f"finetune.gpu_sharing is {mode}"
+    if cpu_build:
+        return "concurrent", "the CPU build: training runs beside the engine, off its compute cores"
+    if free_gib is None:
+        return "stop", "the GPU's free memory is unknown (no nvidia-smi): the engine stops to be safe"
+    room = f"{free_gib:.1f} GiB free on the GPU beside the engine, training needs about {need_gib:.1f}"
+    if free_gib >= need_gib:
+        return "concurrent", room
+    if sleep_supported:
+        return "sleep", room + ": the engine sleeps (vLLM sleep mode) while it trains"
+    return "stop", room + ": the engine stops while it trains (this vLLM has no sleep mode)"
+
+
+# The service ------------------------------------------------------------------------------
+
+
+class FinetuneService:
+    def __init__(self, hf: Homefire):
+        self.hf = hf
+        self.db = hf.db
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self._child: asyncio.subprocess.Process | None = None
+        self._running: str | None = None          # the id of the job the runner is on
+        self._cancelled: set[str] = set()
+        self._live: dict[str, dict] = {}           # job id -> progress not yet written
+        self._listeners: defaultdict[str, set[asyncio.Queue]] = defaultdict(set)
+        try:   # worker threads hand their news to the event loop
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
+
+    # Start and stop
+
+    def recover(self) -> int:
+        """At start, before any job runs: jobs a stop cut short are interrupted. Returns how many."""
+        with self.db.transaction() as conn:
+            return conn.execute(
+                "UPDATE finetune_jobs SET state = 'interrupted', ended_at = ?, error = ? WHERE state IN "
+                "('running', 'evaluating')", (time.time(), INTERRUPTED)).rowcount
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._runner = asyncio.create_task(self._run_queue())
+
+    async def close(self) -> None:
+        if self._runner:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        await self._kill_child()
+        await asyncio.to_thread(self.recover)
+
+    # Requests
+
+    def submit(self, companion: Companion, user: str, kind: str, config: FinetuneConfig, switch: str,
+               version: str | None = None) -> Job:
+        """Queue a job (runs in a worker thread: it reads and writes SQLite)."""
+        engine = self.hf.engine
+        if self.hf.settings.engine.url:
+            raise JobError(422, "engine.url points at an external vLLM: training needs the base model's "
+                                "weights on this machine (set engine.model to a local directory)")
+        if self.hf.settings.engine.model and not Path(self.hf.settings.engine.model).is_dir():
+            raise JobError(422, f"engine.model {self.hf.settings.engine.model!r} is not a local directory; "
+                                "training needs the weights on disk")
+        if not engine.model_path:
+            raise JobError(503, "the base model is not on disk yet (the first start converts it); try "
+                                "again in a moment")
+        until = self.db.query("SELECT MAX(m.id) FROM messages m JOIN conversations c ON c.id = "
+                              "m.conversation_id WHERE c.companion_id = ? AND c.user_id = ? AND m.role = "
+                              "'assistant'", (companion.key, user))[0][0]
+        if until is None:
+            raise JobError(422, f"you have no conversations with replies from {companion.id!r} to learn "
+                                "from; talk to it or import an export first")
+        with self.db.transaction() as conn:
+            busy = conn.execute("SELECT id FROM finetune_jobs WHERE user_id = ? AND companion_id = ? "
+                                "AND state IN ('queued', 'running', 'evaluating')",
+                                (user, companion.key)).fetchone()
+            if busy:
+                raise JobError(409, f"your job {busy[0]} for {companion.id!r} is not finished; wait for it "
+                                    f"or cancel it (POST /api/v1/finetunes/{busy[0]}/cancel)")
+            job_id = f"ft-{uuid.uuid4().hex[:12]}"
+            conn.execute(
+                "INSERT INTO finetune_jobs (id, user_id, companion_id, kind, state, settings, switch, "
+                "until_message, version, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, user, companion.key, kind, config.model_dump_json(), switch, until, version,
+                 time.time()))
+        self.loop.call_soon_threadsafe(self._wake.set)
+        return self.get(user, job_id)
+
+    def get(self, user: str, job_id: str) -> Job:
+        rows = self.db.query("SELECT * FROM finetune_jobs WHERE id = ? AND user_id = ?", (job_id, user))
+        if not rows:
+            raise JobError(404, f"no fine-tuning job {job_id!r} of yours")
+        return self._job(rows[0])
+
+    def of_user(self, user: str, limit: int = 100) -> list[Job]:
+        rows = self.db.query("SELECT * FROM finetune_jobs WHERE user_id = ? ORDER BY created_at DESC "
+                             "LIMIT ?", (user, limit))
+        return [self._job(row) for row in rows]
+
+    def open_jobs(self, companion_key: str) -> int:
+        return self.db.query("SELECT COUNT(*) FROM finetune_jobs WHERE companion_id = ? AND state IN "
+                             "('queued', 'running', 'evaluating')", (companion_key,))[0][0]
+
+    async def cancel(self, user: str, job_id: str) -> Job:
+        job = await asyncio.to_thread(self.get, user, job_id)
+        if job.state not in OPEN:
+            raise JobError(409, f"job {job_id} is {job.state}; only a queued or running job can be cancelled")
+        if job_id == self._running:
+            self._cancelled.add(job_id)
+            await self._kill_child()   # the runner sees it end, and cleans up after it
+            while self._running == job_id:
+                await asyncio.sleep(0.05)
+        else:
+            await asyncio.to_thread(self._end, job_id, "cancelled")
+        return await asyncio.to_thread(self.get, user, job_id)
+
+    async def resume(self, user: str, job_id: str) -> Job:
+        job = await asyncio.to_thread(self.get, user, job_id)
+        if job.state != "interrupted":
+            raise JobError(409, f"job {job_id} is {job.state}; only an interrupted job can be resumed")
+
+        def requeue() -> None:
+            with self.db.transaction() as conn:
+                conn.execute("UPDATE finetune_jobs SET state = 'queued', error = NULL, ended_at = NULL, "
+                             "created_at = ? WHERE id = ?", (time.time(), job_id))
+        await asyncio.to_thread(requeue)
+        self._wake.set()
+        return await asyncio.to_thread(self.get, user, job_id)
+
+    async def follow(self, user: str, job_id: str) -> AsyncIterator[Job]:
+        """The job now, then each time it changes, until it has ended."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._listeners[job_id].add(queue)
+        try:
+            job = await asyncio.to_thread(self.get, user, job_id)
+            while True:
+                yield job
+                if job.state not in OPEN:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(queue.get(), 15)   # a quiet while: the same job again
+                while not queue.empty():
+                    queue.get_nowait()
+                job = await asyncio.to_thread(self.get, user, job_id)
+        finally:
+            self._listeners[job_id].discard(queue)
+            if not self._listeners[job_id]:
+                del self._listeners[job_id]
+
+    # The runner
+
+    async def _run_queue(self) -> None:
+        while True:
+            rows = await asyncio.to_thread(self.db.query, "SELECT * FROM finetune_jobs WHERE state = "
+                                           "'queued' ORDER BY created_at LIMIT 1")
+            if not rows:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._run(rows[0])
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:   # a job's failure is its own, never the runner's
+                log.exception("finetune: job %s failed", rows[0]["id"])
+                await asyncio.to_thread(self._end, rows[0]["id"], "failed",
+                                        error=f"{type(err).__name__}: {err}")
+
+    async def _run(self, row) -> None:
+        job_id, hf = row["id"], self.hf
+        companion = await asyncio.to_thread(hf.companions.get, row["companion_id"])
+        if companion is None:
+            await asyncio.to_thread(self._end, job_id, "failed", error="the companion was deleted")
+            return
+        config = FinetuneConfig.model_validate_json(row["settings"])
+        engine = hf.engine
+        mode, why = choose_sharing(hf.settings.finetune.gpu_sharing, is_cpu_build(), engine.sleep_mode,
+                                   await asyncio.to_thread(gpu_free_gib) if not is_cpu_build() else None,
+                                   training_gib(Path(engine.model_path), config.qlora))
+        log.info("finetune: job %s for %s: %s (%s)", job_id, companion.id, mode, why)
+        self._running = job_id
+        self._live[job_id] = {"gpu_sharing": f"{mode}: {why}"}
+        await asyncio.to_thread(self._update, job_id, state="running", started_at=time.time(),
+                                progress=self._live[job_id])
+        in_use = hf.chat.adapters.get(companion.key)
+        job = {"data_dir": str(hf.data_dir), "db": str(hf.db.path), "companion": companion.key,
+               "user": row["user_id"], "kind": row["kind"], "version": row["version"],
+               "config": json.loads(row["settings"]), "model_path": engine.model_path,
+               "model_id": hf.chat.model_id, "until": row["until_message"], "in_use": in_use,
+               "samples": hf.settings.finetune.samples, "max_new_tokens": 64,
+               # With the engine stopped, every core; beside it, the ones it leaves Homefire.
+               "cores": sorted(engine.cores if mode == "stop" else os.sched_getaffinity(0))}
+        answer: dict = {}
+        taken = False
+        try:
+            try:
+                if mode in ("stop", "sleep") and engine.ready:
+                    await self._take_gpu(mode, companion)
+                    taken = True
+                if job_id not in self._cancelled:
+                    answer = await self._child_run(job_id, job, companion)
+            except asyncio.CancelledError:   # the server stops: close() marks the job interrupted
+                await self._kill_child()
+                raise
+            except Exception as err:
+                log.exception("finetune: job %s", job_id)
+                answer = {"error": f"{type(err).__name__}: {err}"}
+            await self._finish(row, companion, mode, taken, in_use, answer)
+        finally:
+            self._live.pop(job_id, None)
+            self._cancelled.discard(job_id)
+            self._running = None
+
+    async def _finish(self, row, companion: Companion, mode: str, taken: bool, in_use: str | None,
+                      answer: dict) -> None:
+        """Give the GPU back, switch to the new version if it is better, and end the job."""
+        hf, job_id = self.hf, row["id"]
+        cancelled = job_id in self._cancelled
+        result = answer.get("result")
+        switched, reason = False, None
+        if result and not cancelled and row["kind"] == "train":
+            switched, reason = self._should_switch(row["switch"], result, in_use)
+        if switched and taken and mode == "stop":   # one start of the engine, with the new version
+            await asyncio.to_thread(hf.adapters.use_at_start, companion.key, result["version"])
+        if taken:
+            await self._give_gpu(mode)
+        if switched and not (taken and mode == "stop"):
+            await hf.adapters.use(companion.key, result["version"])
+        if cancelled:
+            version = (await asyncio.to_thread(
+                self.db.query, "SELECT version FROM finetune_jobs WHERE id = ?", (job_id,)))[0][0]
+            if row["kind"] == "train" and version:   # a cancelled training leaves no version behind
+                folder = adapters.version_dir(hf.data_dir, companion.key, version)
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+            await asyncio.to_thread(self._end, job_id, "cancelled")
+        elif result:
+            await asyncio.to_thread(self._end, job_id, "done", result={
+                **result, "switched": switched, "switch_reason": reason})
+        else:
+            await asyncio.to_thread(self._end, job_id, "failed", error=answer.get("failed") or answer.get(
+                "error", "the training process ended without an answer; its traceback is in "
+                         "run/finetune.log in the data directory"))
+
+    async def _child_run(self, job_id: str, job: dict, companion: Companion) -> dict:
+        def prepare() -> None:
+            # The child dies with the server, even by SIGKILL: a training nobody can see or stop
+            # must not hold the GPU. (The parent is this process's main thread, the event loop's.)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+        env = {k: v for k, v in os.environ.items() if k != "HOMEFIRE_API_KEY"} | {"HF_HUB_OFFLINE": "1"}
+        with (self.hf.data_dir / "run" / "finetune.log").open("ab") as logfile:
+            logfile.write(f"\n=== {time.ctime()} job {job_id}\n".encode())
+            self._child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "finetune.job_child", json.dumps(job), stdout=asyncio.subprocess.PIPE,
+                stderr=logfile, stdin=asyncio.subprocess.DEVNULL, cwd=REPO, env=env,
+                start_new_session=True, preexec_fn=prepare, limit=1 << 20)
+        if job_id in self._cancelled:   # cancelled while it was being started
+            await self._kill_child()
+        answer: dict = {}
+        first, last_write = None, 0.0
+        assert self._child.stdout is not None
+        async for line in self._child.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "version" in message:
+                await asyncio.to_thread(self._update, job_id, version=message["version"])
+            elif "progress" in message:
+                point, now = message["progress"], time.monotonic()
+                first = first or (point["step"], now)
+                pace = (point["step"] - first[0]) / (now - first[1]) if now > first[1] else 0
+                live = {"step": point["step"], "total_steps": point["total_steps"], "loss": point["loss"],
+                        "tokens_per_s": point["tokens_per_s"],
+                        "eta_s": round((point["total_steps"] - point["step"]) / pace, 1) if pace else None}
+                if "eval_loss" in point:
+                    live["eval_loss"] = point["eval_loss"]
+                self._live[job_id] = self._live.get(job_id, {}) | live
+                self._tell_engine(companion, self._live[job_id])
+                if time.monotonic() - last_write > 2 or "eval_loss" in point or point["step"] == 1:
+                    last_write = time.monotonic()
+                    await asyncio.to_thread(self._update, job_id, progress=self._live[job_id])
+                self._notify(job_id)
+            elif "evaluating" in message:
+                self._tell_engine(companion, None)
+                await asyncio.to_thread(self._update, job_id, state="evaluating",
+                                        progress=self._live.get(job_id, {}) | {"eta_s": None})
+            else:
+                answer = message
+        code = await self._child.wait()
+        self._child = None
+        if not answer and code < 0 and job_id not in self._cancelled:
+            log.error("finetune: job %s: the training process was killed (signal %d)", job_id, -code)
+            answer = {"error": f"the training process was killed (signal {-code}); out of memory? "
+                               "See run/finetune.log in the data directory"}
+        await asyncio.to_thread(self._update, job_id, progress=self._live[job_id])
+        return answer
+
+    async def _kill_child(self) -> None:
+        child = self._child
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            await child.wait()
+
+    def _should_switch(self, policy: str, result: dict, in_use: str | None) -> tuple[bool, str]:
+        if policy == "never":
+            return False, "finetune.switch is never: switch with `homefire adapter use`"
+        if policy == "always":
+            return True, "finetune.switch is always"
+        loss = result.get("voice", {}).get("loss")
+        if not loss:
+            return False, ("no held-out conversations to compare it on "
+                           f"({result.get('voice', {}).get('error', 'no voice report')}); switch by hand")
+        before = loss["in_use"] if in_use else loss["base"]
+        name = in_use or "the base model"
+        if before is None:
+            return True, f"{name} cannot be measured on this base model"
+        if loss["tuned"] < before:
+            return True, f"held-out loss {loss['tuned']:.3f}, better than {name}'s {before:.3f}"
+        return False, f"held-out loss {loss['tuned']:.3f}, not better than {name}'s {before:.3f}"
+
+    # The GPU
+
+    async def _take_gpu(self, mode: str, companion: Companion) -> None:
+        why = self._learning(companion, None)
+        if mode == "sleep":
+            await self.hf.engine.sleep(why)
+        else:
+            await self.hf.engine.pause(why)
+
+    async def _give_gpu(self, mode: str) -> None:
+        engine = self.hf.engine
+        engine.detail = "giving the GPU back to the engine after a training"
+        if mode == "sleep":
+            await engine.wake_up()
+        else:
+            await engine.resume()
+
+    def _tell_engine(self, companion: Companion, progress: dict | None) -> None:
+        engine = self.hf.engine
+        if engine.state in ("paused", "asleep"):
+            engine.detail = self._learning(companion, progress)
+            eta = (progress or {}).get("eta_s")
+            engine.retry_after = int(min(max(eta or 30, 5), 600))
+
+    @staticmethod
+    def _learning(companion: Companion, progress: dict | None) -> str:
+        how_far = "it is being evaluated"
+        if progress and progress.get("total_steps"):
+            how_far = f"step {progress['step']} of {progress['total_steps']}"
+            if progress.get("eta_s") is not None:
+                how_far += f", about {_duration(progress['eta_s'])} left"
+        return (f"{companion.name} ({visible_id(companion.key)}) is learning its voice ({how_far}); "
+                "replies resume when the training is done")
+
+    # Rows
+
+    def _update(self, job_id: str, progress: dict | None = None, **columns) -> None:
+        if progress is not None:
+            columns["progress"] = json.dumps(progress)
+        with self.db.transaction() as conn:
+            conn.execute(f"UPDATE finetune_jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+                         (*columns.values(), job_id))
+        self._notify(job_id)
+
+    def _end(self, job_id: str, state: str, error: str | None = None, result: dict | None = None) -> None:
+        self._update(job_id, state=state, ended_at=time.time(), error=error,
+                     result=json.dumps(result) if result is not None else None)
+
+    def _notify(self, job_id: str) -> None:
+        def wake() -> None:
+            for queue in self._listeners.get(job_id, ()):
+                queue.put_nowait(True)
+        self.loop.call_soon_threadsafe(wake)
+
+    def _job(self, row) -> Job:
+        progress = json.loads(row["progress"]) | self._live.get(row["id"], {})
+        result = json.loads(row["result"]) if row["result"] else {}
+        position = None
+        if row["state"] == "queued":
+            position = 1 + self.db.query("SELECT COUNT(*) FROM finetune_jobs WHERE state = 'queued' AND "
+                                         "created_at < ?", (row["created_at"],))[0][0]
+        fields = ("step", "total_steps", "loss", "eval_loss", "tokens_per_s", "eta_s", "gpu_sharing")
+        return Job(id=row["id"], companion=visible_id(row["companion_id"]), kind=row["kind"],
+                   state=row["state"], queue_position=position,
+                   version=result.get("version") or row["version"],
+                   metrics=result.get("metrics"), voice=result.get("voice"),
+                   switched=result.get("switched"), switch_reason=result.get("switch_reason"),
+                   error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
+                   ended_at=row["ended_at"], **{k: progress.get(k) for k in fields})
+
+
+INTERRUPTED = ("the server stopped while it ran; POST /api/v1/finetunes/{id}/resume continues it from its "
+               "last checkpoint")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"

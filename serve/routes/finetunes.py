@@ -1,0 +1,157 @@
+"""Teaching a companion its voice from the server: training and evaluation jobs that queue,
+run one at a time (serve/finetunes.py), report their progress, and can be cancelled or resumed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from finetune.adapters import checked_version, manifest
+from finetune.config import FinetuneConfig, FinetuneError, load_config
+from serve.account import Account, AccountDep
+from serve.deps import API_GUARDS
+from serve.errors import ERROR_RESPONSES, error_response, field_path
+from serve.finetunes import Job, JobError
+from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
+
+router = APIRouter(prefix="/api/v1", tags=["finetunes"], dependencies=API_GUARDS,
+                   responses=ERROR_RESPONSES)
+JobId = Annotated[str, Path(max_length=64, description="a job's id, e.g. ft-0123456789ab")]
+SWITCH = ("auto", "always", "never")
+SETTINGS = ("Any fields of configs/finetune.yaml to change for this job (e.g. max_steps, rank, "
+            "learning_rate), and `switch`: auto (speak through the new version when its held-out loss "
+            "beats the version in use), always or never; default: the server's finetune.switch.")
+
+
+class SettingsProblem(Exception):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def job_settings(account: Account, body: dict[str, Any] | None) -> tuple[FinetuneConfig, str]:
+    """The server's fine-tuning settings with the job's on top, and its switch policy; a bad
+    field is a SettingsProblem that names it."""
+    settings = dict(body or {})
+    switch = settings.pop("switch", None) or account.hf.settings.finetune.switch
+    if switch not in SWITCH:
+        raise SettingsProblem("switch", f"switch: must be one of {', '.join(SWITCH)} (got {switch!r})")
+    try:
+        base = load_config(account.hf.settings.finetune.config)
+    except FinetuneError as err:   # the server's own file; the start checked it, so it was edited since
+        raise SettingsProblem("finetune.config", str(err)) from err
+    try:
+        return FinetuneConfig.model_validate(base.model_dump() | settings), switch
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = field_path(tuple(first["loc"]))
+        more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+        raise SettingsProblem(field, f"{field}: {first['msg']}{more}") from err
+
+
+async def queued(work) -> JSONResponse:
+    try:
+        job = await asyncio.to_thread(work)
+    except SettingsProblem as err:
+        return error_response(422, str(err), err.field, "invalid_setting")
+    except JobError as err:
+        raise HTTPException(err.status, str(err)) from err
+    return JSONResponse(job.model_dump(), status_code=202)
+
+
+@router.post("/companions/{companion_id}/finetunes", status_code=202, response_model=Job, responses={
+    403: {"description": "A shared companion, and the caller is not an admin"},
+    409: {"description": "The caller's job for this companion is not finished"},
+    422: {"description": "A setting is wrong (the message names it), or there is no history to learn from"}})
+async def start_finetune(companion_id: str, account: AccountDep,
+                         body: Annotated[dict[str, Any] | None, Body(description=SETTINGS, openapi_examples={
+                             "a few steps": {"value": {"max_steps": 40, "switch": "auto"}}})] = None,
+                         ) -> JSONResponse:
+    """Queue a training of the companion's voice on the caller's own history with it.
+
+    Only its owner may (an admin, for a shared companion). Jobs run one at a time, in the order
+    they were asked for; each trains a new adapter version, writes its voice report, and then
+    speaks through it if it is better (`switch`). Follow it with GET /api/v1/finetunes/{job}.
+    """
+    def work() -> Job:
+        companion = account.tunable(companion_id)
+        config, switch = job_settings(account, body)
+        return account.hf.finetunes.submit(companion, account.name, "train", config, switch)
+
+    return await queued(work)
+
+
+@router.post("/companions/{companion_id}/adapters/{version}/evaluations", status_code=202,
+             response_model=Job, responses={422: {"description": "Not a version of this companion"}})
+async def start_evaluation(companion_id: str, version: Annotated[str, Path(max_length=16)],
+                           account: AccountDep) -> JSONResponse:
+    """Queue the voice report of one adapter version (as `homefire eval`), on the caller's
+    held-out conversations. It runs in the training queue: it needs the same GPU."""
+    def work() -> Job:
+        companion = account.tunable(companion_id)
+        try:
+            info = manifest(account.hf.data_dir, companion.key, checked_version(version, "version"))
+            config = FinetuneConfig.model_validate(info["config"])
+        except FinetuneError as err:
+            raise SettingsProblem("version", str(err)) from err
+        return account.hf.finetunes.submit(companion, account.name, "eval", config, "never", version)
+
+    return await queued(work)
+
+
+@router.get("/finetunes")
+async def list_finetunes(account: AccountDep) -> list[Job]:
+    """The caller's training and evaluation jobs, newest first (at most 100)."""
+    return await asyncio.to_thread(account.hf.finetunes.of_user, account.name)
+
+
+@router.get("/finetunes/{job_id}", response_model=Job, responses={
+    **streamed("The job. With `Accept: text/event-stream`: a `progress` event with the job each "
+               "time it changes (step, loss, held-out loss, tokens/s, ETA, state), and an `end` "
+               "event with it once it is done, failed, cancelled or interrupted."),
+    404: {"description": "No job of the caller's with this id"}})
+async def get_finetune(job_id: JobId, request: Request, account: AccountDep):
+    """One of the caller's jobs: state, queue position, progress, the version it made and its
+    voice-match figures, and the error if it failed."""
+    service = account.hf.finetunes
+    try:
+        job = await asyncio.to_thread(service.get, account.name, job_id)
+    except JobError as err:
+        raise HTTPException(err.status, str(err)) from err
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return job
+
+    async def events() -> AsyncIterator[str]:
+        async for now in service.follow(account.name, job_id):
+            yield event(now.model_dump(), "progress" if now.state in ("queued", "running", "evaluating")
+                        else "end")
+
+    return ClosingStreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/finetunes/{job_id}/cancel", response_model=Job, responses={
+    404: {"description": "No job of the caller's with this id"},
+    409: {"description": "The job has already ended"}})
+async def cancel_finetune(job_id: JobId, account: AccountDep) -> Job:
+    """Cancel a queued or running job; a cancelled training leaves no version behind."""
+    try:
+        return await account.hf.finetunes.cancel(account.name, job_id)
+    except JobError as err:
+        raise HTTPException(err.status, str(err)) from err
+
+
+@router.post("/finetunes/{job_id}/resume", status_code=202, response_model=Job, responses={
+    404: {"description": "No job of the caller's with this id"},
+    409: {"description": "The job was not interrupted"}})
+async def resume_finetune(job_id: JobId, account: AccountDep) -> JSONResponse:
+    """Queue an interrupted job again: it continues from its last checkpoint."""
+    try:
+        job = await account.hf.finetunes.resume(account.name, job_id)
+    except JobError as err:
+        raise HTTPException(err.status, str(err)) from err
+    return JSONResponse(job.model_dump(), status_code=202)

