@@ -122,15 +122,16 @@ def ours(conversations, settings: dict) -> dict:
             "tokens_per_s": metrics["tokens_per_s"], "steps": metrics["steps"], "job": job["id"]}
 
 
-def replies_beside_training(conversations, rounds: int) -> dict:
-    """TTFT p50 of streamed replies, alone and while a `concurrent` training runs."""
+def replies_beside_training(conversations, settings: dict, rounds: int) -> dict:
+    """TTFT p50 of streamed replies, alone and while a `concurrent` training (these settings,
+    50 epochs: it outlasts the replies) runs."""
     body = {"model": "kit", "max_tokens": 16, "stream": True, "store": False, "temperature": 0,
             "messages": [{"role": "user", "content": "Tell me about the garden tonight."}]}
     with homefire_server(with_history(conversations), server_config("concurrent")) as (url, key):
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
         ttft(client, body)   # warm-up
         alone = [ttft(client, body) for _ in range(rounds)]
-        job = client.post("/api/v1/companions/kit/finetunes", json={"epochs": 50, "eval_share": 0}).json()
+        job = client.post("/api/v1/companions/kit/finetunes", json=settings | {"epochs": 50}).json()
         follow(client, job["id"], lambda j: j["state"] == "running" and (j["step"] or 0) >= 1)
         during = [ttft(client, body) for _ in range(rounds)]
         still = client.get(f"/api/v1/finetunes/{job['id']}").json()
@@ -169,7 +170,7 @@ def main() -> None:
     base = baseline(model_path, tokenizer, examples, config, batch_size)
     print(f"baseline: {base['tokens_per_s']:.0f} tokens/s ({base['steps']} steps, {base['seconds']:.1f} s)",
           flush=True)
-    replies = replies_beside_training(conversations, args.rounds)
+    replies = replies_beside_training(conversations, settings, args.rounds)
     print(f"\nmachine: {platform.machine()}, {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"ratio ours / baseline: {mine['tokens_per_s'] / base['tokens_per_s']:.2f}   (goal >= 1.3)")
