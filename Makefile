@@ -32,8 +32,17 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The browser tests drive Debian's Chromium (Playwright's own browser download is never used).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "the browser tests need Chromium at $(CHROMIUM)"; exit 1; }
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+
+test: lint $(CHROMIUM)
+	HOMEFIRE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

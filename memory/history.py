@@ -131,6 +131,12 @@ class History:
         )
         return [_conversation(r) for r in rows]
 
+    def rename_conversation(self, conversation_id: str, title: str | None) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute("UPDATE conversations SET title = ? WHERE id = ? AND user_id = ?",
+                               (title, conversation_id, self.user))
+            return cur.rowcount > 0
+
     def delete_conversation(self, conversation_id: str) -> bool:
         with self.db.transaction() as conn:
             cur = conn.execute("DELETE FROM conversations WHERE id = ? AND user_id = ?",

@@ -164,6 +164,21 @@ class MemoryStore:
             conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
         return True
 
+    def take_back_reply(self, message_id: int) -> bool:
+        """Delete one of the user's replies with its memory and that memory's vectors (a reply
+        made again replaces it); False if the user has no such message."""
+        rows = self.db.query(
+            """SELECT c.companion_id, (SELECT id FROM memories WHERE reply_id = m.id) AS memory_id
+               FROM messages m JOIN conversations c ON c.id = m.conversation_id
+               WHERE m.id = ? AND m.role = 'assistant' AND c.user_id = ?""", (message_id, self.user))
+        if not rows:
+            return False
+        if rows[0]["memory_id"] is not None:
+            self._drop_vectors(rows[0]["companion_id"], [rows[0]["memory_id"]])
+        with self.db.transaction() as conn:   # the memory row goes with it (ON DELETE CASCADE)
+            conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        return True
+
     def forget_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation with its messages, its memories and their vectors."""
         rows = self.db.query("SELECT companion_id FROM conversations WHERE id = ? AND user_id = ?",

@@ -22,8 +22,9 @@ from finetune.adapters import adopt_old_folders
 from memory.companions import Companion, CompanionStore
 from memory.db import Database
 from memory.importer import remove_leftovers
+from memory.pictures import drop_picture
 from memory.users import Users, local_key
-from serve import errors, metrics
+from serve import errors, metrics, web
 from serve.adapters import AdapterService
 from serve.chat import ChatService
 from serve.config import Settings, default_data_dir
@@ -32,7 +33,17 @@ from serve.engine import Engine
 from serve.finetunes import FinetuneService, sleep_mode_supported
 from serve.limits import BodyLimit, Limiter
 from serve.prompt import PromptBuilder
-from serve.routes import adapters, finetunes, health, imports, memories, native, openai
+from serve.routes import (
+    accounts,
+    adapters,
+    conversations,
+    finetunes,
+    health,
+    imports,
+    memories,
+    native,
+    openai,
+)
 from serve.tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -188,6 +199,7 @@ class Homefire:
             await asyncio.to_thread(self.chat.memory.drop_companion, key)
         await self.adapters.forget(key)
         await asyncio.to_thread(self.companions.delete, key)
+        drop_picture(self.data_dir, key)
 
     async def close(self) -> None:
         for task in self.chores:
@@ -281,14 +293,17 @@ def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
     # Uploads (exports, cards) are raw bodies with limits of their own.
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_kb * 1024,
                        exempt=("/imports", "/companions/import"))
+    web.install(app)
     app.add_middleware(errors.CatchAll)   # outermost of ours: it sees what the others raise
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(native.router)
+    app.include_router(conversations.router)
     app.include_router(memories.router)
     app.include_router(imports.router)
     app.include_router(adapters.router)
     app.include_router(finetunes.router)
+    app.include_router(accounts.router)
     metrics.ENGINE_READY.set_function(
         lambda: float(getattr(app.state, "homefire", None) is not None
                       and app.state.homefire.engine.ready and app.state.homefire.chat.prompts is not None)

@@ -197,17 +197,20 @@ def sniff(member: Member) -> str | None:
     with member.open() as raw:
         head = raw.read(1 << 16)
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if member.name.lower().endswith(".jsonl") or (text[:1] == b"{" and b"\n{" in text):
-        first = text.split(b"\n", 1)[0]
+    named_jsonl = member.name.lower().endswith(".jsonl")
+    if named_jsonl or text[:1] == b"{":
+        # A record a line; also a file of one line (an upload's name says nothing), unless
+        # that one line is a JSON export of another kind (judged below).
         try:
-            entry = json.loads(first)
+            entry = json.loads(text.split(b"\n", 1)[0])
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+            entry = None
         if isinstance(entry, dict) and "messages" in entry:
             return "jsonl"
         if isinstance(entry, dict) and (ST_HEADER_KEYS | {"mes", "is_user"}) & entry.keys():
             return "sillytavern"
-        return None
+        if named_jsonl or b"\n{" in text:
+            return None
     if text[:1] not in (b"[", b"{"):
         return None
     # Push the sample into the parser without ending it: a first record larger than the

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune import adapters
 from finetune.config import FinetuneError
 from serve.account import AccountDep
 from serve.deps import API_GUARDS
@@ -45,3 +48,29 @@ async def use_adapter(companion_id: str, choice: AdapterChoice, account: Account
     except FinetuneError as err:
         raise HTTPException(422, str(err)) from err
     return hf.adapters.listing(companion.key)
+
+
+def _report_file(account, companion_id: str, version: str, name: str):
+    key = account.companion_card(companion_id).key
+    try:
+        adapters.manifest(account.hf.data_dir, key, version)   # names the known versions if missing
+    except FinetuneError as err:
+        raise HTTPException(404, str(err)) from err
+    path = adapters.version_dir(account.hf.data_dir, key, version) / name
+    if not path.is_file():
+        raise HTTPException(404, f"adapter {version} of {companion_id!r} has no voice report yet: "
+                                 f"POST /api/v1/companions/{companion_id}/adapters/{version}/evaluations")
+    return path
+
+
+@router.get("/companions/{companion_id}/adapters/{version}/report")
+def voice_report(companion_id: str, version: str, account: AccountDep) -> dict:
+    """The version's voice-match report (`homefire eval`): perplexities, style, samples."""
+    return json.loads(_report_file(account, companion_id, version, "eval.json").read_text())
+
+
+@router.get("/companions/{companion_id}/adapters/{version}/voice.png", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}, "description": "the report's plot"}})
+def voice_plot(companion_id: str, version: str, account: AccountDep) -> FileResponse:
+    """The voice report's plot: perplexity and style, base against tuned."""
+    return FileResponse(_report_file(account, companion_id, version, "voice.png"), media_type="image/png")

@@ -1,25 +1,20 @@
-"""Native API for clients that keep no history: companions, conversations, messages."""
+"""Native API: companions (cards, their pictures, Character Card import)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import FileResponse
 
 from memory.cards import MAX_CARD_BYTES, parse_card
 from memory.companions import Companion, key_for
-from memory.history import Conversation, Message
-from memory.persona import substitute
+from memory.pictures import drop_picture, picture_path, save_picture
 from serve.account import AccountDep
-from serve.chat import Delta, Done, Plan, Turn
-from serve.deps import API_GUARDS, ChatDep, LimiterDep
-from serve.errors import ERROR_RESPONSES, raw_body, stream_error
+from serve.deps import API_GUARDS
+from serve.errors import ERROR_RESPONSES, raw_body
 from serve.limits import bounded_stream
-from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
-from serve.tasks import TaskConversation, task_conversations
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -84,124 +79,19 @@ async def import_card(
         else:
             account.new_id_is_free(companion.id, filename)
         account.hf.companions.put(companion, "card", filename, owner=owner)
+        key = key_for(companion.id, owner)
+        if not save_picture(account.hf.data_dir, key, data):
+            drop_picture(account.hf.data_dir, key)   # a replaced card's old picture is not its own
         return companion
 
     return await asyncio.to_thread(store)
 
 
-class NewConversation(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"companion": "ember"}]})
-    companion: str
-    title: str | None = None
-
-
-class ConversationWithMessages(BaseModel):
-    conversation: Conversation
-    messages: list[Message]
-
-
-class SendMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"content": "I planted tomatoes today.", "max_tokens": 16},
-        {"content": "Tell me a joke.", "stream": True, "max_tokens": 16}]})
-    content: str = Field(min_length=1)
-    stream: bool = False
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-
-
-class Exchange(BaseModel):
-    message: Message
-    reply: Message
-
-
-@router.post("/conversations", status_code=201)
-def create_conversation(body: NewConversation, account: AccountDep) -> ConversationWithMessages:
-    """Start a conversation; the companion's greeting (first_mes) is its first message."""
-    companion = account.companion(body.companion)
-    conversation = account.history.create_conversation(companion.key, body.title)
-    messages = []
-    if companion.first_mes.strip():
-        greeting = substitute(companion.first_mes, companion, account.called)
-        messages.append(account.history.append(conversation.id, "assistant", greeting))
-    return ConversationWithMessages(conversation=conversation, messages=messages)
-
-
-@router.get("/conversations")
-def list_conversations(
-    account: AccountDep, companion: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
-) -> list[Conversation]:
-    """The user's conversations, most recently active first."""
-    found = companion and account.hf.companions.get(companion, account.name)
-    return account.history.list_conversations(found.key if found else companion, limit, offset)
-
-
-@router.get("/companions/{companion_id}/task-conversations")
-def list_task_conversations(companion_id: str, account: AccountDep) -> list[TaskConversation]:
-    """The user's conversations with the companion that began with a client's background task
-    (a title or tag request, a summary prompt: `tasks.patterns`), stored before Homefire kept
-    such requests out. Forget each with DELETE /conversations/{id}."""
-    companion = account.companion_card(companion_id)
-    return task_conversations(account.hf.db, account.hf.tasks, companion.key, account.name)
-
-
-@router.get("/conversations/{conversation_id}")
-def get_conversation(conversation_id: str, account: AccountDep) -> ConversationWithMessages:
-    conversation = account.conversation(conversation_id)
-    return ConversationWithMessages(conversation=conversation,
-                                    messages=account.history.messages(conversation.id))
-
-
-@router.delete("/conversations/{conversation_id}", status_code=204)
-def delete_conversation(conversation_id: str, account: AccountDep) -> Response:
-    """Forget a conversation: its messages, its memories and their vectors."""
-    account.conversation(conversation_id)
-    account.memory.forget_conversation(conversation_id)
-    return Response(status_code=204)
-
-
-@router.post("/conversations/{conversation_id}/messages", response_model=Exchange,
-             responses=streamed("The exchange; with stream: `delta` events, then `done` (or `error`)"))
-async def send_message(conversation_id: str, body: SendMessage, account: AccountDep, chat: ChatDep,
-                       limiter: LimiterDep):
-    """Send a message; the reply comes back whole, or streamed as `delta` and `done` events."""
-    limiter.check_messages([body.content])
-
-    def find() -> tuple[Conversation, Companion]:
-        conversation = account.conversation(conversation_id)
-        return conversation, account.companion(conversation.companion_id)
-
-    conversation, companion = await asyncio.to_thread(find)
-    history, user = account.history, account.name
-    overrides = body.model_dump(include={"temperature", "top_p", "max_tokens"})
-
-    def prepare() -> tuple[Plan, Message]:
-        # Off the event loop, like the OpenAI route: reading history, tokenizing, the commit.
-        past = [{"role": m.role, "content": m.content} for m in history.messages(conversation.id)
-                if m.content]
-        plan = chat.plan(Turn(companion, [*past, {"role": "user", "content": body.content}], overrides,
-                              user=user, called=account.called))
-        return plan, history.append(conversation.id, "user", body.content)
-
-    plan, message = await limiter.reserve(user, prepare)
-    events = chat.reply(plan, conversation.id)
-    if body.stream:
-        return ClosingStreamingResponse(limiter.counted(user, _sse(events, message)),
-                                        media_type="text/event-stream", headers=SSE_HEADERS)
-    replies = [item.message async for item in limiter.counted(user, events) if isinstance(item, Done)]
-    return Exchange(message=message, reply=replies[0])
-
-
-async def _sse(events: AsyncIterator, message: Message) -> AsyncIterator[str]:
-    try:
-        async for item in events:
-            if isinstance(item, Delta):
-                yield event({"content": item.text}, "delta")
-            elif isinstance(item, Done):
-                yield event(Exchange(message=message, reply=item.message).model_dump_json(), "done")
-    except Exception as err:
-        yield event(stream_error(err), "error")
-    finally:
-        await events.aclose()
+@router.get("/companions/{companion_id}/picture", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}, "description": "the card's picture"}})
+def companion_picture(companion_id: str, account: AccountDep) -> FileResponse:
+    """The picture of the companion's PNG card (404 when its card had none)."""
+    path = picture_path(account.hf.data_dir, account.companion_card(companion_id).key)
+    if not path.is_file():
+        raise HTTPException(404, f"companion {companion_id!r} has no picture (a PNG card gives it one)")
+    return FileResponse(path, media_type="image/png")

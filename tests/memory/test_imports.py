@@ -208,3 +208,15 @@ def test_a_damaged_member_is_an_error_not_a_short_import(tmp_path):
 def preview_of(path: Path):
     with open_export(str(path)) as export:
         return preview(export)
+
+
+def test_jsonl_of_one_conversation_is_known_without_its_name(tmp_path):
+    # An upload is spooled under a name of its own: one line of {"messages": [...]} is still
+    # JSONL, and a one-line CAI Tools export is still Character.AI.
+    line = {"id": "only", "messages": [{"role": "user", "content": "I adopted a dog named Rex."},
+                                       {"role": "assistant", "content": "Rex!"}]}
+    fmt, found, _ = read(write_json(tmp_path / "upload-1f3a", line))
+    assert fmt == "jsonl"
+    assert turns(found[0]) == [("user", "I adopted a dog named Rex."), ("assistant", "Rex!")]
+    fmt, _, _ = read(write_json(tmp_path / "upload-2b7c", cai_export()))
+    assert fmt == "characterai"

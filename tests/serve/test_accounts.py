@@ -83,6 +83,30 @@ def test_user_commands_keep_only_hashes_and_keys_work_at_once(make_server):
     assert server.cli("user", "key").stdout.strip() == server.key
     assert (server.data_dir / "api_key").stat().st_mode & 0o077 == 0
 
+    # The same over the API, for admins (the web app's Accounts page).
+    admin = server.http()
+    made = admin.post("/api/v1/users", json={"name": "cy", "display_name": "Cy"})
+    assert made.status_code == 201, made.text
+    cy = made.json()["api_key"]
+    assert cy.startswith("hf-") and cy.encode() not in (server.data_dir / "homefire.db").read_bytes()
+    me = server.http(cy).get("/api/v1/me").json()
+    assert (me["name"], me["admin"], me["display_name"]) == ("cy", False, "Cy")
+    assert server.http(cy).get("/api/v1/users").status_code == 403
+    assert server.http(cy).post("/api/v1/users", json={"name": "eve"}).status_code == 403
+    assert admin.post("/api/v1/users", json={"name": "cy"}).status_code == 409
+    bad = admin.post("/api/v1/users", json={"name": "Cy Young"})
+    assert bad.status_code == 422 and "user name 'Cy Young'" in bad.json()["error"]["message"]
+    assert {u["name"] for u in admin.get("/api/v1/users").json()} >= {"local", "amy", "bea", "cy"}
+    rotated = admin.post("/api/v1/users/cy/rotate").json()["api_key"]
+    assert server.http(cy).get("/api/v1/me").status_code == 401
+    assert server.http(rotated).get("/api/v1/me").status_code == 200
+    revoked = admin.post("/api/v1/users/cy/revoke")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    assert server.http(rotated).get("/api/v1/me").status_code == 401
+    yourself = admin.post("/api/v1/users/local/rotate")
+    assert yourself.status_code == 409 and "your own key" in yourself.json()["error"]["message"]
+    assert admin.post("/api/v1/users/nobody/revoke").status_code == 404
+
 
 def not_found(response: httpx.Response) -> tuple:
     body = response.json()["error"]

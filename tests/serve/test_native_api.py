@@ -59,6 +59,15 @@ def test_import_png_card_then_talk_to_it(server):
     conversation = http.post("/api/v1/conversations", json={"companion": "captain-nova"}).json()
     assert conversation["messages"][0]["content"] == "Welcome aboard, User!"
 
+    # The card's picture is kept, drawn again by Pillow: pixels only, none of the card's text.
+    picture = http.get("/api/v1/companions/captain-nova/picture")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(picture.content)).size == (4, 4)
+    assert b"chara" not in picture.content and b"starship" not in picture.content
+    assert http.get("/api/v1/companions/ember/picture").status_code == 404
+    assert http.delete("/api/v1/companions/captain-nova").status_code == 204
+    assert not (server.data_dir / "pictures" / "captain-nova.png").exists()
+
 
 def test_conversation_kept_by_the_server(server):
     http = server.http()
@@ -106,3 +115,35 @@ def test_health_readiness_metrics_and_schema(server):
     schema = http.get("/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"]
     assert "/api/v1/conversations/{conversation_id}/messages" in schema["paths"]
+
+
+def test_regenerate_replaces_the_last_reply_and_its_memory(server):
+    http = server.http()
+    created = http.post("/api/v1/conversations", json={"companion": "ember"}).json()
+    conversation = created["conversation"]["id"]
+    refused = http.post(f"/api/v1/conversations/{conversation}/regenerate", json={})
+    assert refused.status_code == 409 and "last message" in refused.json()["error"]["message"]
+    first = http.post(f"/api/v1/conversations/{conversation}/messages",
+                      json={"content": "I planted tomatoes today.", "max_tokens": 8}).json()
+    again = http.post(f"/api/v1/conversations/{conversation}/regenerate",
+                      json={"max_tokens": 12, "temperature": 1.0})
+    assert again.status_code == 200, again.text
+    assert again.json()["message"]["id"] == first["message"]["id"]
+    reply = again.json()["reply"]
+    assert reply["id"] != first["reply"]["id"] and reply["content"]
+    said = http.get(f"/api/v1/conversations/{conversation}").json()["messages"]
+    assert [m["id"] for m in said][1:] == [first["message"]["id"], reply["id"]]
+    memories = [m for m in http.get("/api/v1/companions/ember/memories", params={"limit": 500}).json()
+                if m["conversation_id"] == conversation]
+    assert len(memories) == 1, memories
+    assert memories[0]["text"].endswith(reply["content"]) and "tomatoes" in memories[0]["text"]
+
+    renamed = http.patch(f"/api/v1/conversations/{conversation}", json={"title": "  Tomatoes "})
+    assert renamed.status_code == 200 and renamed.json()["title"] == "Tomatoes"
+    too_long = http.patch(f"/api/v1/conversations/{conversation}", json={"title": "x" * 201})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "title"
+    other = server.add_user("rosa")
+    assert server.http(other).patch(f"/api/v1/conversations/{conversation}",
+                                    json={"title": "mine"}).status_code == 404
+    assert server.http(other).post(f"/api/v1/conversations/{conversation}/regenerate",
+                                   json={}).status_code == 404

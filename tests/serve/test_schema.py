@@ -8,14 +8,24 @@ import sys
 from pathlib import Path
 
 import httpx
+import yaml
 
+REPO = Path(__file__).resolve().parents[2]
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
 def test_the_api_holds_to_its_schema_under_generated_requests(make_server, tmp_path):
     # No request rate limit: the fuzzer sends hundreds of requests a minute, and 429 is not
     # what this test is about (test_limits is).
-    server = make_server(config={"limits": {"requests_per_minute": 0}}).start()
+    # Short replies: every generated request that reaches the engine (messages, regenerate,
+    # chat completions) costs a reply, and the schema is what is tested, not the replies.
+    companions = tmp_path / "companions"
+    companions.mkdir()
+    ember = yaml.safe_load((REPO / "configs" / "companions" / "ember.yaml").read_text())
+    ember["sampling"]["max_tokens"] = 8
+    (companions / "ember.yaml").write_text(yaml.safe_dump(ember))
+    server = make_server(config={"limits": {"requests_per_minute": 0},
+                                 "companions_dir": str(companions)}).start()
     # Real ids for the id routes, so generated requests reach more than the 404 (companion
     # ids stay generated; the schema's examples name ember).
     with server.http() as http:

@@ -1,0 +1,211 @@
+"""Native API for clients that keep no history: conversations kept by the server, messages,
+replies made again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from memory.companions import Companion
+from memory.history import Conversation, Message, UnknownConversation
+from memory.persona import substitute
+from serve.account import AccountDep
+from serve.chat import Delta, Done, Plan, Turn
+from serve.deps import API_GUARDS, ChatDep, LimiterDep
+from serve.errors import ERROR_RESPONSES, stream_error
+from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from serve.tasks import TaskConversation, task_conversations
+
+router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
+                   responses=ERROR_RESPONSES)
+
+
+class NewConversation(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"companion": "ember"}]})
+    companion: str
+    title: str | None = None
+
+
+class ConversationEdit(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"title": "Tomatoes"}]})
+    title: str | None = Field(max_length=200)
+
+
+class ConversationWithMessages(BaseModel):
+    conversation: Conversation
+    messages: list[Message]
+
+
+class Regenerate(BaseModel):
+    """How to reply: streamed or whole, and sampling within the companion's limits."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"max_tokens": 16}]})
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class SendMessage(Regenerate):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"content": "I planted tomatoes today.", "max_tokens": 16},
+        {"content": "Tell me a joke.", "stream": True, "max_tokens": 16}]})
+    content: str = Field(min_length=1)
+
+
+class Exchange(BaseModel):
+    message: Message
+    reply: Message
+
+
+@router.post("/conversations", status_code=201)
+def create_conversation(body: NewConversation, account: AccountDep) -> ConversationWithMessages:
+    """Start a conversation; the companion's greeting (first_mes) is its first message."""
+    companion = account.companion(body.companion)
+    conversation = account.history.create_conversation(companion.key, body.title)
+    messages = []
+    if companion.first_mes.strip():
+        greeting = substitute(companion.first_mes, companion, account.called)
+        messages.append(account.history.append(conversation.id, "assistant", greeting))
+    return ConversationWithMessages(conversation=conversation, messages=messages)
+
+
+@router.get("/conversations")
+def list_conversations(
+    account: AccountDep, companion: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[Conversation]:
+    """The user's conversations, most recently active first."""
+    found = companion and account.hf.companions.get(companion, account.name)
+    return account.history.list_conversations(found.key if found else companion, limit, offset)
+
+
+@router.get("/companions/{companion_id}/task-conversations")
+def list_task_conversations(companion_id: str, account: AccountDep) -> list[TaskConversation]:
+    """The user's conversations with the companion that began with a client's background task
+    (a title or tag request, a summary prompt: `tasks.patterns`), stored before Homefire kept
+    such requests out. Forget each with DELETE /conversations/{id}."""
+    companion = account.companion_card(companion_id)
+    return task_conversations(account.hf.db, account.hf.tasks, companion.key, account.name)
+
+
+@router.get("/conversations/{conversation_id}")
+def get_conversation(conversation_id: str, account: AccountDep) -> ConversationWithMessages:
+    conversation = account.conversation(conversation_id)
+    return ConversationWithMessages(conversation=conversation,
+                                    messages=account.history.messages(conversation.id))
+
+
+@router.patch("/conversations/{conversation_id}")
+def rename_conversation(conversation_id: str, body: ConversationEdit, account: AccountDep) -> Conversation:
+    """Give the conversation a title (null: none)."""
+    account.conversation(conversation_id)
+    title = body.title.strip() if body.title else None
+    if not account.history.rename_conversation(conversation_id, title or None):
+        raise UnknownConversation(conversation_id)
+    return account.conversation(conversation_id)
+
+
+@router.delete("/conversations/{conversation_id}", status_code=204)
+def delete_conversation(conversation_id: str, account: AccountDep) -> Response:
+    """Forget a conversation: its messages, its memories and their vectors."""
+    account.conversation(conversation_id)
+    account.memory.forget_conversation(conversation_id)
+    return Response(status_code=204)
+
+
+@router.post("/conversations/{conversation_id}/messages", response_model=Exchange,
+             responses=streamed("The exchange; with stream: `delta` events, then `done` (or `error`)"))
+async def send_message(conversation_id: str, body: SendMessage, account: AccountDep, chat: ChatDep,
+                       limiter: LimiterDep):
+    """Send a message; the reply comes back whole, or streamed as `delta` and `done` events."""
+    limiter.check_messages([body.content])
+    return await _respond(conversation_id, body, account, chat, limiter, lambda past: None)
+
+
+@router.post("/conversations/{conversation_id}/regenerate", response_model=Exchange, responses={
+    **streamed("The user's message and the new reply; with stream: `delta` events, then `done`"),
+    409: {"description": "The conversation does not end with a reply to the user's message"}})
+async def regenerate(conversation_id: str, body: Regenerate, account: AccountDep, chat: ChatDep,
+                     limiter: LimiterDep):
+    """Answer the user's last message again. The new reply replaces the last one (and its
+    memory) once it is complete; a failed or stopped one leaves the old reply in place."""
+    old: list[Message] = []
+
+    def prepare(past: list[Message]) -> Message:
+        if len(past) < 2 or past[-1].role != "assistant" or past[-2].role != "user":
+            raise HTTPException(409, "only a reply that answers your last message can be made again; "
+                                     "this conversation does not end with one")
+        old.append(past.pop())
+        return past[-1]
+
+    def replace(companion: Companion) -> None:
+        account.memory.take_back_reply(old[0].id)
+        chat.remember(companion, conversation_id)   # the message and its new reply, as one memory
+
+    return await _respond(conversation_id, body, account, chat, limiter, prepare, replace)
+
+
+async def _respond(conversation_id: str, body: SendMessage | Regenerate, account, chat, limiter,
+                   prepare, after=None):
+    """Reply to the conversation. prepare(past) may change the history the reply sees, and
+    returns the user's message it answers, or None for body.content, which is stored once the
+    reply is planned. after(companion) runs once the reply is stored."""
+    def find() -> tuple[Conversation, Companion]:
+        conversation = account.conversation(conversation_id)
+        return conversation, account.companion(conversation.companion_id)
+
+    conversation, companion = await asyncio.to_thread(find)
+    history, user = account.history, account.name
+    overrides = body.model_dump(include={"temperature", "top_p", "max_tokens"})
+
+    def plan_turn() -> tuple[Plan, Message]:
+        # Off the event loop, like the OpenAI route: reading history, tokenizing, the commit.
+        past = history.messages(conversation.id)
+        message = prepare(past)
+        turns = [{"role": m.role, "content": m.content} for m in past if m.content]
+        if message is None:
+            turns.append({"role": "user", "content": body.content})
+        plan = chat.plan(Turn(companion, turns, overrides, user=user, called=account.called))
+        return plan, message or history.append(conversation.id, "user", body.content)
+
+    plan, message = await limiter.reserve(user, plan_turn)
+    events = chat.reply(plan, conversation.id)
+    if after is not None:
+        async def then() -> None:
+            await asyncio.to_thread(after, companion)
+            chat.index_soon()
+
+        events = _then(events, then)
+    if body.stream:
+        return ClosingStreamingResponse(limiter.counted(user, _sse(events, message)),
+                                        media_type="text/event-stream", headers=SSE_HEADERS)
+    replies = [item.message async for item in limiter.counted(user, events) if isinstance(item, Done)]
+    return Exchange(message=message, reply=replies[0])
+
+
+async def _then(events: AsyncIterator, work) -> AsyncIterator:
+    """The events, with `await work()` run after the reply is stored and before Done is passed on."""
+    try:
+        async for item in events:
+            if isinstance(item, Done):
+                await work()
+            yield item
+    finally:
+        await events.aclose()
+
+
+async def _sse(events: AsyncIterator, message: Message) -> AsyncIterator[str]:
+    try:
+        async for item in events:
+            if isinstance(item, Delta):
+                yield event({"content": item.text}, "delta")
+            elif isinstance(item, Done):
+                yield event(Exchange(message=message, reply=item.message).model_dump_json(), "done")
+    except Exception as err:
+        yield event(stream_error(err), "error")
+    finally:
+        await events.aclose()

@@ -1,0 +1,189 @@
+// Chat: the companion's conversations; replies stream token by token with a stop button;
+// each reply can unfold the memories its prompt used.
+
+import { api, events, explain } from '../api.js';
+import { day, fill, h, notice, when } from '../dom.js';
+
+export async function chatView(root, { args: [companionId, conversationId] }) {
+  const companion = await api(`/companions/${companionId}`);
+  const list = h('ul', { class: 'conversations' });
+  const messages = h('ol', { class: 'messages', 'aria-live': 'polite' });
+  const text = h('textarea', { id: 'message', rows: 2, placeholder: `Message ${companion.name}…`,
+    'aria-label': 'Message', 'data-enter-sends': '' });
+  const sendButton = h('button', { type: 'submit', id: 'send' }, 'Send');
+  const stopButton = h('button', { type: 'button', id: 'stop', class: 'danger', hidden: true }, 'Stop');
+  const form = h('form', { class: 'composer' }, text, sendButton, stopButton);
+  let current = null;   // the open conversation
+  let replying = null;  // the AbortController of the reply being streamed
+
+  async function loadList() {
+    const conversations = await api(`/conversations?companion=${encodeURIComponent(companionId)}&limit=100`);
+    fill(list, conversations.map((c) => h('li', { 'aria-current': c.id === current?.id ? 'true' : null },
+      h('a', { href: `#/chat/${companionId}/${c.id}` }, c.title || `${day(c.created_at)} conversation`),
+      h('span', { class: 'hint' }, c.source === 'imported' ? `imported · ${day(c.updated_at)}` : when(c.updated_at)),
+      h('span', { class: 'row-actions' },
+        h('button', { type: 'button', class: 'link', onclick: () => rename(c) }, 'Rename'),
+        h('button', { type: 'button', class: 'link danger', onclick: () => forget(c) }, 'Delete')))));
+    return conversations;
+  }
+
+  async function rename(conversation) {
+    const title = prompt('A title for this conversation', conversation.title ?? '');
+    if (title === null) return;
+    await api(`/conversations/${conversation.id}`, { method: 'PATCH', json: { title: title || null } });
+    await loadList();
+  }
+
+  async function forget(conversation) {
+    if (!confirm('Delete this conversation and everything remembered from it?')) return;
+    await api(`/conversations/${conversation.id}`, { method: 'DELETE' });
+    if (conversation.id === current?.id) location.hash = `#/chat/${companionId}`;
+    else await loadList();
+  }
+
+  function bubble(message) {
+    const item = h('li', { class: `message ${message.role}` },
+      h('span', { class: 'speaker' }, message.role === 'user' ? 'You' : companion.name),
+      h('div', { class: 'text' }, message.content));
+    if (message.role === 'assistant') item.append(...details(message));
+    return item;
+  }
+
+  function details(message) {
+    const extra = [];
+    if (message.finish_reason === 'length' || message.truncated) extra.push(h('span', { class: 'hint' }, '(cut off)'));
+    const used = message.memories_used;
+    if (used?.length) {
+      const items = h('ul', { class: 'used' });
+      const box = h('details', { class: 'memories-used' }, h('summary', {}, `memories used (${used.length})`), items);
+      box.addEventListener('toggle', () => {
+        if (!box.open || items.childElementCount) return;
+        fill(items, used.map((m) => {
+          const date = h('span', { class: 'hint' });
+          api(`/memories/${m.id}`).then((full) => { date.textContent = day(full.created_at); })
+            .catch(() => { date.textContent = 'deleted since'; });
+          return h('li', {}, date, ' ', h('a', { href: `#/memory/${companionId}/${m.id}` }, m.text),
+            h('span', { class: 'score' }, ` ${m.score.toFixed(2)}`));
+        }));
+      });
+      extra.push(box);
+    }
+    return extra;
+  }
+
+  async function open(id) {
+    const { conversation, messages: said } = await api(`/conversations/${id}`);
+    current = conversation;
+    fill(messages, said.map(bubble));
+    offerRegenerate();
+    messages.lastElementChild?.scrollIntoView({ block: 'end' });
+  }
+
+  async function start() {
+    const { conversation } = await api('/conversations', { method: 'POST', json: { companion: companionId } });
+    location.hash = `#/chat/${companionId}/${conversation.id}`;
+  }
+
+  // Stream a reply into a new bubble; resolves to 'done' (stored), 'stopped' or 'failed'.
+  async function stream(path, json, onError) {
+    const reply = h('li', { class: 'message assistant streaming' },
+      h('span', { class: 'speaker' }, companion.name), h('div', { class: 'text' }));
+    const said = reply.querySelector('.text');
+    messages.append(reply);
+    reply.scrollIntoView({ block: 'end' });
+    for (const old of messages.querySelectorAll('.regenerate')) old.remove();
+    replying = new AbortController();
+    sendButton.hidden = true;
+    stopButton.hidden = false;
+    let outcome = 'done';
+    try {
+      await events(path, { method: 'POST', json: { ...json, stream: true }, signal: replying.signal,
+        onEvent: (name, data) => {
+          if (name === 'delta') {
+            said.append(data.content);   // text, token by token
+            reply.scrollIntoView({ block: 'end' });
+          } else if (name === 'done') {
+            reply.replaceWith(bubble(data.reply));
+          } else if (name === 'error') {
+            throw Object.assign(new Error(data.error.message), { status: data.error.code });
+          }
+        } });
+    } catch (err) {
+      reply.classList.remove('streaming');
+      if (err.name === 'AbortError') {
+        outcome = 'stopped';
+        reply.append(h('span', { class: 'hint' }, '(stopped)'));
+      } else {
+        outcome = 'failed';
+        if (!said.textContent) reply.remove();
+        onError(err);
+      }
+    } finally {
+      replying = null;
+      sendButton.hidden = false;
+      stopButton.hidden = true;
+    }
+    offerRegenerate();
+    loadList();
+    return outcome;
+  }
+
+  function failed(err, retry) {
+    const line = h('li', { class: 'message error' }, notice(explain(err), 'error', {
+      label: 'Retry', run: () => { line.remove(); retry(); } }));
+    messages.append(line);
+  }
+
+  function send(content) {
+    const mine = bubble({ role: 'user', content });
+    messages.append(mine);
+    return stream(`/conversations/${current.id}/messages`, { content },
+      (err) => failed(err, () => { mine.remove(); send(content); }));
+  }
+
+  // The last reply, if it answers your last message, can be made again.
+  function offerRegenerate() {
+    const last = messages.lastElementChild;
+    if (!last?.classList.contains('assistant') || !last.previousElementSibling?.classList.contains('user')
+        || last.querySelector('.regenerate')) return;
+    const again = async () => {
+      last.hidden = true;   // replaced once the new reply is stored; back if it fails or is stopped
+      const outcome = await stream(`/conversations/${current.id}/regenerate`, {},
+        (err) => failed(err, again));
+      if (outcome === 'done') last.remove();
+      else last.hidden = false;
+      offerRegenerate();
+    };
+    last.append(h('button', { type: 'button', class: 'link regenerate', onclick: again }, 'Regenerate'));
+  }
+
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const content = text.value.trim();
+    if (!content || replying) return;
+    text.value = '';
+    send(content);
+  });
+  text.addEventListener('keydown', (e) => {   // Enter sends, Shift+Enter is a new line
+    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  stopButton.addEventListener('click', () => replying?.abort());
+
+  const conversations = await loadList();
+  fill(root,
+    h('aside', { class: 'sidebar' },
+      h('button', { type: 'button', id: 'new-conversation', onclick: start }, 'New conversation'), list),
+    h('div', { class: 'chat' }, h('h1', {}, companion.name), messages, form));
+  const chosen = conversationId ?? conversations[0]?.id;
+  if (chosen) {
+    await open(chosen);
+    await loadList();
+    text.focus();
+  } else {
+    await start();
+  }
+  return () => replying?.abort();
+}

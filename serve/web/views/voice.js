@@ -1,0 +1,175 @@
+// Voice: teach the companion its voice from your history (a training job of the server),
+// follow it with a progress bar and a live loss chart, read each version's voice report,
+// and switch or roll back versions.
+
+import { api, events, explain } from '../api.js';
+import { fill, h, notice, progressBar, when } from '../dom.js';
+
+const OPEN = ['queued', 'running', 'evaluating'];
+const SVG = 'http://www.w3.org/2000/svg';
+
+function svg(tag, attrs) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) el.setAttribute(name, value);
+  return el;
+}
+
+// A line chart of the training loss against the step, redrawn as points arrive.
+function lossChart() {
+  const width = 480, height = 160, pad = 28;
+  const chart = svg('svg', { viewBox: `0 0 ${width} ${height}`, class: 'loss-chart', role: 'img',
+    'aria-label': 'training loss by step' });
+  const line = svg('polyline', { fill: 'none', 'stroke-width': 2, class: 'loss-line' });
+  const low = svg('text', { x: 2, y: height - pad, class: 'axis' });
+  const high = svg('text', { x: 2, y: pad - 6, class: 'axis' });
+  chart.append(svg('line', { x1: pad, y1: height - pad, x2: width - 4, y2: height - pad, class: 'axis-line' }), line, low, high);
+  const points = new Map();
+  chart.add = (step, total, loss) => {
+    if (step == null || loss == null) return;
+    points.set(step, loss);
+    const losses = [...points.values()];
+    const top = Math.max(...losses), bottom = Math.min(...losses), span = top - bottom || 1;
+    line.setAttribute('points', [...points].map(([s, l]) =>
+      `${pad + (width - pad - 4) * (s / Math.max(total, 1))},${pad + (height - 2 * pad) * (1 - (l - bottom) / span)}`).join(' '));
+    low.textContent = bottom.toFixed(2);
+    high.textContent = top.toFixed(2);
+  };
+  return chart;
+}
+
+export async function voiceView(root, { args: [companionId] }) {
+  const companion = await api(`/companions/${companionId}`);
+  const versions = h('div');
+  const running = h('div', { class: 'job' });
+  const report = h('div', { class: 'report' });
+  const steps = h('input', { type: 'number', name: 'max_steps', min: 1, placeholder: 'as configured', 'aria-label': 'Steps' });
+  const rate = h('input', { type: 'number', name: 'learning_rate', step: 'any', min: 0, placeholder: 'as configured',
+    'aria-label': 'Learning rate' });
+  let following = null;
+
+  async function loadVersions() {
+    const listing = await api(`/companions/${companionId}/adapters`);
+    const use = (version) => async () => {
+      try {
+        await api(`/companions/${companionId}/adapter`, { method: 'PUT', json: { version } });
+        await loadVersions();
+      } catch (err) {
+        versions.prepend(notice(explain(err), 'error'));
+      }
+    };
+    fill(versions, h('h2', {}, 'Versions'),
+      listing.problem ? notice(listing.problem, 'error') : null,
+      h('table', { class: 'versions' }, h('thead', {}, h('tr', {}, ['Version', 'Made', 'Held-out loss', 'In use', '']
+        .map((t) => h('th', {}, t)))),
+      h('tbody', {},
+        h('tr', {}, h('td', {}, 'base model'), h('td', {}), h('td', {}), h('td', {}, listing.current ? '' : '✓'),
+          h('td', {}, listing.current ? h('button', { type: 'button', class: 'quiet', onclick: use(null) }, 'Use the base model') : '')),
+        listing.versions.map((v) => h('tr', { 'data-version': v.version },
+          h('td', {}, v.version), h('td', {}, when(v.created_at)),
+          h('td', {}, v.metrics?.eval_loss?.toFixed?.(3) ?? ''),
+          h('td', {}, listing.current === v.version ? '✓' : ''),
+          h('td', {},
+            h('button', { type: 'button', class: 'link', onclick: () => showReport(v.version) }, 'Report'),
+            listing.current === v.version || !v.fits_base_model ? null
+              : h('button', { type: 'button', class: 'quiet', onclick: use(v.version) }, 'Use')))))));
+  }
+
+  async function showReport(version) {
+    let result;
+    try {
+      result = await api(`/companions/${companionId}/adapters/${version}/report`);
+    } catch (err) {
+      fill(report, notice(explain(err), 'error'));
+      return;
+    }
+    const plot = h('img', { alt: `Voice report of ${version}: perplexity and style, base against tuned`, class: 'plot' });
+    api(`/companions/${companionId}/adapters/${version}/voice.png`).then((blob) => { plot.src = URL.createObjectURL(blob); });
+    const p = result.perplexity, s = result.style, sim = result.similarity_to_real;
+    const styleRows = ['words_mean', 'emoji_per_100_chars', 'exclamations_per_reply', 'questions_per_reply', 'lowercase_share'];
+    fill(report, h('h2', {}, `Voice report: ${version}`),
+      h('p', { class: 'hint' }, `Held out: ${result.held_out_examples} windows, ${result.held_out_tokens} tokens of real replies.`),
+      h('table', { class: 'figures' }, h('thead', {}, h('tr', {}, ['', 'base', 'tuned'].map((t) => h('th', {}, t)))),
+        h('tbody', {},
+          h('tr', {}, h('th', {}, 'perplexity of the real replies (lower is closer)'), h('td', {}, p.base.toFixed(2)), h('td', { class: 'perplexity-tuned' }, p.tuned.toFixed(2))),
+          h('tr', {}, h('th', {}, 'similarity to the real reply'), h('td', {}, sim.base.toFixed(3)), h('td', {}, sim.tuned.toFixed(3))))),
+      h('table', { class: 'figures' }, h('thead', {}, h('tr', {}, ['style', 'real', 'base', 'tuned'].map((t) => h('th', {}, t)))),
+        h('tbody', {}, styleRows.map((key) => h('tr', {}, h('th', {}, key.replaceAll('_', ' ')),
+          ['real', 'base', 'tuned'].map((who) => h('td', {}, s[who][key].toFixed(2))))))),
+      plot,
+      h('h3', {}, 'Samples'),
+      h('ul', { class: 'samples' }, result.samples.map((sample) => h('li', {},
+        h('p', {}, h('b', {}, 'real: '), sample.real), h('p', {}, h('b', {}, 'base: '), sample.base),
+        h('p', {}, h('b', {}, 'tuned: '), sample.tuned)))));
+  }
+
+  function describe(job) {
+    const parts = [job.state];
+    if (job.state === 'queued' && job.queue_position) parts.push(`number ${job.queue_position} in the queue`);
+    if (job.step != null && job.total_steps) parts.push(`step ${job.step} of ${job.total_steps}`);
+    if (job.loss != null) parts.push(`loss ${job.loss.toFixed(3)}`);
+    if (job.eval_loss != null) parts.push(`held-out ${job.eval_loss.toFixed(3)}`);
+    if (job.eta_s != null && job.state === 'running') parts.push(`about ${Math.round(job.eta_s)} s left`);
+    return parts.join(' · ');
+  }
+
+  async function follow(job) {
+    following?.abort();
+    following = new AbortController();
+    const bar = progressBar('Training progress');
+    const chart = lossChart();
+    const cancel = h('button', { type: 'button', class: 'danger', onclick: async () => {
+      try { await api(`/finetunes/${job.id}/cancel`, { method: 'POST' }); } catch (err) { running.append(notice(explain(err), 'error')); }
+    } }, 'Cancel');
+    fill(running, h('h2', {}, `Training ${job.version ?? ''}`), bar, chart, cancel);
+    const show = (current) => {
+      bar.update(current.step ?? 0, current.total_steps ?? 1, describe(current));
+      chart.add(current.step, current.total_steps, current.loss);
+    };
+    show(job);
+    try {
+      await events(`/finetunes/${job.id}`, { signal: following.signal, onEvent: (name, data) => {
+        show(data);
+        if (name === 'end') ended(data);
+      } });
+    } catch (err) {
+      if (err.name !== 'AbortError') running.append(notice(explain(err), 'error'));
+    }
+  }
+
+  async function ended(job) {
+    const words = {
+      done: `Done: ${job.version}. ${job.switched ? `${companion.name} now speaks with it` : `Not switched: ${job.switch_reason ?? 'as set'}`}.`,
+      failed: `The training failed: ${job.error}`, cancelled: 'Cancelled; no version was kept.',
+      interrupted: 'Interrupted by a server stop; resume it to go on from its last checkpoint.',
+    };
+    running.querySelector('button.danger')?.remove();
+    running.append(notice(words[job.state] ?? job.state, job.state === 'done' ? 'ok' : 'error',
+      job.state === 'interrupted' ? { label: 'Resume', run: async () => follow(await api(`/finetunes/${job.id}/resume`, { method: 'POST' })) } : null));
+    await loadVersions();
+    if (job.state === 'done' && job.version) await showReport(job.version);
+  }
+
+  const start = h('form', { class: 'card form', onsubmit: async (e) => {
+    e.preventDefault();
+    const overrides = {};
+    if (steps.value) overrides.max_steps = Number(steps.value);
+    if (rate.value) overrides.learning_rate = Number(rate.value);
+    try {
+      follow(await api(`/companions/${companionId}/finetunes`, { method: 'POST', json: overrides }));
+    } catch (err) {
+      fill(running, notice(explain(err), 'error'));
+    }
+  } },
+  h('h2', {}, 'Teach the voice'),
+  h('p', {}, `${companion.name} learns from your own conversations with it. The server trains at low priority and `,
+    'switches to the new version only if it matches your history better than the one in use.'),
+  h('div', { class: 'row' }, h('label', {}, 'Steps', steps), h('label', {}, 'Learning rate', rate)),
+  h('button', { type: 'submit', id: 'start-training' }, 'Start training'));
+
+  fill(root, h('h1', {}, `${companion.name}'s voice`), start, running, versions, report);
+  await loadVersions();
+  const jobs = await api('/finetunes');
+  const open = jobs.find((j) => j.companion === companionId && OPEN.includes(j.state));
+  if (open) follow(open);
+  return () => following?.abort();
+}

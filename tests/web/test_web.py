@@ -1,0 +1,309 @@
+"""The web app in a real browser (Chromium through Playwright) against a real server on the
+embedded model: sign in, talk (streaming, stop, memories used), memory, bringing an export
+home, teaching the voice, accounts and isolation, and text that looks like markup.
+
+Every test also checks (in the `tab` fixture) that the page asked nothing of another host
+and raised no error. Screenshots: .cache/screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from playwright.sync_api import expect
+
+from tests.memory.exports import ChatGPTTree, chatgpt_simple, chatgpt_zip
+from tests.serve.test_native_api import card_png
+
+MARKUP = "<img src=x onerror=alert(1)>"
+
+
+def import_jsonl(web, companion: str, conversations: list[list[tuple[str, str]]], tmp_path: Path) -> None:
+    """History for the owner through the real import API (plain JSONL)."""
+    lines = [json.dumps({"id": f"{companion}-{i}", "title": f"Chat {i}",
+                         "messages": [{"role": role, "content": text} for role, text in turns]})
+             for i, turns in enumerate(conversations)]
+    with web.http() as http:
+        answer = http.post(f"/api/v1/companions/{companion}/imports", params={"filename": "history.jsonl"},
+                           content="\n".join(lines).encode())
+    assert answer.status_code == 200, answer.text
+
+
+def new_companion(web, companion_id: str, **fields) -> None:
+    with web.http() as http:
+        answer = http.post("/api/v1/companions",
+                           json={"id": companion_id, "name": companion_id.title(), **fields})
+    assert answer.status_code in (201, 409), answer.text
+
+
+def test_sign_in_talk_watch_it_stream_and_open_the_memories_it_used(tab, web):
+    t = tab()
+    response = t.page.goto(web.url + "/")
+    headers = response.headers
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert "unsafe-inline" not in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    page = t.page
+    page.fill("#key", "hf_not-a-key")
+    page.click("button[type=submit]")
+    expect(page.get_by_role("alert")).to_contain_text("not known")
+    t.shot("sign-in")
+    assert "hf_not-a-key" not in page.url
+    page.fill("#key", web.key)
+    page.click("button[type=submit]")
+    expect(page.locator(".card.companion[data-id=ember]")).to_be_visible()
+    t.shot("companions")
+
+    with web.http() as http:
+        fact = http.post("/api/v1/companions/ember/memories", json={"text": "My cat is called Miso."})
+    assert fact.status_code == 201, fact.text
+    page.locator(".card.companion[data-id=ember]").get_by_text("Talk").click()
+    expect(page.locator(".message.assistant").first).to_be_visible()   # the greeting
+    # Every length the reply's text had while it streamed.
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const text = document.querySelector('.message.streaming .text');
+            if (text) window.lengths.push(text.textContent.length);
+        }).observe(document.querySelector('.messages'),
+                   {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#message", "What is my cat called?")
+    page.keyboard.press("Enter")   # Enter sends
+    reply = page.locator(".message.assistant:not(.streaming)").nth(1)
+    expect(reply).to_be_visible(timeout=120_000)
+    lengths = [n for n in page.evaluate("window.lengths") if n]
+    assert len(set(lengths)) >= 2, f"the reply did not arrive in pieces: {lengths}"
+    assert page.locator(".message.user .text").last.text_content() == "What is my cat called?"
+
+    reply.locator(".memories-used summary").click()
+    used = reply.locator(".memories-used a", has_text="Miso")
+    expect(used).to_be_visible()
+    expect(reply.locator(".memories-used li").first).not_to_contain_text("deleted")
+    t.shot("chat-memories-used")
+
+    # Regenerate: the new reply takes the old one's place, here and on the server.
+    old = reply.locator(".text").text_content()
+    reply.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".message.assistant:not(.streaming):not([hidden])")).to_have_count(2, timeout=120_000)
+    with web.http() as http:
+        conversation = http.get("/api/v1/conversations", params={"companion": "ember"}).json()[0]["id"]
+        stored = http.get(f"/api/v1/conversations/{conversation}").json()["messages"]
+    assert [m["role"] for m in stored] == ["assistant", "user", "assistant"]
+    assert page.locator(".message.assistant .text").last.text_content() == stored[-1]["content"]
+    print(f"regenerated: {old!r} -> {stored[-1]['content']!r}")
+    reply = page.locator(".message.assistant").last
+    reply.locator(".memories-used summary").click()
+    used.click()
+    expect(page.locator(".memory.focus")).to_contain_text("My cat is called Miso.")
+
+    # Shift+Enter is a new line, not a send.
+    page.goto(web.url + "/#/chat/ember")
+    page.fill("#message", "one")
+    page.press("#message", "Shift+Enter")
+    page.keyboard.type("two")
+    assert page.input_value("#message") == "one\ntwo"
+
+
+def test_stop_a_reply_while_it_streams(tab, web):
+    # Hot sampling and a long limit: the reply goes on well past the click on Stop.
+    new_companion(web, "rambler", sampling={"temperature": 2.0, "top_p": 1.0, "max_tokens": 1000})
+    t = tab()
+    page = t.sign_in()
+    page.goto(web.url + "/#/chat/rambler")
+    page.fill("#message", "Tell me a very long story about the sea.")
+    page.click("#send")
+    # (Locators, not wait_for_function: the page's CSP forbids the eval that one needs.)
+    expect(page.locator(".message.streaming .text")).not_to_be_empty(timeout=120_000)
+    page.click("#stop")
+    expect(page.locator(".message.assistant .hint", has_text="(stopped)")).to_be_visible()
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#stop")).to_be_hidden()
+    assert page.locator(".message.streaming").count() == 0
+    t.shot("chat-stopped")
+
+
+def test_add_edit_pin_search_and_delete_a_fact(tab, web):
+    t = tab()
+    page = t.sign_in()
+    page.goto(web.url + "/#/memory/ember")
+    page.fill("textarea[name=fact]", "I am allergic to walnuts.")
+    page.click(".add-fact button[type=submit]")
+    row = page.locator("li.memory.fact", has_text="allergic to walnuts")
+    expect(row).to_be_visible()
+    memory_id = row.get_attribute("data-id")
+    row = page.locator(f"li.memory[data-id='{memory_id}']")
+
+    row.get_by_role("button", name="Edit").click()
+    row.locator("textarea").fill("I am allergic to walnuts and pecans.")
+    row.get_by_role("button", name="Save").click()
+    expect(row.locator(".text")).to_have_text("I am allergic to walnuts and pecans.")
+    with web.http() as http:
+        stored = http.get(f"/api/v1/memories/{memory_id}").json()
+    assert stored["text"] == "I am allergic to walnuts and pecans."
+
+    row.get_by_role("button", name="Pin").click()
+    expect(row.locator(".badge")).to_have_text("pinned")
+    page.select_option("select[name=filter]", "pinned")
+    expect(page.locator("li.memory")).to_have_count(1)
+    page.select_option("select[name=filter]", "")
+    page.fill("input[type=search]", "which nuts should I avoid")
+    expect(page.locator("li.memory").first).to_have_attribute("data-id", memory_id)
+    t.shot("memory")
+
+    page.locator(f"li.memory[data-id='{memory_id}']").get_by_role("button", name="Delete", exact=True).click()
+    expect(page.locator(f"li.memory[data-id='{memory_id}']")).to_have_count(0)
+    assert any(d.startswith("confirm") for d in t.dialogs)
+    with web.http() as http:
+        assert http.get(f"/api/v1/memories/{memory_id}").status_code == 404
+
+
+def test_bring_a_chatgpt_export_home_with_its_dry_run_and_progress(tab, web, tmp_path):
+    new_companion(web, "hearth")
+    rex = ChatGPTTree("c-rex", "Rex")
+    rex.add("root", "user", content={"content_type": "user_editable_context", "user_profile": "",
+                                     "user_instructions": "Be warm and brief."},
+            metadata={"is_visually_hidden_from_conversation": True})
+    rex.say(("user", "I adopted a dog named Rex yesterday."), ("assistant", "Rex! What a good name."))
+    export = chatgpt_zip(tmp_path / "chatgpt-export.zip", [
+        rex.export(),
+        chatgpt_simple("c-berlin", ("user", "I am moving to Berlin next month."),
+                       ("assistant", "Berlin! Big news."), ("user", "Help me pack?"),
+                       ("assistant", "Books first."), title="Berlin")])
+    t = tab()
+    page = t.sign_in()
+    page.goto(web.url + "/#/import/hearth")
+    page.set_input_files(".drop input[type=file]", str(export))
+    expect(page.locator("#run-import")).to_be_visible()
+    expect(page.locator("dd.conversations")).to_have_text("2")
+    expect(page.locator("dd.messages-count")).to_have_text("6")
+    expect(page.locator(".import-result")).to_contain_text("Nothing is written yet")
+    expect(page.locator(".persona blockquote")).to_have_text("Be warm and brief.")
+    t.shot("import-dry-run")
+    page.get_by_role("button", name="Apply to the card").click()
+    expect(page.locator(".persona .notice.ok")).to_contain_text("Added to Hearth's description")
+    with web.http() as http:
+        assert http.get("/api/v1/companions/hearth").json()["description"] == "Be warm and brief."
+    with web.http() as http:
+        assert http.get("/api/v1/conversations", params={"companion": "hearth"}).json() == []
+
+    page.evaluate("""() => {
+        window.progress = [];
+        new MutationObserver((records) => records.forEach((r) => {
+            const node = r.target.nodeType === Node.ELEMENT_NODE ? r.target : r.target.parentElement;
+            const words = node?.closest('.progress-words');
+            if (words) window.progress.push(words.textContent);
+        })).observe(document.querySelector('.import-result'),
+                    {subtree: true, childList: true, characterData: true});
+    }""")
+    page.click("#run-import")
+    expect(page.get_by_role("heading", name="Imported")).to_be_visible(timeout=120_000)
+    progress = page.evaluate("window.progress")
+    assert any(" of " in words for words in progress), progress
+    t.shot("import-done")
+    with web.http() as http:
+        conversations = http.get("/api/v1/conversations", params={"companion": "hearth"}).json()
+        assert sorted(c["title"] for c in conversations) == ["Berlin", "Rex"]
+        found = http.get("/api/v1/companions/hearth/memories/search", params={"q": "my dog"}).json()
+        assert "Rex" in found[0]["text"]
+
+
+def test_teach_the_voice_and_read_the_new_versions_report(tab, web, tmp_path):
+    topics = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train"]
+    new_companion(web, "kit", personality="A sleepy, gentle cat.")
+    conversations = [[turn for topic in (topics * 2)[i:i + 4] for turn in (
+        ("user", f"What do you think about {topic}?"),
+        ("assistant", f"oh, {topic} sounds cozy to me. ~ purr ~"))] for i in range(12)]
+    import_jsonl(web, "kit", conversations, tmp_path)
+    t = tab()
+    page = t.sign_in()
+    page.goto(web.url + "/#/voice/kit")
+    page.fill("input[name=max_steps]", "4")
+    page.click("#start-training")
+    expect(page.locator(".job progress")).to_be_visible()
+    expect(page.locator(".job .notice.ok")).to_contain_text("Done: v1", timeout=600_000)
+    points = page.locator(".loss-line").get_attribute("points")
+    assert points and len(points.split()) >= 2, f"the loss chart drew {points!r}"
+    expect(page.locator("tr[data-version=v1]")).to_be_visible()
+    expect(page.locator(".report")).to_contain_text("Voice report: v1")   # (or says why not)
+    expect(page.locator("td.perplexity-tuned")).to_have_text(re.compile(r"^\d+\.\d\d$"))
+    plot = page.locator("img.plot[src^='blob:']")
+    assert plot.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    expect(page.locator(".samples li")).to_have_count(2)
+    t.shot("voice")
+
+
+def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_path):
+    owner = tab()
+    page = owner.sign_in()
+    page.goto(web.url + "/#/accounts")
+    page.fill("input[name=name]", "sam")
+    page.click("form button[type=submit]")
+    key_field = page.locator("input.key")
+    expect(key_field).to_be_visible()
+    sam_key = key_field.input_value()
+    expect(page.locator("tr[data-user=sam]")).to_contain_text("active")
+    owner.shot("accounts")
+    with web.http() as http:
+        mine = http.post("/api/v1/conversations", json={"companion": "ember", "title": "Owner's secret"})
+    secret = mine.json()["conversation"]["id"]
+
+    sam = tab(viewport={"width": 390, "height": 844}, color_scheme="dark")   # a phone, in the dark
+    sam_page = sam.sign_in(sam_key)
+    expect(sam_page.locator("#nav")).not_to_contain_text("Accounts")
+    sam_page.click("text=New companion")
+    sam_page.fill("input[name=id]", "pebble")
+    sam_page.fill("input[name=name]", "Pebble")
+    sam_page.click("form.form button[type=submit]")
+    expect(sam_page.locator(".card.companion[data-id=pebble]")).to_be_visible()
+    card = tmp_path / "wren.png"
+    card.write_bytes(card_png({"spec": "chara_card_v2", "spec_version": "2.0",
+                               "data": {"name": "Wren", "description": "{{char}} keeps a lighthouse."}}))
+    sam_page.set_input_files(".drop input[type=file]", str(card))
+    wren = sam_page.locator(".card.companion[data-id=wren]")
+    expect(wren.locator(".about")).to_have_text("Wren keeps a lighthouse.")
+    expect(wren.locator(".avatar img")).to_be_visible()
+    sam.shot("companions-phone-dark")
+    sam_page.goto(web.url + "/#/chat/ember")
+    expect(sam_page.locator(".message.assistant").first).to_be_visible()
+    expect(sam_page.locator(".conversations")).not_to_contain_text("Owner's secret")
+    sam.shot("chat-phone-dark")
+    sam_page.goto(web.url + f"/#/chat/ember/{secret}")
+    expect(sam_page.get_by_role("alert")).to_contain_text("no conversation")
+
+    page.goto(web.url + "/#/companions")
+    expect(page.locator(".card.companion[data-id=ember]")).to_be_visible()
+    assert page.locator(".card.companion[data-id=pebble]").count() == 0
+    assert page.locator(".card.companion[data-id=wren]").count() == 0
+
+    # Signing out forgets the key: a reload asks for it again. No key is ever in the log.
+    sam_page.get_by_role("button", name="Sign out").click()
+    expect(sam_page.locator("#key")).to_be_visible()
+    assert sam_page.evaluate("sessionStorage.getItem('homefire.key')") is None
+    sam_page.reload()
+    expect(sam_page.locator("#key")).to_be_visible()
+    log = (web.data_dir / "serve.log").read_text(errors="replace")
+    assert sam_key not in log and web.key not in log
+
+
+def test_markup_in_a_reply_a_memory_and_a_title_is_shown_as_text(tab, web, tmp_path):
+    import_jsonl(web, "ember", [[("user", "Say something odd."), ("assistant", MARKUP)]], tmp_path)
+    with web.http() as http:
+        conversation = next(c for c in http.get("/api/v1/conversations", params={"companion": "ember"}).json()
+                            if c["title"] == "Chat 0")
+        http.patch(f"/api/v1/conversations/{conversation['id']}", json={"title": MARKUP})
+        http.post("/api/v1/companions/ember/memories", json={"text": MARKUP})
+    t = tab()
+    page = t.sign_in()
+    page.goto(web.url + f"/#/chat/ember/{conversation['id']}")
+    expect(page.locator(".message.assistant .text").last).to_have_text(MARKUP)
+    expect(page.locator(".conversations")).to_contain_text(MARKUP)
+    assert page.locator("main img").count() == 0
+    t.shot("markup-as-text")
+    page.goto(web.url + "/#/memory/ember")
+    expect(page.locator("li.memory.fact .text", has_text=MARKUP).first).to_be_visible()
+    assert page.locator("main img").count() == 0
+    assert t.dialogs == []
+    assert not any(url.endswith("/x") for url in t.requests), "the page asked for the markup's image"
