@@ -90,12 +90,10 @@ export async function events(path, { onEvent, ...options }) {
 
 // What went wrong, in words a person can act on.
 export function explain(err) {
-  if (err.status === 429) {
-    return `Too many requests at once. ${err.retryAfter ? `Try again in ${err.retryAfter} s.` : 'Wait a moment.'}`;
-  }
+  const said = (err.message || String(err)).replace(/\.?$/, '.');
+  if (err.status === 429) return `Too busy for now: ${said}`;
   if (err.status === 503) {
-    const wait = err.retryAfter ? ` Try again in about ${err.retryAfter} s.` : '';
-    return `${err.message}.${wait}`.replace('..', '.');
+    return err.retryAfter ? `${said} Try again in about ${err.retryAfter} s.` : said;
   }
-  return err.message || String(err);
+  return said;
 }

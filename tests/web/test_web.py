@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from playwright.sync_api import expect
@@ -107,14 +109,45 @@ def test_sign_in_talk_watch_it_stream_and_open_the_memories_it_used(tab, web):
     assert page.input_value("#message") == "one\ntwo"
 
 
-def test_stop_a_reply_while_it_streams(tab, web):
-    # Hot sampling and a long limit: the reply goes on well past the click on Stop.
+def first_delta(http, conversation: str, stack: ExitStack):
+    """Open a streamed reply and read it up to its first token; it goes on until stack closes.
+    Keep what it returns: a line reader that is dropped closes its connection."""
+    response = stack.enter_context(http.stream(
+        "POST", f"/api/v1/conversations/{conversation}/messages", json={"content": "Go on.", "stream": True}))
+    assert response.status_code == 200, response.read()
+    lines = response.iter_lines()
+    while not next(lines).startswith("event: delta"):
+        pass
+    return lines
+
+
+def test_a_busy_server_says_so_with_a_retry_and_a_reply_stops_while_it_streams(tab, web):
+    # Hot sampling and a long limit: a reply goes on well past the click on Stop.
     new_companion(web, "rambler", sampling={"temperature": 2.0, "top_p": 1.0, "max_tokens": 1000})
     t = tab()
     page = t.sign_in()
     page.goto(web.url + "/#/chat/rambler")
-    page.fill("#message", "Tell me a very long story about the sea.")
-    page.click("#send")
+    expect(page.locator(".conversations li")).to_have_count(1)
+    with web.http() as http, ExitStack() as streams:
+        # Four replies for this user already being written (limits.max_streams_per_user).
+        readers = []
+        for _ in range(4):
+            conversation = http.post("/api/v1/conversations", json={"companion": "rambler"}).json()
+            readers.append(first_delta(http, conversation["conversation"]["id"], streams))
+        page.fill("#message", "Tell me a very long story about the sea.")
+        page.click("#send")
+        busy = page.locator(".message.error")
+        expect(busy).to_contain_text("Too busy for now: 4 replies are already being written for you")
+        t.shot("chat-busy")
+    with web.http() as http:   # wait for the state: the server has let the four go
+        conversation = http.post("/api/v1/conversations", json={"companion": "rambler"}).json()
+        url = f"/api/v1/conversations/{conversation['conversation']['id']}/messages"
+        for _ in range(300):
+            if http.post(url, json={"content": "Hi", "max_tokens": 1}).status_code == 200:
+                break
+            time.sleep(0.1)   # a poll, not a guess: the loop ends on the state
+    busy.get_by_role("button", name="Retry").click()
+    expect(busy).to_have_count(0)
     # (Locators, not wait_for_function: the page's CSP forbids the eval that one needs.)
     expect(page.locator(".message.streaming .text")).not_to_be_empty(timeout=120_000)
     page.click("#stop")
@@ -214,7 +247,7 @@ def test_teach_the_voice_and_read_the_new_versions_report(tab, web, tmp_path):
     topics = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train"]
     new_companion(web, "kit", personality="A sleepy, gentle cat.")
     conversations = [[turn for topic in (topics * 2)[i:i + 4] for turn in (
-        ("user", f"What do you think about {topic}?"),
+        ("user", f"Day {i}: what do you think about {topic}?"),
         ("assistant", f"oh, {topic} sounds cozy to me. ~ purr ~"))] for i in range(12)]
     import_jsonl(web, "kit", conversations, tmp_path)
     t = tab()
@@ -265,6 +298,17 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     wren = sam_page.locator(".card.companion[data-id=wren]")
     expect(wren.locator(".about")).to_have_text("Wren keeps a lighthouse.")
     expect(wren.locator(".avatar img")).to_be_visible()
+    # A card dropped on the page, as a file dragged from the desktop is.
+    moss = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Moss", "personality": "quiet"}}
+    dropped = sam_page.evaluate_handle("""(text) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([text], 'moss.json', {type: 'application/json'}));
+        return transfer;
+    }""", json.dumps(moss))
+    sam_page.locator(".drop").dispatch_event("dragover", {"dataTransfer": dropped})
+    sam_page.locator(".drop").dispatch_event("drop", {"dataTransfer": dropped})
+    expect(sam_page.locator(".card.companion[data-id=moss]")).to_be_visible()
+    expect(sam_page.locator(".status")).to_contain_text("Moss is imported from moss.json")
     sam.shot("companions-phone-dark")
     sam_page.goto(web.url + "/#/chat/ember")
     expect(sam_page.locator(".message.assistant").first).to_be_visible()
@@ -277,6 +321,7 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     expect(page.locator(".card.companion[data-id=ember]")).to_be_visible()
     assert page.locator(".card.companion[data-id=pebble]").count() == 0
     assert page.locator(".card.companion[data-id=wren]").count() == 0
+    assert page.locator(".card.companion[data-id=moss]").count() == 0
 
     # Signing out forgets the key: a reload asks for it again. No key is ever in the log.
     sam_page.get_by_role("button", name="Sign out").click()

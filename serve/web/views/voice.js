@@ -146,7 +146,9 @@ export async function voiceView(root, { args: [companionId] }) {
     running.append(notice(words[job.state] ?? job.state, job.state === 'done' ? 'ok' : 'error',
       job.state === 'interrupted' ? { label: 'Resume', run: async () => follow(await api(`/finetunes/${job.id}/resume`, { method: 'POST' })) } : null));
     await loadVersions();
-    if (job.state === 'done' && job.version) await showReport(job.version);
+    if (job.state !== 'done' || !job.version) return;
+    if (job.voice?.error) fill(report, notice(`No voice report for ${job.version}: ${job.voice.error}`, 'error'));
+    else await showReport(job.version);
   }
 
   const start = h('form', { class: 'card form', onsubmit: async (e) => {
