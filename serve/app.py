@@ -293,8 +293,8 @@ def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
     # Uploads (exports, cards) are raw bodies with limits of their own.
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_kb * 1024,
                        exempt=("/imports", "/companions/import"))
-    web.install(app)
-    app.add_middleware(errors.CatchAll)   # outermost of ours: it sees what the others raise
+    app.add_middleware(errors.CatchAll)   # it sees what the others raise
+    web.install(app)                      # outermost: its headers are on CatchAll's 500 too
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(native.router)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import zipfile
 from pathlib import Path
+
+from PIL import Image, PngImagePlugin
 
 T0 = 1_700_000_000.0
 
@@ -181,3 +185,12 @@ def jsonl_export(path: Path) -> Path:
     ]
     path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n", encoding="utf-8")
     return path
+
+
+def card_png(card: dict) -> bytes:
+    """A 4 x 4 PNG Character Card with `card` in its chara chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("chara", base64.b64encode(json.dumps(card).encode()).decode())
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), "orange").save(out, "PNG", pnginfo=info)
+    return out.getvalue()

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-
-def card_png(card: dict) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("chara", base64.b64encode(json.dumps(card).encode()).decode())
-    out = io.BytesIO()
-    Image.new("RGB", (4, 4), "orange").save(out, "PNG", pnginfo=info)
-    return out.getvalue()
+from tests.memory.exports import card_png
 
 
 def test_companion_crud(server):

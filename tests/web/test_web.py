@@ -16,8 +16,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect
 
-from tests.memory.exports import ChatGPTTree, chatgpt_simple, chatgpt_zip
-from tests.serve.test_native_api import card_png
+from tests.memory.exports import ChatGPTTree, card_png, chatgpt_simple, chatgpt_zip
 
 MARKUP = "<img src=x onerror=alert(1)>"
 
