@@ -1,8 +1,10 @@
-"""Character Card import: V1, V2 (`chara_card_v2`) and V3 (`chara_card_v3`), as JSON or PNG.
+"""Character Cards: import of V1, V2 (`chara_card_v2`) and V3 (`chara_card_v3`), as JSON or
+PNG, and export as V3 JSON or as a PNG that carries both V2 and V3.
 
 PNG cards carry the card as base64 JSON in a tEXt/iTXt chunk named `ccv3` (V3) or `chara`.
 Only those chunks are read, by walking the PNG's chunk structure: the picture is never
-decoded, so a decompression bomb is just bytes we skip.
+decoded, so a decompression bomb is just bytes we skip. Homefire's own fields (its id, the
+sampling settings) travel in `data.extensions.homefire`, which other front ends keep as is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import zlib
 
 from pydantic import ValidationError
 
-from memory.companions import Companion, CompanionError, format_validation_error, slugify
+from memory.companions import Companion, CompanionError, Sampling, format_validation_error, slugify
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_FIELDS = (
@@ -132,12 +134,76 @@ def card_to_companion(card: object, filename: str = "card") -> Companion:
     ):
         if v1 in data and ours not in fields:
             fields[ours] = data[v1]
+    extensions = data.get("extensions") if isinstance(data.get("extensions"), dict) else {}
+    ours = extensions.get("homefire") if isinstance(extensions.get("homefire"), dict) else {}
     try:
         return Companion(
-            id=slugify(name),
+            id=ours.get("id") or slugify(name),
             name=name.strip(),
             alternate_greetings=data.get("alternate_greetings") or [],
+            sampling=Sampling.model_validate(ours.get("sampling") or {}),
+            base_model=ours.get("base_model"),
             **fields,
         )
     except ValidationError as err:
         raise CompanionError(f"{filename}: {format_validation_error(err)}") from err
+
+
+# -- export ---------------------------------------------------------------------------------
+
+def companion_to_card(companion: Companion, spec: str = "chara_card_v3") -> dict:
+    """The companion as a Character Card V3 (or V2) object."""
+    data = {field: getattr(companion, field) for field in CARD_FIELDS}
+    data |= {"name": companion.name, "alternate_greetings": list(companion.alternate_greetings),
+             "creator_notes": "", "tags": [], "creator": "", "character_version": "",
+             "extensions": {"homefire": {"id": companion.id, "sampling": companion.sampling.model_dump(),
+                                         "base_model": companion.base_model}}}
+    if spec == "chara_card_v3":
+        data |= {"group_only_greetings": [], "assets": [{"type": "icon", "uri": "ccdefault:",
+                                                         "name": "main", "ext": "png"}]}
+        return {"spec": spec, "spec_version": "3.0", "data": data}
+    return {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
+
+
+def card_json(companion: Companion) -> bytes:
+    return json.dumps(companion_to_card(companion), ensure_ascii=False, indent=2).encode()
+
+
+def card_png(companion: Companion, picture: bytes | None = None) -> bytes:
+    """A PNG card: `picture` (a PNG, e.g. the companion's; else a plain square with its initial)
+    with the card in a `chara` chunk (V2, read by every front end) and a `ccv3` chunk (V3)."""
+    image = picture if picture and picture.startswith(PNG_SIGNATURE) else _plain_picture(companion.name)
+    texts = b"".join(_text_chunk(key, base64.b64encode(json.dumps(companion_to_card(companion, spec),
+                                                                  ensure_ascii=False).encode()))
+                     for key, spec in (("chara", "chara_card_v2"), ("ccv3", "chara_card_v3")))
+    # Any card chunks the picture carried are left out; ours go just before IEND.
+    kept, position = [], len(PNG_SIGNATURE)
+    while position + 8 <= len(image):
+        length, kind = struct.unpack(">I4s", image[position:position + 8])
+        end = position + 12 + length
+        if kind == b"IEND":
+            break
+        if kind not in (b"tEXt", b"iTXt", b"zTXt"):
+            kept.append(image[position:end])
+        position = end
+    return PNG_SIGNATURE + b"".join(kept) + texts + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _text_chunk(keyword: str, text: bytes) -> bytes:
+    return _chunk(b"tEXt", keyword.encode("latin-1") + b"\0" + text)
+
+
+def _plain_picture(name: str) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (512, 512), (224, 122, 47))
+    ImageDraw.Draw(image).text((256, 256), name[:1].upper(), fill="white", anchor="mm", font_size=280)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ from serve.prompt import PromptBuilder
 from serve.routes import (
     accounts,
     adapters,
+    bundles,
     conversations,
     finetunes,
     health,
@@ -79,6 +81,8 @@ class Homefire:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o700)  # conversations are private
         db = Database(data_dir / "homefire.db")
+        for staged in (data_dir / "run").glob("bundle-*"):   # a bundle import cut short
+            shutil.rmtree(staged, ignore_errors=True)
         if removed := remove_leftovers(data_dir / "run", db):
             log.info("imports: removed %d files and rows an interrupted import left behind", removed)
         users = Users(db)
@@ -292,7 +296,7 @@ def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
     errors.install(app)
     # Uploads (exports, cards) are raw bodies with limits of their own.
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_kb * 1024,
-                       exempt=("/imports", "/companions/import"))
+                       exempt=("/imports", "/companions/import", "/api/v1/bundles"))
     app.add_middleware(errors.CatchAll)   # it sees what the others raise
     web.install(app)                      # outermost: its headers are on CatchAll's 500 too
     app.include_router(health.router)
@@ -304,6 +308,7 @@ def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(finetunes.router)
     app.include_router(accounts.router)
+    app.include_router(bundles.router)
     metrics.ENGINE_READY.set_function(
         lambda: float(getattr(app.state, "homefire", None) is not None
                       and app.state.homefire.engine.ready and app.state.homefire.chat.prompts is not None)

@@ -20,7 +20,8 @@ from memory.companions import CompanionError, CompanionStore, load_dir
 from memory.db import Database
 from memory.imports import ImportFailed
 from memory.users import LOCAL
-from serve import cli_imports, cli_users, cli_voice
+from serve import cli_bundle, cli_imports, cli_users, cli_voice
+from serve.bundle import BundleError
 from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir
 from serve.client import Client, ServerError, running_url, server_file
 from serve.config import ConfigError, check_exposure, load_settings
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversation", help="continue this conversation id instead of starting one")
     p.set_defaults(func=cmd_chat)
 
-    companion = sub.add_parser("companion", help="list, show and import companions",
+    companion = sub.add_parser("companion", help="list, show, import and export companions",
                                description="Manage companions, through the running server if there "
                                "is one, else directly in the data directory.")
     csub = companion.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -367,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action_parser in msub.choices.values():
         action_parser.add_argument("--json", action="store_true", help="print JSON")
         action_parser.set_defaults(func=cmd_memory)
+    cli_bundle.add_commands(sub, remote, csub)
     cli_imports.add_commands(sub, remote)
     cli_voice.add_commands(sub, remote)
     cli_users.add_commands(sub, common)
@@ -377,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ConfigError, CompanionError, ServerError, ImportFailed, FinetuneError) as err:
+    except (UsageError, ConfigError, CompanionError, ServerError, ImportFailed, FinetuneError,
+            BundleError) as err:
         print(f"homefire: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

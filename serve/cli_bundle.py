@@ -1,0 +1,191 @@
+"""`homefire bundle` and `homefire companion export-card`: a companion in one file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import httpx
+
+from memory.db import Database
+from memory.users import LOCAL, Users, local_key
+from serve.cli_base import Bar, UsageError, connect, hold_lock, local_store, resolve_data_dir
+from serve.client import ServerError, running_url
+from serve.config import load_settings
+
+
+def local_setup(args: argparse.Namespace):
+    """What this machine's server runs (converting the embedded model if it never started)."""
+    from finetune import adapters
+    from serve import bundle
+    from serve.cli_voice import _base_model
+
+    model_path, model_id = _base_model(args)
+    embedder = load_settings(args.config).memory.embedder or bundle.DEFAULT_EMBEDDER
+    return bundle.Setup(model_id, adapters.model_sha256(Path(model_path)), embedder)
+
+
+def _download(args: argparse.Namespace, url: str, path: str, out: Path) -> None:
+    client = connect(args, url)
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        with client.http.stream("GET", path) as response:
+            if response.status_code >= 400:
+                from serve.client import _error_message
+
+                raise ServerError(_error_message(response.read(), response.status_code))
+            with partial.open("wb") as f:
+                for block in response.iter_bytes(1 << 20):
+                    f.write(block)
+        partial.replace(out)
+    except httpx.HTTPError as err:
+        raise ServerError(f"the connection to {url} failed: {err}") from err
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> None:
+    from serve import bundle
+
+    data_dir = resolve_data_dir(args)
+    out: Path = args.output or Path(f"{args.companion}{bundle.SUFFIX}")
+    url = args.url or running_url(data_dir)
+    if url:
+        if args.user != LOCAL:
+            raise UsageError("through a running server a bundle holds the history of the user whose key "
+                             "is sent: set HOMEFIRE_API_KEY instead of --user")
+        _download(args, url, f"/api/v1/companions/{args.companion}/bundle", out)
+        manifest = bundle.read_bundle(out).manifest
+    else:
+        store = local_store(args)
+        companion = store.get(args.companion, args.user)
+        if companion is None:
+            raise UsageError(f"no companion named {args.companion!r} that {args.user} may use; known "
+                             f"companions: {', '.join(store.ids(args.user))}")
+        with Bar(f"writing {out.name}", 0, "B") as bar:
+            manifest = bundle.export_bundle(store.db, data_dir, companion, args.user, out, local_setup(args),
+                                            bundle.homefire_version(), bar)
+    counts = manifest["counts"]
+    print(f"{out}: {manifest['companion']['name']} with {counts['conversations']} conversations, "
+          f"{counts['messages']} messages, {counts['memories']} memories, {counts['adapters']} adapter "
+          f"versions" + (f" ({manifest['adapter_in_use']} in use)" if manifest["adapter_in_use"] else ""))
+
+
+def cmd_bundle_import(args: argparse.Namespace) -> None:
+    data_dir = resolve_data_dir(args)
+    path: Path = args.file
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    url = args.url or running_url(data_dir)
+    if url:
+        if args.user != LOCAL:
+            raise UsageError("through a running server a bundle becomes the history of the user whose key "
+                             "is sent: set HOMEFIRE_API_KEY instead of --user")
+        params = {"filename": path.name} | ({"as_id": args.as_id} if args.as_id else {})
+        with path.open("rb") as body:
+            report = connect(args, url).request("POST", "/api/v1/bundles", content=body, params=params)
+    else:
+        report = _import_locally(args, data_dir, path).as_dict()
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        print(report["message"])
+
+
+def _import_locally(args: argparse.Namespace, data_dir: Path, path: Path):
+    from finetune import adapters
+    from memory.embedder import Embedder
+    from memory.store import MemoryStore
+    from serve import bundle
+
+    lock = hold_lock(data_dir)
+    try:
+        read = bundle.read_bundle(path)   # checked whole before the model or the database is touched
+        settings = load_settings(args.config)
+        db = Database(data_dir / "homefire.db")
+        local_store(args)   # the persona files' companions are in place, so their ids are known
+        if args.user == LOCAL:
+            Users(db).ensure_local(local_key(data_dir))
+        user = Users(db).get(args.user)
+        if user is None:
+            raise UsageError(f"no user named {args.user!r} (see `homefire user list`)")
+        owner = None if user.admin else user.name
+        report = bundle.import_bundle(db, data_dir, read, user.name, owner, local_setup(args), args.as_id,
+                                      reserved=(settings.tasks.model,))
+        key = f"{owner}.{report.companion}" if owner else report.companion
+        if report.adapter_in_use:
+            adapters.set_current(data_dir, key, report.adapter_in_use)
+        store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
+        with Bar("indexing memories", 0, "memory") as bar:
+            store.index_pending(bar)
+        return report
+    except bundle.BundleError as err:
+        raise UsageError(str(err)) from err
+    finally:
+        lock.close()
+
+
+def cmd_export_card(args: argparse.Namespace) -> None:
+    from memory.cards import card_json, card_png
+    from memory.pictures import picture_path
+
+    out: Path = args.output
+    if out.suffix.lower() not in (".png", ".json"):
+        raise UsageError(f"-o {out}: a card is written as .png (with 'chara' and 'ccv3' chunks) or .json "
+                         "(Character Card V3)")
+    data_dir = resolve_data_dir(args)
+    url = args.url or running_url(data_dir)
+    if url:
+        _download(args, url, f"/api/v1/companions/{args.id}/card?format={out.suffix[1:].lower()}", out)
+    else:
+        store = local_store(args)
+        companion = store.get(args.id)
+        if companion is None:
+            raise UsageError(f"no companion named {args.id!r}; known companions: {', '.join(store.ids())}")
+        if out.suffix.lower() == ".json":
+            data = card_json(companion)
+        else:
+            picture = picture_path(data_dir, companion.key)
+            data = card_png(companion, picture.read_bytes() if picture.is_file() else None)
+        partial = out.with_name(f".{out.name}.partial")
+        partial.write_bytes(data)
+        partial.replace(out)
+    print(f"wrote {out}")
+
+
+def add_commands(sub, remote: argparse.ArgumentParser, companion_sub) -> None:
+    p = companion_sub.add_parser(
+        "export-card", parents=[remote], help="write a companion's Character Card (.png or .json)",
+        description="Write the companion's card for SillyTavern and other front ends: a PNG (its picture, "
+        "or a plain one) carrying the card in a 'chara' chunk (V2) and a 'ccv3' chunk (V3), or a "
+        "Character Card V3 JSON file. Homefire's id and sampling settings ride in extensions.homefire.")
+    p.add_argument("id", help="companion id")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="the file to write: NAME.png or NAME.json")
+    p.set_defaults(func=cmd_export_card)
+
+    bundle = sub.add_parser(
+        "bundle", help="carry a companion to another machine in one file",
+        description="A bundle (.homefire, a zip file) holds a companion whole: its card and picture, your "
+        "history and memories with it, every adapter version trained on your history with its voice "
+        "report, which one is in use, and its sampling settings; every member has its SHA-256 in the "
+        "manifest. Through the running server if there is one, else in the data directory.")
+    bsub = bundle.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = bsub.add_parser("export", parents=[remote], help="write a companion's bundle",
+                        description="Write COMPANION with your history, memories and adapters to one file.")
+    p.add_argument("companion", help="companion id")
+    p.add_argument("-o", "--output", type=Path, help="the bundle to write (default: COMPANION.homefire)")
+    p.add_argument("--user", default=LOCAL, help="whose history (without a server; default: local)")
+    p.set_defaults(func=cmd_bundle_export)
+    p = bsub.add_parser(
+        "import", parents=[remote], help="bring a companion's bundle in",
+        description="Bring a bundle in, all or nothing: every checksum is verified before anything is "
+        "written. Adapters made for another base model are left out with the reason (the history and "
+        "memories still come in); importing the same bundle again adds nothing.")
+    p.add_argument("file", type=Path, help="the .homefire file")
+    p.add_argument("--as", dest="as_id", help="import under this companion id instead of the bundle's")
+    p.add_argument("--user", default=LOCAL,
+                   help="whose history it becomes (without a server; default: local)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_bundle_import)

@@ -1,0 +1,428 @@
+"""Companion bundles on real SQLite, real zip files and real PEFT adapters: the round trip, a
+second import that adds nothing, and every damaged or hostile bundle refused with nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from finetune import adapters
+from memory.companions import Companion, CompanionStore, Sampling
+from memory.db import Database
+from memory.history import History, ReplyMeta, chain_root, chains
+from memory.store import MemoryStore
+from serve import bundle
+from serve.default_model import MODEL_NAME
+from tests.serve.test_trust import make_adapter
+
+KIT = Companion(id="kit", name="Kit", description="A fox who remembers.", first_mes="Hey you.",
+                sampling=Sampling(temperature=0.3, max_tokens=64))
+
+
+def rows(db: Database, sql: str) -> list[tuple]:
+    return [tuple(r) for r in db.query(sql)]
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir) -> bundle.Setup:
+    return bundle.Setup(MODEL_NAME, adapters.model_sha256(model_dir), bundle.DEFAULT_EMBEDDER)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, model_dir, setup) -> tuple[Path, Path]:
+    """A data directory where Kit has two conversations, memories of each kind (one deleted, one
+    edited, one pinned) and two adapter versions, v2 in use; and Kit's bundle."""
+    data = tmp_path_factory.mktemp("source")
+    db = Database(data / "homefire.db")
+    CompanionStore(db).put(KIT, "api")
+    history, memory = History(db), MemoryStore(db, data / "index", embedder=None)
+    first = history.create_conversation("kit", "Moving day").id
+    history.append(first, "user", "I moved to Porto last week.")
+    reply = history.append(first, "assistant", "Porto! Tell me about the river.",
+                           ReplyMeta(tokens=7, model=MODEL_NAME, finish_reason="stop", sampling={"t": 0.3}))
+    memory.add_exchange("kit", first, reply.id, "I moved to Porto last week.",
+                        "User: I moved to Porto last week.\nKit: Porto! Tell me about the river.",
+                        reply.created_at)
+    second = history.create_conversation("kit").id
+    history.append(second, "user", "My cat Miso hates the rain.")
+    gone = history.append(second, "assistant", "Poor Miso.", ReplyMeta(finish_reason="stop"))
+    gone_memory = memory.add_exchange("kit", second, gone.id, "My cat Miso hates the rain.",
+                                      "User: My cat Miso hates the rain.\nKit: Poor Miso.", gone.created_at)
+    memory.delete(gone_memory)   # forgotten: it must not come back on the other side either
+    memory.add_fact("kit", "I am allergic to walnuts", pinned=True)
+    edited = memory.add_fact("kit", "My sister is called Ana")
+    memory.edit(edited.id, text="My sister is called Ada")
+    for version in ("v1", "v2"):
+        make_adapter(data / "adapters" / "kit" / version, model_dir, "local")
+    adapters.set_current(data, "kit", "v2")
+    out = data / "kit.homefire"
+    bundle.export_bundle(db, data, CompanionStore(db).get("kit"), "local", out, setup, "test")
+    db.close()
+    return data, out
+
+
+def empty(tmp_path: Path) -> tuple[Path, Database]:
+    data = tmp_path / "data"
+    return data, Database(data / "homefire.db")
+
+
+def nothing_written(data: Path, db: Database) -> None:
+    assert rows(db, "SELECT COUNT(*) FROM companions") == [(0,)]
+    assert rows(db, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    assert rows(db, "SELECT COUNT(*) FROM memories") == [(0,)]
+    assert not (data / "adapters").exists() or not any((data / "adapters").rglob("*.safetensors"))
+    assert not list((data / "run").glob("bundle-*"))
+
+
+def test_the_manifest_names_every_member_with_its_checksum_and_the_setup(source, setup):
+    _, out = source
+    with zipfile.ZipFile(out) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        for name, digest in manifest["members"].items():
+            assert hashlib.sha256(archive.read(name)).hexdigest() == digest
+        assert set(manifest["members"]) | {"manifest.json"} == set(archive.namelist())
+        card = json.loads(archive.read("card.json"))
+    assert manifest["base_model"] == {"id": MODEL_NAME, "sha256": setup.model_sha256}
+    assert manifest["embedder"] == bundle.DEFAULT_EMBEDDER and manifest["adapter_in_use"] == "v2"
+    assert manifest["sampling"]["temperature"] == 0.3
+    assert manifest["counts"] == {"conversations": 2, "messages": 4, "memories": 3, "adapters": 2}
+    assert card["spec"] == "chara_card_v3" and card["data"]["name"] == "Kit"
+    assert "adapters/v1/adapter_model.safetensors" in manifest["members"]
+    assert not any("checkpoint" in name for name in manifest["members"])
+
+
+def test_a_bundle_comes_home_whole_and_a_second_import_adds_nothing(source, setup, tmp_path):
+    origin, out = source
+    data, db = empty(tmp_path)
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    assert report.created and report.conversations_added == 2 and report.messages_added == 4
+    assert report.memories_added == 3 and report.adapters_added == ["v1", "v2"]
+    assert report.adapter_in_use == "v2" and report.adapters_refused is None
+    before = Database(origin / "homefire.db")
+    assert CompanionStore(db).get("kit").model_dump() == KIT.model_dump()
+    same = ("SELECT c.id, c.title, c.created_at, m.role, m.content, m.created_at, m.tokens, m.model, "
+            "m.sampling, m.finish_reason, m.forgotten, m.chain FROM messages m JOIN conversations c "
+            "ON c.id = m.conversation_id ORDER BY m.id")
+    assert rows(db, same) == rows(before, same)
+    facts = "SELECT kind, text, source, pinned, created_at, updated_at, asked FROM memories ORDER BY id"
+    assert rows(db, facts) == rows(before, facts)
+    assert rows(db, "SELECT COUNT(*) FROM memories WHERE chunks = 0") == [(3,)], "vectors are rebuilt"
+    for version in ("v1", "v2"):
+        here = adapters.version_dir(data, "kit", version) / "adapter_model.safetensors"
+        there = adapters.version_dir(origin, "kit", version) / "adapter_model.safetensors"
+        assert here.read_bytes() == there.read_bytes()
+        adapters.verify(here.parent, setup.model_sha256)
+    # The chains are this data directory's: a client resending the conversation is matched.
+    turns = [("user", "I moved to Porto last week."), ("assistant", "Porto! Tell me about the river.")]
+    assert rows(db, "SELECT chain FROM messages ORDER BY id")[1] == (chains(chain_root("kit"), turns)[1],)
+    conversation, added = History(db).record_resent("kit", turns)
+    assert added == []
+    assert conversation == rows(before, "SELECT id FROM conversations ORDER BY created_at")[0][0]
+
+    again = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    assert not again.created and again.conversations_added == again.messages_added == 0
+    assert again.memories_added == 0 and again.adapters_added == [] and again.adapters_known == ["v1", "v2"]
+    assert rows(db, "SELECT COUNT(*) FROM messages") == [(4,)]
+    assert adapters.versions(data, "kit") == ["v1", "v2"]
+
+
+def test_a_conversation_the_bundle_continues_is_extended(source, setup, tmp_path):
+    origin, out = source
+    data, db = empty(tmp_path)
+    bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    conversation = rows(db, "SELECT id FROM conversations ORDER BY created_at")[0][0]
+    History(db).append(conversation, "user", "The river is called the Douro.")
+    later = tmp_path / "later.homefire"
+    bundle.export_bundle(db, data, CompanionStore(db).get("kit"), "local", later, setup, "test")
+    data2, db2 = empty(tmp_path / "other")
+    bundle.import_bundle(db2, data2, bundle.read_bundle(out), "local", None, setup)
+    report = bundle.import_bundle(db2, data2, bundle.read_bundle(later), "local", None, setup)
+    assert report.conversations_extended == 1 and report.messages_added == 1
+    assert report.conversations_added == 0
+    assert rows(db2, "SELECT content FROM messages ORDER BY id")[-1] == ("The river is called the Douro.",)
+
+
+def test_adapters_for_another_base_model_are_left_out_with_the_reason(source, setup, tmp_path):
+    _, out = source
+    data, db = empty(tmp_path)
+    other = bundle.Setup("other-model", "f" * 64, bundle.DEFAULT_EMBEDDER)
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, other)
+    assert report.adapters_added == [] and report.adapter_in_use is None
+    assert f"trained on base model {MODEL_NAME!r}" in report.adapters_refused
+    assert "other-model" in report.adapters_refused and "v1, v2" in report.adapters_refused
+    assert "homefire finetune kit" in report.message and "came in" in report.message
+    assert rows(db, "SELECT COUNT(*) FROM messages") == [(4,)]
+    assert rows(db, "SELECT COUNT(*) FROM memories") == [(3,)]
+    assert adapters.versions(data, "kit") == []
+
+
+def test_another_companion_of_the_same_id_is_never_merged_into(source, setup, tmp_path):
+    _, out = source
+    data, db = empty(tmp_path)
+    CompanionStore(db).put(Companion(id="kit", name="Another Kit"), "api")
+    with pytest.raises(bundle.BundleConflict, match="a different companion already has the id 'kit'.*--as"):
+        bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    assert rows(db, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup, as_id="kit2")
+    assert report.companion == "kit2" and report.messages_added == 4
+    assert CompanionStore(db).get("kit2").name == "Kit" and adapters.versions(data, "kit2") == ["v1", "v2"]
+    turns = [("user", "I moved to Porto last week."), ("assistant", "Porto! Tell me about the river.")]
+    assert History(db).record_resent("kit2", turns)[1] == [], "its chains were made for its new id"
+
+
+def repack(out: Path, to: Path, change) -> Path:
+    """The bundle `out` written again as `to`, each member passed through change(info, data),
+    which returns [(ZipInfo or name, data), ...] to write in its place."""
+    with zipfile.ZipFile(out) as source, zipfile.ZipFile(to, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            for name, data in change(info, source.read(info)):
+                target.writestr(name, data)
+    return to
+
+
+def listed(out: Path, extra: dict[str, bytes]):
+    """A change that adds members and lists them in the manifest, so only their shape is wrong."""
+    def change(info, data):
+        if info.filename == "manifest.json":
+            manifest = json.loads(data)
+            manifest["members"] |= {n: hashlib.sha256(d).hexdigest() for n, d in extra.items()}
+            return [("manifest.json", json.dumps(manifest)), *extra.items()]
+        return [(info, data)]
+    return change
+
+
+def link(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+HOSTILE = {
+    "zip-slip": (lambda out: listed(out, {"../../evil.txt": b"x"}), "points outside the archive"),
+    "absolute": (lambda out: listed(out, {"/etc/cron.d/evil": b"x"}), "points outside the archive"),
+    "pickle": (lambda out: listed(out, {"adapters/v1/adapter_model.bin": b"\x80\x04K\x01."}),
+               "pickled weights are never loaded"),
+    "unknown member": (lambda out: listed(out, {"run.sh": b"rm -rf ~"}), "a bundle holds no such member"),
+    "bomb": (lambda out: listed(out, {"history.jsonl.bak": b"\0" * (64 << 20)}), "possible zip bomb"),
+    "unlisted": (lambda out: lambda info, data: [(info, data), *([("picture.png", b"\x89PNG")]
+                                                              if info.filename == "card.json" else [])],
+                 "not listed: picture.png"),
+    "oversized": (lambda out: lambda info, data: [(info, data + os.urandom(1 << 20).hex().encode())
+                                                 if info.filename == "manifest.json" else (info, data)],
+                  "more than such a member may hold"),
+}
+
+
+@pytest.mark.parametrize("shape", [*HOSTILE, "link", "duplicate", "not a zip", "no manifest"])
+def test_a_hostile_bundle_is_refused_whole_with_nothing_written(source, setup, tmp_path, shape):
+    _, out = source
+    bad = tmp_path / f"{shape}.homefire"
+    if shape in HOSTILE:
+        make, said = HOSTILE[shape]
+        repack(out, bad, make(out))
+    elif shape == "link":
+        repack(out, bad, lambda info, data: [
+            (info, data), *([(link("picture.png"), b"/etc/passwd")] if info.filename == "card.json" else [])])
+        said = "is a symbolic link"
+    elif shape == "duplicate":
+        with pytest.warns(UserWarning):   # zipfile itself warns of the duplicate name
+            repack(out, bad, lambda info, data: [(info, data)] * (2 if info.filename == "card.json" else 1))
+        said = "appears twice"
+    elif shape == "not a zip":
+        bad.write_bytes(b"this is not a bundle\n" * 10)
+        said = "not a Homefire bundle"
+    else:
+        repack(out, bad, lambda info, data: [] if info.filename == "manifest.json" else [(info, data)])
+        said = "no manifest.json"
+    data, db = empty(tmp_path)
+    with pytest.raises(bundle.BundleError, match=said) as refused:
+        bundle.import_bundle(db, data, bundle.read_bundle(bad, "bad.homefire"), "local", None, setup)
+    assert str(refused.value).startswith("bad.homefire")
+    nothing_written(data, db)
+
+
+def test_one_changed_byte_in_any_member_is_found(source, setup, tmp_path):
+    """Each member in turn with one byte flipped, its zip CRC made right again (as a careful forger
+    or a bit flip before the zip was written would leave it): the checksum still catches it."""
+    _, out = source
+    with zipfile.ZipFile(out) as archive:
+        names = [n for n in archive.namelist() if n != "manifest.json"]
+    data, db = empty(tmp_path)
+    for name in names:
+        bad = tmp_path / "changed.homefire"
+
+        def flip(info, payload, name=name):
+            if info.filename != name:
+                return [(info, payload)]
+            middle = len(payload) // 2
+            return [(info.filename, payload[:middle] + bytes([payload[middle] ^ 1]) + payload[middle + 1:])]
+
+        repack(out, bad, flip)
+        with pytest.raises(bundle.BundleError, match=f"{name}: its SHA-256 differs from the manifest's"):
+            bundle.import_bundle(db, data, bundle.read_bundle(bad), "local", None, setup)
+    nothing_written(data, db)
+    # And a byte changed in the file as stored (CRC and all): the zip's own check refuses it.
+    raw = bytearray(out.read_bytes())
+    start = raw.find(b"I moved to Porto") if b"I moved to Porto" in raw else len(raw) // 3
+    raw[start] ^= 0x20
+    (tmp_path / "flipped.homefire").write_bytes(bytes(raw))
+    with pytest.raises(bundle.BundleError):
+        bundle.read_bundle(tmp_path / "flipped.homefire")
+
+
+def test_a_malformed_history_line_is_named(source, setup, tmp_path):
+    _, out = source
+
+    def break_history(info, payload):
+        if info.filename == "history.jsonl":
+            payload = payload + b'{"id": "x", "messages": "no"}\n'
+        return [(info, payload)]
+
+    bad = repack(out, tmp_path / "bad.homefire", break_history)
+    with zipfile.ZipFile(bad) as archive:   # listed with its new checksum: only its content is wrong
+        manifest = json.loads(archive.read("manifest.json"))
+        manifest["members"]["history.jsonl"] = hashlib.sha256(archive.read("history.jsonl")).hexdigest()
+    fixed = repack(bad, tmp_path / "relisted.homefire", lambda info, payload: [
+        (info, json.dumps(manifest).encode() if info.filename == "manifest.json" else payload)])
+    with pytest.raises(bundle.BundleError, match=r"history.jsonl line 3: created_at: Field required"):
+        bundle.read_bundle(fixed)
+
+
+def test_the_database_is_left_alone_when_the_write_fails_midway(source, setup, tmp_path):
+    """A failure inside the transaction (here: the last memory breaks a CHECK constraint) rolls
+    back every row, and no adapter is moved into place."""
+    _, out = source
+    data, db = empty(tmp_path)
+    read = bundle.read_bundle(out)
+    read.memories.append(read.memories[0].model_copy(update={"id": 999, "kind": "nonsense", "reply_id": None,
+                                                             "conversation_id": None}))
+    with pytest.raises(sqlite3.IntegrityError):
+        bundle.import_bundle(db, data, read, "local", None, setup)
+    nothing_written(data, db)
+
+
+# -- through real servers ------------------------------------------------------------------------
+
+PROMPTS = ["Where do I live now?", "What should I cook for my sister?"]
+
+
+def greedy(http, companion: str, prompt: str) -> dict:
+    conversation = http.post("/api/v1/conversations", json={"companion": companion}).json()["conversation"]
+    answer = http.post(f"/api/v1/conversations/{conversation['id']}/messages",
+                       json={"content": prompt, "max_tokens": 12, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["reply"]
+
+
+def searched(http, companion: str, query: str) -> list[tuple[str, float]]:
+    found = http.get(f"/api/v1/companions/{companion}/memories/search", params={"q": query, "k": 5})
+    assert found.status_code == 200, found.text
+    return [(m["text"], round(m["score"], 3)) for m in found.json()]
+
+
+def cli(data_dir: Path, *args: str, key: str | None = None, server=None):
+    import subprocess
+    import sys
+
+    env = os.environ | ({"HOMEFIRE_API_KEY": key} if key else {})
+    config = ["--config", str(server.config_path)] if server else []
+    return subprocess.run([sys.executable, "-m", "serve.cli", *args, "--data-dir", str(data_dir), *config],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
+        server, make_server, model_dir, tmp_path):
+    """Ana's own companion, with her history, facts and an adapter in use, exported through the
+    running server; imported by the command line into an empty data directory; served there."""
+    ana = server.http(key := server.add_user("ana"))
+    fox = {"id": "fox", "name": "Fox", "description": "{{char}} is a fox who keeps notes.",
+           "sampling": {"temperature": 0.5, "max_tokens": 48}}
+    assert ana.post("/api/v1/companions", json=fox).status_code == 201
+    conversation = ana.post("/api/v1/conversations", json={"companion": "fox"}).json()["conversation"]["id"]
+    for said in ("I moved to Porto last month.", "My sister Ada is vegetarian."):
+        sent = ana.post(f"/api/v1/conversations/{conversation}/messages",
+                        json={"content": said, "max_tokens": 8, "temperature": 0})
+        assert sent.status_code == 200, sent.text
+    assert ana.post("/api/v1/companions/fox/memories",
+                    json={"text": "I am allergic to walnuts", "pinned": True}).status_code == 201
+    make_adapter(server.data_dir / "adapters" / "ana.fox" / "v1", model_dir, "ana", seed=3)
+    used = ana.put("/api/v1/companions/fox/adapter", json={"version": "v1"})
+    assert used.status_code == 200, used.text
+    out = tmp_path / "fox.homefire"
+    done = cli(server.data_dir, "bundle", "export", "fox", "-o", str(out), key=key)
+    assert done.returncode == 0, done.stderr
+    assert "Fox with 1 conversations, 4 messages, 3 memories, 1 adapter versions (v1 in use)" in done.stdout
+    there = {prompt: searched(ana, "fox", prompt) for prompt in PROMPTS}
+    replies = {prompt: greedy(ana, "fox", prompt) for prompt in PROMPTS}
+    assert all(r["adapter"] for r in replies.values()), "the adapter spoke"
+
+    # The card alone, as a front end gets it, opens in our own card import with every field.
+    from memory.cards import parse_card
+
+    card = ana.get("/api/v1/companions/fox/card", params={"format": "png"})
+    assert card.status_code == 200 and card.headers["content-type"] == "image/png"
+    stored = ana.get("/api/v1/companions/fox").json()
+    assert parse_card(card.content).model_dump() == stored
+    assert parse_card(ana.get("/api/v1/companions/fox/card", params={"format": "json"}).content
+                      ).model_dump() == stored
+
+    # An empty data directory on another "machine": imported without a server, then served.
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / MODEL_NAME).symlink_to(model_dir, target_is_directory=True)
+    fresh = make_server(home)
+    done = cli(home, "bundle", "import", str(out), "--json", server=fresh)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["created"] and report["messages_added"] == 4 and report["memories_added"] == 3
+    assert report["adapter_in_use"] == "v1", report
+    fresh.start()
+    with fresh.http() as here:
+        assert here.get("/api/v1/companions/fox/adapters").json()["current"] == "v1"
+        assert {prompt: searched(here, "fox", prompt) for prompt in PROMPTS} == there
+        again = {prompt: greedy(here, "fox", prompt) for prompt in PROMPTS}
+        assert [r["content"] for r in again.values()] == [r["content"] for r in replies.values()]
+        assert all(r["adapter"] for r in again.values())
+
+        # Through the server's API: the same bundle again adds nothing...
+        with out.open("rb") as body:
+            same = here.post("/api/v1/bundles", content=body.read(), params={"filename": "fox.homefire"})
+        assert same.status_code == 201, same.text
+        assert same.json()["messages_added"] == 0 and same.json()["adapters_known"] == ["v1"]
+        # ...a changed byte is refused with nothing written...
+        raw = bytearray(out.read_bytes())
+        raw[raw.find(b"Porto") + 1] ^= 0x01
+        refused = here.post("/api/v1/bundles", content=bytes(raw), params={"filename": "fox.homefire",
+                                                                            "as_id": "fox2"})
+        assert refused.status_code == 422 and refused.json()["error"]["message"].startswith("fox.homefire")
+        assert "fox2" not in [c["id"] for c in here.get("/api/v1/companions").json()]
+        # ...and an adapter made for other weights stays out, with the way to a new voice said.
+        def other_base(info, data):
+            if info.filename == "adapters/v1/manifest.json":
+                manifest = json.loads(data)
+                manifest["base_model"] = {"id": "SmolLM3-3B", "sha256": "0" * 64}
+                return [(info.filename, json.dumps(manifest))]
+            return [(info, data)]
+
+        moved = repack(out, tmp_path / "moved.homefire", other_base)
+        with zipfile.ZipFile(moved) as archive:
+            manifest = json.loads(archive.read("manifest.json"))
+            manifest["members"]["adapters/v1/manifest.json"] = hashlib.sha256(
+                archive.read("adapters/v1/manifest.json")).hexdigest()
+        relisted = repack(moved, tmp_path / "relisted.homefire", lambda info, data: [
+            (info, json.dumps(manifest) if info.filename == "manifest.json" else data)])
+        came = here.post("/api/v1/bundles", content=relisted.read_bytes(), params={"as_id": "fox3"})
+        assert came.status_code == 201, came.text
+        assert "trained on base model 'SmolLM3-3B'" in came.json()["adapters_refused"]
+        assert "homefire finetune fox3" in came.json()["message"]
+        assert came.json()["messages_added"] == 4
+        assert here.get("/api/v1/companions/fox3/adapters").json() == {
+            "current": None, "versions": [], "problem": None}
+    ana.close()
