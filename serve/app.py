@@ -205,6 +205,27 @@ class Homefire:
         await asyncio.to_thread(self.companions.delete, key)
         drop_picture(self.data_dir, key)
 
+    async def backups_on_schedule(self) -> None:
+        """Scheduled backups (settings backup.dir): one every backup.every_hours, counted from the
+        newest in the folder, on a background thread while the server serves."""
+        from serve.backup import backup, last_backup_at
+        from serve.bundle import homefire_version
+
+        config = self.settings.backup
+        root = config.dir.expanduser()
+        loop = asyncio.get_running_loop()
+        while True:
+            last = await asyncio.to_thread(last_backup_at, root)
+            wait = 0.0 if last is None else last + config.every_hours * 3600 - time.time()
+            await asyncio.sleep(max(wait, 1.0))
+            try:
+                made = await loop.run_in_executor(self.background, lambda: backup(
+                    self.data_dir, root, self.settings, config.keep, homefire_version()))
+                log.info("backup: %s (keeping the newest %d)", made, config.keep)
+            except Exception:
+                log.exception("backup: the scheduled backup into %s failed; trying again in an hour", root)
+                await asyncio.sleep(3600)
+
     async def close(self) -> None:
         for task in self.chores:
             task.cancel()
@@ -278,6 +299,8 @@ def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
         hf.url = url
         app.state.homefire = hf
         hf.chores.append(asyncio.create_task(hf.start_engine()))
+        if settings.backup.dir:
+            hf.chores.append(asyncio.create_task(hf.backups_on_schedule()))
         # From here on every request shares the event loop: SQLite belongs in worker threads.
         # A development check (the tests turn it on) makes a call on the loop an error.
         hf.db.forbid_event_loop = os.environ.get("HOMEFIRE_STRICT_EVENT_LOOP") == "1"

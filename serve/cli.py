@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action_parser in msub.choices.values():
         action_parser.add_argument("--json", action="store_true", help="print JSON")
         action_parser.set_defaults(func=cmd_memory)
-    cli_bundle.add_commands(sub, remote, csub)
+    cli_bundle.add_commands(sub, remote, csub, common)
     cli_imports.add_commands(sub, remote)
     cli_voice.add_commands(sub, remote)
     cli_users.add_commands(sub, common)

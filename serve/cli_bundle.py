@@ -1,4 +1,5 @@
-"""`homefire bundle` and `homefire companion export-card`: a companion in one file."""
+"""What outlives a machine: `homefire bundle` and `companion export-card` (a companion in one
+file), `homefire backup` and `restore` (a whole data directory)."""
 
 from __future__ import annotations
 
@@ -154,7 +155,76 @@ def cmd_export_card(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def add_commands(sub, remote: argparse.ArgumentParser, companion_sub) -> None:
+def cmd_backup(args: argparse.Namespace) -> None:
+    from serve import backup, bundle
+
+    data_dir = resolve_data_dir(args)
+    try:
+        made = backup.backup(data_dir, args.dir.expanduser().resolve(), load_settings(args.config), args.keep,
+                             bundle.homefire_version())
+    except backup.BackupError as err:
+        raise UsageError(str(err)) from err
+    counts = json.loads((made / "manifest.json").read_text())["counts"]
+    print(f"{made}: {counts['messages']} messages in {counts['conversations']} conversations, "
+          f"{counts['memories']} memories, {counts['users']} users; integrity ok"
+          + (f"; keeping the newest {args.keep}" if args.keep else ""))
+
+
+def cmd_restore(args: argparse.Namespace) -> None:
+    from memory.embedder import Embedder
+    from memory.store import MemoryStore
+    from serve import backup
+
+    data_dir = resolve_data_dir(args)
+    folder: Path = args.backup.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(data_dir)
+    try:
+        manifest = backup.restore(folder, data_dir)
+        settings = load_settings(args.config)
+        db = Database(data_dir / "homefire.db")   # a backup of an older Homefire is migrated here
+        store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
+        with Bar("rebuilding the memory index", 0, "memory") as bar:
+            store.rebuild(bar, everyone=True)
+        if not store.index_is_consistent():
+            raise UsageError(f"{data_dir}: the rebuilt memory index does not match SQLite; run "
+                             "`homefire memory rebuild`")
+        integrity = db.query("PRAGMA integrity_check")[0][0]
+    except backup.BackupError as err:
+        raise UsageError(str(err)) from err
+    finally:
+        lock.close()
+    counts = manifest["counts"]
+    print(f"restored {folder.name} into {data_dir}: {counts['messages']} messages, {counts['memories']} "
+          f"memories (index rebuilt), {counts['users']} users; integrity {integrity}")
+    if (folder / "configs").is_dir():
+        print(f"the settings and persona files that server ran with are in {folder / 'configs'}")
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of backups, 1 or more")
+    return int(text)
+
+
+def add_commands(sub, remote: argparse.ArgumentParser, companion_sub,
+                 common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "backup", parents=[common], help="back the data directory up, even while the server runs",
+        description="Write a backup folder into DIR: the database copied by SQLite's online backup API "
+        "(consistent while the server writes) and checked with PRAGMA integrity_check, the adapters, "
+        "pictures, the API key file, the model pin, and the settings and persona files; every file's "
+        "SHA-256 in its manifest. For a daily one, set backup.dir in the settings.")
+    p.add_argument("dir", type=Path, help="the folder that holds the backups")
+    p.add_argument("--keep", type=_at_least_one, metavar="N", help="keep only the newest N backups in DIR")
+    p.set_defaults(func=cmd_backup)
+    p = sub.add_parser(
+        "restore", parents=[common], help="restore a backup into an empty data directory",
+        description="Check every file of the backup against its manifest, copy it into an empty data "
+        "directory (--data-dir), check the database's integrity and rebuild the memory index.")
+    p.add_argument("backup", type=Path, help="a backup folder (DIR/homefire-YYYYmmdd-HHMMSS)")
+    p.set_defaults(func=cmd_restore)
+
     p = companion_sub.add_parser(
         "export-card", parents=[remote], help="write a companion's Character Card (.png or .json)",
         description="Write the companion's card for SillyTavern and other front ends: a PNG (its picture, "

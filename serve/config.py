@@ -157,6 +157,17 @@ class FinetuneServerConfig(BaseModel):
     """Replies each model writes for a job's voice report."""
 
 
+class BackupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    dir: Path | None = None
+    """Where the server puts its scheduled backups (`homefire backup`); empty: no schedule."""
+    every_hours: float = Field(24, ge=1)
+    """Hours between scheduled backups (24: daily), counted from the newest one in dir."""
+    keep: int = Field(7, ge=1)
+    """Scheduled backups kept; older ones are deleted once a new one is whole."""
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -181,6 +192,8 @@ class Settings(BaseModel):
     """Clients' background work (titles, tags, summaries), kept out of history and memory."""
     finetune: FinetuneServerConfig = FinetuneServerConfig()
     """Training jobs of the server (POST /api/v1/companions/{id}/finetunes)."""
+    backup: BackupConfig = BackupConfig()
+    """Scheduled backups of the data directory, taken while the server runs."""
 
 
 def load_settings(path: Path | None = None) -> Settings:
@@ -192,6 +205,8 @@ def load_settings(path: Path | None = None) -> Settings:
         settings.companions_dir = (path.parent / settings.companions_dir).resolve()
     if settings.finetune.config and not settings.finetune.config.is_absolute():
         settings.finetune.config = (path.parent / settings.finetune.config).resolve()
+    if settings.backup.dir and not settings.backup.dir.expanduser().is_absolute():
+        settings.backup.dir = (path.parent / settings.backup.dir).resolve()
     return settings
 
 
