@@ -38,8 +38,8 @@ class AdapterService:
                     continue
                 path = self._checked(companion_id, version)
             except FinetuneError as err:
-                self.problems[companion_id] = str(err)
-                log.error("adapters: %s: not used: %s", companion_id, err)
+                self.problems[companion_id] = f"{err}{self._fitting_hint(companion_id)}"
+                log.error("adapters: %s: not used: %s", companion_id, self.problems[companion_id])
                 continue
             self.chat.engine.adapters[adapter_name(companion_id, version)] = str(path)
             self.chat.adapters[companion_id] = version
@@ -88,6 +88,16 @@ class AdapterService:
                           "fits_base_model": info.get("base_model", {}).get("sha256") == self.base_sha256})
         return {"current": self.chat.adapters.get(companion_id), "versions": found,
                 "problem": self.problems.get(companion_id)}
+
+    def _fitting_hint(self, companion_id: str) -> str:
+        """Which versions of the companion were trained on the model this server runs, if any."""
+        fit = [v for v in adapters.versions(self.data_dir, companion_id)
+               if adapters.manifest(self.data_dir, companion_id, v).get("base_model", {}).get("sha256")
+               == self.base_sha256 and self.base_sha256]
+        if fit:
+            return (f"; {', '.join(fit)} {'were' if len(fit) > 1 else 'was'} trained on this model: "
+                    f"`homefire adapter use {companion_id.rpartition('.')[2]} {fit[-1]}`")
+        return ""
 
     def _checked(self, companion_id: str, version: str) -> Path:
         adapters.manifest(self.data_dir, companion_id, version)   # names the known versions if missing

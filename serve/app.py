@@ -33,6 +33,7 @@ from serve.default_model import MODEL_NAME, ensure_default_model
 from serve.engine import Engine
 from serve.finetunes import FinetuneService, sleep_mode_supported
 from serve.limits import BodyLimit, Limiter
+from serve.model_pin import check_and_record, engine_version
 from serve.prompt import PromptBuilder
 from serve.routes import (
     accounts,
@@ -68,6 +69,7 @@ class Homefire:
     tasks: Tasks                 # clients' background work, and the utility model
     finetunes: FinetuneService = field(init=False)   # training jobs, one at a time
     url: str = ""                # where clients reach it, once it listens
+    model_change: str | None = None   # what differs from the model the data was made with
     chores: list[asyncio.Task] = field(default_factory=list)   # the engine's start, and such
     # One import at a time per user: another user's long import never makes yours wait.
     import_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
@@ -162,10 +164,19 @@ class Homefire:
                 engine.detail = "converting the embedded model (first start only)"
                 path = await asyncio.to_thread(ensure_default_model, self.data_dir / "models")
                 engine.model_path = str(path)
-            if self.settings.engine.lora is not False and not self.settings.engine.url:
+            if not self.settings.engine.url:
                 await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
+                self.model_change = await asyncio.to_thread(
+                    check_and_record, self.data_dir, self.chat.model_id, self.adapters.base_sha256,
+                    engine_version())
+            if self.settings.engine.lora is not False and not self.settings.engine.url:
                 await asyncio.to_thread(lambda: self.adapters.register_current(self.companions.ids()))
                 engine.lora = engine.lora or bool(engine.adapters)
+            if self.model_change:
+                unfit = ", ".join(sorted(self.adapters.problems)) or "none"
+                log.warning("no silent change: %s; companions whose adapters no longer fit (switched off, "
+                            "with the reason in GET /api/v1/companions/ID/adapters): %s",
+                            self.model_change, unfit)
             await engine.start()
             if engine.state == "failed":
                 return

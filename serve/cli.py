@@ -20,7 +20,7 @@ from memory.companions import CompanionError, CompanionStore, load_dir
 from memory.db import Database
 from memory.imports import ImportFailed
 from memory.users import LOCAL
-from serve import cli_bundle, cli_imports, cli_users, cli_voice
+from serve import cli_bundle, cli_drift, cli_imports, cli_users, cli_voice
 from serve.bundle import BundleError
 from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir
 from serve.client import Client, ServerError, running_url, server_file
@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_bundle.add_commands(sub, remote, csub, common)
     cli_imports.add_commands(sub, remote)
     cli_voice.add_commands(sub, remote)
+    cli_drift.add_commands(sub, remote)
     cli_users.add_commands(sub, common)
     return parser
 

@@ -295,6 +295,18 @@ def cmd_adapter(args: argparse.Namespace) -> None:
     _switch_adapter(args, companion, version, url)
 
 
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--finetune-config", type=Path, help="fine-tuning YAML (default configs/finetune.yaml)")
+    p.add_argument("--steps", type=int, help="stop after this many steps (max_steps)")
+    p.add_argument("--epochs", type=float, help="passes over the data")
+    p.add_argument("--rank", type=int, help="LoRA rank (1, 8, 16, 32, 64, 128, 256, 320, 512)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--max-seq-len", type=int, help="longest example in tokens")
+    p.add_argument("--filter-boilerplate", action="store_true",
+                   help='do not train on refusals and "As an AI" replies')
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other setting of the YAML")
+
+
 def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "finetune", parents=[remote], help="LoRA-tune a companion's voice on its history",
@@ -309,15 +321,7 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p.add_argument("companion", help="companion id")
     p.add_argument("--dry-run", action="store_true",
                    help="build the dataset only: print its size and one example with trained tokens marked")
-    p.add_argument("--finetune-config", type=Path, help="fine-tuning YAML (default configs/finetune.yaml)")
-    p.add_argument("--steps", type=int, help="stop after this many steps (max_steps)")
-    p.add_argument("--epochs", type=float, help="passes over the data")
-    p.add_argument("--rank", type=int, help="LoRA rank (1, 8, 16, 32, 64, 128, 256, 320, 512)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--max-seq-len", type=int, help="longest example in tokens")
-    p.add_argument("--filter-boilerplate", action="store_true",
-                   help='do not train on refusals and "As an AI" replies')
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other setting of the YAML")
+    add_training_flags(p)
     p.add_argument("--resume", metavar="VERSION", type=version_arg,
                    help="continue an interrupted run from its checkpoint")
     p.add_argument("--user", default=LOCAL, help="whose history to learn from (default: local); "

@@ -24,6 +24,7 @@ class Readiness(BaseModel):
     engine: str            # starting | ready | restarting | failed
     detail: str | None
     restarts: int
+    model_change: str | None = None   # what differs from the model this data was made with
 
 
 @router.get("/readyz", dependencies=[Depends(authenticate)], response_model=Readiness,
@@ -33,7 +34,7 @@ def readyz(request: Request) -> JSONResponse:
     hf = request.app.state.homefire
     ready = hf.engine.ready and hf.chat.prompts is not None and hf.chat.memory is not None
     body = {"ready": ready, "engine": hf.engine.state, "detail": hf.engine.detail,
-            "restarts": hf.engine.restarts}
+            "restarts": hf.engine.restarts, "model_change": hf.model_change}
     return JSONResponse(body, 200 if ready else 503)
 
 

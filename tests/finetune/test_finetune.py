@@ -221,8 +221,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(trained, data_dir):
     deadline = time.monotonic() + 300
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(1)   # let the checkpoint's files be complete
-    proc.kill()
+    proc.kill()   # the state file comes last, by rename: once it is there the checkpoint is whole
     proc.wait()
     assert state.exists(), "the run should have written a checkpoint before it was killed"
     assert not (state.parent.parent / "manifest.json").exists(), "an interrupted run is not a version"
@@ -262,3 +261,93 @@ def test_a_version_is_vN_wherever_it_enters(tmp_path):
     (tmp_path / "adapters" / "kit" / "CURRENT").write_text("../bob.pet/v1\n")
     with pytest.raises(FinetuneError, match="CURRENT: '../bob.pet/v1' is not an adapter version"):
         adapters.current(tmp_path, "kit")
+
+
+@pytest.fixture(scope="module")
+def other_model(model_dir: Path, tmp_path_factory) -> Path:
+    """Another base model: the embedded one with one weight matrix nudged (other weights, other
+    SHA-256), as a new release of a model would be."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path_factory.mktemp("models") / "SmolLM2-nudged"
+    shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns("*.safetensors", "homefire-*"))
+    for weights in model_dir.glob("*.safetensors"):
+        tensors = load_file(weights)
+        name = next(n for n in tensors if n.endswith("layers.0.mlp.down_proj.weight"))
+        torch.manual_seed(0)
+        tensors[name] = tensors[name] + 0.02 * torch.randn_like(tensors[name].float()).to(tensors[name].dtype)
+        save_file(tensors, other / weights.name, metadata={"format": "pt"})
+    return other
+
+
+def test_drift_shows_a_switch_of_version_and_nothing_for_the_same_setup(trained, data_dir, model_dir):
+    from tests.serve.test_trust import make_adapter
+
+    probe = ["--probes", "2", "--max-new-tokens", "12", "--json"]
+    assert cli("adapter", "use", "kit", "v1", data_dir=data_dir).returncode == 0
+    same = cli("drift", "kit", "--against", "v1", *probe, data_dir=data_dir)
+    assert same.returncode == 0, same.stderr
+    same = json.loads(same.stdout)
+    assert not same["drift"] and same["replies_differ"] == 0 and same["figures_differ"] == []
+    assert same["figures"]["current"] == same["figures"]["other"]
+    assert all(p["current"].startswith("oh, ") for p in same["probes"]), "v1 speaks in kit's voice"
+    assert all(p["real"].endswith("~ purr ~") for p in same["probes"]), "probes are kit's real replies"
+
+    other = data_dir / "adapters" / "kit" / "v9"
+    make_adapter(other, model_dir, "local", seed=9)
+    assert cli("adapter", "use", "kit", "v9", data_dir=data_dir).returncode == 0
+    moved = cli("drift", "kit", "--against", "v1", "--probes", "2", "--max-new-tokens", "12",
+                data_dir=data_dir)
+    assert moved.returncode == 0, moved.stderr
+    assert "drift: 2 of 2 replies differ; figures differ: held_out_loss" in moved.stdout
+    assert "held-out loss" in moved.stdout and "v9" in moved.stdout and "v1" in moved.stdout
+    shutil.rmtree(other)
+    assert cli("adapter", "use", "kit", "v1", data_dir=data_dir).returncode == 0
+    asked = cli("drift", "kit", data_dir=data_dir)
+    assert asked.returncode == 2 and "--against vN (or base), or --model PATH" in asked.stderr
+
+
+def test_migrate_tunes_on_a_new_model_and_switches_nothing_until_the_server_runs_it(
+        trained, data_dir, other_model, model_dir, make_server):
+    from finetune import adapters
+    from serve.model_pin import check_and_record, engine_version
+
+    # The data directory knows the model it was made with (a server's start records it).
+    check_and_record(data_dir, MODEL_NAME, adapters.model_sha256(model_dir), engine_version())
+    current = (data_dir / "adapters" / "kit" / "CURRENT").read_text()
+    done = cli("migrate", "kit", "--model", str(other_model), *TRAIN, "--samples", "2",
+               "--max-new-tokens", "12", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    version = json.loads(next(data_dir.glob("adapters/kit/*/migrate.json")).read_text())["version"]
+    assert "held-out loss" in done.stdout and f"SmolLM2-nudged {version}" in done.stdout
+    assert "nothing was switched" in done.stdout
+    assert (data_dir / "adapters" / "kit" / "CURRENT").read_text() == current
+    result = json.loads((data_dir / "adapters" / "kit" / version / "migrate.json").read_text())
+    nudged = adapters.model_sha256(other_model)
+    assert result["new"]["model_sha256"] == nudged != result["old"]["model_sha256"] and not result["switched"]
+    assert all(p["new"].startswith("oh, ") for p in result["probes"]), "the voice came along to the new model"
+    assert adapters.manifest(data_dir, "kit", version)["base_model"]["sha256"] == nudged
+    same = cli("migrate", "kit", "--model", str(model_dir), data_dir=data_dir)
+    assert same.returncode == 2 and "these are the weights the server runs already" in same.stderr
+
+    # The server started on the new weights names the change; kit's old adapter is switched off
+    # with the reason and the version that fits is named; nothing is served on the wrong base.
+    server = make_server(data_dir, config={"engine": {"model": str(other_model)}, "memory": {"top_k": 0}})
+    server.start()
+    ready = server.http().get("/readyz").json()
+    assert "the base model changed from 'SmolLM2-135M-Instruct'" in ready["model_change"], ready
+    listing = server.http().get("/api/v1/companions/kit/adapters").json()
+    assert listing["current"] is None
+    assert "was trained on base model 'SmolLM2-135M-Instruct'" in listing["problem"]
+    assert f"`homefire adapter use kit {version}`" in listing["problem"]
+    assert server.reply("kit", max_tokens=4)["adapter"] is None
+    assert "no silent change: the base model changed" in server.log_tail(400)
+    used = cli("adapter", "use", "kit", version, data_dir=data_dir, env=server.env)
+    assert used.returncode == 0, used.stderr
+    assert server.reply("kit", max_tokens=4)["adapter"] == version
+    pin = json.loads((data_dir / "model.json").read_text())
+    assert pin["model"]["sha256"] == adapters.model_sha256(other_model)
+    assert pin["previous"]["model"]["id"] == MODEL_NAME
+    server.stop()
+    (data_dir / "adapters" / "kit" / "CURRENT").write_text(current)
