@@ -271,8 +271,6 @@ def read_bundle(path: Path, label: str | None = None) -> Bundle:
                 why = ("pickled weights are never loaded; adapters travel as safetensors"
                        if info.filename.endswith(adapters.PICKLES) else "a bundle holds no such member")
                 raise BundleError(f"{where}: {why}; refusing the whole bundle")
-            if names.count(info.filename) > 1:
-                raise BundleError(f"{where}: the member appears twice; refusing the whole bundle")
             limit = LIMITS.get(PurePosixPath(info.filename).name, DEFAULT_LIMIT)
             if info.file_size > limit:
                 raise BundleError(f"{where}: {info.file_size} bytes, more than such a member may hold "

@@ -46,10 +46,14 @@ class Member:
 
 
 def check_archive(archive: zipfile.ZipFile, label: str) -> None:
-    """Refuse links, paths that leave the archive, and zip bombs, before reading a byte."""
-    total = 0
+    """Refuse links, paths that leave the archive, names given twice, and zip bombs, before
+    reading a byte."""
+    total, seen = 0, set()
     for info in archive.infolist():
         name = info.filename
+        if name in seen:   # which copy a reader gets depends on the reader: refuse both
+            raise ImportFailed(label, f"member {name!r} appears twice; refusing the whole archive")
+        seen.add(name)
         path = PurePosixPath(name.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
             raise ImportFailed(label, f"member {name!r} points outside the archive; refusing "

@@ -71,3 +71,13 @@ export function dropZone(label, accept, onFile) {
   });
   return zone;
 }
+
+// Offer a Blob as a file to save.
+export function download(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = h('a', { href: url, download: name, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}

@@ -180,6 +180,14 @@ def test_hostile_archives_are_refused_before_anything_is_extracted(tmp_path):
     with pytest.raises(ImportFailed, match="is a symbolic link"):
         read(zip_with(tmp_path / "link.zip", [(link, b"/etc/passwd")]))
 
+    # Two members of one name: one reader would take the first, another the last.
+    empty = json.dumps([]).encode()
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        twice = zip_with(tmp_path / "twice.zip", [("conversations.json", conversations),
+                                                  ("conversations.json", empty)])
+    with pytest.raises(ImportFailed, match=r"twice\.zip: member 'conversations\.json' appears twice"):
+        read(twice)
+
     bomb = zip_with(tmp_path / "bomb.zip", [("conversations.json", b"[" + b" " * (20 << 20) + b"]")])
     assert bomb.stat().st_size < 100_000
     with pytest.raises(ImportFailed, match=r"expands \d+x \(limit 200x\); refusing a possible zip bomb"):
@@ -191,7 +199,7 @@ def test_hostile_archives_are_refused_before_anything_is_extracted(tmp_path):
     with pytest.raises(ImportFailed, match=r"cut\.zip: a zip archive that cannot be read .* truncated"):
         read(cut)
     assert sorted(os.listdir(tmp_path)) == ["absolute.zip", "bomb.zip", "cut.zip", "export.zip",
-                                           "link.zip", "slip.zip"], "nothing may be extracted"
+                                           "link.zip", "slip.zip", "twice.zip"], "nothing may be extracted"
 
 
 def test_a_damaged_member_is_an_error_not_a_short_import(tmp_path):

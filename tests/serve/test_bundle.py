@@ -234,7 +234,7 @@ def test_a_hostile_bundle_is_refused_whole_with_nothing_written(source, setup, t
     elif shape == "duplicate":
         with pytest.warns(UserWarning):   # zipfile itself warns of the duplicate name
             repack(out, bad, lambda info, data: [(info, data)] * (2 if info.filename == "card.json" else 1))
-        said = "appears twice"
+        said = "member 'card.json' appears twice"
     elif shape == "not a zip":
         bad.write_bytes(b"this is not a bundle\n" * 10)
         said = "not a Homefire bundle"
@@ -306,6 +306,32 @@ def test_the_database_is_left_alone_when_the_write_fails_midway(source, setup, t
     with pytest.raises(sqlite3.IntegrityError):
         bundle.import_bundle(db, data, read, "local", None, setup)
     nothing_written(data, db)
+
+
+def test_the_card_export_carries_v2_and_v3_and_opens_in_our_import(tmp_path):
+    """`homefire companion export-card` without a server: a PNG whose 'chara' chunk is a V2 card
+    and 'ccv3' a V3 one (front ends read either), and a V3 JSON file; both open as the same card."""
+    import base64
+
+    from memory.cards import parse_card, png_texts
+    from memory.companions import load_dir
+    from serve.config import REPO_ROOT
+
+    ember = next(c for c, _ in load_dir(REPO_ROOT / "configs" / "companions") if c.id == "ember")
+    for suffix in ("png", "json"):
+        out = tmp_path / f"ember.{suffix}"
+        done = cli(tmp_path / "data", "companion", "export-card", "ember", "-o", str(out))
+        assert done.returncode == 0, done.stderr
+        assert parse_card(out.read_bytes(), out.name).model_dump() == ember.model_dump()
+    texts = png_texts((tmp_path / "ember.png").read_bytes())
+    v2, v3 = (json.loads(base64.b64decode(texts[k])) for k in ("chara", "ccv3"))
+    assert v2["spec"] == "chara_card_v2" and v3["spec"] == "chara_card_v3"
+    assert v2["data"]["description"] == v3["data"]["description"] == ember.description
+    assert v3["data"]["extensions"]["homefire"]["sampling"] == ember.sampling.model_dump()
+    wrong = cli(tmp_path / "data", "companion", "export-card", "ember", "-o", str(tmp_path / "ember.txt"))
+    assert wrong.returncode == 2 and "a card is written as .png" in wrong.stderr
+    unknown = cli(tmp_path / "data", "companion", "export-card", "nobody", "-o", str(tmp_path / "x.png"))
+    assert unknown.returncode == 2 and "no companion named 'nobody'" in unknown.stderr
 
 
 # -- through real servers ------------------------------------------------------------------------
@@ -425,4 +451,14 @@ def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
         assert came.json()["messages_added"] == 4
         assert here.get("/api/v1/companions/fox3/adapters").json() == {
             "current": None, "versions": [], "problem": None}
+    # A shared companion's bundle holds only the history of the one who asks for it.
+    with server.http() as owner:
+        theirs = owner.post("/api/v1/conversations", json={"companion": "ember"}).json()["conversation"]["id"]
+    mine = ana.post("/api/v1/conversations", json={"companion": "ember"}).json()["conversation"]["id"]
+    shared = ana.get("/api/v1/companions/ember/bundle")
+    assert shared.status_code == 200
+    (tmp_path / "ember.homefire").write_bytes(shared.content)
+    read = bundle.read_bundle(tmp_path / "ember.homefire")
+    assert [c.id for c in read.conversations] == [mine] != [theirs]
+    assert read.manifest["counts"]["adapters"] == 0
     ana.close()

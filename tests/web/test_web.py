@@ -16,6 +16,8 @@ from pathlib import Path
 
 from playwright.sync_api import expect
 
+from memory.cards import parse_card
+from serve.bundle import read_bundle
 from tests.memory.exports import ChatGPTTree, card_png, chatgpt_simple, chatgpt_zip
 
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -297,6 +299,7 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     wren = sam_page.locator(".card.companion[data-id=wren]")
     expect(wren.locator(".about")).to_have_text("Wren keeps a lighthouse.")
     expect(wren.locator(".avatar img")).to_be_visible()
+    sam.shot("bundle-back-phone-dark")
     # A card dropped on the page, as a file dragged from the desktop is.
     moss = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Moss", "personality": "quiet"}}
     dropped = sam_page.evaluate_handle("""(text) => {
@@ -309,6 +312,21 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     expect(sam_page.locator(".card.companion[data-id=moss]")).to_be_visible()
     expect(sam_page.locator(".status")).to_contain_text("Moss is imported from moss.json")
     sam.shot("companions-phone-dark")
+    # Wren leaves as a card and as a whole bundle, is deleted, and comes back from the bundle.
+    with sam_page.expect_download() as saved:
+        wren.get_by_role("button", name="Card").click()
+    assert saved.value.suggested_filename == "wren.png"
+    assert parse_card(Path(saved.value.path()).read_bytes()).description == "{{char}} keeps a lighthouse."
+    with sam_page.expect_download() as saved:
+        wren.get_by_role("button", name="Bundle").click()
+    kept = tmp_path / saved.value.suggested_filename
+    saved.value.save_as(kept)
+    assert kept.name == "wren.homefire" and read_bundle(kept).companion.name == "Wren"
+    wren.get_by_role("button", name="Delete").click()
+    expect(wren).to_have_count(0)
+    sam_page.set_input_files(".drop input[type=file]", str(kept))
+    expect(sam_page.locator(".status")).to_contain_text("imported companion 'wren'")
+    expect(wren.locator(".avatar img")).to_be_visible()
     sam_page.goto(web.url + "/#/chat/ember")
     expect(sam_page.locator(".message.assistant").first).to_be_visible()
     expect(sam_page.locator(".conversations")).not_to_contain_text("Owner's secret")

@@ -1,7 +1,8 @@
-// Companions: cards with picture and name; create, edit, import a Character Card, delete.
+// Companions: cards with picture and name; create, edit, import a Character Card or a bundle,
+// take a companion away as a card or a bundle, delete.
 
 import { api, explain } from '../api.js';
-import { dropZone, fill, h, notice } from '../dom.js';
+import { download, dropZone, fill, h, notice } from '../dom.js';
 
 const FIELDS = [
   ['name', 'Name', 'input'], ['description', 'Who they are', 'textarea'],
@@ -35,6 +36,11 @@ export async function companionsView(root, { me }) {
         h('a', { href: `#/memory/${companion.id}` }, 'Memory'),
         h('a', { href: `#/voice/${companion.id}` }, 'Voice'),
         h('button', { type: 'button', class: 'quiet', onclick: () => edit(companion) }, 'Edit'),
+        h('button', { type: 'button', class: 'quiet', title: 'A Character Card (PNG) for other front ends',
+          onclick: () => save(companion, 'card') }, 'Card'),
+        h('button', { type: 'button', class: 'quiet',
+          title: 'Everything: card, your history and memories, voices (.homefire)',
+          onclick: () => save(companion, 'bundle') }, 'Bundle'),
         h('button', { type: 'button', class: 'quiet danger', onclick: () => remove(companion) }, 'Delete')));
   }
 
@@ -83,7 +89,32 @@ export async function companionsView(root, { me }) {
     }
   }
 
+  async function save(companion, what) {
+    fill(status, notice(`Packing ${companion.name}…`));
+    try {
+      const blob = await api(what === 'card' ? `/companions/${companion.id}/card?format=png`
+        : `/companions/${companion.id}/bundle`);
+      download(blob, `${companion.id}.${what === 'card' ? 'png' : 'homefire'}`);
+      fill(status, notice(what === 'card' ? `${companion.name}'s card is saved.`
+        : `${companion.name} is saved whole: card, your history and memories, voices.`, 'ok'));
+    } catch (err) {
+      fill(status, notice(explain(err), 'error'));
+    }
+  }
+
+  async function importBundle(file) {
+    fill(status, notice(`Checking ${file.name}…`));
+    try {
+      const report = await api(`/bundles?filename=${encodeURIComponent(file.name)}`, { method: 'POST', body: file });
+      fill(status, notice(report.message, report.adapters_refused ? 'info' : 'ok'));
+      await load();
+    } catch (err) {
+      fill(status, notice(explain(err), 'error'));
+    }
+  }
+
   async function importCard(file) {
+    if (file.name.endsWith('.homefire')) return importBundle(file);
     try {
       const companion = await api(`/companions/import?filename=${encodeURIComponent(file.name)}`,
         { method: 'POST', body: file });
@@ -97,7 +128,8 @@ export async function companionsView(root, { me }) {
   fill(root,
     h('div', { class: 'heading' }, h('h1', {}, 'Companions'),
       h('button', { type: 'button', onclick: () => edit(null) }, 'New companion')),
-    dropZone('Import a Character Card (.png or .json): drop it here or choose a file', '.png,.json,image/png,application/json', importCard),
+    dropZone('Import a Character Card (.png or .json) or a companion bundle (.homefire): drop it here or choose a file',
+      '.png,.json,.homefire,image/png,application/json', importCard),
     status, editor, grid);
   await load();
 }
