@@ -45,7 +45,7 @@ from finetune.config import FinetuneError
 from memory.cards import PNG_SIGNATURE, card_json, parse_card
 from memory.companions import Companion, CompanionError, format_validation_error, key_for, visible_id
 from memory.db import Database
-from memory.history import chain_hash, chain_root
+from memory.history import ReplyMeta, chain_hash, chain_root
 from memory.imports.source import ImportFailed, check_archive
 from memory.pictures import picture_path, save_picture
 
@@ -94,20 +94,14 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class MessageRecord(_Record):
+class MessageRecord(ReplyMeta):   # what the engine reported about a reply, as history keeps it
+    model_config = ConfigDict(extra="ignore")
+
     id: int
     role: str
     content: str
     created_at: float
-    tokens: int | None = None
-    prompt_tokens: int | None = None
-    model: str | None = None
-    adapter: str | None = None
-    sampling: dict | None = None
-    finish_reason: str | None = None
-    truncated: bool = False
-    memories_used: list[dict] | None = None
-    forgotten: bool = False
+    forgotten: bool = False        # its memory was deleted: it is not remembered again
 
 
 class ConversationRecord(_Record):
