@@ -86,6 +86,18 @@ def held_out(conversation_id: str, share: float) -> bool:
     return point < share
 
 
+def held_out_ids(ids: list[str], share: float) -> set[str]:
+    """The conversations held out for evaluation: a share of them by a hash of their id, at
+    least one when there are two or more, never all of them."""
+    evaluating = {cid for cid in ids if held_out(cid, share)}
+    if share > 0 and not evaluating and len(ids) >= 2:
+        # Too few conversations for the share to pick one: hold out the lowest hash.
+        evaluating = {min(ids, key=lambda cid: hashlib.sha256(cid.encode()).hexdigest())}
+    if ids and evaluating == set(ids):
+        evaluating.discard(ids[0])
+    return evaluating
+
+
 class Builder:
     def __init__(self, tokenizer, companion: Companion, config: FinetuneConfig):
         self.tokenizer = tokenizer
@@ -161,12 +173,7 @@ def build(tokenizer, companion: Companion, conversations: list[tuple[str, list[d
                             "from; import an export first (homefire import)")
     builder = Builder(tokenizer, companion, config)
     ids = [cid for cid, _ in conversations]
-    evaluating = {cid for cid in ids if held_out(cid, config.eval_share)}
-    if config.eval_share > 0 and not evaluating and len(ids) >= 2:
-        # Too few conversations for the share to pick one: hold out the lowest hash.
-        evaluating = {min(ids, key=lambda cid: hashlib.sha256(cid.encode()).hexdigest())}
-    if evaluating == set(ids):
-        evaluating.discard(ids[0])
+    evaluating = held_out_ids(ids, config.eval_share)
     train, held, seen = [], [], set()
     for cid, messages in conversations:
         # Two user turns in a row (a reply cut off before it began) are one turn, as in serving.

@@ -13,7 +13,6 @@ style, and similarity to the real replies.
 from __future__ import annotations
 
 import gc
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from finetune import adapters
 from finetune.config import FinetuneConfig, FinetuneError
-from finetune.dataset import Builder, held_out, load_history
+from finetune.dataset import Builder, held_out_ids, load_history
 from finetune.evaluate import style
 from finetune.lora import dataset_for, tokenizer_for
 from finetune.template import alternate
@@ -48,11 +47,7 @@ def probes(db: Database, companion: Companion, config: FinetuneConfig, user: str
     """(the conversation before a real reply, at most `context` messages; the reply) from the
     held-out conversations, oldest first."""
     history = load_history(db, companion.key, user)
-    ids = [cid for cid, _ in history]
-    held = {cid for cid in ids if held_out(cid, config.eval_share)}
-    if config.eval_share > 0 and not held and len(ids) >= 2:   # as the dataset picks them
-        held = {min(ids, key=lambda cid: hashlib.sha256(cid.encode()).hexdigest())}
-    held.discard(ids[0] if held == set(ids) else None)
+    held = held_out_ids([cid for cid, _ in history], config.eval_share)   # as training holds them out
     found = []
     for cid, messages in history:
         if cid not in held:

@@ -91,9 +91,14 @@ class AdapterService:
 
     def _fitting_hint(self, companion_id: str) -> str:
         """Which versions of the companion were trained on the model this server runs, if any."""
-        fit = [v for v in adapters.versions(self.data_dir, companion_id)
-               if adapters.manifest(self.data_dir, companion_id, v).get("base_model", {}).get("sha256")
-               == self.base_sha256 and self.base_sha256]
+        fit = []
+        for version in adapters.versions(self.data_dir, companion_id):
+            try:
+                trained_on = adapters.manifest(self.data_dir, companion_id, version).get("base_model", {})
+            except FinetuneError:   # a damaged manifest fits nothing
+                continue
+            if self.base_sha256 and trained_on.get("sha256") == self.base_sha256:
+                fit.append(version)
         if fit:
             return (f"; {', '.join(fit)} {'were' if len(fit) > 1 else 'was'} trained on this model: "
                     f"`homefire adapter use {companion_id.rpartition('.')[2]} {fit[-1]}`")

@@ -31,7 +31,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -516,7 +515,9 @@ def _write_history(conn, bundle: Bundle, key: str, user: str, report: ImportRepo
     conversation_ids: dict[str, str] = {}
     root = chain_root(visible_id(key))
     for conv in bundle.conversations:
-        conversation_id = conv.id if re.fullmatch(r"[0-9a-f]{32}", conv.id) else uuid.uuid4().hex
+        # Its own id if it is one of ours; else one made from it, the same on every import.
+        conversation_id = conv.id if re.fullmatch(r"[0-9a-f]{32}", conv.id) else \
+            hashlib.sha256(f"bundle\0{conv.id}".encode()).hexdigest()[:32]
         owner = conn.execute("SELECT user_id, companion_id FROM conversations WHERE id = ?",
                              (conversation_id,)).fetchone()
         if owner is not None and (owner["user_id"], owner["companion_id"]) != (user, key):

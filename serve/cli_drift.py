@@ -41,7 +41,7 @@ def cmd_drift(args: argparse.Namespace) -> None:
         other_path = _model_dir(args.model)
         other = Setup(other_path, fitting_version(data_dir, companion, other_path))
     else:
-        other = Setup(base_path, None if args.against == "base" else version_arg(args.against))
+        other = Setup(base_path, None if args.against == "base" else args.against)
     result = compare(data_dir, Database(data_dir / "homefire.db"), companion, current, other,
                      load_config(args.finetune_config), args.user, args.probes, args.max_new_tokens)
     if args.json:
@@ -139,7 +139,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         "the newest version trained on it, if any). Prints greedy replies and the voice figures of "
         "`homefire eval` side by side; the same setup gives the same replies and figures.")
     p.add_argument("companion", help="companion id")
-    p.add_argument("--against", metavar="vN|base", help="another adapter version of the companion, or base")
+    p.add_argument("--against", metavar="vN|base", type=lambda v: v if v == "base" else version_arg(v),
+                   help="another adapter version of the companion, or base")
     p.add_argument("--model", type=Path, metavar="PATH", help="another base model (a local directory)")
     p.add_argument("--probes", type=int, default=8,
                    help="how many held-out replies to probe with (default 8)")

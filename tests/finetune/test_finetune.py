@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -300,7 +301,9 @@ def test_drift_shows_a_switch_of_version_and_nothing_for_the_same_setup(trained,
     moved = cli("drift", "kit", "--against", "v1", "--probes", "2", "--max-new-tokens", "12",
                 data_dir=data_dir)
     assert moved.returncode == 0, moved.stderr
-    assert "drift: 2 of 2 replies differ; figures differ: held_out_loss" in moved.stdout
+    # As many probes as the held-out conversations hold (the server tests above add some).
+    assert re.search(r"drift: (\d) of \1 replies differ; figures differ: held_out_loss", moved.stdout), \
+        moved.stdout
     assert "held-out loss" in moved.stdout and "v9" in moved.stdout and "v1" in moved.stdout
     shutil.rmtree(other)
     assert cli("adapter", "use", "kit", "v1", data_dir=data_dir).returncode == 0

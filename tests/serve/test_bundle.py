@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 import zipfile
 from pathlib import Path
 
@@ -403,7 +404,7 @@ def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
     (home / "models" / MODEL_NAME).symlink_to(model_dir, target_is_directory=True)
-    fresh = make_server(home)
+    fresh = make_server(home, config={"backup": {"dir": str(tmp_path / "nightly"), "keep": 2}})
     done = cli(home, "bundle", "import", str(out), "--json", server=fresh)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -451,6 +452,21 @@ def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
         assert came.json()["messages_added"] == 4
         assert here.get("/api/v1/companions/fox3/adapters").json() == {
             "current": None, "versions": [], "problem": None}
+    # The scheduled backup (backup.dir): the first is taken soon after the start, as the
+    # folder held none; it holds what the import brought.
+    from serve.backup import backups
+
+    deadline = time.monotonic() + 300
+    while not backups(tmp_path / "nightly") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    nightly = backups(tmp_path / "nightly")
+    assert len(nightly) == 1, fresh.log_tail()
+    copy = sqlite3.connect(nightly[0] / "homefire.db")
+    assert copy.execute("SELECT COUNT(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                        "WHERE c.companion_id = 'fox'").fetchone()[0] >= 4
+    assert (nightly[0] / "adapters" / "fox" / "CURRENT").read_text() == "v1"
+    assert "backup: " in fresh.log_tail(400)
+
     # A shared companion's bundle holds only the history of the one who asks for it.
     with server.http() as owner:
         theirs = owner.post("/api/v1/conversations", json={"companion": "ember"}).json()["conversation"]["id"]
