@@ -7,12 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
-import httpx
-
 from memory.db import Database
 from memory.users import LOCAL, Users, local_key
 from serve.cli_base import Bar, UsageError, connect, hold_lock, local_store, resolve_data_dir
-from serve.client import ServerError, running_url
+from serve.client import running_url
 from serve.config import load_settings
 
 
@@ -27,25 +25,6 @@ def local_setup(args: argparse.Namespace):
     return bundle.Setup(model_id, adapters.model_sha256(Path(model_path)), embedder)
 
 
-def _download(args: argparse.Namespace, url: str, path: str, out: Path) -> None:
-    client = connect(args, url)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        with client.http.stream("GET", path) as response:
-            if response.status_code >= 400:
-                from serve.client import _error_message
-
-                raise ServerError(_error_message(response.read(), response.status_code))
-            with partial.open("wb") as f:
-                for block in response.iter_bytes(1 << 20):
-                    f.write(block)
-        partial.replace(out)
-    except httpx.HTTPError as err:
-        raise ServerError(f"the connection to {url} failed: {err}") from err
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def cmd_bundle_export(args: argparse.Namespace) -> None:
     from serve import bundle
 
@@ -56,7 +35,7 @@ def cmd_bundle_export(args: argparse.Namespace) -> None:
         if args.user != LOCAL:
             raise UsageError("through a running server a bundle holds the history of the user whose key "
                              "is sent: set HOMEFIRE_API_KEY instead of --user")
-        _download(args, url, f"/api/v1/companions/{args.companion}/bundle", out)
+        connect(args, url).download(f"/api/v1/companions/{args.companion}/bundle", out)
         manifest = bundle.read_bundle(out).manifest
     else:
         store = local_store(args)
@@ -138,7 +117,7 @@ def cmd_export_card(args: argparse.Namespace) -> None:
     data_dir = resolve_data_dir(args)
     url = args.url or running_url(data_dir)
     if url:
-        _download(args, url, f"/api/v1/companions/{args.id}/card?format={out.suffix[1:].lower()}", out)
+        connect(args, url).download(f"/api/v1/companions/{args.id}/card?format={out.suffix[1:].lower()}", out)
     else:
         store = local_store(args)
         companion = store.get(args.id)
