@@ -108,7 +108,7 @@ def timed(work) -> float:
 
 
 def bench_bundle(data: Path, said, model_dir: Path, scratch: Path) -> dict:
-    setup = bundle.Setup(MODEL_NAME, adapters.model_sha256(model_dir), bundle.DEFAULT_EMBEDDER)
+    setup = bundle.Setup(MODEL_NAME, adapters.Base.of(model_dir), bundle.DEFAULT_EMBEDDER)
     db = Database(data / "homefire.db")
     companion = CompanionStore(db).get("kit")
     out = scratch / "kit.homefire"

@@ -3,8 +3,9 @@
 Each version holds the adapter in PEFT format (`adapter_model.safetensors`,
 `adapter_config.json`) and `manifest.json`: the base model and the SHA-256 of its weights,
 the dataset's hash and size, the config and the metrics. An adapter is only ever used on
-the base model it was trained on, and only as safetensors: a folder with pickled weights
-is refused. `CURRENT` in the companion's folder names the version in use.
+the base model it was trained on, and only as safetensors whose every tensor fits one of
+that model's layers (verify): a folder with pickled weights is refused, and so is one vLLM
+could not load. `CURRENT` in the companion's folder names the version in use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 from finetune.config import VLLM_RANKS, FinetuneError
 
@@ -21,6 +25,44 @@ PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VERSION = re.compile(r"v([1-9]\d{0,8})")
 # A companion's storage key: a shared id, or a user's own as OWNER.ID (memory.companions).
 COMPANION_KEY = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,31}\.)?[a-z0-9][a-z0-9_-]{0,63}")
+
+
+# PEFT's name for a LoRA factor: base_model.model.<the base model's module>.lora_A.weight
+LORA_TENSOR = re.compile(r"base_model\.model\.(?P<module>[\w.]+)\.lora_(?P<factor>[AB])\.weight")
+LORA_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class Base:
+    """The model adapters must fit: the SHA-256 of its weights, the shape (out, in) of each of
+    its linear layers by module name, and the largest rank the engine is started to accept."""
+
+    sha256: str
+    shapes: dict[str, tuple[int, int]]
+    max_rank: int = max(VLLM_RANKS)
+
+    @classmethod
+    def of(cls, model_dir: Path, max_rank: int = max(VLLM_RANKS)) -> Base:
+        """Read from the model's safetensors headers (no weights are loaded)."""
+        shapes = {}
+        for name, (shape, _) in _tensors(sorted(model_dir.glob("*.safetensors"))).items():
+            if name.endswith(".weight") and len(shape) == 2:
+                shapes[name.removesuffix(".weight")] = (shape[0], shape[1])
+        return cls(model_sha256(model_dir), shapes, max_rank)
+
+
+def _tensors(files: list[Path], label: str = "") -> dict[str, tuple[list[int], str]]:
+    """{name: (shape, dtype)} from safetensors headers, which safetensors checks whole."""
+    found = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as weights:
+                for name in weights.keys():  # noqa: SIM118 (a safe_open handle is no dict)
+                    piece = weights.get_slice(name)
+                    found[name] = (piece.get_shape(), piece.get_dtype())
+        except (SafetensorError, OSError) as err:
+            raise FinetuneError(f"{label or path}: not a readable safetensors file ({err})") from err
+    return found
 
 
 def checked_version(version: object, where: str = "version") -> str:
@@ -108,30 +150,93 @@ def model_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(path: Path, base_sha256: str | None) -> dict:
-    """The adapter's manifest, once it is known to be servable on this base model."""
-    label = f"adapter {path.parent.name}/{path.name}"
+def verify(path: Path, base: Base | None, label: str | None = None) -> dict:
+    """The adapter's manifest, once it is known to load on this base model: its files, its
+    config (rank within the engine's limit), its manifest's base model, and every tensor's
+    name, shape and dtype against the base model's layers. What vLLM would refuse at start is
+    refused here, before the engine ever sees it. `label` names it in messages (default: the
+    companion's folder and the version's)."""
+    label = label or f"adapter {path.parent.name}/{path.name}"
     if pickled := [p.name for p in path.iterdir() if p.suffix in PICKLES]:
         raise FinetuneError(f"{label}: refusing pickled weights ({', '.join(pickled)}); only "
                             "safetensors adapters are loaded")
     for needed in ("adapter_model.safetensors", "adapter_config.json", "manifest.json"):
         if not (path / needed).is_file():
             raise FinetuneError(f"{label}: {needed} is missing")
-    config = json.loads((path / "adapter_config.json").read_text())
-    if config.get("r") not in VLLM_RANKS:
-        raise FinetuneError(f"{label}: rank {config.get('r')} cannot be served by vLLM")
+    config = read_object(path / "adapter_config.json", f"{label}: adapter_config.json")
+    rank = config.get("r")
+    if rank not in VLLM_RANKS:
+        raise FinetuneError(f"{label}: rank {rank!r} cannot be served by vLLM")
     if config.get("modules_to_save") or config.get("use_dora"):
         raise FinetuneError(f"{label}: modules_to_save and DoRA cannot be served by vLLM")
-    info = json.loads((path / "manifest.json").read_text())
-    trained_on = info.get("base_model", {})
-    if base_sha256 is None:
+    if config.get("rank_pattern"):
+        raise FinetuneError(f"{label}: per-module ranks (rank_pattern) are not served; train with one rank")
+    info = read_object(path / "manifest.json", f"{label}: manifest.json")
+    trained_on = info.get("base_model")
+    trained_on = trained_on if isinstance(trained_on, dict) else {}
+    if base is None:
         raise FinetuneError(f"{label}: the running base model cannot be identified (no local "
                             "safetensors), so its adapters cannot be checked against it")
-    if trained_on.get("sha256") != base_sha256:
+    if trained_on.get("sha256") != base.sha256:
         raise FinetuneError(f"{label} was trained on base model {trained_on.get('id')!r} "
                             f"(weights {str(trained_on.get('sha256'))[:12]}), but this server runs "
-                            f"weights {base_sha256[:12]}; train it again on this model")
+                            f"weights {base.sha256[:12]}; train it again on this model")
+    if rank > base.max_rank:
+        raise FinetuneError(f"{label}: rank {rank} is above the engine's limit (engine.max_lora_rank: "
+                            f"{base.max_rank})")
+    _check_tensors(path / "adapter_model.safetensors", config, base, label)
     return info
+
+
+def read_object(path: Path, label: str) -> dict:
+    """A JSON file that must hold an object; anything else is a FinetuneError naming it."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"{label}: not valid JSON ({err})") from err
+    if not isinstance(found, dict):
+        raise FinetuneError(f"{label}: must be a JSON object, not {type(found).__name__}")
+    return found
+
+
+def _check_tensors(weights: Path, config: dict, base: Base, label: str) -> None:
+    """Each tensor a LoRA factor of a targeted linear layer of the base model, of the config's
+    rank, in a float dtype; each layer with both factors."""
+    targets = config.get("target_modules")
+    rank = config["r"]
+    factors: dict[str, set[str]] = {}
+    for name, (shape, dtype) in _tensors([weights], f"{label}: adapter_model.safetensors").items():
+        where = f"{label}: tensor {name!r}"
+        found = LORA_TENSOR.fullmatch(name)
+        if found is None:
+            raise FinetuneError(f"{where} is not a LoRA factor (base_model.model.MODULE.lora_A/B.weight)")
+        module = found["module"]
+        if module not in base.shapes:
+            raise FinetuneError(f"{where} names no linear layer of the base model")
+        if not _targeted(module, targets):
+            raise FinetuneError(f"{where} is outside the config's target_modules {targets!r}")
+        if dtype not in LORA_DTYPES:
+            raise FinetuneError(f"{where} has dtype {dtype}; adapters are {', '.join(LORA_DTYPES)}")
+        out, into = base.shapes[module]
+        expected = [rank, into] if found["factor"] == "A" else [out, rank]
+        if list(shape) != expected:
+            raise FinetuneError(f"{where} has shape {list(shape)}; rank {rank} on that layer needs "
+                                f"{expected}")
+        factors.setdefault(module, set()).add(found["factor"])
+    if not factors:
+        raise FinetuneError(f"{label}: adapter_model.safetensors holds no LoRA weights")
+    if half := sorted(m for m, f in factors.items() if f != {"A", "B"}):
+        raise FinetuneError(f"{label}: layer {half[0]} has only one of its two LoRA factors")
+
+
+def _targeted(module: str, targets: object) -> bool:
+    """PEFT's rule: a string is a pattern the whole module name matches; a list names modules
+    by their last parts."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    if isinstance(targets, list):
+        return any(module == t or module.endswith(f".{t}") for t in targets if isinstance(t, str))
+    return False
 
 
 def current(data_dir: Path, companion_id: str) -> str | None:

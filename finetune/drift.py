@@ -77,7 +77,7 @@ def voice(data_dir: Path, db: Database, companion: Companion, setup: Setup,
 
         folder = adapters.version_dir(data_dir, companion.key, setup.version)
         adapters.manifest(data_dir, companion.key, setup.version)   # names the known versions if missing
-        adapters.verify(folder, adapters.model_sha256(Path(setup.model_path)))
+        adapters.verify(folder, adapters.Base.of(Path(setup.model_path)))
         model = PeftModel.from_pretrained(model, folder)
     model.eval()
     builder = Builder(tokenizer, companion, config)

@@ -17,6 +17,7 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,11 @@ def style(texts: list[str]) -> dict:
 
 def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: str, version: str,
                 samples: int = 8, max_new_tokens: int = 64, user: str = LOCAL, until: int | None = None,
-                in_use: str | None = None) -> dict:
+                in_use: str | None = None, loading: Callable[[], None] | None = None) -> dict:
     """The voice report of `version` on the held-out conversations (of the history up to message
     `until`, if given); with `in_use`, also the held-out loss of that version on the same
-    conversations (loss.in_use), so a new version can be compared with the one it would replace."""
+    conversations (loss.in_use), so a new version can be compared with the one it would replace.
+    `loading` is called once the held-out set is known, before the model is loaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -74,13 +76,15 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
 
     folder = adapters.version_dir(data_dir, companion.key, version)
     info = adapters.manifest(data_dir, companion.key, version)
-    adapters.verify(folder, adapters.model_sha256(Path(model_path)))
+    adapters.verify(folder, adapters.Base.of(Path(model_path)))
     config = FinetuneConfig.model_validate(info["config"])
     tokenizer = tokenizer_for(model_path)
     held = dataset_for(db, companion, tokenizer, config, user, until).eval
     if not held:
         raise FinetuneError(f"companion {companion.id!r} has no held-out conversations to evaluate on "
                             "(eval_share is 0, or there is only one conversation)")
+    if loading:
+        loading()
     device, dtype = pick_device(config.model_copy(update={"qlora": False}))
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     model = PeftModel.from_pretrained(base, folder)
@@ -90,7 +94,7 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
     in_use_loss = None
     if in_use and in_use != version:
         other = adapters.version_dir(data_dir, companion.key, in_use)
-        adapters.verify(other, adapters.model_sha256(Path(model_path)))
+        adapters.verify(other, adapters.Base.of(Path(model_path)))
         model.load_adapter(other, adapter_name="in_use")
         model.set_adapter("in_use")
         in_use_loss = evaluate(model, held, config.batch_tokens, tokenizer.pad_token_id, device)
@@ -115,7 +119,8 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
     embedder = Embedder()
     real_vectors = np.array(embedder.embed(real))
     result = {
-        "companion": companion.id, "adapter": version, "held_out_examples": len(held),
+        # The samples are this user's own words and prompts: served to them alone.
+        "companion": companion.id, "adapter": version, "user": user, "held_out_examples": len(held),
         "held_out_tokens": sum(e.trained for e in held),
         "loss": {"base": base_loss, "tuned": tuned_loss, "in_use": in_use_loss}, "in_use": in_use,
         "perplexity": {"base": math.exp(base_loss), "tuned": math.exp(tuned_loss)},

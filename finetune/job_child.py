@@ -5,7 +5,11 @@ process they would hold the interpreter lock that every reply's tokens pass thro
 crash would take the server with them. Here they run apart, on the cores the server gives
 (on the CPU build: not the engine's). The child speaks one JSON object per line on stdout:
 
-    {"version": "v3"}           the folder it writes, before the first step
+    {"version": "v3"}           the folder it writes, once its dataset is built
+    {"ready": true}             it has shown it can run (settings, history, dataset): it waits
+                                for a line on stdin, sent once the server has made room on the
+                                GPU, before it loads the model (so a job that fails early never
+                                stops the engine)
     {"progress": {...}}         after each step: step, total_steps, loss, eval_loss, tokens_per_s
     {"evaluating": true}        training is over; the voice report is being made
     {"result": {...}}           the manifest's metrics and the voice report's figures
@@ -39,11 +43,25 @@ def say(message: dict) -> None:
     print(json.dumps(message), file=CHANNEL, flush=True)
 
 
+class Room:
+    """The GPU, asked for once, when the job is about to load a model."""
+
+    def __init__(self) -> None:
+        self.given = False
+
+    def ask(self) -> None:
+        if not self.given:
+            say({"ready": True})
+            sys.stdin.readline()   # the server answers once the engine has made room
+            self.given = True
+
+
 def run(job: dict) -> dict:
     from finetune.evaluate import voice_match
     from finetune.lora import finetune
 
     data_dir, db = Path(job["data_dir"]), Database(Path(job["db"]))
+    room = Room()
     try:
         companion = CompanionStore(db).get(job["companion"])
         if companion is None:
@@ -57,15 +75,20 @@ def run(job: dict) -> dict:
                 resume = version
             elif folder:   # killed before its first checkpoint: nothing to keep
                 shutil.rmtree(folder, ignore_errors=True)
+            def begun(folder: Path) -> None:
+                say({"version": folder.name})
+                room.ask()
+
             out = finetune(data_dir, db, companion, job["model_path"], job["model_id"], config, resume,
                            lambda point: say({"progress": point}), job["user"], job["until"],
-                           begun=lambda folder: say({"version": folder.name}))
+                           begun=begun, step_limit=job.get("step_limit"))
             version = out.name
         metrics = adapters.manifest(data_dir, companion.key, version).get("metrics", {})
         say({"evaluating": True})
         try:
             voice = voice_match(data_dir, db, companion, job["model_path"], version, job["samples"],
-                                job["max_new_tokens"], job["user"], job["until"], job.get("in_use"))
+                                job["max_new_tokens"], job["user"], job["until"], job.get("in_use"),
+                                loading=room.ask)
             voice = {k: voice[k] for k in ("loss", "perplexity", "similarity_to_real", "held_out_tokens",
                                            "in_use")}
         except FinetuneError as err:   # no held-out conversations: a version without a report

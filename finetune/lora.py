@@ -37,9 +37,10 @@ def dataset_for(db: Database, companion: Companion, tokenizer, config: FinetuneC
 def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str, model_id: str,
              config: FinetuneConfig, resume: str | None = None, report: Report | None = None,
              user: str = LOCAL, until: int | None = None,
-             begun: Callable[[Path], None] | None = None) -> Path:
+             begun: Callable[[Path], None] | None = None, step_limit: int | None = None) -> Path:
     """Train a new adapter version on `user`'s history (messages up to `until`, if given), or
-    finish `resume`; returns its folder. `begun` hears the folder before the first step."""
+    finish `resume`; returns its folder. `begun` hears the folder once the dataset is built,
+    before the model is loaded; `step_limit` caps the steps, however many the config asks."""
     tokenizer = tokenizer_for(model_path)
     data = dataset_for(db, companion, tokenizer, config, user, until)
     base_sha = adapters.model_sha256(Path(model_path))
@@ -55,7 +56,8 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
     if begun:
         begun(out)
     model, device = load_model(model_path, config)
-    trainer = Trainer(model, device, data.train, data.eval, config, tokenizer.pad_token_id, out, report)
+    trainer = Trainer(model, device, data.train, data.eval, config, tokenizer.pad_token_id, out, report,
+                      step_limit)
     (out / "checkpoint").mkdir(exist_ok=True)
     (out / "checkpoint" / "run.json").write_text(json.dumps({"dataset": data.digest()}))
     if resume:

@@ -130,13 +130,15 @@ def evaluate(model, examples: list[Example], batch_tokens: int, pad_id: int, dev
 
 class Trainer:
     def __init__(self, model, device, train: list[Example], held: list[Example], config: FinetuneConfig,
-                 pad_id: int, out_dir: Path, report: Report | None = None):
+                 pad_id: int, out_dir: Path, report: Report | None = None, step_limit: int | None = None):
         self.model, self.device, self.config = model, device, config
         self.train_examples, self.held = train, held
         self.pad_id, self.out_dir, self.report = pad_id, out_dir, report or (lambda _: None)
         self.batches = length_grouped(train, config.batch_tokens)
         per_epoch = len(self.batches)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+        if step_limit:   # the server's ceiling for a member's job (finetune.limits.max_steps)
+            self.total_steps = min(self.total_steps, step_limit)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         warmup = min(config.warmup_steps, self.total_steps // 2)

@@ -142,6 +142,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX finetune_jobs_by_state ON finetune_jobs(state, created_at);
     CREATE INDEX finetune_jobs_by_user ON finetune_jobs(user_id, created_at);
     """,
+    # Where each user's imported bundle conversations went (serve/bundle.py): an id from a
+    # file never decides which conversation its messages join.
+    """
+    CREATE TABLE bundle_origins (
+        user_id TEXT NOT NULL,
+        companion_id TEXT NOT NULL,
+        origin_id TEXT NOT NULL,       -- the conversation's id in the bundle (a fork: ID + NUL + n)
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        PRIMARY KEY (user_id, companion_id, origin_id)
+    );
+    CREATE INDEX bundle_origins_by_conversation ON bundle_origins(conversation_id);
+    """,
 ]
 
 

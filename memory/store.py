@@ -164,20 +164,34 @@ class MemoryStore:
             conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
         return True
 
-    def take_back_reply(self, message_id: int) -> bool:
-        """Delete one of the user's replies with its memory and that memory's vectors (a reply
-        made again replaces it); False if the user has no such message."""
+    def replace_reply(self, old_id: int, new_id: int, new_text: str) -> bool:
+        """A reply made again (new_id) takes the place of old_id, which is deleted, in one
+        transaction. The old reply's memory moves to the new one with its id, pin and the user's
+        edits; its words take the new reply's where they still end with the old one's (an edit
+        of the reply's part is kept as it is). A memory the user deleted stays deleted. False if
+        the old reply had no memory and was not forgotten: the caller remembers the new one."""
         rows = self.db.query(
-            """SELECT c.companion_id, (SELECT id FROM memories WHERE reply_id = m.id) AS memory_id
+            """SELECT m.content, m.forgotten, c.companion_id, x.id AS memory_id, x.text
                FROM messages m JOIN conversations c ON c.id = m.conversation_id
-               WHERE m.id = ? AND m.role = 'assistant' AND c.user_id = ?""", (message_id, self.user))
+               LEFT JOIN memories x ON x.reply_id = m.id
+               WHERE m.id = ? AND m.role = 'assistant' AND c.user_id = ?""", (old_id, self.user))
         if not rows:
             return False
-        if rows[0]["memory_id"] is not None:
-            self._drop_vectors(rows[0]["companion_id"], [rows[0]["memory_id"]])
-        with self.db.transaction() as conn:   # the memory row goes with it (ON DELETE CASCADE)
-            conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-        return True
+        old = rows[0]
+        memory_id, reworded = old["memory_id"], None
+        if memory_id is not None and old["content"] and old["text"].endswith(old["content"]):
+            reworded = old["text"][:-len(old["content"])] + new_text
+        with self.db.transaction() as conn:
+            if memory_id is not None:
+                conn.execute("UPDATE memories SET reply_id = ?, text = COALESCE(?, text), updated_at = ?, "
+                             "chunks = CASE WHEN ? IS NULL THEN chunks ELSE 0 END WHERE id = ?",
+                             (new_id, reworded, time.time(), reworded, memory_id))
+            if old["forgotten"]:
+                conn.execute("UPDATE messages SET forgotten = 1 WHERE id = ?", (new_id,))
+            conn.execute("DELETE FROM messages WHERE id = ?", (old_id,))
+        if reworded:
+            self._drop_vectors(old["companion_id"], [memory_id])
+        return memory_id is not None or bool(old["forgotten"])
 
     def forget_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation with its messages, its memories and their vectors."""

@@ -1,4 +1,11 @@
-"""Which LoRA adapter each companion speaks through, checked and loaded into the engine."""
+"""Which LoRA adapter each companion speaks through, checked and loaded into the engine.
+
+An adapter reaches the engine only after adapters.verify has read its safetensors header
+against the base model, and then only through vLLM's runtime API: a running engine refuses a
+bad one and keeps serving everyone else. One the engine refuses at a (re)start is set aside
+with the reason, in its companion's listing (which only its owner sees, or every member for a
+shared companion), and the companion speaks through the base model meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,10 @@ from pathlib import Path
 
 from finetune import adapters
 from finetune.config import FinetuneError
+from memory.companions import visible_id
 from memory.users import LOCAL
 from serve.chat import ChatService, adapter_name
+from serve.engine import AdapterRefused
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +28,29 @@ class AdapterService:
     def __init__(self, data_dir: Path, chat: ChatService):
         self.data_dir = data_dir
         self.chat = chat
-        self.base_sha256: str | None = None   # known once the model is on disk
+        self.base: adapters.Base | None = None   # known once the model is on disk
         self.problems: dict[str, str] = {}     # companion id -> why its adapter is not used
+        chat.engine.on_adapter_refused = self._refused
+
+    @property
+    def base_sha256(self) -> str | None:
+        return self.base.sha256 if self.base else None
 
     def identify_base(self, model_path: str | None) -> None:
         if model_path and Path(model_path).is_dir():
             try:
-                self.base_sha256 = adapters.model_sha256(Path(model_path))
+                self.base = adapters.Base.of(Path(model_path), self.chat.engine.config.max_lora_rank)
             except FinetuneError as err:
                 log.warning("adapters: %s", err)
+
+    def _refused(self, name: str, why: str) -> None:
+        """The engine would not load `name` at a (re)start: its companion speaks through the base
+        model, and its listing says why, until the owner chooses a version again."""
+        companion_id, _, version = name.rpartition("--")
+        if self.chat.adapters.get(companion_id) == version:
+            del self.chat.adapters[companion_id]
+        self.problems[companion_id] = f"the engine refused adapter {version}: {why}"
+        log.error("adapters: %s: not used: %s", companion_id, self.problems[companion_id])
 
     def register_current(self, companion_ids: list[str]) -> None:
         """Before the engine starts: every companion's adapter in use, if it fits this model."""
@@ -50,7 +73,10 @@ class AdapterService:
         if version is not None:
             adapters.checked_version(version)   # before anything is loaded, restarted or written
             path = self._checked(companion_id, version)
-            await self.chat.engine.load_adapter(adapter_name(companion_id, version), str(path))
+            try:
+                await self.chat.engine.load_adapter(adapter_name(companion_id, version), str(path))
+            except AdapterRefused as err:
+                raise FinetuneError(f"adapter {version} of {visible_id(companion_id)!r}: {err}") from err
             self.chat.adapters[companion_id] = version
         else:
             self.chat.adapters.pop(companion_id, None)
@@ -107,5 +133,5 @@ class AdapterService:
     def _checked(self, companion_id: str, version: str) -> Path:
         adapters.manifest(self.data_dir, companion_id, version)   # names the known versions if missing
         path = adapters.version_dir(self.data_dir, companion_id, version)
-        adapters.verify(path, self.base_sha256)
+        adapters.verify(path, self.base)
         return path

@@ -31,11 +31,13 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -83,8 +85,12 @@ class Setup:
     """What the machine runs: the base model its adapters must fit, the embedder of its memory."""
 
     model_id: str
-    model_sha256: str | None
+    base: adapters.Base | None    # None: not identifiable (no local safetensors weights)
     embedder: str
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self.base.sha256 if self.base else None
 
 
 # -- the records of history.jsonl and memories.jsonl -------------------------------------------
@@ -116,7 +122,7 @@ class ConversationRecord(_Record):
 
 class MemoryRecord(_Record):
     id: int
-    kind: str
+    kind: Literal["exchange", "fact"]
     text: str
     asked: str | None = None
     source: str
@@ -314,8 +320,9 @@ def read_bundle(path: Path, label: str | None = None) -> Bundle:
             if name.startswith("adapters/") and name.endswith("/manifest.json"):
                 version = name.split("/")[1]
                 info = _json(_read(archive, name, label), f"{label}!{name}")
-                if not isinstance(info, dict):
-                    raise BundleError(f"{label}!{name}: not an adapter manifest")
+                if not isinstance(info, dict) or not isinstance(info.get("base_model", {}), dict):
+                    raise BundleError(f"{label}!{name}: not an adapter manifest (a JSON object whose "
+                                      "base_model is an object)")
                 found[version] = info
         for version in {n.split("/")[1] for n in present if n.startswith("adapters/")}:
             needed = [f for f in ("adapter_model.safetensors", "adapter_config.json", "manifest.json")
@@ -348,11 +355,10 @@ def _records(archive: zipfile.ZipFile, name: str, label: str, model: type[BaseMo
         return []
     found = []
     with archive.open(name) as member:
-        for number, line in enumerate(io.TextIOWrapper(member, encoding="utf-8", errors="strict"), start=1):
-            if not line.strip():
-                continue
+        for number, line in enumerate(member, start=1):
             try:
-                found.append(model.model_validate_json(line))
+                if line.strip():
+                    found.append(model.model_validate_json(line.decode("utf-8")))
             except ValidationError as err:
                 raise BundleError(f"{label}!{name} line {number}: {format_validation_error(err)}") from err
             except UnicodeDecodeError as err:
@@ -414,7 +420,8 @@ def import_bundle(db: Database, data_dir: Path, bundle: Bundle, user: str, owner
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="bundle-", dir=data_dir / "run"))
     try:
-        plan, mapped = _stage_adapters(bundle, data_dir, key, fitting, staging, user, companion.id, report)
+        plan, mapped = _stage_adapters(bundle, data_dir, key, fitting, staging, setup, user, companion.id,
+                                       report)
         with db.transaction() as conn:
             if not rows:
                 now = time.time()
@@ -458,7 +465,7 @@ def _fitting_adapters(bundle: Bundle, setup: Setup) -> tuple[list[str], str | No
 
 
 def _stage_adapters(bundle: Bundle, data_dir: Path, key: str, fitting: list[str], staging: Path,
-                    user: str, companion_id: str, report: ImportReport
+                    setup: Setup, user: str, companion_id: str, report: ImportReport
                     ) -> tuple[list[tuple[str, Path]], dict[str, str]]:
     """Extract the fitting versions into `staging`, checked as the server checks any adapter;
     returns (staged name, final folder) for the new ones, and {bundle version: version here}.
@@ -490,7 +497,7 @@ def _stage_adapters(bundle: Bundle, data_dir: Path, key: str, fitting: list[str]
                 "imported_from": {"bundle": bundle.label, "version": version}}
             (folder / "manifest.json").write_text(json.dumps(info, indent=2))
             try:
-                adapters.verify(folder, info.get("base_model", {}).get("sha256"))
+                adapters.verify(folder, setup.base, f"adapter {version}")
             except FinetuneError as err:
                 raise BundleError(f"{bundle.label}!adapters/{version}: {err}") from err
             plan.append((target_name, adapters.adapters_dir(data_dir, key) / target_name))
@@ -510,39 +517,39 @@ def _weights_sha(path: Path) -> str:
 def _write_history(conn, bundle: Bundle, key: str, user: str, report: ImportReport
                    ) -> tuple[dict[int, int], dict[str, str]]:
     """The bundle's conversations as `user`'s; returns {bundle message id: stored message id}
-    and {bundle conversation id: stored conversation id}."""
+    and {bundle conversation id: stored conversation id}.
+
+    Where a conversation goes is found in this user's own records (bundle_origins), never from
+    its id alone: a conversation already here is continued only if it is this user's, with
+    this companion, and what it holds begins like the bundle's (an older bundle adds nothing;
+    a diverged one is kept beside it as a fork). A new one keeps the bundle's id where that is
+    one of ours and free, and gets a new id otherwise."""
     message_ids: dict[int, int] = {}
     conversation_ids: dict[str, str] = {}
     root = chain_root(visible_id(key))
     for conv in bundle.conversations:
-        # Its own id if it is one of ours; else one made from it, the same on every import.
-        conversation_id = conv.id if re.fullmatch(r"[0-9a-f]{32}", conv.id) else \
-            hashlib.sha256(f"bundle\0{conv.id}".encode()).hexdigest()[:32]
-        owner = conn.execute("SELECT user_id, companion_id FROM conversations WHERE id = ?",
-                             (conversation_id,)).fetchone()
-        if owner is not None and (owner["user_id"], owner["companion_id"]) != (user, key):
-            # That id is another conversation here (the bundle's own source, imported under another
-            # id): a name derived from it, so that importing again finds it.
-            conversation_id = hashlib.sha256(f"{conv.id}\0{user}\0{key}".encode()).hexdigest()[:32]
-            owner = conn.execute("SELECT user_id, companion_id FROM conversations WHERE id = ?",
-                                 (conversation_id,)).fetchone()
-        stored = [] if owner is None else conn.execute(
-            "SELECT id, role, content, chain FROM messages WHERE conversation_id = ? ORDER BY id",
-            (conversation_id,)).fetchall()
         said = [(m.role, m.content) for m in conv.messages]
-        if stored and [(s["role"], s["content"]) for s in stored] != said[:len(stored)]:
-            # Diverged since (an edited turn here): the bundle's version is kept beside it.
-            conversation_id = hashlib.sha256(f"{conversation_id}\0fork".encode()).hexdigest()[:32]
-            owner = conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            stored = [] if owner is None else conn.execute(
+        for fork in range(len(said) + 1):   # each diverged version beside the last
+            origin = conv.id if fork == 0 else f"{conv.id}\0{fork}"
+            conversation_id = _origin(conn, user, key, origin, conv.id if fork == 0 else None)
+            stored = [] if conversation_id is None else conn.execute(
                 "SELECT id, role, content, chain FROM messages WHERE conversation_id = ? ORDER BY id",
                 (conversation_id,)).fetchall()
-        conversation_ids[conv.id] = conversation_id
-        if owner is None:
+            common = min(len(stored), len(said))
+            if [(s["role"], s["content"]) for s in stored[:common]] == said[:common]:
+                break
+        else:   # every version here diverged from this one: one more beside them
+            origin, conversation_id, stored = f"{conv.id}\0{len(said) + 1}", None, []
+        if conversation_id is None:
+            free = re.fullmatch(r"[0-9a-f]{32}", conv.id) and not conn.execute(
+                "SELECT 1 FROM conversations WHERE id = ?", (conv.id,)).fetchone()
+            conversation_id = conv.id if free else uuid.uuid4().hex
             conn.execute("INSERT INTO conversations (id, companion_id, title, source, origin, original_id, "
                          "created_at, updated_at, user_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (conversation_id, key, conv.title, conv.source, conv.origin, conv.original_id,
                           conv.created_at, conv.updated_at, user))
+            conn.execute("INSERT INTO bundle_origins (user_id, companion_id, origin_id, conversation_id) "
+                         "VALUES (?, ?, ?, ?)", (user, key, origin, conversation_id))
             report.conversations_added += 1
         elif len(stored) < len(conv.messages):
             report.conversations_extended += 1
@@ -565,7 +572,30 @@ def _write_history(conn, bundle: Bundle, key: str, user: str, report: ImportRepo
         if len(stored) < len(conv.messages):
             conn.execute("UPDATE conversations SET updated_at = MAX(updated_at, ?) WHERE id = ?",
                          (conv.updated_at, conversation_id))
+        conversation_ids[conv.id] = conversation_id
     return message_ids, conversation_ids
+
+
+def _origin(conn, user: str, key: str, origin: str, own_id: str | None) -> str | None:
+    """The conversation `user` imported `origin` into before, if it is still here; else, for
+    `own_id`, the conversation of that id (or of the ids older Homefires derived from it) when
+    it is this user's, with this companion: a bundle made here, coming home."""
+    found = conn.execute("SELECT conversation_id FROM bundle_origins WHERE user_id = ? AND companion_id = ? "
+                         "AND origin_id = ?", (user, key, origin)).fetchone()
+    if found is not None:
+        return found[0]
+    if own_id is None:
+        return None
+    older = [hashlib.sha256(text.encode()).hexdigest()[:32]
+             for text in (f"bundle\0{own_id}", f"{own_id}\0{user}\0{key}")]
+    for candidate in (own_id, *older):
+        mine = conn.execute("SELECT 1 FROM conversations WHERE id = ? AND user_id = ? AND companion_id = ?",
+                            (candidate, user, key)).fetchone()
+        if mine is not None:
+            conn.execute("INSERT INTO bundle_origins (user_id, companion_id, origin_id, conversation_id) "
+                         "VALUES (?, ?, ?, ?)", (user, key, origin, candidate))
+            return candidate
+    return None
 
 
 def _write_memories(conn, bundle: Bundle, key: str, user: str, message_ids: dict[int, int],
@@ -579,6 +609,8 @@ def _write_memories(conn, bundle: Bundle, key: str, user: str, message_ids: dict
         if memory.conversation_id and conversation is None:
             continue   # its conversation is not in the bundle
         if reply is not None:
+            if conn.execute("SELECT forgotten FROM messages WHERE id = ?", (reply,)).fetchone()[0]:
+                continue   # the user deleted its memory here: it stays deleted
             existing = conn.execute("SELECT id FROM memories WHERE reply_id = ?", (reply,)).fetchone()
         else:
             existing = conn.execute(

@@ -243,9 +243,12 @@ class ChatService:
         except Exception:   # the failure being reported matters more than this one
             log.exception("history: could not keep the cut-off reply in %s", conversation_id)
 
-    async def reply(self, plan: Plan, conversation_id: str | None) -> AsyncIterator[Delta | Done]:
+    async def reply(self, plan: Plan, conversation_id: str | None, keep_cut: bool = True
+                    ) -> AsyncIterator[Delta | Done]:
         """Stream the planned reply; the last event is Done, sent after the commit. No
-        conversation: nothing is stored or remembered (store false, the utility model)."""
+        conversation: nothing is stored or remembered (store false, the utility model). A reply
+        cut short (stopped, failed) is kept as such, unless not `keep_cut` (a reply made again:
+        the one it would replace stays, and the conversation is as it was)."""
         turn, params, prompt = plan.turn, plan.params, plan.prompt
         key = turn.companion.key if turn.companion else None
         started = time.perf_counter()
@@ -330,7 +333,8 @@ class ChatService:
         finally:
             self._streaming -= 1
             metrics.REPLIES.labels(turn.api, outcome).inc()
-            if outcome != "ok" and conversation_id is not None and (parts or outcome == "disconnected"):
+            if (outcome != "ok" and conversation_id is not None and keep_cut
+                    and (parts or outcome == "disconnected")):
                 # Shielded: a client that leaves cancels this task, and the cut reply is kept all the same.
                 with anyio.CancelScope(shield=True):
                     await asyncio.to_thread(self._keep_truncated, history, conversation_id, "".join(parts),

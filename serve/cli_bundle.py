@@ -21,8 +21,9 @@ def local_setup(args: argparse.Namespace):
     from serve.cli_voice import _base_model
 
     model_path, model_id = _base_model(args)
-    embedder = load_settings(args.config).memory.embedder or bundle.DEFAULT_EMBEDDER
-    return bundle.Setup(model_id, adapters.model_sha256(Path(model_path)), embedder)
+    settings = load_settings(args.config)
+    return bundle.Setup(model_id, adapters.Base.of(Path(model_path), settings.engine.max_lora_rank),
+                        settings.memory.embedder or bundle.DEFAULT_EMBEDDER)
 
 
 def cmd_bundle_export(args: argparse.Namespace) -> None:

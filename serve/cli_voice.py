@@ -225,7 +225,7 @@ def _switch_adapter(args: argparse.Namespace, companion, version: str | None, ur
         if version is not None:
             model_path, _ = _base_model(args)
             adapters.verify(adapters.version_dir(resolve_data_dir(args), companion.key, version),
-                            adapters.model_sha256(Path(model_path)))
+                            adapters.Base.of(Path(model_path)))
         adapters.set_current(resolve_data_dir(args), companion.key, version)
         where = "the server uses it from its next start"
     print(f"{companion.id} speaks through {version or 'the base model'}; {where}")

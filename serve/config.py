@@ -138,6 +138,25 @@ class TasksConfig(BaseModel):
     the person talking: answered as the utility model is, and never stored."""
 
 
+class FinetuneLimits(BaseModel):
+    """What one member's training jobs may take of a shared machine. Admins' jobs are not limited."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    max_steps: int = Field(500, ge=1)
+    """Most training steps in one member's job: a job asking for more is refused (422), and one
+    that trains by epochs stops there."""
+    max_open_jobs: int = Field(2, ge=1)
+    """A member's unfinished jobs (queued or running) over all companions; one more is a 429."""
+    gpu_minutes_per_day: float | None = Field(120, gt=0)
+    """Minutes a member's jobs may run in any 24 hours; past them, a new job is a 429 until
+    enough of that time is a day old. Empty: no limit."""
+    engine_hours: str | None = Field(None, pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
+    """Hours of the server's clock (HH:MM-HH:MM, may pass midnight) when a member's job may stop
+    or sleep the engine for everyone (gpu_sharing). Outside them a member's job runs beside
+    the engine where there is room, and waits otherwise. Empty: only admins' jobs stop it."""
+
+
 class FinetuneServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -155,6 +174,8 @@ class FinetuneServerConfig(BaseModel):
     settings go on top."""
     samples: int = Field(8, ge=1, le=64)
     """Replies each model writes for a job's voice report."""
+    limits: FinetuneLimits = FinetuneLimits()
+    """What one member's jobs may take of the machine (admins' are not limited)."""
 
 
 class BackupConfig(BaseModel):

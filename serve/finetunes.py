@@ -1,12 +1,20 @@
 """Fine-tuning as jobs of the server: queued, one at a time, each in a child process.
 
-POST /api/v1/companions/{id}/finetunes queues a job. The runner takes the oldest, makes room
-on the GPU (finetune.gpu_sharing: the engine stops, sleeps, or runs beside it), trains and
-writes the voice report in a child process at the lowest priority (finetune/job_child.py),
-gives the GPU back, and speaks through the new version when it beats the one in use
-(finetune.switch). Every change of state is a row (finetune_jobs), so a job outlives the
-client that asked for it, and one a stop of the server cut short says so after the restart
-(`interrupted`), to be resumed from its last checkpoint.
+POST /api/v1/companions/{id}/finetunes queues a job. The runner takes the oldest that may run,
+starts it in a child process at the lowest priority (finetune/job_child.py), and once the
+child has shown it can train (its dataset is built) makes room on the GPU
+(finetune.gpu_sharing: the engine stops, sleeps, or runs beside it), lets it train and write
+the voice report, gives the GPU back, and speaks through the new version when it beats the
+one in use (finetune.switch).
+
+The engine and the GPU are everyone's: a member's job is bounded by finetune.limits (steps,
+unfinished jobs, minutes a day), and stops or sleeps the engine only within the hours an
+admin set; outside them it runs beside the engine where there is room, and waits otherwise,
+saying so. An admin's job may always; admins see and cancel every job.
+
+Every change of state is a row (finetune_jobs), so a job outlives the client that asked for
+it, and one a stop of the server cut short says so after the restart (`interrupted`), to be
+resumed from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -49,9 +58,11 @@ _PR_SET_PDEATHSIG = 1
 
 class Job(BaseModel):
     id: str
+    user: str                            # who asked (whose history it learns from)
     companion: str
     kind: Literal["train", "eval"]
     state: State
+    waiting: str | None = None           # queued: why it cannot run yet, if it is not only its turn
     queue_position: int | None = None   # 1: the next to run (queued jobs only)
     step: int | None = None
     total_steps: int | None = None
@@ -72,11 +83,13 @@ class Job(BaseModel):
 
 
 class JobError(Exception):
-    """A request about jobs that cannot be done: status and message for the API."""
+    """A request about jobs that cannot be done: status and message for the API (429s say when
+    to ask again)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 # GPU sharing ------------------------------------------------------------------------------
@@ -145,6 +158,8 @@ class FinetuneService:
         self._runner: asyncio.Task | None = None
         self._child: asyncio.subprocess.Process | None = None
         self._running: str | None = None          # the id of the job the runner is on
+        self._taken = False                        # it has stopped or put the engine to sleep
+        self._waiting: dict[str, str] = {}         # queued job id -> why it cannot run yet
         self._cancelled: set[str] = set()
         self._live: dict[str, dict] = {}           # job id -> progress not yet written
         self._listeners: defaultdict[str, set[asyncio.Queue]] = defaultdict(set)
@@ -177,8 +192,9 @@ class FinetuneService:
     # Requests
 
     def submit(self, companion: Companion, user: str, kind: str, config: FinetuneConfig, switch: str,
-               version: str | None = None) -> Job:
-        """Queue a job (runs in a worker thread: it reads and writes SQLite)."""
+               version: str | None = None, admin: bool = False) -> Job:
+        """Queue a job (runs in a worker thread: it reads and writes SQLite); a member's within
+        finetune.limits."""
         engine = self.hf.engine
         if self.hf.settings.engine.url:
             raise JobError(422, "engine.url points at an external vLLM: training needs the base model's "
@@ -195,6 +211,9 @@ class FinetuneService:
         if until is None:
             raise JobError(422, f"you have no conversations with replies from {companion.id!r} to learn "
                                 "from; talk to it or import an export first")
+        if not admin and config.max_steps and config.max_steps > self.limits.max_steps:
+            raise JobError(422, f"max_steps: {config.max_steps} is more than a member's job may train on "
+                                f"this server ({self.limits.max_steps}, finetune.limits.max_steps)")
         with self.db.transaction() as conn:
             busy = conn.execute("SELECT id FROM finetune_jobs WHERE user_id = ? AND companion_id = ? "
                                 "AND state IN ('queued', 'running', 'evaluating')",
@@ -202,6 +221,8 @@ class FinetuneService:
             if busy:
                 raise JobError(409, f"your job {busy[0]} for {companion.id!r} is not finished; wait for it "
                                     f"or cancel it (POST /api/v1/finetunes/{busy[0]}/cancel)")
+            if not admin:
+                self._within_limits(conn, user)
             job_id = f"ft-{uuid.uuid4().hex[:12]}"
             conn.execute(
                 "INSERT INTO finetune_jobs (id, user_id, companion_id, kind, state, settings, switch, "
@@ -211,23 +232,56 @@ class FinetuneService:
         self.loop.call_soon_threadsafe(self._wake.set)
         return self.get(user, job_id)
 
-    def get(self, user: str, job_id: str) -> Job:
-        rows = self.db.query("SELECT * FROM finetune_jobs WHERE id = ? AND user_id = ?", (job_id, user))
+    @property
+    def limits(self):
+        return self.hf.settings.finetune.limits
+
+    def _within_limits(self, conn, user: str) -> None:
+        """A member's next job: refused (429) past their unfinished jobs or minutes a day."""
+        limits = self.limits
+        open_jobs = conn.execute("SELECT COUNT(*) FROM finetune_jobs WHERE user_id = ? AND state IN "
+                                 "('queued', 'running', 'evaluating')", (user,)).fetchone()[0]
+        if open_jobs >= limits.max_open_jobs:
+            raise JobError(429, f"you have {open_jobs} unfinished jobs, as many as a member may have on this "
+                                f"server (finetune.limits.max_open_jobs: {limits.max_open_jobs}); wait for "
+                                "one to end or cancel one", retry_after=60)
+        if limits.gpu_minutes_per_day is None:
+            return
+        now, day = time.time(), 86400
+        spans = conn.execute("SELECT started_at, COALESCE(ended_at, ?) FROM finetune_jobs WHERE user_id = ? "
+                             "AND started_at IS NOT NULL AND COALESCE(ended_at, ?) > ?",
+                             (now, user, now, now - day)).fetchall()
+        used = sum(end - max(start, now - day) for start, end in spans)
+        budget = limits.gpu_minutes_per_day * 60
+        if used >= budget:
+            # Time falls out of the window as the oldest runs become a day old.
+            free_at = min((max(start, now - day) + day for start, _ in spans), default=now)
+            raise JobError(429, f"your jobs ran {used / 60:.0f} minutes in the last 24 hours, the most a "
+                                f"member's may (finetune.limits.gpu_minutes_per_day: "
+                                f"{limits.gpu_minutes_per_day:g}); "
+                                f"try again in {_duration(max(free_at - now, 1))}",
+                           retry_after=int(max(free_at - now, 1)))
+
+    def get(self, user: str, job_id: str, admin: bool = False) -> Job:
+        """One of `user`'s jobs (an admin: anyone's), or 404."""
+        rows = self.db.query("SELECT * FROM finetune_jobs WHERE id = ? AND (user_id = ? OR ?)",
+                             (job_id, user, admin))
         if not rows:
             raise JobError(404, f"no fine-tuning job {job_id!r} of yours")
         return self._job(rows[0])
 
-    def of_user(self, user: str, limit: int = 100) -> list[Job]:
-        rows = self.db.query("SELECT * FROM finetune_jobs WHERE user_id = ? ORDER BY created_at DESC "
-                             "LIMIT ?", (user, limit))
+    def jobs(self, user: str | None, limit: int = 100) -> list[Job]:
+        """`user`'s jobs, newest first (None: everyone's, for an admin)."""
+        rows = self.db.query("SELECT * FROM finetune_jobs WHERE user_id = ? OR ? ORDER BY created_at DESC "
+                             "LIMIT ?", (user, user is None, limit))
         return [self._job(row) for row in rows]
 
     def open_jobs(self, companion_key: str) -> int:
         return self.db.query("SELECT COUNT(*) FROM finetune_jobs WHERE companion_id = ? AND state IN "
                              "('queued', 'running', 'evaluating')", (companion_key,))[0][0]
 
-    async def cancel(self, user: str, job_id: str) -> Job:
-        job = await asyncio.to_thread(self.get, user, job_id)
+    async def cancel(self, user: str, job_id: str, admin: bool = False) -> Job:
+        job = await asyncio.to_thread(self.get, user, job_id, admin)
         if job.state not in OPEN:
             raise JobError(409, f"job {job_id} is {job.state}; only a queued or running job can be cancelled")
         if job_id == self._running:
@@ -237,7 +291,7 @@ class FinetuneService:
                 await asyncio.sleep(0.05)
         else:
             await asyncio.to_thread(self._end, job_id, "cancelled")
-        return await asyncio.to_thread(self.get, user, job_id)
+        return await asyncio.to_thread(self.get, user, job_id, admin)
 
     async def resume(self, user: str, job_id: str) -> Job:
         job = await asyncio.to_thread(self.get, user, job_id)
@@ -252,12 +306,12 @@ class FinetuneService:
         self._wake.set()
         return await asyncio.to_thread(self.get, user, job_id)
 
-    async def follow(self, user: str, job_id: str) -> AsyncIterator[Job]:
+    async def follow(self, user: str, job_id: str, admin: bool = False) -> AsyncIterator[Job]:
         """The job now, then each time it changes, until it has ended."""
         queue: asyncio.Queue = asyncio.Queue()
         self._listeners[job_id].add(queue)
         try:
-            job = await asyncio.to_thread(self.get, user, job_id)
+            job = await asyncio.to_thread(self.get, user, job_id, admin)
             while True:
                 yield job
                 if job.state not in OPEN:
@@ -266,7 +320,7 @@ class FinetuneService:
                     await asyncio.wait_for(queue.get(), 15)   # a quiet while: the same job again
                 while not queue.empty():
                     queue.get_nowait()
-                job = await asyncio.to_thread(self.get, user, job_id)
+                job = await asyncio.to_thread(self.get, user, job_id, admin)
         finally:
             self._listeners[job_id].discard(queue)
             if not self._listeners[job_id]:
@@ -276,32 +330,66 @@ class FinetuneService:
 
     async def _run_queue(self) -> None:
         while True:
+            self._wake.clear()   # before the look: a job queued meanwhile wakes the wait below
             rows = await asyncio.to_thread(self.db.query, "SELECT * FROM finetune_jobs WHERE state = "
-                                           "'queued' ORDER BY created_at LIMIT 1")
-            if not rows:
-                self._wake.clear()
-                await self._wake.wait()
+                                           "'queued' ORDER BY created_at")
+            chosen = None
+            for row in rows:   # the oldest that may run now; the others say why they wait
+                mode, why = await self._sharing(row)
+                if mode is not None:
+                    chosen = row, mode, why
+                    break
+                await asyncio.to_thread(self._note_waiting, row["id"], why)
+            if chosen is None:
+                # A waiting job may run once its hours come: look again each minute.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), WAITING_LOOK_S if rows else None)
                 continue
             try:
-                await self._run(rows[0])
+                await self._run(*chosen)
             except asyncio.CancelledError:
                 raise
             except Exception as err:   # a job's failure is its own, never the runner's
-                log.exception("finetune: job %s failed", rows[0]["id"])
-                await asyncio.to_thread(self._end, rows[0]["id"], "failed",
+                log.exception("finetune: job %s failed", chosen[0]["id"])
+                await asyncio.to_thread(self._end, chosen[0]["id"], "failed",
                                         error=f"{type(err).__name__}: {err}")
 
-    async def _run(self, row) -> None:
+    async def _sharing(self, row) -> tuple[str | None, str]:
+        """How the job would share the GPU if it ran now: (stop | sleep | concurrent, why), or
+        (None, why it waits). Only an admin's job, or a member's within finetune.limits.engine_hours,
+        may stop or sleep the engine that every member's replies need."""
+        engine, cpu = self.hf.engine, is_cpu_build()
+        qlora = FinetuneConfig.model_validate_json(row["settings"]).qlora
+        need = training_gib(Path(engine.model_path), qlora)
+        free = None if cpu else await asyncio.to_thread(gpu_free_gib)
+        mode, why = choose_sharing(self.hf.settings.finetune.gpu_sharing, cpu, engine.sleep_mode, free, need)
+        if mode == "concurrent" or await asyncio.to_thread(self._may_take_engine, row["user_id"]):
+            return mode, why
+        hours = self.limits.engine_hours
+        when = f"within the engine hours {hours} (server time)" if hours else \
+            "never (no finetune.limits.engine_hours are set)"
+        if cpu or (free is not None and free >= need):
+            return "concurrent", (f"{why}; but a member's job may stop the engine for everyone only {when}, "
+                                  "so it runs beside the engine")
+        return None, (f"waiting: {why}, and a member's job may stop the engine for everyone only {when}; "
+                      "an admin's job may at any time")
+
+    def _may_take_engine(self, user: str) -> bool:
+        return self._is_admin(user) or within_hours(self.limits.engine_hours, datetime.now())
+
+    def _note_waiting(self, job_id: str, why: str) -> None:
+        if self._waiting.get(job_id) != why:
+            self._waiting[job_id] = why
+            self._update(job_id, progress={"waiting": why})
+
+    async def _run(self, row, mode: str, why: str) -> None:
         job_id, hf = row["id"], self.hf
+        self._waiting.pop(job_id, None)
         companion = await asyncio.to_thread(hf.companions.get, row["companion_id"])
         if companion is None:
             await asyncio.to_thread(self._end, job_id, "failed", error="the companion was deleted")
             return
-        config = FinetuneConfig.model_validate_json(row["settings"])
         engine = hf.engine
-        mode, why = choose_sharing(hf.settings.finetune.gpu_sharing, is_cpu_build(), engine.sleep_mode,
-                                   await asyncio.to_thread(gpu_free_gib) if not is_cpu_build() else None,
-                                   training_gib(Path(engine.model_path), config.qlora))
         log.info("finetune: job %s for %s: %s (%s)", job_id, companion.id, mode, why)
         self._running = job_id
         self._live[job_id] = {"gpu_sharing": f"{mode}: {why}"}
@@ -313,24 +401,24 @@ class FinetuneService:
                "config": json.loads(row["settings"]), "model_path": engine.model_path,
                "model_id": hf.chat.model_id, "until": row["until_message"], "in_use": in_use,
                "samples": hf.settings.finetune.samples, "max_new_tokens": 64,
+               "step_limit": None if await asyncio.to_thread(self._is_admin, row["user_id"])
+               else self.limits.max_steps,
                # With the engine stopped, every core; beside it, the ones it leaves Homefire.
                "cores": sorted(engine.cores if mode == "stop" else os.sched_getaffinity(0))}
         answer: dict = {}
-        taken = False
+        self._taken = False
         try:
             try:
-                if mode in ("stop", "sleep") and engine.ready:
-                    await self._take_gpu(mode, companion)
-                    taken = True
                 if job_id not in self._cancelled:
-                    answer = await self._child_run(job_id, job, companion)
+                    answer = await self._child_run(job_id, job, mode)
             except asyncio.CancelledError:   # the server stops: close() marks the job interrupted
                 await self._kill_child()
                 raise
             except Exception as err:
                 log.exception("finetune: job %s", job_id)
+                await self._kill_child()
                 answer = {"error": f"{type(err).__name__}: {err}"}
-            await self._finish(row, companion, mode, taken, in_use, answer)
+            await self._finish(row, companion, mode, self._taken, in_use, answer)
         finally:
             self._live.pop(job_id, None)
             self._cancelled.discard(job_id)
@@ -366,7 +454,11 @@ class FinetuneService:
                 "error", "the training process ended without an answer; its traceback is in "
                          "run/finetune.log in the data directory"))
 
-    async def _child_run(self, job_id: str, job: dict, companion: Companion) -> dict:
+    def _is_admin(self, user: str) -> bool:
+        found = self.hf.users.get(user)
+        return bool(found and found.admin)
+
+    async def _child_run(self, job_id: str, job: dict, mode: str) -> dict:
         def prepare() -> None:
             # The child dies with the server, even by SIGKILL: a training nobody can see or stop
             # must not hold the GPU. (The parent is this process's main thread, the event loop's.)
@@ -377,7 +469,7 @@ class FinetuneService:
             logfile.write(f"\n=== {time.ctime()} job {job_id}\n".encode())
             self._child = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "finetune.job_child", json.dumps(job), stdout=asyncio.subprocess.PIPE,
-                stderr=logfile, stdin=asyncio.subprocess.DEVNULL, cwd=REPO, env=env,
+                stderr=logfile, stdin=asyncio.subprocess.PIPE, cwd=REPO, env=env,
                 start_new_session=True, preexec_fn=prepare, limit=1 << 20)
         if job_id in self._cancelled:   # cancelled while it was being started
             await self._kill_child()
@@ -391,6 +483,13 @@ class FinetuneService:
                 continue
             if "version" in message:
                 await asyncio.to_thread(self._update, job_id, version=message["version"])
+            elif "ready" in message:   # it has shown it can train: now, and only now, make room
+                if mode in ("stop", "sleep") and self.hf.engine.ready and job_id not in self._cancelled:
+                    await self._take_gpu(mode)
+                    self._taken = True
+                assert self._child.stdin is not None
+                self._child.stdin.write(b"go\n")
+                await self._child.stdin.drain()
             elif "progress" in message:
                 point, now = message["progress"], time.monotonic()
                 first = first or (point["step"], now)
@@ -401,13 +500,13 @@ class FinetuneService:
                 if "eval_loss" in point:
                     live["eval_loss"] = point["eval_loss"]
                 self._live[job_id] = self._live.get(job_id, {}) | live
-                self._tell_engine(companion, self._live[job_id])
+                self._tell_engine(self._live[job_id])
                 if time.monotonic() - last_write > 2 or "eval_loss" in point or point["step"] == 1:
                     last_write = time.monotonic()
                     await asyncio.to_thread(self._update, job_id, progress=self._live[job_id])
                 self._notify(job_id)
             elif "evaluating" in message:
-                self._tell_engine(companion, None)
+                self._tell_engine(None)
                 await asyncio.to_thread(self._update, job_id, state="evaluating",
                                         progress=self._live.get(job_id, {}) | {"eta_s": None})
             else:
@@ -447,8 +546,8 @@ class FinetuneService:
 
     # The GPU
 
-    async def _take_gpu(self, mode: str, companion: Companion) -> None:
-        why = self._learning(companion, None)
+    async def _take_gpu(self, mode: str) -> None:
+        why = self._learning(None)
         if mode == "sleep":
             await self.hf.engine.sleep(why)
         else:
@@ -462,22 +561,22 @@ class FinetuneService:
         else:
             await engine.resume()
 
-    def _tell_engine(self, companion: Companion, progress: dict | None) -> None:
+    def _tell_engine(self, progress: dict | None) -> None:
         engine = self.hf.engine
         if engine.state in ("paused", "asleep"):
-            engine.detail = self._learning(companion, progress)
+            engine.detail = self._learning(progress)
             eta = (progress or {}).get("eta_s")
             engine.retry_after = int(min(max(eta or 30, 5), 600))
 
     @staticmethod
-    def _learning(companion: Companion, progress: dict | None) -> str:
+    def _learning(progress: dict | None) -> str:
         how_far = "it is being evaluated"
         if progress and progress.get("total_steps"):
             how_far = f"step {progress['step']} of {progress['total_steps']}"
             if progress.get("eta_s") is not None:
                 how_far += f", about {_duration(progress['eta_s'])} left"
-        return (f"{companion.name} ({visible_id(companion.key)}) is learning its voice ({how_far}); "
-                "replies resume when the training is done")
+        # Every member reads it: whose companion it is stays private (the owner follows the job).
+        return f"a companion is learning its voice ({how_far}); replies resume when the training is done"
 
     # Rows
 
@@ -490,6 +589,7 @@ class FinetuneService:
         self._notify(job_id)
 
     def _end(self, job_id: str, state: str, error: str | None = None, result: dict | None = None) -> None:
+        self._waiting.pop(job_id, None)
         self._update(job_id, state=state, ended_at=time.time(), error=error,
                      result=json.dumps(result) if result is not None else None)
 
@@ -507,13 +607,26 @@ class FinetuneService:
             position = 1 + self.db.query("SELECT COUNT(*) FROM finetune_jobs WHERE state = 'queued' AND "
                                          "created_at < ?", (row["created_at"],))[0][0]
         fields = ("step", "total_steps", "loss", "eval_loss", "tokens_per_s", "eta_s", "gpu_sharing")
-        return Job(id=row["id"], companion=visible_id(row["companion_id"]), kind=row["kind"],
-                   state=row["state"], queue_position=position,
+        return Job(id=row["id"], user=row["user_id"], companion=visible_id(row["companion_id"]),
+                   kind=row["kind"], state=row["state"], queue_position=position,
+                   waiting=progress.get("waiting") if row["state"] == "queued" else None,
                    version=result.get("version") or row["version"],
                    metrics=result.get("metrics"), voice=result.get("voice"),
                    switched=result.get("switched"), switch_reason=result.get("switch_reason"),
                    error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
                    ended_at=row["ended_at"], **{k: progress.get(k) for k in fields})
+
+
+WAITING_LOOK_S = 60   # how often waiting jobs look at the clock again
+
+
+def within_hours(hours: str | None, now: datetime) -> bool:
+    """`now` falls within HH:MM-HH:MM (which may pass midnight); no hours: never."""
+    if not hours:
+        return False
+    start, end = (int(h) * 60 + int(m) for h, m in (part.split(":") for part in hours.split("-")))
+    minute = now.hour * 60 + now.minute
+    return start <= minute < end if start <= end else (minute >= start or minute < end)
 
 
 INTERRUPTED = ("the server stopped while it ran; POST /api/v1/finetunes/{id}/resume continues it from its "

@@ -2,7 +2,8 @@
 
 The same rules as `homefire user`: a new or rotated key is shown once and never stored.
 An admin cannot revoke or rotate their own key here (the request's own key would stop
-working mid-session); the CLI on the server's machine can.
+working mid-session), nor the server owner's (`local`): one admin must never lock the owner
+out of their own server. The CLI on the server's machine can do both.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory.users import User, UserError
+from memory.users import LOCAL, User, UserError
 from serve.account import Account, AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES
@@ -44,6 +45,9 @@ AdminDep = Annotated[Account, Depends(admin_only)]
 
 
 def _not_yourself(account: Account, name: str, what: str) -> None:
+    if name == LOCAL and account.name != LOCAL:
+        raise HTTPException(403, f"only the server's owner may {what} the owner's key, with "
+                                 f"`homefire user {what} {LOCAL}` on the server")
     if name == account.name:
         raise HTTPException(409, f"you cannot {what} your own key here: the page or client using it would "
                                  f"stop working; run `homefire user {what} {name}` on the server")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune import adapters
 from finetune.config import FinetuneError
+from memory.users import LOCAL
 from serve.account import AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES
@@ -65,8 +66,18 @@ def _report_file(account, companion_id: str, version: str, name: str):
 
 @router.get("/companions/{companion_id}/adapters/{version}/report")
 def voice_report(companion_id: str, version: str, account: AccountDep) -> dict:
-    """The version's voice-match report (`homefire eval`): perplexities, style, samples."""
-    return json.loads(_report_file(account, companion_id, version, "eval.json").read_text())
+    """The version's voice-match report (`homefire eval`): perplexities, style, and the samples
+    (real held-out replies beside the models' continuations). The samples come from one member's
+    conversations and are theirs alone: anyone else who may see the companion gets the figures,
+    with `samples` empty and `samples_withheld` true."""
+    report = json.loads(_report_file(account, companion_id, version, "eval.json").read_text())
+    # Reports written before they named their user are the trainer's (the version's manifest).
+    owner = report.get("user") or adapters.manifest(
+        account.hf.data_dir, account.companion_card(companion_id).key, version).get("user", LOCAL)
+    if owner != account.name:
+        report |= {"samples": [], "samples_withheld": True}
+    report.pop("user", None)
+    return report
 
 
 @router.get("/companions/{companion_id}/adapters/{version}/voice.png", response_class=FileResponse,

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/v1", tags=["bundles"], dependencies=API_GUARDS, 
 
 
 def setup_of(hf) -> bundle.Setup:
-    return bundle.Setup(hf.chat.model_id, hf.adapters.base_sha256,
+    return bundle.Setup(hf.chat.model_id, hf.adapters.base,
                         hf.settings.memory.embedder or bundle.DEFAULT_EMBEDDER)
 
 

@@ -131,8 +131,9 @@ async def send_message(conversation_id: str, body: SendMessage, account: Account
     409: {"description": "The conversation does not end with a reply to the user's message"}})
 async def regenerate(conversation_id: str, body: Regenerate, account: AccountDep, chat: ChatDep,
                      limiter: LimiterDep):
-    """Answer the user's last message again. The new reply replaces the last one (and its
-    memory) once it is complete; a failed or stopped one leaves the old reply in place."""
+    """Answer the user's last message again. The new reply replaces the last one once it is
+    complete, and its memory takes the new words, keeping its pin and the user's edits (a memory
+    the user deleted stays deleted); a failed or stopped one leaves the conversation as it was."""
     old: list[Message] = []
 
     def prepare(past: list[Message]) -> Message:
@@ -142,18 +143,18 @@ async def regenerate(conversation_id: str, body: Regenerate, account: AccountDep
         old.append(past.pop())
         return past[-1]
 
-    def replace(companion: Companion) -> None:
-        account.memory.take_back_reply(old[0].id)
-        chat.remember(companion, conversation_id)   # the message and its new reply, as one memory
+    def replace(companion: Companion, reply: Message) -> None:
+        if not account.memory.replace_reply(old[0].id, reply.id, reply.content):
+            chat.remember(companion, conversation_id)   # the old reply had no memory yet
 
-    return await _respond(conversation_id, body, account, chat, limiter, prepare, replace)
+    return await _respond(conversation_id, body, account, chat, limiter, prepare, replace, keep_cut=False)
 
 
 async def _respond(conversation_id: str, body: SendMessage | Regenerate, account, chat, limiter,
-                   prepare, after=None):
+                   prepare, after=None, keep_cut: bool = True):
     """Reply to the conversation. prepare(past) may change the history the reply sees, and
     returns the user's message it answers, or None for body.content, which is stored once the
-    reply is planned. after(companion) runs once the reply is stored."""
+    reply is planned. after(companion, reply) runs once the reply is stored."""
     def find() -> tuple[Conversation, Companion]:
         conversation = account.conversation(conversation_id)
         return conversation, account.companion(conversation.companion_id)
@@ -173,10 +174,10 @@ async def _respond(conversation_id: str, body: SendMessage | Regenerate, account
         return plan, message or history.append(conversation.id, "user", body.content)
 
     plan, message = await limiter.reserve(user, plan_turn)
-    events = chat.reply(plan, conversation.id)
+    events = chat.reply(plan, conversation.id, keep_cut)
     if after is not None:
-        async def then() -> None:
-            await asyncio.to_thread(after, companion)
+        async def then(reply: Message) -> None:
+            await asyncio.to_thread(after, companion, reply)
             chat.index_soon()
 
         events = _then(events, then)
@@ -188,11 +189,11 @@ async def _respond(conversation_id: str, body: SendMessage | Regenerate, account
 
 
 async def _then(events: AsyncIterator, work) -> AsyncIterator:
-    """The events, with `await work()` run after the reply is stored and before Done is passed on."""
+    """The events, with `await work(reply)` run after the reply is stored and before Done is passed on."""
     try:
         async for item in events:
             if isinstance(item, Done):
-                await work()
+                await work(item.message)
             yield item
     finally:
         await events.aclose()

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Path, Request
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -54,20 +54,27 @@ def job_settings(account: Account, body: dict[str, Any] | None) -> tuple[Finetun
         raise SettingsProblem(field, f"{field}: {first['msg']}{more}") from err
 
 
+def refused(err: JobError) -> HTTPException:
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+    return HTTPException(err.status, str(err), headers=headers)
+
+
 async def queued(work) -> JSONResponse:
     try:
         job = await asyncio.to_thread(work)
     except SettingsProblem as err:
         return error_response(422, str(err), err.field, "invalid_setting")
     except JobError as err:
-        raise HTTPException(err.status, str(err)) from err
+        raise refused(err) from err
     return JSONResponse(job.model_dump(), status_code=202)
 
 
 @router.post("/companions/{companion_id}/finetunes", status_code=202, response_model=Job, responses={
     403: {"description": "A shared companion, and the caller is not an admin"},
     409: {"description": "The caller's job for this companion is not finished"},
-    422: {"description": "A setting is wrong (the message names it), or there is no history to learn from"}})
+    422: {"description": "A setting is wrong (the message names it), or over finetune.limits.max_steps, "
+          "or there is no history to learn from"},
+    429: {"description": "A member over finetune.limits (unfinished jobs, minutes a day); Retry-After"}})
 async def start_finetune(companion_id: str, account: AccountDep,
                          body: Annotated[dict[str, Any] | None, Body(description=SETTINGS, openapi_examples={
                              "a few steps": {"value": {"max_steps": 40, "switch": "auto"}}})] = None,
@@ -77,11 +84,14 @@ async def start_finetune(companion_id: str, account: AccountDep,
     Only its owner may (an admin, for a shared companion). Jobs run one at a time, in the order
     they were asked for; each trains a new adapter version, writes its voice report, and then
     speaks through it if it is better (`switch`). Follow it with GET /api/v1/finetunes/{job}.
+    A member's job keeps within finetune.limits, and stops the engine for everyone only within
+    its engine hours (else it runs beside the engine, or waits and says why in `waiting`).
     """
     def work() -> Job:
         companion = account.tunable(companion_id)
         config, switch = job_settings(account, body)
-        return account.hf.finetunes.submit(companion, account.name, "train", config, switch)
+        return account.hf.finetunes.submit(companion, account.name, "train", config, switch,
+                                           admin=account.user.admin)
 
     return await queued(work)
 
@@ -99,15 +109,21 @@ async def start_evaluation(companion_id: str, version: Annotated[str, Path(max_l
             config = FinetuneConfig.model_validate(info["config"])
         except FinetuneError as err:
             raise SettingsProblem("version", str(err)) from err
-        return account.hf.finetunes.submit(companion, account.name, "eval", config, "never", version)
+        return account.hf.finetunes.submit(companion, account.name, "eval", config, "never", version,
+                                           admin=account.user.admin)
 
     return await queued(work)
 
 
-@router.get("/finetunes")
-async def list_finetunes(account: AccountDep) -> list[Job]:
-    """The caller's training and evaluation jobs, newest first (at most 100)."""
-    return await asyncio.to_thread(account.hf.finetunes.of_user, account.name)
+@router.get("/finetunes", responses={403: {"description": "all=true, and the caller is not an admin"}})
+async def list_finetunes(account: AccountDep, all: Annotated[bool, Query(
+        description="every member's jobs (admins): to see what holds the queue and cancel it")] = False,
+                         ) -> list[Job]:
+    """The caller's training and evaluation jobs, newest first (at most 100); an admin's, with
+    all=true, everyone's."""
+    if all and not account.user.admin:
+        raise HTTPException(403, "only an admin may list every member's jobs")
+    return await asyncio.to_thread(account.hf.finetunes.jobs, None if all else account.name)
 
 
 @router.get("/finetunes/{job_id}", response_model=Job, responses={
@@ -116,18 +132,18 @@ async def list_finetunes(account: AccountDep) -> list[Job]:
                "event with it once it is done, failed, cancelled or interrupted."),
     404: {"description": "No job of the caller's with this id"}})
 async def get_finetune(job_id: JobId, request: Request, account: AccountDep):
-    """One of the caller's jobs: state, queue position, progress, the version it made and its
-    voice-match figures, and the error if it failed."""
-    service = account.hf.finetunes
+    """One of the caller's jobs (an admin: anyone's): state, queue position, progress, the
+    version it made and its voice-match figures, and the error if it failed."""
+    service, admin = account.hf.finetunes, account.user.admin
     try:
-        job = await asyncio.to_thread(service.get, account.name, job_id)
+        job = await asyncio.to_thread(service.get, account.name, job_id, admin)
     except JobError as err:
-        raise HTTPException(err.status, str(err)) from err
+        raise refused(err) from err
     if "text/event-stream" not in request.headers.get("accept", ""):
         return job
 
     async def events() -> AsyncIterator[str]:
-        async for now in service.follow(account.name, job_id):
+        async for now in service.follow(account.name, job_id, admin):
             yield event(now.model_dump(), "progress" if now.state in ("queued", "running", "evaluating")
                         else "end")
 
@@ -138,11 +154,12 @@ async def get_finetune(job_id: JobId, request: Request, account: AccountDep):
     404: {"description": "No job of the caller's with this id"},
     409: {"description": "The job has already ended"}})
 async def cancel_finetune(job_id: JobId, account: AccountDep) -> Job:
-    """Cancel a queued or running job; a cancelled training leaves no version behind."""
+    """Cancel a queued or running job (an admin: anyone's); a cancelled training leaves no
+    version behind."""
     try:
-        return await account.hf.finetunes.cancel(account.name, job_id)
+        return await account.hf.finetunes.cancel(account.name, job_id, account.user.admin)
     except JobError as err:
-        raise HTTPException(err.status, str(err)) from err
+        raise refused(err) from err
 
 
 @router.post("/finetunes/{job_id}/resume", status_code=202, response_model=Job, responses={
@@ -153,5 +170,5 @@ async def resume_finetune(job_id: JobId, account: AccountDep) -> JSONResponse:
     try:
         job = await account.hf.finetunes.resume(account.name, job_id)
     except JobError as err:
-        raise HTTPException(err.status, str(err)) from err
+        raise refused(err) from err
     return JSONResponse(job.model_dump(), status_code=202)

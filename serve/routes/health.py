@@ -1,11 +1,14 @@
 """Liveness, readiness and Prometheus metrics."""
 
+from typing import Annotated
+
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from memory.users import User
 from serve import metrics
 from serve.account import authenticate
 from serve.errors import ERROR_RESPONSES
@@ -27,13 +30,16 @@ class Readiness(BaseModel):
     model_change: str | None = None   # what differs from the model this data was made with
 
 
-@router.get("/readyz", dependencies=[Depends(authenticate)], response_model=Readiness,
+@router.get("/readyz", response_model=Readiness,
             responses={503: {"model": Readiness, "description": "Not ready yet, or failed: see detail"}})
-def readyz(request: Request) -> JSONResponse:
-    """200 once the engine, tokenizer and memory are ready to reply, 503 with the reason before."""
+def readyz(request: Request, user: Annotated[User, Depends(authenticate)]) -> JSONResponse:
+    """200 once the engine, tokenizer and memory are ready to reply, 503 with the reason before.
+    The detail of a failure (the engine's log) is an admin's; other members read what state
+    the engine is in."""
     hf = request.app.state.homefire
     ready = hf.engine.ready and hf.chat.prompts is not None and hf.chat.memory is not None
-    body = {"ready": ready, "engine": hf.engine.state, "detail": hf.engine.detail,
+    detail = hf.engine.detail if user.admin else hf.engine.public_detail()
+    body = {"ready": ready, "engine": hf.engine.state, "detail": detail,
             "restarts": hf.engine.restarts, "model_change": hf.model_change}
     return JSONResponse(body, 200 if ready else 503)
 
@@ -50,7 +56,9 @@ async def prometheus(request: Request) -> Response:
 
 async def engine_metrics(engine) -> bytes:
     """The engine's `vllm:` families as Prometheus text; its process and Python metrics are
-    left out (their names are Homefire's too). A comment says why when there are none."""
+    left out (their names are Homefire's too), and so is every series that names an adapter
+    (a served adapter's name is its companion's key: OWNER.ID--vN, a member's private name).
+    A comment says why when there are none."""
     if not engine.ready:
         return f"# the engine's metrics: none while it is {engine.state}\n".encode()
     try:
@@ -58,11 +66,15 @@ async def engine_metrics(engine) -> bytes:
         response.raise_for_status()
     except httpx.HTTPError as err:
         return f"# the engine's metrics: unavailable ({type(err).__name__})\n".encode()
+    private = tuple(engine.adapters)
     kept = [line for line in response.text.splitlines()
-            if line.startswith(ENGINE_PREFIX) or line.startswith(("# HELP " + ENGINE_PREFIX,
-                                                                  "# TYPE " + ENGINE_PREFIX))]
+            if (line.startswith(ENGINE_PREFIX) or line.startswith(("# HELP " + ENGINE_PREFIX,
+                                                                   "# TYPE " + ENGINE_PREFIX)))
+            and not any(family in line for family in NAMING_ADAPTERS)
+            and not any(name in line for name in private)]
     return ("\n".join(kept) + "\n").encode()
 
 
 ENGINE_PREFIX = "vllm:"
+NAMING_ADAPTERS = ("vllm:lora_requests_info",)   # labelled with the adapters running and waiting
 ENGINE_METRICS_TIMEOUT_S = 5

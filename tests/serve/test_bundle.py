@@ -3,6 +3,7 @@ second import that adds nothing, and every damaged or hostile bundle refused wit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ def rows(db: Database, sql: str) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def setup(model_dir) -> bundle.Setup:
-    return bundle.Setup(MODEL_NAME, adapters.model_sha256(model_dir), bundle.DEFAULT_EMBEDDER)
+    return bundle.Setup(MODEL_NAME, adapters.Base.of(model_dir), bundle.DEFAULT_EMBEDDER)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_a_bundle_comes_home_whole_and_a_second_import_adds_nothing(source, setu
         here = adapters.version_dir(data, "kit", version) / "adapter_model.safetensors"
         there = adapters.version_dir(origin, "kit", version) / "adapter_model.safetensors"
         assert here.read_bytes() == there.read_bytes()
-        adapters.verify(here.parent, setup.model_sha256)
+        adapters.verify(here.parent, setup.base)
     # The chains are this data directory's: a client resending the conversation is matched.
     turns = [("user", "I moved to Porto last week."), ("assistant", "Porto! Tell me about the river.")]
     assert rows(db, "SELECT chain FROM messages ORDER BY id")[1] == (chains(chain_root("kit"), turns)[1],)
@@ -153,7 +154,7 @@ def test_a_conversation_the_bundle_continues_is_extended(source, setup, tmp_path
 def test_adapters_for_another_base_model_are_left_out_with_the_reason(source, setup, tmp_path):
     _, out = source
     data, db = empty(tmp_path)
-    other = bundle.Setup("other-model", "f" * 64, bundle.DEFAULT_EMBEDDER)
+    other = bundle.Setup("other-model", adapters.Base("f" * 64, {}), bundle.DEFAULT_EMBEDDER)
     report = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, other)
     assert report.adapters_added == [] and report.adapter_in_use is None
     assert f"trained on base model {MODEL_NAME!r}" in report.adapters_refused
@@ -478,3 +479,97 @@ def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
     assert [c.id for c in read.conversations] == [mine] != [theirs]
     assert read.manifest["counts"]["adapters"] == 0
     ana.close()
+
+
+def resigned(out: Path, to: Path, change) -> Path:
+    """repack, with the manifest listing each member's new checksum: only their content is wrong."""
+    changed = repack(out, to.with_suffix(".unsigned"), change)
+    with zipfile.ZipFile(changed) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        manifest["members"] = {n: hashlib.sha256(archive.read(n)).hexdigest() for n in archive.namelist()
+                               if n != "manifest.json"}
+    return repack(changed, to, lambda info, data: [
+        (info, json.dumps(manifest) if info.filename == "manifest.json" else data)])
+
+
+def test_ids_from_a_bundle_never_choose_whose_conversation_its_messages_join(source, setup, tmp_path):
+    """Bob makes conversations of his own under every id an earlier Homefire derived for Ana's
+    next import (and its "fork"); her import lands in new conversations of hers, his stay his."""
+    _, out = source
+    data, db = empty(tmp_path)
+    bundle.import_bundle(db, data, bundle.read_bundle(out), "ana", "ana", setup)   # as ana.kit
+
+    def derived(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    read = bundle.read_bundle(out)
+    traps = []
+    for conv in read.conversations:
+        near = derived(f"{conv.id}\0ana\0ana.kit2")
+        traps += [conv.model_copy(update={"id": near}),
+                  conv.model_copy(update={"id": derived(f"{near}\0fork"), "messages": []})]
+    bait = dataclasses.replace(read, conversations=traps, memories=[], adapters={})
+    bundle.import_bundle(db, data, bait, "bob", "bob", setup, as_id="trap")
+    bobs = "SELECT c.id, COUNT(m.id) FROM conversations c LEFT JOIN messages m ON m.conversation_id = c.id " \
+           "WHERE c.user_id = 'bob' GROUP BY c.id ORDER BY c.id"
+    before = rows(db, bobs)
+    assert len(before) == 4
+
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "ana", "ana", setup, as_id="kit2")
+    assert report.conversations_added == 2 and report.messages_added == 4 and report.memories_added == 3
+    assert rows(db, bobs) == before, "not one message joined a conversation of Bob's"
+    assert rows(db, "SELECT COUNT(*) FROM conversations WHERE user_id = 'ana' AND companion_id = 'ana.kit2'"
+                ) == [(2,)]
+    assert rows(db, "SELECT COUNT(*) FROM memories m JOIN conversations c ON c.id = m.conversation_id "
+                    "WHERE c.user_id != m.user_id") == [(0,)]
+    again = bundle.import_bundle(db, data, bundle.read_bundle(out), "ana", "ana", setup, as_id="kit2")
+    assert again.conversations_added == again.messages_added == again.memories_added == 0
+
+
+def test_an_older_bundle_after_chatting_on_adds_nothing_and_deleted_memories_stay_deleted(
+        source, setup, tmp_path):
+    _, out = source
+    data, db = empty(tmp_path)
+    bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    history, memory = History(db), MemoryStore(db, data / "index", embedder=None)
+    first = rows(db, "SELECT id FROM conversations ORDER BY created_at")[0][0]
+    history.append(first, "user", "The river is lovely at night.")
+    history.append(first, "assistant", "I wish I could see it.")
+    porto = rows(db, "SELECT id FROM memories WHERE text LIKE '%Porto!%'")[0][0]
+    assert memory.delete(porto)
+    counts = "SELECT (SELECT COUNT(*) FROM conversations), (SELECT COUNT(*) FROM messages), " \
+             "(SELECT COUNT(*) FROM memories)"
+    before = rows(db, counts)
+
+    again = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    assert again.conversations_added == again.messages_added == again.memories_added == 0
+    assert again.conversations_unchanged == 2
+    assert rows(db, counts) == before, "the older bundle duplicated nothing, and brought nothing back"
+
+
+@pytest.mark.parametrize(("member", "content", "said"), [
+    ("memories.jsonl", None, "memories.jsonl line 1: kind"),
+    ("adapters/v1/adapter_config.json", "[16]", "adapters/v1: adapter v1: adapter_config.json: must be a "
+     "JSON object"),
+    ("adapters/v1/manifest.json", '{"base_model": "SmolLM2"}', "adapters/v1/manifest.json: not an adapter "
+     "manifest"),
+])
+def test_a_member_of_the_wrong_shape_is_a_bundle_error_that_names_it(source, setup, tmp_path, member, content,
+                                                                    said):
+    _, out = source
+
+    def change(info, data):
+        if info.filename != member:
+            return [(info, data)]
+        if content is None:   # the first memory of a kind Homefire has no such thing as
+            lines = data.decode().splitlines()
+            lines[0] = json.dumps(json.loads(lines[0]) | {"kind": "secret"})
+            return [(info, "\n".join(lines) + "\n")]
+        return [(info, content)]
+
+    bad = resigned(out, tmp_path / "bad.homefire", change)
+    data, db = empty(tmp_path)
+    with pytest.raises(bundle.BundleError) as err:
+        bundle.import_bundle(db, data, bundle.read_bundle(bad), "local", None, setup)
+    assert said in str(err.value)
+    nothing_written(data, db)

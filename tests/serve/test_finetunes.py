@@ -136,7 +136,9 @@ def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_sp
                         model="kit", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
                 assert refused.value.status_code == 503
                 assert int(refused.value.response.headers["retry-after"]) >= 5
-                assert "Kit (kit) is learning its voice (step " in refused.value.message
+                # Every member reads this: no companion's name or id, only how far it is.
+                assert "a companion is learning its voice (step " in refused.value.message
+                assert "kit" not in refused.value.message.lower()
                 ready = http.get("/readyz")
                 assert ready.status_code == 503 and ready.json()["engine"] == "paused"
                 assert "learning its voice" in ready.json()["detail"]

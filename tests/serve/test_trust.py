@@ -23,7 +23,8 @@ def users(server) -> dict[str, httpx.Client]:
     return clients
 
 
-def make_adapter(folder: Path, model_dir: Path, trained_by: str, seed: int | None = None) -> None:
+def make_adapter(folder: Path, model_dir: Path, trained_by: str, seed: int | None = None,
+                 rank: int = 8) -> None:
     """A real (untrained) PEFT LoRA adapter for the embedded model, with the manifest ours have;
     with a seed, its weights are random (not a no-op), so it changes what the model says."""
     import torch
@@ -33,7 +34,7 @@ def make_adapter(folder: Path, model_dir: Path, trained_by: str, seed: int | Non
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if seed is not None:
         torch.manual_seed(seed)
-    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=seed is None)
+    config = LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=seed is None)
     get_peft_model(model, config).save_pretrained(folder)
     manifest = {"version": folder.name, "user": trained_by, "created_at": 0, "metrics": {},
                 "base_model": {"id": MODEL_NAME, "sha256": adapters.model_sha256(model_dir)}}

@@ -97,14 +97,17 @@ export async function voiceView(root, { args: [companionId] }) {
           ['real', 'base', 'tuned'].map((who) => h('td', {}, s[who][key].toFixed(2))))))),
       plot,
       h('h3', {}, 'Samples'),
-      h('ul', { class: 'samples' }, result.samples.map((sample) => h('li', {},
-        h('p', {}, h('b', {}, 'real: '), sample.real), h('p', {}, h('b', {}, 'base: '), sample.base),
-        h('p', {}, h('b', {}, 'tuned: '), sample.tuned)))));
+      result.samples_withheld
+        ? h('p', { class: 'hint' }, 'The samples come from the conversations of the member who ran this report; only they see them.')
+        : h('ul', { class: 'samples' }, result.samples.map((sample) => h('li', {},
+          h('p', {}, h('b', {}, 'real: '), sample.real), h('p', {}, h('b', {}, 'base: '), sample.base),
+          h('p', {}, h('b', {}, 'tuned: '), sample.tuned)))));
   }
 
   function describe(job) {
     const parts = [job.state];
     if (job.state === 'queued' && job.queue_position) parts.push(`number ${job.queue_position} in the queue`);
+    if (job.waiting) parts.push(job.waiting);
     if (job.step != null && job.total_steps) parts.push(`step ${job.step} of ${job.total_steps}`);
     if (job.loss != null) parts.push(`loss ${job.loss.toFixed(3)}`);
     if (job.eval_loss != null) parts.push(`held-out ${job.eval_loss.toFixed(3)}`);
