@@ -210,14 +210,17 @@ class MemoryStore:
     # -- the index ---------------------------------------------------------------------
 
     def index_pending(self, progress: Progress | None = None, batch: int = 256,
-                      limit: int | None = None, imported: bool = True) -> int:
+                      limit: int | None = None, imported: bool = True, mine: bool = False) -> int:
         """Embed memories not yet in the index (all, or the oldest `limit`; without `imported`,
-        those an import brought are left to it); returns how many.
+        those an import brought are left to it; with `mine`, this user's only, so that a
+        member's fact or edit never waits behind another member's import); returns how many.
 
         The lock is held a batch at a time, so two indexers (an import's, the replies') take
         turns instead of one waiting minutes for the other."""
         which = "chunks = 0" + ("" if imported else " AND source != 'imported'")
-        total = self.db.query(f"SELECT COUNT(*) FROM memories WHERE {which}")[0][0]
+        whose = (self.user,) if mine else ()
+        which += " AND user_id = ?" if mine else ""
+        total = self.db.query(f"SELECT COUNT(*) FROM memories WHERE {which}", whose)[0][0]
         if progress and total:
             progress(0, total)   # the stage has begun (an import's rows are in)
         done = 0
@@ -226,7 +229,7 @@ class MemoryStore:
                 rows = self.db.query(
                     "SELECT id, user_id, companion_id, conversation_id, kind, pinned, created_at, text "
                     f"FROM memories WHERE {which} ORDER BY id LIMIT ?",
-                    (batch if limit is None else min(batch, limit - done),))
+                    (*whose, batch if limit is None else min(batch, limit - done)))
                 if not rows:
                     break
                 words = self._users_words(rows)
@@ -299,7 +302,7 @@ class MemoryStore:
             with self.db.transaction() as conn:
                 conn.execute("UPDATE memories SET chunks = 0" + ("" if everyone else " WHERE user_id = ?"),
                              () if everyone else (self.user,))
-        done = self.index_pending(progress)
+        done = self.index_pending(progress, mine=not everyone)
         if everyone:
             return done
         return self.db.query("SELECT COUNT(*) FROM memories WHERE user_id = ? AND chunks > 0",

@@ -205,12 +205,6 @@ class FinetuneService:
         if not engine.model_path:
             raise JobError(503, "the base model is not on disk yet (the first start converts it); try "
                                 "again in a moment")
-        until = self.db.query("SELECT MAX(m.id) FROM messages m JOIN conversations c ON c.id = "
-                              "m.conversation_id WHERE c.companion_id = ? AND c.user_id = ? AND m.role = "
-                              "'assistant'", (companion.key, user))[0][0]
-        if until is None:
-            raise JobError(422, f"you have no conversations with replies from {companion.id!r} to learn "
-                                "from; talk to it or import an export first")
         if not admin and config.max_steps and config.max_steps > self.limits.max_steps:
             raise JobError(422, f"max_steps: {config.max_steps} is more than a member's job may train on "
                                 f"this server ({self.limits.max_steps}, finetune.limits.max_steps)")
@@ -223,6 +217,12 @@ class FinetuneService:
                                     f"or cancel it (POST /api/v1/finetunes/{busy[0]}/cancel)")
             if not admin:
                 self._within_limits(conn, user)
+            until = conn.execute("SELECT MAX(m.id) FROM messages m JOIN conversations c ON c.id = "
+                                 "m.conversation_id WHERE c.companion_id = ? AND c.user_id = ? AND m.role = "
+                                 "'assistant'", (companion.key, user)).fetchone()[0]
+            if until is None:
+                raise JobError(422, f"you have no conversations with replies from {companion.id!r} to learn "
+                                    "from; talk to it or import an export first")
             job_id = f"ft-{uuid.uuid4().hex[:12]}"
             conn.execute(
                 "INSERT INTO finetune_jobs (id, user_id, companion_id, kind, state, settings, switch, "

@@ -75,7 +75,7 @@ async def add_memory(companion_id: str, body: NewFact, account: AccountDep) -> M
     def add() -> Memory:
         memory = account.memory
         fact = memory.add_fact(account.companion_card(companion_id).key, body.text, body.pinned)
-        memory.index_pending()   # searchable as soon as this returns
+        memory.index_pending(mine=True)   # searchable as soon as this returns, whoever else imports
         return account.memory_item(fact.id)
 
     return await asyncio.to_thread(add)
@@ -93,7 +93,7 @@ async def edit_memory(memory_id: MemoryId, body: MemoryEdit, account: AccountDep
         account.memory_item(memory_id)
         memory = account.memory
         memory.edit(memory_id, body.text, body.pinned)
-        memory.index_pending()
+        memory.index_pending(mine=True)
         return account.memory_item(memory_id)   # 404 if it was deleted meanwhile
 
     return await asyncio.to_thread(change)

@@ -260,3 +260,22 @@ def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrad
     upgraded = MemoryStore(db, tmp_path / "index", embedder)
     assert upgraded.index_pending() == 1
     assert upgraded.collection("ember").count() == 2 and upgraded.index_is_consistent()
+
+
+def test_a_members_fact_and_rebuild_index_their_own_memories_only(tmp_path, embedder):
+    """Another member's pending import (thousands of memories to embed) is theirs to index: a
+    fact, an edit or a rebuild of this member's embeds this member's memories, never waits for
+    all of those."""
+    db, history, memory = fresh(tmp_path, embedder)
+    theirs = History(db, "ivy").create_conversation("ember", source="imported").id
+    with db.transaction() as conn:
+        conn.executemany("INSERT INTO memories (user_id, companion_id, conversation_id, kind, text, "
+                         "source, created_at, updated_at) "
+                         "VALUES ('ivy', 'ember', ?, 'exchange', ?, 'imported', ?, ?)",
+                         [(theirs, f"User: question {i}\nEmber: answer {i}", i, i) for i in range(500)])
+    pending = "SELECT COUNT(*) FROM memories WHERE user_id = 'ivy' AND chunks = 0"
+    fact = memory.add_fact("ember", "My bike is teal.")
+    assert memory.index_pending(mine=True) == 1 and memory.get(fact.id).indexed
+    assert db.query(pending)[0][0] == 500, "Ivy's import was left to Ivy's import"
+    assert memory.rebuild() == 1 and db.query(pending)[0][0] == 500
+    assert memory.search("ember", "what colour is my bike?", 1)[0].id == fact.id

@@ -390,6 +390,11 @@ def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
     there = {prompt: searched(ana, "fox", prompt) for prompt in PROMPTS}
     replies = {prompt: greedy(ana, "fox", prompt) for prompt in PROMPTS}
     assert all(r["adapter"] for r in replies.values()), "the adapter spoke"
+    # vLLM names the adapters it served in its metrics (OWNER.ID--vN): Homefire's /metrics,
+    # which every member may read, carries none of them.
+    with server.engine() as engine:
+        assert "ana.fox--v1" in engine.get("/metrics").text
+    assert "vllm:" in ana.get("/metrics").text and "ana.fox" not in ana.get("/metrics").text
 
     # The card alone, as a front end gets it, opens in our own card import with every field.
     from memory.cards import parse_card

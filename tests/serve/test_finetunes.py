@@ -82,6 +82,20 @@ def wait_for(http, job_id: str, done, what: str, timeout: float = 600) -> dict:
     raise AssertionError(f"job {job_id} never got to {what}: {job}")
 
 
+def test_engine_hours_are_read_on_the_servers_clock_and_may_pass_midnight():
+    from datetime import datetime
+
+    from serve.finetunes import within_hours
+
+    def at(hour: int, minute: int = 0) -> datetime:
+        return datetime(2026, 12, 4, hour, minute)
+
+    assert within_hours("01:00-06:00", at(1)) and within_hours("01:00-06:00", at(5, 59))
+    assert not within_hours("01:00-06:00", at(6)) and not within_hours("01:00-06:00", at(0, 59))
+    assert within_hours("22:30-02:00", at(23)) and within_hours("22:30-02:00", at(1, 30))
+    assert not within_hours("22:30-02:00", at(12)) and not within_hours(None, at(3))
+
+
 def test_how_a_training_shares_the_gpu_is_decided_from_its_free_memory_and_said():
     # The GPU paths cannot run here: their decisions and commands are what is tested.
     assert choose_sharing("auto", True, False, None, 10)[0] == "concurrent"   # the CPU build
@@ -107,15 +121,32 @@ def test_sleep_mode_starts_the_engine_with_its_flag_and_routes_only_when_it_is_u
     assert training_gib(model_dir, qlora=False) > training_gib(model_dir, qlora=True) > 1.5
 
 
+# A member's jobs: 8 steps at most, one unfinished, and 3 seconds a day (used up by one start).
+LIMITS = {"max_steps": 8, "max_open_jobs": 1, "gpu_minutes_per_day": 0.05}
+
+
+def engine_starts(data: Path) -> int:
+    """How many times vLLM was started (each start writes a line to the engine's log)."""
+    return (data / "run" / "engine.log").read_text().count("starting:")
+
+
 def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_speaks(model_dir, make_server,
                                                                                       tmp_path):
     data = with_history(tmp_path / "data", model_dir)
-    server = make_server(data, config=CONFIG | {"finetune": {"samples": 2, "gpu_sharing": "stop"}}).start()
+    server = make_server(data, config=CONFIG | {"finetune": {"samples": 2, "gpu_sharing": "stop",
+                                                             "limits": LIMITS}}).start()
     http = server.http()
     started = http.post("/api/v1/companions/kit/finetunes", json=QUICK)
     assert started.status_code == 202, started.text
     job = started.json()
     assert job["companion"] == "kit" and job["kind"] == "train" and job["state"] in ("queued", "running")
+    assert job["user"] == "local"
+    # Queued behind it: a job whose history is deleted while it waits. It fails before it can
+    # train, and so never stops the engine.
+    doomed = http.post("/api/v1/companions/twin/finetunes", json=QUICK)
+    assert doomed.status_code == 202, doomed.text
+    for conversation in http.get("/api/v1/conversations", params={"companion": "twin"}).json():
+        assert http.delete(f"/api/v1/conversations/{conversation['id']}").status_code == 204
 
     seen, checked = [], False
     with http.stream("GET", f"/api/v1/finetunes/{job['id']}", headers=SSE) as stream:
@@ -163,8 +194,50 @@ def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_sp
     assert http.get("/readyz").status_code == 200
     listing = http.get("/api/v1/companions/kit/adapters").json()
     assert listing["current"] == "v1" and listing["versions"][0]["metrics"]["steps"] == 4
+    after_training = engine_starts(data)
+    failed = wait_for(http, doomed.json()["id"], lambda j: j["state"] == "failed", "end")
+    assert "no conversations with replies" in failed["error"], failed
+    assert engine_starts(data) == after_training, "a job that cannot train never stops the engine"
     assert server.reply("kit", 12)["adapter"] == "v1" and server.reply("twin", 12)["adapter"] is None
-    assert [j["id"] for j in http.get("/api/v1/finetunes").json()] == [job["id"]]
+    assert [j["id"] for j in http.get("/api/v1/finetunes").json()] == [doomed.json()["id"], job["id"]]
+
+    # A member's job may not stop the engine everyone's replies need: it runs beside it.
+    bob = server.http(server.add_user("bob"))
+    assert bob.post("/api/v1/companions", json={"id": "luna", "name": "Luna"}).status_code == 201
+    for topics in (TOPICS[:3], TOPICS[3:6]):
+        made = bob.post("/api/v1/conversations", json={"companion": "luna"})
+        conversation = made.json()["conversation"]["id"]
+        for said in (f"What do you think about {topic}?" for topic in topics):
+            sent = bob.post(f"/api/v1/conversations/{conversation}/messages",
+                            json={"content": said, "max_tokens": 8, "temperature": 0})
+            assert sent.status_code == 200, sent.text
+    over = bob.post("/api/v1/companions/luna/finetunes", json=QUICK | {"max_steps": 9})
+    assert over.status_code == 422 and "finetune.limits.max_steps" in over.json()["error"]["message"]
+    theirs = bob.post("/api/v1/companions/luna/finetunes", json=QUICK | {"max_steps": 8})
+    assert theirs.status_code == 202, theirs.text
+    theirs = theirs.json()
+    before = engine_starts(data)
+    running = wait_for(bob, theirs["id"], lambda j: j["step"], "its first step")
+    assert running["gpu_sharing"].startswith("concurrent: finetune.gpu_sharing is stop; but a member's job "
+                                             "may stop the engine for everyone only never"), running
+    assert bob.get("/readyz").json()["engine"] == "ready" and engine_starts(data) == before
+    # One unfinished job is all a member may have here (finetune.limits.max_open_jobs: 1).
+    assert bob.post("/api/v1/companions", json={"id": "sol", "name": "Sol"}).status_code == 201
+    second = bob.post("/api/v1/companions/sol/finetunes", json=QUICK)
+    assert second.status_code == 429 and "finetune.limits.max_open_jobs" in second.json()["error"]["message"]
+    assert int(second.headers["retry-after"]) > 0
+    # Admins see every member's jobs, and may cancel them; members see their own.
+    assert bob.get("/api/v1/finetunes", params={"all": "true"}).status_code == 403
+    everyone = http.get("/api/v1/finetunes", params={"all": "true"}).json()
+    assert {(j["id"], j["user"]) for j in everyone} >= {(theirs["id"], "bob"), (job["id"], "local")}
+    assert http.get(f"/api/v1/finetunes/{theirs['id']}").json()["user"] == "bob"
+    cancelled = http.post(f"/api/v1/finetunes/{theirs['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    # Its run used up the minutes a member's jobs have in a day (finetune.limits.gpu_minutes_per_day).
+    spent = bob.post("/api/v1/companions/luna/finetunes", json=QUICK)
+    assert spent.status_code == 429 and "gpu_minutes_per_day" in spent.json()["error"]["message"], spent.text
+    assert int(spent.headers["retry-after"]) > 3000
+    assert bob.get("/api/v1/finetunes").json()[0]["id"] == theirs["id"]
 
 
 @pytest.fixture(scope="module")
