@@ -122,7 +122,9 @@ def manifest(data_dir: Path, companion_id: str, version: str) -> dict:
         raise FinetuneError(f"companion {companion_id!r} has no adapter {version!r} "
                             f"(versions: {known})") from None
     except ValueError as err:
-        raise FinetuneError(f"{path}: not valid JSON ({err})") from err
+        # Named by companion and version, never by path: members read this message too.
+        raise FinetuneError(f"adapter {companion_id}/{version}: manifest.json is not valid JSON "
+                            f"({err})") from err
 
 
 def model_sha256(model_dir: Path) -> str:
@@ -245,7 +247,7 @@ def current(data_dir: Path, companion_id: str) -> str | None:
         version = path.read_text().strip() or None
     except FileNotFoundError:
         return None
-    return version and checked_version(version, str(path))
+    return version and checked_version(version, f"adapter {companion_id}/CURRENT")
 
 
 def set_current(data_dir: Path, companion_id: str, version: str | None) -> None:

@@ -54,6 +54,7 @@ SCHEMA = 1
 SUFFIX = ".homefire"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "history.json",
                  "eval.json", "voice.png", "report.md")
+REPORT_FILES = ("eval.json", "voice.png", "report.md")   # a voice report, made on one member's history
 NAMES = re.compile(r"manifest\.json|card\.json|picture\.png|history\.jsonl|memories\.jsonl|"
                    rf"adapters/v[1-9]\d{{0,8}}/(?:{'|'.join(re.escape(f) for f in ADAPTER_FILES)})")
 # Per member, once uncompressed; the archive as a whole is bounded by check_archive (4 GiB).
@@ -158,8 +159,11 @@ def export_bundle(db: Database, data_dir: Path, companion: Companion, user: str,
     files.append(("memories.jsonl", _jsonl(memories)))
     for version in versions:
         folder = adapters.version_dir(data_dir, key, version)
+        # A report another member ran on this version holds their words: it stays here.
+        report = folder / "eval.json"
+        theirs = report.is_file() and json.loads(report.read_text()).get("user", user) != user
         files += [(f"adapters/{version}/{name}", folder / name) for name in ADAPTER_FILES
-                  if (folder / name).is_file()]
+                  if (folder / name).is_file() and not (theirs and name in REPORT_FILES)]
     total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for _, c in files)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")

@@ -590,6 +590,9 @@ class FinetuneService:
 
     def _end(self, job_id: str, state: str, error: str | None = None, result: dict | None = None) -> None:
         self._waiting.pop(job_id, None)
+        if error:   # the member who asked reads it: the data directory by name, not by path
+            for root, name in ((self.hf.data_dir, "the data directory"), (REPO, "Homefire")):
+                error = error.replace(str(root.resolve()), name).replace(str(root), name)
         self._update(job_id, state=state, ended_at=time.time(), error=error,
                      result=json.dumps(result) if result is not None else None)
 

@@ -110,6 +110,16 @@ def test_a_voice_reports_samples_are_only_for_the_member_whose_words_they_are(se
         (folder / "eval.json").write_text(json.dumps({k: v for k, v in report.items() if k != "user"}))
         assert "Lisbon" not in mae.get("/api/v1/companions/ember/adapters/v7/report").text
         assert "Lisbon" in owner.get("/api/v1/companions/ember/adapters/v7/report").text
+        # A report Mae ran on the owner's version holds Mae's words: hers to read, and it stays
+        # out of the owner's bundle (the version itself goes).
+        (folder / "eval.json").write_text(json.dumps(report | {"user": "mae"}))
+        assert "Lisbon" in mae.get("/api/v1/companions/ember/adapters/v7/report").text
+        assert "Lisbon" not in owner.get("/api/v1/companions/ember/adapters/v7/report").text
+        exported = owner.get("/api/v1/companions/ember/bundle")
+        assert exported.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
+            names = archive.namelist()
+        assert "adapters/v7/adapter_model.safetensors" in names and "adapters/v7/eval.json" not in names
     finally:
         import shutil
 
