@@ -14,8 +14,6 @@ over the baseline's (the ratio), the imports refused, and the engine's restarts 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import platform
 import statistics
@@ -23,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -33,41 +30,23 @@ sys.path.insert(0, str(REPO))
 
 from bench.serving import homefire_server  # noqa: E402
 from finetune import adapters  # noqa: E402
-from serve.default_model import MODEL_NAME, ensure_default_model  # noqa: E402
+from serve.default_model import ensure_default_model  # noqa: E402
 
 
 def bad_bundles(http: httpx.Client, model_dir: Path, scratch: Path) -> list[bytes]:
     """The member's own companion's bundle, with an adapter in use that vLLM could not load."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from tests.serve.test_shared import with_adapter
+    from tests.serve.test_trust import make_adapter
 
     assert http.post("/api/v1/companions", json={"id": "luna", "name": "Luna"}).status_code == 201
     exported = http.get("/api/v1/companions/luna/bundle").content
-    torch.manual_seed(1)
     big = scratch / "rank128"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                   LoraConfig(r=128, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(big)
-    shapes = [({"r": 16, "target_modules": ["q_proj"], "peft_type": "LORA"}, b"\x07" * 40),
-              (json.loads((big / "adapter_config.json").read_text()),
-               (big / "adapter_model.safetensors").read_bytes())]
-    made = []
-    for config, weights in shapes:
-        with zipfile.ZipFile(io.BytesIO(exported)) as archive:
-            manifest = json.loads(archive.read("manifest.json"))
-            members = {n: archive.read(n) for n in archive.namelist() if n != "manifest.json"}
-        members |= {"adapters/v1/adapter_config.json": json.dumps(config).encode(),
-                    "adapters/v1/adapter_model.safetensors": weights,
-                    "adapters/v1/manifest.json": json.dumps({"base_model": {
-                        "id": MODEL_NAME, "sha256": adapters.model_sha256(model_dir)}}).encode()}
-        manifest |= {"adapter_in_use": "v1",
-                     "members": {n: hashlib.sha256(d).hexdigest() for n, d in members.items()}}
-        out = io.BytesIO()
-        with zipfile.ZipFile(out, "w") as archive:
-            for name, data in [*members.items(), ("manifest.json", json.dumps(manifest).encode())]:
-                archive.writestr(name, data)
-        made.append(out.getvalue())
-    return made
+    make_adapter(big, model_dir, "member", seed=1, rank=128)
+    sha = adapters.model_sha256(model_dir)
+    junk = {"r": 16, "target_modules": ["q_proj"], "peft_type": "LORA"}
+    return [with_adapter(exported, junk, b"\x07" * 40, sha),
+            with_adapter(exported, json.loads((big / "adapter_config.json").read_text()),
+                         (big / "adapter_model.safetensors").read_bytes(), sha)]
 
 
 def replies(client: httpx.Client, count: int, times: list[float], failures: list[str]) -> None:
