@@ -232,11 +232,12 @@ class Engine:
         if response.status_code == 200 or "already" in response.text:
             return
         log.error("engine: vLLM refused adapter %s from %s: %s", name, path, response.text[:1000])
-        try:
-            said = response.json()
-            said = said.get("error", said).get("message", "") if isinstance(said, dict) else ""
+        try:   # vLLM's error shape: {"error": {"message": ...}}, or {"message": ...} before it
+            body = response.json()
         except ValueError:
-            said = ""
+            body = {}
+        error = body.get("error", body) if isinstance(body, dict) else {}
+        said = error.get("message", "") if isinstance(error, dict) else str(error)
         said = _PATH.sub("<path>", str(said))[:200] or f"status {response.status_code}"
         raise AdapterRefused(f"vLLM could not load it ({said}); the server log has the details")
 

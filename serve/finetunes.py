@@ -366,13 +366,12 @@ class FinetuneService:
         if mode == "concurrent" or await asyncio.to_thread(self._may_take_engine, row["user_id"]):
             return mode, why
         hours = self.limits.engine_hours
-        when = f"within the engine hours {hours} (server time)" if hours else \
-            "never (no finetune.limits.engine_hours are set)"
+        rule = (f"a member's job may stop the engine for everyone only within the engine hours {hours} "
+                "(server time)" if hours else "only an admin's job may stop the engine for everyone "
+                "(finetune.limits.engine_hours is not set)")
         if cpu or (free is not None and free >= need):
-            return "concurrent", (f"{why}; but a member's job may stop the engine for everyone only {when}, "
-                                  "so it runs beside the engine")
-        return None, (f"waiting: {why}, and a member's job may stop the engine for everyone only {when}; "
-                      "an admin's job may at any time")
+            return "concurrent", f"{why}; but {rule}, so it runs beside the engine"
+        return None, f"waiting: {why}, and {rule}"
 
     def _may_take_engine(self, user: str) -> bool:
         return self._is_admin(user) or within_hours(self.limits.engine_hours, datetime.now())

@@ -218,8 +218,9 @@ def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_sp
     theirs = theirs.json()
     before = engine_starts(data)
     running = wait_for(bob, theirs["id"], lambda j: j["step"], "its first step")
-    assert running["gpu_sharing"].startswith("concurrent: finetune.gpu_sharing is stop; but a member's job "
-                                             "may stop the engine for everyone only never"), running
+    assert running["gpu_sharing"] == ("concurrent: finetune.gpu_sharing is stop; but only an admin's job may "
+                                      "stop the engine for everyone (finetune.limits.engine_hours is not "
+                                      "set), so it runs beside the engine"), running
     assert bob.get("/readyz").json()["engine"] == "ready" and engine_starts(data) == before
     # One unfinished job is all a member may have here (finetune.limits.max_open_jobs: 1).
     assert bob.post("/api/v1/companions", json={"id": "sol", "name": "Sol"}).status_code == 201
