@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 
 import pytest
@@ -254,7 +255,9 @@ def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrad
         conn.execute("UPDATE memories SET chunks = 1")
     reembed = next(i for i, script in enumerate(MIGRATIONS) if "SET chunks = 0" in script)
     db.conn.execute(f"PRAGMA user_version={reembed}")
-    db.conn.execute("DROP TABLE finetune_jobs")   # made by a later migration, made again
+    for script in MIGRATIONS[reembed + 1:]:   # the tables later migrations made are made again
+        for table in re.findall(r"CREATE TABLE (\w+)", script):
+            db.conn.execute(f"DROP TABLE {table}")
     db.close()
     db = Database(tmp_path / "homefire.db")
     upgraded = MemoryStore(db, tmp_path / "index", embedder)
