@@ -269,6 +269,37 @@ def test_teach_the_voice_and_read_the_new_versions_report(tab, web, tmp_path):
     t.shot("voice")
 
 
+def test_a_member_reads_a_shared_voice_reports_figures_but_not_another_members_samples(tab, web, model_dir):
+    """The owner's report on a shared companion: every member sees its figures and plot; its
+    samples are the owner's held-out words, and the page says whose they are instead."""
+    from finetune.evaluate import plot, style
+    from tests.serve.test_trust import make_adapter
+
+    new_companion(web, "lark")
+    folder = web.data_dir / "adapters" / "lark" / "v1"
+    make_adapter(folder, model_dir, "local")
+    real, base, tuned = ["my diary says I miss Lisbon"], ["hello there"], ["I miss Lisbon too"]
+    result = {"companion": "lark", "adapter": "v1", "user": "local", "held_out_examples": 1,
+              "held_out_tokens": 7, "loss": {"base": 2.2, "tuned": 1.4, "in_use": None},
+              "perplexity": {"base": 9.03, "tuned": 4.06}, "similarity_to_real": {"base": 0.1, "tuned": 0.8},
+              "style": {"real": style(real), "base": style(base), "tuned": style(tuned)},
+              "samples": [{"real": real[0], "base": base[0], "tuned": tuned[0]}]}
+    (folder / "eval.json").write_text(json.dumps(result))
+    plot(result, folder / "voice.png")
+    t = tab()
+    page = t.sign_in(web.add_user("quill"))
+    page.goto(web.url + "/#/voice/lark")
+    page.click("tr[data-version=v1] button.link")
+    expect(page.locator(".report")).to_contain_text("Voice report: v1")
+    expect(page.locator("td.perplexity-tuned")).to_have_text("4.06")
+    plot_img = page.locator("img.plot[src^='blob:']")
+    assert plot_img.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    expect(page.locator(".report")).to_contain_text("only they see them")
+    expect(page.locator(".report")).not_to_contain_text("Lisbon")
+    expect(page.locator(".samples li")).to_have_count(0)
+    t.shot("voice-member")
+
+
 def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_path):
     owner = tab()
     page = owner.sign_in()
