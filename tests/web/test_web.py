@@ -286,7 +286,7 @@ def test_a_member_reads_a_shared_voice_reports_figures_but_not_another_members_s
               "samples": [{"real": real[0], "base": base[0], "tuned": tuned[0]}]}
     (folder / "eval.json").write_text(json.dumps(result))
     plot(result, folder / "voice.png")
-    t = tab()
+    t = tab(viewport={"width": 390, "height": 844})   # a phone
     page = t.sign_in(web.add_user("quill"))
     page.goto(web.url + "/#/voice/lark")
     page.click("tr[data-version=v1] button.link")
@@ -297,7 +297,7 @@ def test_a_member_reads_a_shared_voice_reports_figures_but_not_another_members_s
     expect(page.locator(".report")).to_contain_text("only they see them")
     expect(page.locator(".report")).not_to_contain_text("Lisbon")
     expect(page.locator(".samples li")).to_have_count(0)
-    t.shot("voice-member")
+    t.shot("voice-member-phone")
 
 
 def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_path):
