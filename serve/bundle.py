@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import io
+import itertools
 import json
 import re
 import shutil
@@ -160,8 +161,7 @@ def export_bundle(db: Database, data_dir: Path, companion: Companion, user: str,
     for version in versions:
         folder = adapters.version_dir(data_dir, key, version)
         # A report another member ran on this version holds their words: it stays here.
-        report = folder / "eval.json"
-        theirs = report.is_file() and json.loads(report.read_text()).get("user", user) != user
+        theirs = _report_user(folder, user) != user
         files += [(f"adapters/{version}/{name}", folder / name) for name in ADAPTER_FILES
                   if (folder / name).is_file() and not (theirs and name in REPORT_FILES)]
     total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for _, c in files)
@@ -202,6 +202,16 @@ def export_bundle(db: Database, data_dir: Path, companion: Companion, user: str,
         partial.unlink(missing_ok=True)
         raise
     return manifest
+
+
+def _report_user(folder: Path, default: str) -> str | None:
+    """Whose history the version's voice report was made on (None: damaged, so it stays here)."""
+    try:
+        return json.loads((folder / "eval.json").read_text()).get("user", default)
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _member(archive: zipfile.ZipFile, name: str, how: int):
@@ -533,7 +543,9 @@ def _write_history(conn, bundle: Bundle, key: str, user: str, report: ImportRepo
     root = chain_root(visible_id(key))
     for conv in bundle.conversations:
         said = [(m.role, m.content) for m in conv.messages]
-        for fork in range(len(said) + 1):   # each diverged version beside the last
+        # The conversation, then each fork of it kept beside it, until one this bundle's version
+        # begins like (or none is left: then it is new).
+        for fork in itertools.count():
             origin = conv.id if fork == 0 else f"{conv.id}\0{fork}"
             conversation_id = _origin(conn, user, key, origin, conv.id if fork == 0 else None)
             stored = [] if conversation_id is None else conn.execute(
@@ -542,8 +554,6 @@ def _write_history(conn, bundle: Bundle, key: str, user: str, report: ImportRepo
             common = min(len(stored), len(said))
             if [(s["role"], s["content"]) for s in stored[:common]] == said[:common]:
                 break
-        else:   # every version here diverged from this one: one more beside them
-            origin, conversation_id, stored = f"{conv.id}\0{len(said) + 1}", None, []
         if conversation_id is None:
             free = re.fullmatch(r"[0-9a-f]{32}", conv.id) and not conn.execute(
                 "SELECT 1 FROM conversations WHERE id = ?", (conv.id,)).fetchone()
