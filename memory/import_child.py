@@ -39,7 +39,16 @@ def _stage_apart(importer: Importer, source: Path, fmt: str | None, label: str, 
     job = {"db": str(importer.db.path.resolve()), "user": importer.user, "source": str(source.resolve()),
            "format": fmt, "label": label, "companion": companion_key, "name": companion_name,
            "staging": str(staging.resolve())}
-    child = subprocess.Popen([sys.executable, "-m", "memory.import_child", json.dumps(job)],
+    answer = run_child("memory.import_child", job, label, progress)
+    if "failed" in answer:
+        raise ImportFailed(*answer["failed"])
+    return ImportResult(**answer["result"])
+
+
+def run_child(module: str, job: dict, label: str, progress: Progress | None = None) -> dict:
+    """Run `python -m MODULE JOB` (JOB as JSON) and read what it says, one JSON object per line;
+    returns its answer: the last line, which holds "result" or "failed"."""
+    child = subprocess.Popen([sys.executable, "-m", module, json.dumps(job)],
                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                              cwd=Path(__file__).resolve().parents[1])
     answer: dict = {}
@@ -53,19 +62,22 @@ def _stage_apart(importer: Importer, source: Path, fmt: str | None, label: str, 
         if child.poll() is None and "result" not in answer and "failed" not in answer:
             child.kill()   # this thread was stopped: the child's work is no one's now
         code = child.wait()
-    if "failed" in answer:
-        raise ImportFailed(*answer["failed"])
-    if "result" not in answer:
+    if "result" not in answer and "failed" not in answer:
         raise RuntimeError(f"the process reading {label} ended without an answer (exit code {code}); "
                            "its traceback is in the server's log")
-    return ImportResult(**answer["result"])
+    return answer
+
+
+def lowest_priority() -> None:
+    """The server's threads and the engine come first."""
+    try:
+        os.nice(LOWEST)
+    except OSError:
+        pass
 
 
 def main(job: dict) -> None:
-    try:
-        os.nice(LOWEST)   # the server's threads and the engine come first
-    except OSError:
-        pass
+    lowest_priority()
 
     def say(message: dict) -> None:
         print(json.dumps(message), flush=True)

@@ -4,6 +4,7 @@ file), `homefire backup` and `restore` (a whole data directory)."""
 from __future__ import annotations
 
 import argparse
+import os
 import json
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def cmd_bundle_export(args: argparse.Namespace) -> None:
             raise UsageError("through a running server a bundle holds the history of the user whose key "
                              "is sent: set HOMEFIRE_API_KEY instead of --user")
         connect(args, url).download(f"/api/v1/companions/{args.companion}/bundle", out)
-        manifest = bundle.read_bundle(out).manifest
+        with bundle.read_bundle(out) as read:
+            manifest = read.manifest
     else:
         store = local_store(args)
         companion = store.get(args.companion, args.user)
@@ -82,7 +84,8 @@ def _import_locally(args: argparse.Namespace, data_dir: Path, path: Path):
 
     lock = hold_lock(data_dir)
     try:
-        read = bundle.read_bundle(path)   # checked whole before the model or the database is touched
+        read = bundle.read_bundle(path, staged=data_dir / "run" / f"import-bundle-{os.getpid()}.db")
+        # checked whole before the model or the database is touched
         settings = load_settings(args.config)
         db = Database(data_dir / "homefire.db")
         local_store(args)   # the persona files' companions are in place, so their ids are known
@@ -92,8 +95,9 @@ def _import_locally(args: argparse.Namespace, data_dir: Path, path: Path):
         if user is None:
             raise UsageError(f"no user named {args.user!r} (see `homefire user list`)")
         owner = None if user.admin else user.name
-        report = bundle.import_bundle(db, data_dir, read, user.name, owner, local_setup(args), args.as_id,
-                                      reserved=(settings.tasks.model,))
+        with read, Bar("writing history and memories", 0, "row") as bar:
+            report = bundle.import_bundle(db, data_dir, read, user.name, owner, local_setup(args), args.as_id,
+                                          reserved=(settings.tasks.model,), progress=bar)
         key = f"{owner}.{report.companion}" if owner else report.companion
         if report.adapter_in_use:
             adapters.set_current(data_dir, key, report.adapter_in_use)

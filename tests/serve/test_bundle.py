@@ -3,14 +3,15 @@ second import that adds nothing, and every damaged or hostile bundle refused wit
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import sqlite3
 import stat
+import threading
 import time
 import zipfile
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -297,17 +298,73 @@ def test_a_malformed_history_line_is_named(source, setup, tmp_path):
         bundle.read_bundle(fixed)
 
 
-def test_the_database_is_left_alone_when_the_write_fails_midway(source, setup, tmp_path):
-    """A failure inside the transaction (here: the last memory breaks a CHECK constraint) rolls
-    back every row, and no adapter is moved into place."""
+def staged_change(read: bundle.Bundle, sql: str) -> None:
+    """A change to what read_bundle checked, as a damaged disk or a bug would make it."""
+    with closing(read.connect()) as conn:
+        conn.execute(sql)
+
+
+def test_a_history_that_fails_midway_leaves_nothing_behind(source, setup, tmp_path):
+    """The history goes in a conversation per transaction here (batch=1), owned by nobody until it is
+    handed over; the last message breaks a CHECK constraint: every row written before it, and the
+    companion made for it, are gone again, and no adapter is moved into place."""
     _, out = source
     data, db = empty(tmp_path)
     read = bundle.read_bundle(out)
-    read.memories.append(read.memories[0].model_copy(update={"id": 999, "kind": "nonsense", "reply_id": None,
-                                                             "conversation_id": None}))
+    staged_change(read, "UPDATE messages SET role = 'nonsense' WHERE n = (SELECT MAX(n) FROM messages)")
+    written = []
+
+    def count(*_) -> None:
+        written.append(rows(db, "SELECT COUNT(*) FROM messages"))
+
     with pytest.raises(sqlite3.IntegrityError):
-        bundle.import_bundle(db, data, read, "local", None, setup)
+        bundle.import_bundle(db, data, read, "local", None, setup, batch=1, progress=count)
+    assert written == [[(2,)]], "the first conversation was committed on its own"
     nothing_written(data, db)
+
+
+def test_memories_that_fail_midway_come_in_when_the_same_bundle_is_imported_again(source, setup, tmp_path):
+    _, out = source
+    data, db = empty(tmp_path)
+    read = bundle.read_bundle(out)
+    staged_change(read, "UPDATE memories SET kind = 'nonsense' WHERE n = (SELECT MAX(n) FROM memories)")
+    with pytest.raises(sqlite3.IntegrityError):
+        bundle.import_bundle(db, data, read, "local", None, setup, batch=1)
+    assert rows(db, "SELECT COUNT(*) FROM messages") == [(4,)]
+    assert rows(db, "SELECT COUNT(*) FROM memories") == [(2,)]
+    again = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    assert again.conversations_unchanged == 2 and again.messages_added == 0 and again.memories_added == 1
+    assert rows(db, "SELECT COUNT(*) FROM memories") == [(3,)]
+
+
+def test_another_members_writes_go_in_between_the_batches_of_an_import(source, setup, tmp_path):
+    """Between any two batches of Ana's import, Bob's reply and memory edit commit at once (on
+    code that wrote a bundle in one transaction, they waited for all of it)."""
+    _, out = source
+    data, db = empty(tmp_path)
+    CompanionStore(db).put(KIT.model_copy(update={"id": "owl", "name": "Owl"}), "api")
+    bobs = History(db, "bob")
+    conversation = bobs.create_conversation("owl").id
+    memory = MemoryStore(db, data / "index", embedder=None, user="bob")
+    fact = memory.add_fact("owl", "I keep bees")
+    done: list[int] = []
+
+    def bob_writes(step: int, _total: int) -> None:
+        hidden = rows(db, "SELECT COUNT(*) FROM conversations WHERE user_id LIKE '~import-%'")[0][0]
+        worker = threading.Thread(target=lambda: (bobs.append(conversation, "user", f"step {step}"),
+                                                  memory.edit(fact.id, text=f"I keep bees ({step})")))
+        worker.start()
+        worker.join(60)   # no timing: a deadlock guard; this thread holds no lock between batches
+        assert not worker.is_alive(), "Bob's writes waited for the import"
+        done.append(hidden)
+
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "ana", "ana", setup, batch=1,
+                                  progress=bob_writes)
+    assert report.messages_added == 4 and report.memories_added == 3
+    assert done[0] == 1, "Bob wrote while Ana's first conversation was in, not yet hers"
+    assert len(done) >= 4 and rows(db, "SELECT COUNT(*) FROM messages WHERE conversation_id = "
+                                       f"'{conversation}'") == [(len(done),)]
+    assert rows(db, "SELECT COUNT(*) FROM conversations WHERE user_id LIKE '~%'") == [(0,)]
 
 
 def test_the_card_export_carries_v2_and_v3_and_opens_in_our_import(tmp_path):
@@ -481,7 +538,7 @@ def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
     assert shared.status_code == 200
     (tmp_path / "ember.homefire").write_bytes(shared.content)
     read = bundle.read_bundle(tmp_path / "ember.homefire")
-    assert [c.id for c in read.conversations] == [mine] != [theirs]
+    assert [c.id for c in read.conversations()] == [mine] != [theirs]
     assert read.manifest["counts"]["adapters"] == 0
     ana.close()
 
@@ -507,14 +564,21 @@ def test_ids_from_a_bundle_never_choose_whose_conversation_its_messages_join(sou
     def derived(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    read = bundle.read_bundle(out)
     traps = []
-    for conv in read.conversations:
+    for conv in bundle.read_bundle(out).conversations():
         near = derived(f"{conv.id}\0ana\0ana.kit2")
         traps += [conv.model_copy(update={"id": near}),
                   conv.model_copy(update={"id": derived(f"{near}\0fork"), "messages": []})]
-    bait = dataclasses.replace(read, conversations=traps, memories=[], adapters={})
-    bundle.import_bundle(db, data, bait, "bob", "bob", setup, as_id="trap")
+    history = "".join(t.model_dump_json() + "\n" for t in traps)
+
+    def only_traps(info, data):
+        if info.filename == "manifest.json":
+            return [(info, json.dumps(json.loads(data) | {"adapter_in_use": None}))]
+        changed = {"history.jsonl": history, "memories.jsonl": ""}
+        return [] if info.filename.startswith("adapters/") else [(info, changed.get(info.filename, data))]
+
+    bait = resigned(out, tmp_path / "bait.homefire", only_traps)
+    bundle.import_bundle(db, data, bundle.read_bundle(bait), "bob", "bob", setup, as_id="trap")
     bobs = "SELECT c.id, COUNT(m.id) FROM conversations c LEFT JOIN messages m ON m.conversation_id = c.id " \
            "WHERE c.user_id = 'bob' GROUP BY c.id ORDER BY c.id"
     before = rows(db, bobs)
