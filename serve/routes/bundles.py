@@ -50,10 +50,12 @@ async def import_bundle(
     as_id: Annotated[str | None, Query(description="import under this id instead of the bundle's")] = None,
     filename: Annotated[str, Query(max_length=255, description="the file's name, for messages")] = "bundle",
 ) -> dict:
-    """Bring a companion bundle in, all or nothing: every checksum is verified before anything is
-    written. It becomes your history, memories and adapters with the companion (an admin's
-    companion is shared, anyone else's their own). Adapters made for another base model are left
-    out, with the reason; importing the same bundle again adds nothing."""
+    """Bring a companion bundle in: every checksum and record is checked before anything is
+    written, then the history comes in whole or not at all, then the memories (stopped half-way,
+    the same import again brings the rest). It becomes your history, memories and adapters with
+    the companion (an admin's companion is shared, anyone else's their own). Adapters made for
+    another base model are left out, with the reason; importing the same bundle again adds
+    nothing."""
     hf = account.hf
     memory = hf.chat.memory
     if memory is None:
