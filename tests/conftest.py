@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -140,11 +143,66 @@ def server(model_dir: Path, tmp_path_factory) -> Iterator[Server]:
     srv.stop()
 
 
+@dataclass
+class SharedEngine:
+    """A vLLM that servers share whose subject is not the engine (auth, limits, validation,
+    durability of what Homefire writes): `homefire serve` with engine.url starts in seconds."""
+
+    url: str
+    key: str
+    proc: subprocess.Popen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shared_engine(model_dir: Path, tmp_path_factory) -> Iterator[SharedEngine]:
+    """vLLM on a loopback port with a key, as an external engine is run (README: engine.url);
+    started once, on the first test that asks for it."""
+    port, key = free_port(), secrets.token_hex(16)
+    log = (tmp_path_factory.mktemp("shared-engine") / "vllm.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+         "--host", "127.0.0.1", "--port", str(port), "--api-key", key, "--max-model-len", "4096",
+         "--enforce-eager", "--generation-config", "vllm", "--disable-uvicorn-access-log"],
+        env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                f"the shared vLLM did not start; see {log.name}"
+            try:
+                if httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"},
+                             timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield SharedEngine(url, key, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+
+
 @pytest.fixture
-def make_server(model_dir: Path, tmp_path: Path) -> Iterator:
+def make_server(model_dir: Path, tmp_path: Path, request) -> Iterator:
+    """Servers of a test, each with its own engine, or with engine="shared" one on the
+    session's shared vLLM (for a test whose subject is not the engine or its adapters)."""
     started: list[Server] = []
 
-    def make(data_dir: Path | None = None, **kwargs) -> Server:
+    def make(data_dir: Path | None = None, engine: str = "own", **kwargs) -> Server:
+        if engine == "shared":
+            shared: SharedEngine = request.getfixturevalue("shared_engine")
+            config = kwargs.setdefault("config", {})
+            config["engine"] = config.get("engine", {}) | {"url": shared.url}
+            kwargs["env"] = kwargs.get("env", {}) | {"HOMEFIRE_ENGINE_API_KEY": shared.key}
         srv = Server(data_dir or tmp_path / "data", model_dir, **kwargs)
         started.append(srv)
         return srv

@@ -39,7 +39,7 @@ def first_event(server, path: str, body: bytes | dict, seen: threading.Event, st
 
 
 def test_sigkill_mid_reply_and_mid_import_loses_nothing_acknowledged(make_server, tmp_path):
-    server = make_server().start()
+    server = make_server(engine="shared").start()
     http = server.http()
     created = http.post("/api/v1/conversations", json={"companion": "ember"})
     conversation = created.json()["conversation"]["id"]
@@ -74,7 +74,7 @@ def test_sigkill_mid_reply_and_mid_import_loses_nothing_acknowledged(make_server
         thread.join(60)
     assert not any("event: done" in line for line in import_lines), "the import should be cut short"
 
-    again = make_server(server.data_dir).start()
+    again = make_server(server.data_dir, engine="shared").start()
     db = sqlite3.connect(server.data_dir / "homefire.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     rows = db.execute("SELECT id FROM messages WHERE conversation_id = ? ORDER BY id", (conversation,))

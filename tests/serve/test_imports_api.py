@@ -95,7 +95,7 @@ def test_the_cli_imports_through_the_running_server(server, tmp_path):
 
 
 def test_uploads_over_the_limit_are_refused(make_server, tmp_path):
-    server = make_server(config={"imports": {"max_upload_mb": 1}}).start()
+    server = make_server(engine="shared", config={"imports": {"max_upload_mb": 1}}).start()
     export = chatgpt_zip(tmp_path / "big.zip", [chatgpt_simple(f"c{i}", ("user", f"{i} " + "x" * 3000))
                                                 for i in range(400)])
     response = server.http().post("/api/v1/companions/ember/imports", content=export.read_bytes())

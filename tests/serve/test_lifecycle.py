@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -131,28 +130,14 @@ def test_engine_death_ends_streams_cleanly_and_the_engine_restarts(make_server):
     assert "giving up" in failed["detail"] and failed["restarts"] == 3
 
 
-def test_an_external_engine_url_spawns_nothing(make_server, model_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "external-vllm.log").open("wb")
-    external = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--served-model-name", "smol", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "2048", "--enforce-eager"],
-        env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    try:
-        # Homefire starts first and waits for the external server to become ready.
-        server = make_server(config={"engine": {"url": f"http://127.0.0.1:{port}"}}).start()
-        assert family(server.proc.pid) == []
-        reply = server.openai().chat.completions.create(
-            model="ember", messages=[{"role": "user", "content": "Hello from afar!"}], max_tokens=8)
-        assert reply.choices[0].message.content
-        assert reply.usage.prompt_tokens > 20  # the persona went in
-    finally:
-        os.killpg(external.pid, signal.SIGTERM)
-        external.wait(60)
+def test_an_external_engine_url_spawns_nothing(make_server):
+    # The session's shared vLLM, as an external engine is run: its own process, a key.
+    server = make_server(engine="shared").start()
+    assert family(server.proc.pid) == []
+    reply = server.openai().chat.completions.create(
+        model="ember", messages=[{"role": "user", "content": "Hello from afar!"}], max_tokens=8)
+    assert reply.choices[0].message.content
+    assert reply.usage.prompt_tokens > 20  # the persona went in
 
 
 def thread_cores(pid: int) -> dict[int, set[int]]:

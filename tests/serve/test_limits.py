@@ -7,8 +7,9 @@ import time
 
 
 def test_over_limit_requests_get_clear_4xx_and_leave_no_trace(make_server):
-    server = make_server(config={"limits": {"max_body_kb": 4, "max_messages": 3, "max_content_chars": 200,
-                                            "max_streams_per_user": 1, "requests_per_minute": 12}}).start()
+    server = make_server(engine="shared", config={"limits": {
+        "max_body_kb": 4, "max_messages": 3, "max_content_chars": 200, "max_streams_per_user": 1,
+        "requests_per_minute": 12}}).start()
     http = server.http()
     before = len(http.get("/api/v1/conversations", params={"limit": 500}).json())
 

@@ -112,7 +112,7 @@ def build_history(data_dir: Path) -> None:
 def test_memory_from_300_exchanges_ago_survives_a_damaged_index(make_server, tmp_path):
     data = tmp_path / "data"
     build_history(data)
-    first = make_server(data).start()
+    first = make_server(data, engine="shared").start()
     assert "remembered 301 exchanges" in first.log_tail(200)
     http = first.http()
     created = http.post("/api/v1/conversations", json={"companion": "ember"})
@@ -126,7 +126,7 @@ def test_memory_from_300_exchanges_ago_survives_a_damaged_index(make_server, tmp
     first.stop(signal.SIGTERM)
 
     (data / "index" / "chroma.sqlite3").write_bytes(b"this is not a database" * 100)
-    second = make_server(data).start()
+    second = make_server(data, engine="shared").start()
     log = second.log_tail(300)
     assert "cannot be read" in log and "rebuilding it" in log
     conversation = second.http().post("/api/v1/conversations", json={"companion": "ember"}).json()
@@ -150,7 +150,7 @@ def test_the_vector_index_can_live_on_a_chroma_server(make_server, tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        server = make_server(config={"memory": {"chroma_url": f"http://127.0.0.1:{port}"}}).start()
+        server = make_server(engine="shared", config={"memory": {"chroma_url": f"http://127.0.0.1:{port}"}}).start()
         http = server.http()
         fact = http.post("/api/v1/companions/ember/memories", json={"text": "My cat is called Miso."}).json()
         found = http.get("/api/v1/companions/ember/memories/search", params={"q": "cat's name"}).json()

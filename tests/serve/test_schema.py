@@ -24,7 +24,7 @@ def test_the_api_holds_to_its_schema_under_generated_requests(make_server, tmp_p
     ember = yaml.safe_load((REPO / "configs" / "companions" / "ember.yaml").read_text())
     ember["sampling"]["max_tokens"] = 8
     (companions / "ember.yaml").write_text(yaml.safe_dump(ember))
-    server = make_server(config={"limits": {"requests_per_minute": 0},
+    server = make_server(engine="shared", config={"limits": {"requests_per_minute": 0},
                                  "companions_dir": str(companions)}).start()
     # Real ids for the id routes, so generated requests reach more than the 404 (companion
     # ids stay generated; the schema's examples name ember).
