@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from finetune import adapters
 from finetune.config import FinetuneError
-from tests.serve.test_trust import make_adapter
+from tests.support.adapters import make_adapter
 
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

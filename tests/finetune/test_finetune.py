@@ -283,7 +283,7 @@ def other_model(model_dir: Path, tmp_path_factory) -> Path:
 
 
 def test_drift_shows_a_switch_of_version_and_nothing_for_the_same_setup(trained, data_dir, model_dir):
-    from tests.serve.test_trust import make_adapter
+    from tests.support.adapters import make_adapter
 
     probe = ["--probes", "2", "--max-new-tokens", "12", "--json"]
     assert cli("adapter", "use", "kit", "v1", data_dir=data_dir).returncode == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
 import zlib
 
 import pytest
@@ -13,13 +12,7 @@ from PIL import Image, PngImagePlugin
 
 from memory.cards import parse_card
 from memory.companions import CompanionError
-
-V2 = {"spec": "chara_card_v2", "spec_version": "2.0",
-      "data": {"name": "Luna", "description": "{{char}} is a night owl.", "personality": "calm",
-               "scenario": "a rooftop", "first_mes": "Hi {{user}}", "mes_example": "<START>",
-               "system_prompt": "Be Luna.", "post_history_instructions": "Stay calm.",
-               "alternate_greetings": ["Evening!"], "tags": ["x"], "creator": "someone",
-               "extensions": {"depth_prompt": {}}}}
+from tests.support.cards import V2, bomb, chunk
 
 
 def png(chunks: dict[str, dict]) -> bytes:
@@ -73,19 +66,6 @@ def test_png_without_a_card():
         parse_card(png({}), "plain.png")
 
 
-def chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def bomb(card: dict) -> bytes:
-    """A 40000 x 40000 grayscale PNG (1.6 G pixels of zeros in a few KB), the card after its pixels."""
-    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
-    row = b"\0" * 40001
-    pixels = zlib.compressobj(9)
-    idat = b"".join(pixels.compress(row) for _ in range(2000)) + pixels.flush()
-    text = b"chara\0" + base64.b64encode(json.dumps(card).encode())
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"tEXt", text)
-            + chunk(b"IEND", b""))
 
 
 def test_a_png_bomb_is_read_for_its_card_without_decoding_a_pixel():

@@ -18,7 +18,7 @@ from memory.importer import Importer
 from memory.imports import ImportFailed, open_export
 from memory.store import MemoryStore
 from memory.users import Users
-from tests.memory.exports import T0, ChatGPTTree, chatgpt_hard, chatgpt_simple, chatgpt_zip, write_json
+from tests.support.exports import T0, ChatGPTTree, chatgpt_hard, chatgpt_simple, chatgpt_zip, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 

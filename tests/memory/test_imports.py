@@ -14,7 +14,7 @@ import pytest
 
 from memory.importer import preview
 from memory.imports import ImportFailed, Notes, open_export
-from tests.memory.exports import (
+from tests.support.exports import (
     cai_export,
     chatgpt_hard,
     chatgpt_simple,

@@ -8,7 +8,7 @@ import socket
 import httpx
 
 from memory.db import Database
-from tests.memory.exports import chatgpt_simple, chatgpt_zip
+from tests.support.exports import chatgpt_simple, chatgpt_zip
 
 
 def closed_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 
 from serve import backup
 from serve.default_model import MODEL_NAME
-from tests.conftest import REPO
+from tests.support.server import REPO
 
 
 def homefire(*args: str, data_dir: Path, config: Path | None = None) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from memory.history import History, ReplyMeta, chain_root, chains
 from memory.store import MemoryStore
 from serve import bundle
 from serve.default_model import MODEL_NAME
-from tests.serve.test_trust import make_adapter
+from tests.support.adapters import make_adapter
 
 KIT = Companion(id="kit", name="Kit", description="A fox who remembers.", first_mes="Hey you.",
                 sampling=Sampling(temperature=0.3, max_tokens=64))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.memory.exports import chatgpt_simple, chatgpt_zip
+from tests.support.exports import chatgpt_simple, chatgpt_zip
 
 
 def big_export(path: Path, conversations: int) -> Path:

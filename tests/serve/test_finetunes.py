@@ -244,7 +244,7 @@ def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_sp
 @pytest.fixture(scope="module")
 def shared(model_dir, tmp_path_factory):
     """A server whose trainings run beside the engine (the CPU build's way), for the tests below."""
-    from conftest import Server
+    from tests.support.server import Server
 
     data = with_history(tmp_path_factory.mktemp("finetunes"), model_dir)
     server = Server(data, model_dir, config=CONFIG).start()
@@ -338,7 +338,7 @@ def test_the_cli_trains_and_evaluates_through_the_running_servers_jobs(shared):
 
 
 def test_a_job_killed_with_its_server_is_interrupted_and_resumes_from_its_checkpoint(shared, model_dir):
-    from conftest import Server
+    from tests.support.server import Server
 
     http = shared.http()
     job = http.post("/api/v1/companions/kit/finetunes", json=QUICK | {"max_steps": 8, "save_every": 2}).json()

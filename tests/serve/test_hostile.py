@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.serve.test_trust import make_adapter
+from tests.support.adapters import make_adapter
 
 SECRET = "ALICE-ONLY"   # in every piece of Alice's data: nothing Bob is told may hold it
 NAME = "Zephyrine"      # her companion's name

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.memory.exports import chatgpt_simple, chatgpt_zip, claude_export, write_json
+from tests.support.exports import chatgpt_simple, chatgpt_zip, claude_export, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import json
 
 from PIL import Image
 
-from tests.memory.exports import card_png
+from tests.support.exports import card_png
 
 
 def test_companion_crud(server):

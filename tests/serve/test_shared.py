@@ -16,7 +16,7 @@ from finetune import adapters
 from memory.companions import Companion, CompanionStore
 from memory.db import Database
 from serve.default_model import MODEL_NAME
-from tests.serve.test_trust import make_adapter
+from tests.support.adapters import make_adapter
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
 
-from finetune import adapters
-from serve.default_model import MODEL_NAME
-from tests.memory.test_cards import V2, bomb
+from tests.support.adapters import make_adapter
+from tests.support.cards import V2, bomb
 
 
 @pytest.fixture(scope="module")
@@ -21,24 +19,6 @@ def users(server) -> dict[str, httpx.Client]:
     clients = {name: server.http(server.add_user(name)) for name in ("kim", "lee")}
     clients["admin"] = server.http()
     return clients
-
-
-def make_adapter(folder: Path, model_dir: Path, trained_by: str, seed: int | None = None,
-                 rank: int = 8) -> None:
-    """A real (untrained) PEFT LoRA adapter for the embedded model, with the manifest ours have;
-    with a seed, its weights are random (not a no-op), so it changes what the model says."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if seed is not None:
-        torch.manual_seed(seed)
-    config = LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=seed is None)
-    get_peft_model(model, config).save_pretrained(folder)
-    manifest = {"version": folder.name, "user": trained_by, "created_at": 0, "metrics": {},
-                "base_model": {"id": MODEL_NAME, "sha256": adapters.model_sha256(model_dir)}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_an_adapter_version_never_leaves_its_companions_folder(server, users, model_dir):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import REPO, Server
+from tests.support.server import REPO, Server
 
 CHROMIUM = os.environ.get("HOMEFIRE_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("HOMEFIRE_SCREENSHOTS", REPO / ".cache" / "screenshots"))

@@ -18,7 +18,7 @@ from playwright.sync_api import expect
 
 from memory.cards import parse_card
 from serve.bundle import read_bundle
-from tests.memory.exports import ChatGPTTree, card_png, chatgpt_simple, chatgpt_zip
+from tests.support.exports import ChatGPTTree, card_png, chatgpt_simple, chatgpt_zip
 
 MARKUP = "<img src=x onerror=alert(1)>"
 
@@ -273,7 +273,7 @@ def test_a_member_reads_a_shared_voice_reports_figures_but_not_another_members_s
     """The owner's report on a shared companion: every member sees its figures and plot; its
     samples are the owner's held-out words, and the page says whose they are instead."""
     from finetune.evaluate import plot, style
-    from tests.serve.test_trust import make_adapter
+    from tests.support.adapters import make_adapter
 
     new_companion(web, "lark")
     folder = web.data_dir / "adapters" / "lark" / "v1"
