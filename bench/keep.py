@@ -81,7 +81,7 @@ def generate(data: Path, conversations: int, model_dir: Path) -> list[list[tuple
                          "updated_at) VALUES ('local', 'kit', 'fact', ?, 'user', ?, ?)",
                          (f"fact {f}: {rng.choice(WORDS)}", now, now))
     db.close()
-    from tests.serve.test_trust import make_adapter
+    from tests.support.adapters import make_adapter
 
     make_adapter(data / "adapters" / "kit" / "v1", model_dir, "local", seed=1)
     adapters.set_current(data, "kit", "v1")

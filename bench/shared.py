@@ -35,8 +35,7 @@ from serve.default_model import ensure_default_model  # noqa: E402
 
 def bad_bundles(http: httpx.Client, model_dir: Path, scratch: Path) -> list[bytes]:
     """The member's own companion's bundle, with an adapter in use that vLLM could not load."""
-    from tests.serve.test_shared import with_adapter
-    from tests.serve.test_trust import make_adapter
+    from tests.support.adapters import make_adapter, with_adapter
 
     assert http.post("/api/v1/companions", json={"id": "luna", "name": "Luna"}).status_code == 201
     exported = http.get("/api/v1/companions/luna/bundle").content

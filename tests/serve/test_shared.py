@@ -3,7 +3,6 @@ it from the others, nor read what is another's through it. Real server, real mem
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -15,8 +14,7 @@ import pytest
 from finetune import adapters
 from memory.companions import Companion, CompanionStore
 from memory.db import Database
-from serve.default_model import MODEL_NAME
-from tests.support.adapters import make_adapter
+from tests.support.adapters import make_adapter, with_adapter
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +28,6 @@ def says_nothing_private(answer: httpx.Response, server) -> None:
     """No engine log line, no path of the server's, in what a member is told."""
     assert str(server.data_dir) not in answer.text and "engine.log" not in answer.text, answer.text
     assert "Traceback" not in answer.text and "/tmp/" not in answer.text, answer.text
-
-
-def with_adapter(exported: bytes, config: dict, weights: bytes, base_sha256: str) -> bytes:
-    """The member's own bundle with an adapters/v1 added and in use, every checksum made anew:
-    the bundle from the review, which passed every check but the engine's."""
-    with zipfile.ZipFile(io.BytesIO(exported)) as archive:
-        manifest = json.loads(archive.read("manifest.json"))
-        members = {n: archive.read(n) for n in archive.namelist() if n != "manifest.json"}
-    members |= {"adapters/v1/adapter_config.json": json.dumps(config).encode(),
-                "adapters/v1/adapter_model.safetensors": weights,
-                "adapters/v1/manifest.json": json.dumps({"version": "v1", "user": "ned", "base_model": {
-                    "id": MODEL_NAME, "sha256": base_sha256}}).encode()}
-    manifest |= {"adapter_in_use": "v1",
-                 "members": {n: hashlib.sha256(d).hexdigest() for n, d in members.items()}}
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        for name, data in [*members.items(), ("manifest.json", json.dumps(manifest).encode())]:
-            archive.writestr(name, data)
-    return out.getvalue()
 
 
 def test_an_adapter_the_engine_could_not_load_is_refused_and_everyone_is_served(server, members, model_dir,
