@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# What long work reports as it goes: (done, total), in its own units (rows, bytes, memories).
+Progress = Callable[[int, int], None]
 
 # Append only: each entry moves the schema one version up (PRAGMA user_version).
 MIGRATIONS: list[str] = [

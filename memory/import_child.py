@@ -19,8 +19,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from memory.db import Database
-from memory.importer import Importer, ImportResult, Progress
+from memory.db import Database, Progress
+from memory.importer import Importer, ImportResult
 from memory.imports import ImportFailed, open_export
 
 LOWEST = 19

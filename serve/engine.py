@@ -112,7 +112,6 @@ class Engine:
         self._stopping = False
         self._monitor: asyncio.Task | None = None
         self._restart_times: collections.deque[float] = collections.deque()
-        self._ready_event = asyncio.Event()
         # LoRA adapters by served name -> folder, each loaded through vLLM's runtime API: into
         # the running engine when a companion switches, and after every (re)start. Never on
         # vLLM's command line, where one it cannot load would keep the engine from starting.
@@ -170,9 +169,6 @@ class Engine:
             raise EngineUnavailable(self.detail, self.retry_after)
         if self.state != "ready":
             raise EngineUnavailable(f"the engine is {self.state}: {self.public_detail()}")
-
-    async def wait_ready(self, timeout: float) -> None:
-        await asyncio.wait_for(self._ready_event.wait(), timeout)
 
     async def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +317,6 @@ class Engine:
         if self.lora and self.socket_path:
             await self._load_registered()
         self.state, self.detail = "ready", f"ready in {time.monotonic() - started:.0f} s"
-        self._ready_event.set()
         log.info("engine: %s (context %d tokens)", self.detail, self.max_model_len)
         if proc is not None and is_cpu_build() and (cores := keep_off_engine_cores(proc.pid)):
             log.info("engine: vLLM computes on other cores; Homefire keeps to cores %s", sorted(cores))
@@ -330,7 +325,6 @@ class Engine:
         """Restart the engine with LoRA enabled (the first time a companion uses an adapter)."""
         log.info("engine: restarting vLLM with LoRA adapters enabled")
         self.lora, self._planned_restart = True, True
-        self._ready_event.clear()
         self.state, self.detail = "restarting", "restarting to enable LoRA adapters"
         try:
             await self._kill()
@@ -343,7 +337,6 @@ class Engine:
         """Stop vLLM for a training that needs its memory; replies get 503 with `why` (kept up
         to date by the caller) until resume(). The supervisor leaves it stopped."""
         self._planned_restart = True
-        self._ready_event.clear()
         self.state, self.detail = "paused", why
         log.info("engine: stopping vLLM: %s", why)
         await self._kill()
@@ -360,12 +353,10 @@ class Engine:
         """vLLM's sleep mode, level 1: weights to CPU memory, KV cache dropped, the GPU free
         for a training; replies get 503 with `why` until wake_up()."""
         self.require_ready()
-        self._ready_event.clear()
         self.state, self.detail = "asleep", why
         response = await self.client.post("/sleep", params={"level": "1"}, timeout=300)
         if response.status_code != 200:
             self.state, self.detail = "ready", "ready"
-            self._ready_event.set()
             raise EngineUnavailable(f"vLLM could not go to sleep: {response.text[:300]}")
         log.info("engine: vLLM is asleep: %s", why)
 
@@ -374,7 +365,6 @@ class Engine:
         if response.status_code != 200:
             raise EngineUnavailable(f"vLLM could not wake up: {response.text[:300]}")
         self.state, self.detail = "ready", "awake after a training"
-        self._ready_event.set()
         log.info("engine: vLLM is awake")
 
     def _fail(self, why: str) -> None:
@@ -410,7 +400,6 @@ class Engine:
             self._restart_times.append(now)
             self.restarts += 1
             self.state, self.detail = "restarting", f"{why}, restarting"
-            self._ready_event.clear()
             log.warning("engine: %s (restart %d)", self.detail, self.restarts)
             await self._kill()  # reap whatever the dead server left in its process group
             try:

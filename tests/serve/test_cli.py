@@ -99,3 +99,15 @@ def test_memory_commands_go_through_a_running_server(server):
     assert stored["text"] == "My favourite colour is green."
     assert homefire("memory", "delete", str(fact["id"]), *data).stdout.strip() == "deleted"
     assert server.http().get(f"/api/v1/memories/{fact['id']}").status_code == 404
+
+
+def test_chat_without_a_companion_talks_to_the_settings_default(server, tmp_path):
+    made = server.http().post("/api/v1/companions", json={"id": "wisp", "name": "Wisp",
+                                                          "first_mes": "Wisp here, softly."})
+    assert made.status_code == 201, made.text
+    config = tmp_path / "homefire.yaml"
+    config.write_text("default_companion: wisp\n")
+    result = homefire("chat", "--config", str(config), "--data-dir", str(server.data_dir), input="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "wisp> Wisp here, softly."
+    assert server.http().delete("/api/v1/companions/wisp").status_code == 204   # others see none
