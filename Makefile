@@ -31,6 +31,7 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # The browser tests drive Debian's Chromium (Playwright's own browser download is never used).
 CHROMIUM ?= /usr/bin/chromium

@@ -36,17 +36,33 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
 from finetune import adapters
 from finetune.config import FinetuneConfig
-from memory.companions import Companion, visible_id
-from serve.engine import is_cpu_build
+from memory.companions import Companion, CompanionStore, visible_id
+from memory.db import Database
+from memory.users import Users
+from serve.adapters import AdapterService
+from serve.chat import ChatService
+from serve.config import Settings
+from serve.engine import Engine, is_cpu_build
 
-if TYPE_CHECKING:
-    from serve.app import Homefire
+
+class Server(Protocol):
+    """What the job runner uses of the server (serve.app.Homefire is one): named here, so that
+    this module does not import the app that imports it."""
+
+    settings: Settings
+    data_dir: Path
+    db: Database
+    companions: CompanionStore
+    engine: Engine
+    chat: ChatService
+    adapters: AdapterService
+    users: Users
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +167,7 @@ def choose_sharing(mode: str, cpu_build: bool, sleep_supported: bool, free_gib: 
 
 
 class FinetuneService:
-    def __init__(self, hf: Homefire):
+    def __init__(self, hf: Server):
         self.hf = hf
         self.db = hf.db
         self._wake = asyncio.Event()
