@@ -37,6 +37,7 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    retry_after: int | None = None   # a stream's 503 (its headers are gone): when to ask again
 
 
 class ErrorResponse(BaseModel):
@@ -81,8 +82,10 @@ def field_path(loc: tuple) -> str:
 
 def stream_error(err: Exception) -> dict:
     """The error event's body for a stream that failed after its 200 was sent."""
-    if isinstance(err, EngineUnavailable):
-        return error_body(503, str(err), code="engine_failed")
+    if isinstance(err, EngineUnavailable):   # no header after the 200: retry_after says it
+        body = error_body(503, str(err), code="engine_failed")
+        body["error"]["retry_after"] = err.retry_after
+        return body
     if isinstance(err, EngineFailed):
         return error_body(502, str(err), code="engine_failed")
     if isinstance(err, UnknownConversation):   # deleted while the reply was being written

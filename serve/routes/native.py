@@ -20,10 +20,17 @@ router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
 
 
+class ListedCompanion(Companion):
+    has_picture: bool = False
+    """Whether GET /companions/{id}/picture has one: a page asks for none it would not get."""
+
+
 @router.get("/companions")
-def list_companions(account: AccountDep) -> list[Companion]:
-    """The shared companions and the user's own."""
-    return account.companions()
+def list_companions(account: AccountDep) -> list[ListedCompanion]:
+    """The shared companions and the user's own, each with whether it has a picture (not part
+    of the card: leave it out when the companion is sent back)."""
+    return [ListedCompanion.model_validate(c.model_dump() | {
+        "has_picture": picture_path(account.hf.data_dir, c.key).is_file()}) for c in account.companions()]
 
 
 @router.get("/companions/{companion_id}")

@@ -88,6 +88,16 @@ export async function events(path, { onEvent, ...options }) {
   }
 }
 
+// A stream's error event comes after its 200: it names the status by its type (OpenAI's
+// shape), and what a 503 would say in Retry-After as retry_after.
+const STREAMED_STATUS = { engine_unavailable: 503, engine_error: 502, rate_limit_error: 429,
+  not_found_error: 404, conflict_error: 409, invalid_request_error: 400 };
+
+export function streamedError(error) {
+  return new ApiError(STREAMED_STATUS[error.type] ?? 500, error.message,
+    { retryAfter: error.retry_after ?? null, code: error.code ?? null });
+}
+
 // What went wrong, in words a person can act on.
 export function explain(err) {
   const said = (err.message || String(err)).replace(/\.?$/, '.');

@@ -159,6 +159,29 @@ def test_a_busy_server_says_so_with_a_retry_and_a_reply_stops_while_it_streams(t
     t.shot("chat-stopped")
 
 
+
+def test_a_reply_the_engine_cut_off_says_when_to_try_again(tab, web):
+    """A stream's error comes after its 200, so its status is in the event, not the response:
+    a paused engine's must read as the 503 it is, with its "try again" (it read as a bare message)."""
+    from serve.engine import EngineUnavailable
+    from serve.errors import stream_error
+    from serve.sse import event
+
+    t = tab()
+    page = t.sign_in()
+    page.goto(web.url + "/#/chat/ember")
+    expect(page.locator(".conversations li")).not_to_have_count(0)
+    # The bytes the server sends when its engine is paused after a reply began (serve.errors),
+    # in place of this one reply: the engine is not paused for a test of the page.
+    cut = event(stream_error(EngineUnavailable("a companion is learning its voice", 7)), "error")
+    page.route("**/messages", lambda route: route.fulfill(status=200, content_type="text/event-stream",
+                                                          body=cut))
+    page.fill("#message", "Are you there?")
+    page.click("#send")
+    expect(page.locator(".message.error")).to_contain_text(
+        "a companion is learning its voice. Try again in about 7 s.")
+    t.shot("chat-engine-paused")
+
 def test_add_edit_pin_search_and_delete_a_fact(tab, web):
     t = tab()
     page = t.sign_in()
@@ -330,6 +353,9 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     wren = sam_page.locator(".card.companion[data-id=wren]")
     expect(wren.locator(".about")).to_have_text("Wren keeps a lighthouse.")
     expect(wren.locator(".avatar img")).to_be_visible()
+    # Only a companion that has a picture is asked for one (no 404 for each that has none).
+    asked = {url.split("/companions/")[1].split("/")[0] for url in sam.requests if url.endswith("/picture")}
+    assert "wren" in asked and not asked & {"pebble", "ember"}, asked
     sam.shot("bundle-back-phone-dark")
     # A card dropped on the page, as a file dragged from the desktop is.
     moss = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Moss", "personality": "quiet"}}

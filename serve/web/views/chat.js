@@ -1,7 +1,7 @@
 // Chat: the companion's conversations; replies stream token by token with a stop button;
 // each reply can unfold the memories its prompt used.
 
-import { api, events, explain } from '../api.js';
+import { api, events, explain, streamedError } from '../api.js';
 import { day, fill, h, notice, when } from '../dom.js';
 
 export async function chatView(root, { args: [companionId, conversationId] }) {
@@ -105,7 +105,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
           } else if (name === 'done') {
             reply.replaceWith(bubble(data.reply));
           } else if (name === 'error') {
-            throw Object.assign(new Error(data.error.message), { status: data.error.code });
+            throw streamedError(data.error);
           }
         } });
     } catch (err) {

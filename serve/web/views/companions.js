@@ -23,9 +23,12 @@ export async function companionsView(root, { me }) {
 
   function card(companion) {
     const picture = h('div', { class: 'avatar', 'aria-hidden': 'true' }, companion.name.slice(0, 1).toUpperCase());
-    api(`/companions/${companion.id}/picture`).then((blob) => {
-      fill(picture, h('img', { src: URL.createObjectURL(blob), alt: '' }));
-    }).catch(() => { /* no picture: the initial stays */ });
+    if (companion.has_picture) {   // else the initial stays, and nothing is asked for
+      api(`/companions/${companion.id}/picture`).then((blob) => {
+        const url = URL.createObjectURL(blob);
+        fill(picture, h('img', { src: url, alt: '', onload: () => URL.revokeObjectURL(url) }));
+      }).catch(() => { /* gone meanwhile: the initial stays */ });
+    }
     return h('li', { class: 'card companion', 'data-id': companion.id },
       picture,
       h('h2', {}, companion.name), h('p', { class: 'hint' }, companion.id),
@@ -51,7 +54,8 @@ export async function companionsView(root, { me }) {
       value: companion?.id ?? '', disabled: !creating, title: 'lower-case letters, digits, - and _' });
     const form = h('form', { class: 'card form', onsubmit: async (e) => {
       e.preventDefault();
-      const body = { ...(companion ?? {}), id: id.value.trim() };
+      const { has_picture: _listed, ...card } = companion ?? {};   // the listing's, not the card's
+      const body = { ...card, id: id.value.trim() };
       for (const [name, input] of Object.entries(inputs)) body[name] = input.value;
       try {
         if (creating) await api('/companions', { method: 'POST', json: body });

@@ -83,7 +83,11 @@ export async function voiceView(root, { args: [companionId] }) {
       return;
     }
     const plot = h('img', { alt: `Voice report of ${version}: perplexity and style, base against tuned`, class: 'plot' });
-    api(`/companions/${companionId}/adapters/${version}/voice.png`).then((blob) => { plot.src = URL.createObjectURL(blob); });
+    api(`/companions/${companionId}/adapters/${version}/voice.png`).then((blob) => {
+      const url = URL.createObjectURL(blob);
+      plot.onload = () => URL.revokeObjectURL(url);   // drawn: the blob is no longer needed
+      plot.src = url;
+    });
     const p = result.perplexity, s = result.style, sim = result.similarity_to_real;
     const styleRows = ['words_mean', 'emoji_per_100_chars', 'exclamations_per_reply', 'questions_per_reply', 'lowercase_share'];
     fill(report, h('h2', {}, `Voice report: ${version}`),
