@@ -357,6 +357,13 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     asked = {url.split("/companions/")[1].split("/")[0] for url in sam.requests if url.endswith("/picture")}
     assert "wren" in asked and not asked & {"pebble", "ember"}, asked
     sam.shot("bundle-back-phone-dark")
+    # Edited from the listing (whose has_picture is no part of a card), saved as a card.
+    sam_page.locator(".card.companion[data-id=pebble]").get_by_role("button", name="Edit").click()
+    sam_page.fill("textarea[name=personality]", "smooth and patient")
+    sam_page.click("form.form button[type=submit]")
+    expect(sam_page.locator(".status")).to_contain_text("Pebble is saved.")
+    with web.http(sam_key) as http:
+        assert http.get("/api/v1/companions/pebble").json()["personality"] == "smooth and patient"
     # A card dropped on the page, as a file dragged from the desktop is.
     moss = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Moss", "personality": "quiet"}}
     dropped = sam_page.evaluate_handle("""(text) => {
