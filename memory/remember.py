@@ -4,9 +4,12 @@ it reads (span_text), and remembering what a conversation said since its last me
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from memory.store import MemoryStore
 from memory.users import DEFAULT_USER_NAME
+
+if TYPE_CHECKING:   # the CLI imports this without Chroma and torch
+    from memory.store import MemoryStore
 
 
 def exchange_text(asked: str, reply: str, companion_name: str, user: str = DEFAULT_USER_NAME) -> str:
