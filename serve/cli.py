@@ -25,6 +25,7 @@ from serve.bundle import BundleError
 from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir
 from serve.client import Client, ServerError, running_url, server_file
 from serve.config import ConfigError, check_exposure, load_settings
+from serve.sse import DELTA
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -109,10 +110,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         for name, data in client.stream_events(
             f"/api/v1/conversations/{conversation_id}/messages", {"content": line, "stream": True}
         ):
-            if name == "delta":
+            if name == DELTA:
                 print(data["content"], end="", flush=True)
-            elif name == "error":
-                raise ServerError(data["error"]["message"])
         print()
 
 

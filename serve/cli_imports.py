@@ -14,6 +14,7 @@ from memory.users import LOCAL, Users
 from serve.cli_base import Bar, UsageError, connect, hold_lock, resolve_data_dir
 from serve.client import Client, ServerError, running_url
 from serve.config import load_settings
+from serve.sse import DONE, PROGRESS
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -65,7 +66,7 @@ def _import_remote(client: Client, args: argparse.Namespace) -> dict:
             for name, data in client.stream_events(
                     f"/api/v1/companions/{args.companion}/imports", None, params=params, content=chunks(),
                     headers={"Content-Length": str(size)}):
-                if name == "progress":
+                if name == PROGRESS:
                     stage = data["stage"]
                     if stage not in bars:
                         upload.close()
@@ -73,9 +74,7 @@ def _import_remote(client: Client, args: argparse.Namespace) -> dict:
                         bars[stage] = Bar(label, data["total"], "B" if stage == "read" else "memory")
                         bars[stage].__enter__()
                     bars[stage](data["done"], data["total"])
-                elif name == "error":
-                    raise ServerError(data["error"]["message"])
-                elif name == "done":
+                elif name == DONE:
                     return data["result"]
         finally:
             for bar in bars.values():

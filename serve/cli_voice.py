@@ -13,6 +13,7 @@ from memory.users import LOCAL
 from serve.cli_base import UsageError, connect, local_store, resolve_data_dir
 from serve.client import ServerError, running_url
 from serve.config import load_settings
+from serve.sse import DONE
 
 
 def _base_model(args: argparse.Namespace) -> tuple[str, str]:
@@ -106,7 +107,7 @@ def _follow(client, job: dict, what: str) -> dict:
                 bar.set_postfix(note, refresh=False)
                 bar.update(job["step"] - bar.n)
             bar.set_description(f"{what} ({job['state']})", refresh=True)
-            if name == "end":
+            if name == DONE:
                 return job
     except KeyboardInterrupt:
         bar.close()

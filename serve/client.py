@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from memory.users import key_file
+from serve.sse import ERROR
 
 
 class ServerError(RuntimeError):
@@ -68,7 +69,8 @@ class Client:
 
     def stream_events(self, path: str, body: dict | None, method: str = "POST",
                       **kwargs) -> Iterator[tuple[str, dict]]:
-        """POST (or `method`) and yield (event name, data) from a server-sent event stream."""
+        """POST (or `method`) and yield (event name, data) from a server-sent event stream of our
+        vocabulary (serve.sse); its `error` event is raised as a ServerError with the server's words."""
         headers = {"Accept": "text/event-stream", **kwargs.pop("headers", {})}
         if body is not None:
             kwargs["json"] = body
@@ -81,6 +83,8 @@ class Client:
                     if line.startswith("event: "):
                         name = line[7:]
                     elif line.startswith("data: "):
+                        if name == ERROR:
+                            raise ServerError(_error_message(line[6:].encode(), response.status_code))
                         yield name, json.loads(line[6:])
                         name = "message"
         except httpx.HTTPError as err:

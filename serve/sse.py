@@ -25,6 +25,15 @@ class ClosingStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+# One vocabulary for every stream of ours (README, "Streams"): a stream sends DELTA or PROGRESS
+# events while its work goes on, and ends with one DONE (what the work came to) or one ERROR (why
+# the stream could not go on: {"error": {...}} as a JSON error body, with retry_after when waiting helps).
+DELTA = "delta"          # a piece of a reply: {"content": "..."}
+PROGRESS = "progress"    # work under way: its state now (an import's counts, a job)
+DONE = "done"            # the work has ended: the stored reply, the import's result, the job as it ended
+ERROR = "error"          # the stream could not go on
+
+
 def event(data: dict | str, name: str | None = None) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"event: {name}\ndata: {payload}\n\n" if name else f"data: {payload}\n\n"

@@ -17,7 +17,7 @@ from serve.account import AccountDep
 from serve.chat import Delta, Done, Plan, Turn
 from serve.deps import API_GUARDS, ChatDep, LimiterDep
 from serve.errors import ERROR_RESPONSES, stream_error
-from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from serve.sse import DELTA, DONE, ERROR, SSE_HEADERS, ClosingStreamingResponse, event, streamed
 from serve.tasks import TaskConversation, task_conversations
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
@@ -203,10 +203,10 @@ async def _sse(events: AsyncIterator, message: Message) -> AsyncIterator[str]:
     try:
         async for item in events:
             if isinstance(item, Delta):
-                yield event({"content": item.text}, "delta")
+                yield event({"content": item.text}, DELTA)
             elif isinstance(item, Done):
-                yield event(Exchange(message=message, reply=item.message).model_dump_json(), "done")
+                yield event(Exchange(message=message, reply=item.message).model_dump_json(), DONE)
     except Exception as err:
-        yield event(stream_error(err), "error")
+        yield event(stream_error(err), ERROR)
     finally:
         await events.aclose()

@@ -17,7 +17,7 @@ from serve.account import Account, AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, error_response, field_path
 from serve.finetunes import Job, JobError
-from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from serve.sse import DONE, PROGRESS, SSE_HEADERS, ClosingStreamingResponse, event, streamed
 
 router = APIRouter(prefix="/api/v1", tags=["finetunes"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -128,8 +128,8 @@ async def list_finetunes(account: AccountDep, all: Annotated[bool, Query(
 
 @router.get("/finetunes/{job_id}", response_model=Job, responses={
     **streamed("The job. With `Accept: text/event-stream`: a `progress` event with the job each "
-               "time it changes (step, loss, held-out loss, tokens/s, ETA, state), and an `end` "
-               "event with it once it is done, failed, cancelled or interrupted."),
+               "time it changes (step, loss, held-out loss, tokens/s, ETA, state), and a `done` "
+               "event with it once it has ended: done, failed, cancelled or interrupted."),
     404: {"description": "No job of the caller's with this id"}})
 async def get_finetune(job_id: JobId, request: Request, account: AccountDep):
     """One of the caller's jobs (an admin: anyone's): state, queue position, progress, the
@@ -144,8 +144,8 @@ async def get_finetune(job_id: JobId, request: Request, account: AccountDep):
 
     async def events() -> AsyncIterator[str]:
         async for now in service.follow(account.name, job_id, admin):
-            yield event(now.model_dump(), "progress" if now.state in ("queued", "running", "evaluating")
-                        else "end")
+            yield event(now.model_dump(), PROGRESS if now.state in ("queued", "running", "evaluating")
+                        else DONE)
 
     return ClosingStreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 

@@ -18,7 +18,7 @@ from serve.account import AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, ErrorResponse, error_body, raw_body, stream_error
 from serve.limits import bounded_stream
-from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from serve.sse import DONE, ERROR, PROGRESS, SSE_HEADERS, ClosingStreamingResponse, event, streamed
 
 router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -113,7 +113,7 @@ async def _events(task: asyncio.Task, queue: asyncio.Queue) -> AsyncIterator[str
         getter = asyncio.ensure_future(queue.get())
         done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED, timeout=15)
         if getter in done:
-            yield event(getter.result(), "progress")
+            yield event(getter.result(), PROGRESS)
         else:
             getter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -121,8 +121,8 @@ async def _events(task: asyncio.Task, queue: asyncio.Queue) -> AsyncIterator[str
             if not done:
                 yield ": still working\n\n"   # keeps proxies from closing an idle stream
     try:
-        yield event({"result": task.result()}, "done")
+        yield event({"result": task.result()}, DONE)
     except ImportFailed as err:
-        yield event(error_body(422, str(err), code="import_failed"), "error")
+        yield event(error_body(422, str(err), code="import_failed"), ERROR)
     except Exception as err:   # the stream has begun: an error event, not a status code
-        yield event(stream_error(err), "error")
+        yield event(stream_error(err), ERROR)

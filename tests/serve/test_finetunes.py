@@ -56,7 +56,7 @@ def with_history(data: Path, model_dir: Path) -> Path:
 
 
 def events(http, job_id: str) -> list[dict]:
-    """The job's server-sent events until its `end`, as (name, job)."""
+    """The job's server-sent events until its `done`, as (name, job)."""
     seen, name = [], None
     with http.stream("GET", f"/api/v1/finetunes/{job_id}", headers=SSE) as response:
         assert response.status_code == 200, response.read()
@@ -65,7 +65,7 @@ def events(http, job_id: str) -> list[dict]:
                 name = line[7:]
             elif line.startswith("data: "):
                 seen.append((name, json.loads(line[6:])))
-                if name == "end":
+                if name == "done":
                     return seen
     raise AssertionError(f"the stream ended without an end event: {seen[-3:]}")
 
@@ -173,7 +173,7 @@ def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_sp
                 ready = http.get("/readyz")
                 assert ready.status_code == 503 and ready.json()["engine"] == "paused"
                 assert "learning its voice" in ready.json()["detail"]
-            if name == "end":
+            if name == "done":
                 break
     assert checked, "no progress event while it trained"
     states = [job["state"] for _, job in seen]

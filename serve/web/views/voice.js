@@ -136,7 +136,7 @@ export async function voiceView(root, { args: [companionId] }) {
     try {
       await events(`/finetunes/${job.id}`, { signal: following.signal, onEvent: (name, data) => {
         show(data);
-        if (name === 'end') ended(data);
+        if (name === 'done') ended(data);
       } });
     } catch (err) {
       if (err.name !== 'AbortError') running.append(notice(explain(err), 'error'));
