@@ -48,12 +48,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.import_commit import WORDS, Phase, stream_replies  # noqa: E402
 from bench.serving import homefire_server  # noqa: E402
-from memory.cards import card_json  # noqa: E402
-from memory.companions import Companion, CompanionStore  # noqa: E402
-from memory.db import Database  # noqa: E402
-from memory.users import Users  # noqa: E402
 from serve import bundle  # noqa: E402
 from serve.default_model import MODEL_NAME  # noqa: E402
+from store.cards import card_json  # noqa: E402
+from store.companions import Companion, CompanionStore  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.users import Users  # noqa: E402
 
 WREN = Companion(id="wren", name="Wren", description="A wren who remembers.")
 

@@ -36,10 +36,10 @@ from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.dataset import build  # noqa: E402
 from finetune.lora import tokenizer_for  # noqa: E402
 from finetune.train import length_grouped, load_model  # noqa: E402
-from memory.companions import Companion, CompanionStore  # noqa: E402
-from memory.db import Database  # noqa: E402
-from memory.history import History  # noqa: E402
 from serve.default_model import ensure_default_model  # noqa: E402
+from store.companions import Companion, CompanionStore  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.history import History  # noqa: E402
 
 WORDS = "the rain garden piano soup stars train sister film coffee walk letter music river quiet".split()
 

@@ -97,9 +97,9 @@ def worker(kind: str, path: str, data_dir: str | None) -> dict:
             messages += sum(1 for node in reversed(thread)
                             if _turn(conv["mapping"][node]["message"], notes) is not None)
     else:
-        from memory.companions import Companion, CompanionStore
-        from memory.db import Database
         from memory.importer import Importer
+        from store.companions import Companion, CompanionStore
+        from store.db import Database
 
         db = Database(Path(data_dir) / "homefire.db")
         CompanionStore(db).put(Companion(id="ember", name="Ember"), "api")

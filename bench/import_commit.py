@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serving import homefire_server  # noqa: E402
-from memory.db import Database  # noqa: E402
-from memory.users import Users  # noqa: E402
 from serve.default_model import MODEL_NAME  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.users import Users  # noqa: E402
 
 WORDS = "the garden rain piano wedding soup stars train sister film morning coffee walk letter".split()
 
@@ -154,9 +154,9 @@ async def run_phase(url: str, keys: list[str], seconds: float, max_tokens: int,
 
 def longest_holds(export: Path, data_dir: Path) -> dict:
     """Import `export` into fresh databases with our batches and with whole tables at once."""
-    from memory.companions import Companion, CompanionStore
     from memory.importer import COPY_BATCH, Importer
     from memory.imports import open_export
+    from store.companions import Companion, CompanionStore
 
     holds = {}
     for name, batch in (("batches", COPY_BATCH), ("whole_tables", 10**9)):

@@ -35,15 +35,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune import adapters  # noqa: E402
-from memory.companions import Companion, CompanionStore  # noqa: E402
-from memory.db import Database  # noqa: E402
-from memory.history import History, chain_hash, chain_root  # noqa: E402
 from memory.importer import Importer  # noqa: E402
 from memory.imports import open_export  # noqa: E402
-from memory.users import Users  # noqa: E402
 from serve import backup, bundle  # noqa: E402
 from serve.default_model import MODEL_NAME, ensure_default_model  # noqa: E402
+from store import adapters  # noqa: E402
+from store.companions import Companion, CompanionStore  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.history import History, chain_hash, chain_root  # noqa: E402
+from store.users import Users  # noqa: E402
 
 WORDS = "the garden rain piano wedding soup stars train sister film morning coffee walk letter".split()
 

@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serving import homefire_server  # noqa: E402
-from memory.db import Database  # noqa: E402
-from memory.users import Users  # noqa: E402
 from serve.default_model import MODEL_NAME  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.users import Users  # noqa: E402
 
 TOPICS = ["my garden", "a film I saw", "my sister's wedding", "learning the piano", "a rainy walk",
           "my new job", "the stars last night", "cooking soup", "an old friend", "a long train ride"]

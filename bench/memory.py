@@ -27,11 +27,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memory.companions import Companion, CompanionStore  # noqa: E402
-from memory.db import Database  # noqa: E402
 from memory.embedder import Embedder  # noqa: E402
 from memory.remember import repair  # noqa: E402
 from memory.store import MemoryStore  # noqa: E402
+from store.companions import Companion, CompanionStore  # noqa: E402
+from store.db import Database  # noqa: E402
 
 QUESTIONS = ["Where is my sister's wedding?", "What did I cook last week?", "Do I have allergies?",
              "What film did I watch?", "How was work?", "Where did I go running?",

@@ -36,12 +36,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memory.companions import Companion, CompanionStore  # noqa: E402
-from memory.db import Database  # noqa: E402
 from memory.embedder import Embedder  # noqa: E402
 from memory.importer import Importer  # noqa: E402
 from memory.imports import open_export  # noqa: E402
 from memory.store import MemoryStore  # noqa: E402
+from store.companions import Companion, CompanionStore  # noqa: E402
+from store.db import Database  # noqa: E402
 
 SIBLINGS = ["Ada", "Noor", "Lena", "Mira", "Ines", "Tove", "Hana", "Zoe", "Ruth", "Elif"]
 JOBS = ["a midwife", "an air traffic controller", "a patent lawyer", "a pastry chef", "a vet",

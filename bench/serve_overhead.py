@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serving import homefire_server  # noqa: E402
-from memory.companions import load_companion_file  # noqa: E402
-from memory.persona import persona_prompt  # noqa: E402
 from serve.default_model import MODEL_NAME  # noqa: E402
 from serve.engine import SERVED_NAME  # noqa: E402
+from store.companions import load_companion_file  # noqa: E402
+from store.persona import persona_prompt  # noqa: E402
 
 TOPICS = ["my garden", "a film I saw", "my sister's wedding", "learning the piano", "a rainy walk",
           "my new job", "the stars last night", "cooking soup", "an old friend", "a long train ride"]

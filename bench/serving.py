@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from memory.users import local_key
 from serve.default_model import ensure_default_model
+from store.users import local_key
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serving import homefire_server  # noqa: E402
-from finetune import adapters  # noqa: E402
 from serve.default_model import ensure_default_model  # noqa: E402
+from store import adapters  # noqa: E402
 
 
 def bad_bundles(http: httpx.Client, model_dir: Path, scratch: Path) -> list[bytes]:

@@ -7,11 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from memory.settings_file import read_settings
+from store.adapters import VLLM_RANKS
+from store.settings_file import read_settings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
 # The LoRA ranks vLLM serves (vllm/lora: max_lora_rank must be one of these).
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

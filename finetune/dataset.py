@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.template import Neutralizer, alternate
-from memory.companions import Companion
-from memory.db import Database
-from memory.persona import persona_prompt
-from memory.users import LOCAL
+from store.companions import Companion
+from store.db import Database
+from store.persona import persona_prompt
+from store.users import LOCAL
 
 IGNORE = -100
 BOILERPLATE = re.compile(

@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune import adapters
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import Builder, held_out_ids, load_history
 from finetune.evaluate import style
 from finetune.lora import dataset_for, tokenizer_for
 from finetune.template import alternate
 from finetune.train import evaluate
-from memory.companions import Companion
-from memory.db import Database
-from memory.users import LOCAL
+from store import adapters
+from store.companions import Companion
+from store.db import Database
+from store.users import LOCAL
 
 
 @dataclass

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune import adapters
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import IGNORE, Example
 from finetune.lora import dataset_for, tokenizer_for
 from finetune.train import evaluate, pick_device
-from memory.companions import Companion
-from memory.db import Database
-from memory.users import LOCAL
+from store import adapters
+from store.companions import Companion
+from store.db import Database
+from store.users import LOCAL
 
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
 

@@ -28,10 +28,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from finetune import adapters
 from finetune.config import FinetuneConfig, FinetuneError
-from memory.companions import CompanionStore
-from memory.db import Database
+from store import adapters
+from store.adapters import AdapterError
+from store.companions import CompanionStore
+from store.db import Database
 
 LOWEST = 19
 
@@ -115,7 +116,7 @@ def main(job: dict) -> None:
         torch.set_num_threads(len(cores))
     try:
         say({"result": run(job)})
-    except FinetuneError as err:
+    except (FinetuneError, AdapterError) as err:
         say({"failed": str(err)})
     except Exception:
         traceback.print_exc()

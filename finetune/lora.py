@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune import adapters
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import Dataset, build, load_history
 from finetune.train import Report, Trainer, load_model
-from memory.companions import Companion
-from memory.db import Database
-from memory.users import LOCAL
+from store import adapters
+from store.companions import Companion
+from store.db import Database
+from store.users import LOCAL
 
 
 def tokenizer_for(model_path: str):

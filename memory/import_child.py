@@ -19,9 +19,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from memory.db import Database, Progress
 from memory.importer import Importer, ImportResult
 from memory.imports import ImportFailed, open_export
+from store.db import Database, Progress
 
 LOWEST = 19
 

@@ -7,7 +7,7 @@ short transaction hands them to their user. A failure in either phase leaves the
 as it was.
 
 Re-imports add only what is new: a conversation is matched by its export id, and by the
-chain hash of its messages (memory/history.py) against what is stored. A stored
+chain hash of its messages (store/history.py) against what is stored. A stored
 conversation that the export continues is extended; one the export repeats is left
 alone; one that diverged (an edited turn) is kept, and the export's version is added
 beside it.
@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from memory.companions import visible_id
-from memory.db import Database, Progress
-from memory.history import chain_root, chains
 from memory.imports import Export, Imported, ImportFailed, Notes
 from memory.remember import memory_spans, span_text
-from memory.users import LOCAL, Users
+from store.companions import visible_id
+from store.db import Database, Progress
+from store.history import chain_root, chains
+from store.users import LOCAL, Users
 
 # Rows of an import that is not done yet belong to this user id plus a random suffix; user
 # names cannot start with "~", so no query of anyone's sees them.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from memory.users import DEFAULT_USER_NAME
+from store.users import DEFAULT_USER_NAME
 
 if TYPE_CHECKING:   # the CLI imports this without Chroma and torch
     from memory.store import MemoryStore

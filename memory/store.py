@@ -24,13 +24,13 @@ import numpy as np
 from chromadb.config import Settings as ChromaSettings
 from pydantic import BaseModel
 
-from memory.companions import visible_id
-from memory.db import Database, Progress
 from memory.embedder import Embedder
 from memory.mirror import Mirror
 from memory.recall import Kind, Recalled, RecallSettings, choose
-from memory.users import LOCAL
 from memory.when import asked_span
+from store.companions import visible_id
+from store.db import Database, Progress
+from store.users import LOCAL
 
 __all__ = ["Memory", "MemoryStore", "Kind", "RecallSettings", "Recalled"]
 

@@ -13,12 +13,12 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from memory.companions import Companion, key_for
-from memory.history import Conversation, History, UnknownConversation
 from memory.store import Memory, MemoryStore
-from memory.users import DEFAULT_USER_NAME, User
 from serve.chat import UnknownCompanion
 from serve.engine import EngineUnavailable
+from store.companions import Companion, key_for
+from store.history import Conversation, History, UnknownConversation
+from store.users import DEFAULT_USER_NAME, User
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `homefire user add NAME` prints one; "
                      "the local owner's is in the data directory's api_key file")

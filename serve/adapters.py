@@ -14,12 +14,12 @@ import logging
 import shutil
 from pathlib import Path
 
-from finetune import adapters
-from finetune.config import FinetuneError
-from memory.companions import visible_id
-from memory.users import LOCAL
 from serve.chat import ChatService, adapter_name
 from serve.engine import AdapterRefused
+from store import adapters
+from store.adapters import AdapterError
+from store.companions import visible_id
+from store.users import LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class AdapterService:
         if model_path and Path(model_path).is_dir():
             try:
                 self.base = adapters.Base.of(Path(model_path), self.chat.engine.config.max_lora_rank)
-            except FinetuneError as err:
+            except AdapterError as err:
                 log.warning("adapters: %s", err)
 
     def _refused(self, name: str, why: str) -> None:
@@ -60,7 +60,7 @@ class AdapterService:
                 if version is None:
                     continue
                 path = self._checked(companion_id, version)
-            except FinetuneError as err:
+            except AdapterError as err:
                 self.problems[companion_id] = f"{err}{self._fitting_hint(companion_id)}"
                 log.error("adapters: %s: not used: %s", companion_id, self.problems[companion_id])
                 continue
@@ -76,7 +76,7 @@ class AdapterService:
             try:
                 await self.chat.engine.load_adapter(adapter_name(companion_id, version), str(path))
             except AdapterRefused as err:
-                raise FinetuneError(f"adapter {version} of {visible_id(companion_id)!r}: {err}") from err
+                raise AdapterError(f"adapter {version} of {visible_id(companion_id)!r}: {err}") from err
             self.chat.adapters[companion_id] = version
         else:
             self.chat.adapters.pop(companion_id, None)
@@ -121,7 +121,7 @@ class AdapterService:
         for version in adapters.versions(self.data_dir, companion_id):
             try:
                 trained_on = adapters.manifest(self.data_dir, companion_id, version).get("base_model", {})
-            except FinetuneError:   # a damaged manifest fits nothing
+            except AdapterError:   # a damaged manifest fits nothing
                 continue
             if self.base_sha256 and trained_on.get("sha256") == self.base_sha256:
                 fit.append(version)

@@ -19,12 +19,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, HTTPException
 from tqdm import tqdm
 
-from finetune.adapters import adopt_old_folders
-from memory.companions import Companion, CompanionStore
-from memory.db import Database
 from memory.importer import remove_leftovers
-from memory.pictures import drop_picture
-from memory.users import Users, local_key
 from serve import errors, metrics, web
 from serve.adapters import AdapterService
 from serve.chat import ChatService
@@ -48,6 +43,11 @@ from serve.routes import (
     openai,
 )
 from serve.tasks import Tasks
+from store.adapters import adopt_old_folders
+from store.companions import Companion, CompanionStore
+from store.db import Database
+from store.pictures import drop_picture
+from store.users import Users, local_key
 
 log = logging.getLogger(__name__)
 BACKGROUND_NICE = 10

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune import adapters
+from store import adapters
 
 PREFIX = "homefire-"
 STAMP = "%Y%m%d-%H%M%S"

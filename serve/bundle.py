@@ -51,16 +51,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from finetune import adapters
-from finetune.config import FinetuneError
-from memory.cards import PNG_SIGNATURE, card_json, parse_card
-from memory.companions import Companion, CompanionError, format_validation_error, key_for, visible_id
-from memory.db import Database, Progress
-from memory.history import ReplyMeta, chain_hash, chain_root
 from memory.import_child import lowest_priority, run_child
 from memory.importer import COPY_BATCH, HANDOFF_S, HIDDEN
 from memory.imports.source import ImportFailed, check_archive
-from memory.pictures import picture_path, save_picture
+from store import adapters
+from store.adapters import AdapterError
+from store.cards import PNG_SIGNATURE, card_json, parse_card
+from store.companions import Companion, CompanionError, format_validation_error, key_for, visible_id
+from store.db import Database, Progress
+from store.history import ReplyMeta, chain_hash, chain_root
+from store.pictures import picture_path, save_picture
 
 SCHEMA = 1
 SUFFIX = ".homefire"
@@ -658,7 +658,7 @@ def _stage_adapters(bundle: Bundle, data_dir: Path, key: str, fitting: list[str]
             (folder / "manifest.json").write_text(json.dumps(info, indent=2))
             try:
                 adapters.verify(folder, setup.base, f"adapter {version}")
-            except FinetuneError as err:
+            except AdapterError as err:
                 raise BundleError(f"{bundle.label}!adapters/{version}: {err}") from err
             plan.append((target_name, adapters.adapters_dir(data_dir, key) / target_name))
             report.adapters_added.append(target_name)

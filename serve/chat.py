@@ -19,15 +19,15 @@ import anyio
 import httpx
 
 from finetune.template import alternate
-from memory.companions import Companion, CompanionStore, Sampling
-from memory.db import Database
-from memory.history import History, Message, ReplyMeta, UnknownConversation
 from memory.remember import remember_new
 from memory.store import MemoryStore, Recalled
-from memory.users import DEFAULT_USER_NAME, LOCAL
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
 from serve.prompt import Prompt, PromptBuilder
+from store.companions import Companion, CompanionStore, Sampling
+from store.db import Database
+from store.history import History, Message, ReplyMeta, UnknownConversation
+from store.users import DEFAULT_USER_NAME, LOCAL
 
 log = logging.getLogger(__name__)
 

@@ -15,17 +15,18 @@ import time
 from pathlib import Path
 
 from finetune.config import FinetuneError
-from memory.cards import parse_card
-from memory.companions import CompanionError, CompanionStore, load_dir
-from memory.db import Database
 from memory.imports import ImportFailed
-from memory.users import LOCAL
 from serve import cli_bundle, cli_drift, cli_imports, cli_users, cli_voice
 from serve.bundle import BundleError
 from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir
 from serve.client import Client, ServerError, running_url, server_file
 from serve.config import ConfigError, check_exposure, load_settings
 from serve.sse import DELTA
+from store.adapters import AdapterError
+from store.cards import parse_card
+from store.companions import CompanionError, CompanionStore, load_dir
+from store.db import Database
+from store.users import LOCAL
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ConfigError, CompanionError, ServerError, ImportFailed, FinetuneError,
+    except (UsageError, ConfigError, CompanionError, ServerError, ImportFailed, FinetuneError, AdapterError,
             BundleError) as err:
         print(f"homefire: error: {err}", file=sys.stderr)
         return 2

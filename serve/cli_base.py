@@ -7,10 +7,10 @@ import fcntl
 import sys
 from pathlib import Path
 
-from memory.companions import CompanionStore
-from memory.db import Database
 from serve.client import Client, running_url
 from serve.config import default_data_dir, load_settings
+from store.companions import CompanionStore
+from store.db import Database
 
 
 class UsageError(RuntimeError):

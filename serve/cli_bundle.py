@@ -8,18 +8,18 @@ import json
 import os
 from pathlib import Path
 
-from memory.db import Database
-from memory.users import LOCAL, Users, local_key
 from serve.cli_base import Bar, UsageError, connect, hold_lock, local_store, resolve_data_dir
 from serve.client import running_url
 from serve.config import load_settings
+from store.db import Database
+from store.users import LOCAL, Users, local_key
 
 
 def local_setup(args: argparse.Namespace):
     """What this machine's server runs (converting the embedded model if it never started)."""
-    from finetune import adapters
     from serve import bundle
     from serve.cli_voice import _base_model
+    from store import adapters
 
     model_path, model_id = _base_model(args)
     settings = load_settings(args.config)
@@ -77,10 +77,10 @@ def cmd_bundle_import(args: argparse.Namespace) -> None:
 
 
 def _import_locally(args: argparse.Namespace, data_dir: Path, path: Path):
-    from finetune import adapters
     from memory.embedder import Embedder
     from memory.store import MemoryStore
     from serve import bundle
+    from store import adapters
 
     lock = hold_lock(data_dir)
     try:
@@ -112,8 +112,8 @@ def _import_locally(args: argparse.Namespace, data_dir: Path, path: Path):
 
 
 def cmd_export_card(args: argparse.Namespace) -> None:
-    from memory.cards import card_json, card_png
-    from memory.pictures import picture_path
+    from store.cards import card_json, card_png
+    from store.pictures import picture_path
 
     out: Path = args.output
     if out.suffix.lower() not in (".png", ".json"):

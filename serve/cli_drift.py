@@ -8,15 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-from memory.db import Database
-from memory.users import LOCAL
 from serve.cli_base import UsageError, resolve_data_dir
 from serve.cli_voice import _base_model, _companion, _finetune_config, add_training_flags, version_arg
 from serve.client import running_url
+from store.db import Database
+from store.users import LOCAL
 
 
 def _model_dir(path: Path) -> str:
-    from finetune import adapters
+    from store import adapters
 
     if not path.is_dir():
         raise UsageError(f"--model {path}: not a directory; give a local model directory (safetensors "
@@ -26,9 +26,9 @@ def _model_dir(path: Path) -> str:
 
 
 def cmd_drift(args: argparse.Namespace) -> None:
-    from finetune import adapters
     from finetune.config import load_config
     from finetune.drift import Setup, compare, fitting_version
+    from store import adapters
 
     data_dir = resolve_data_dir(args)
     companion = _companion(args, args.url or running_url(data_dir))
@@ -82,9 +82,9 @@ def _side_by_side(left: str, right: str, a: dict, b: dict) -> None:
 def cmd_migrate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from finetune import adapters
     from finetune.drift import Setup, probes, voice
     from finetune.lora import finetune
+    from store import adapters
 
     data_dir = resolve_data_dir(args)
     companion = _companion(args, args.url or running_url(data_dir))

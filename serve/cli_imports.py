@@ -7,14 +7,14 @@ import json
 import time
 from pathlib import Path
 
-from memory.companions import CompanionStore
-from memory.db import Database
 from memory.imports import FORMATS
-from memory.users import LOCAL, Users
 from serve.cli_base import Bar, UsageError, connect, hold_lock, resolve_data_dir
 from serve.client import Client, ServerError, running_url
 from serve.config import load_settings
 from serve.sse import DONE, PROGRESS
+from store.companions import CompanionStore
+from store.db import Database
+from store.users import LOCAL, Users
 
 
 def cmd_import(args: argparse.Namespace) -> None:

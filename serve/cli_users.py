@@ -7,9 +7,9 @@ import json
 import os
 import time
 
-from memory.db import Database
-from memory.users import DEFAULT_USER_NAME, LOCAL, Users, key_file, local_key, write_key
 from serve.cli_base import UsageError, resolve_data_dir
+from store.db import Database
+from store.users import DEFAULT_USER_NAME, LOCAL, Users, key_file, local_key, write_key
 
 
 def _users(args: argparse.Namespace) -> Users:
@@ -24,7 +24,7 @@ def _print_key(args: argparse.Namespace, name: str, key: str, what: str) -> None
 
 
 def cmd_user(args: argparse.Namespace) -> None:
-    from memory.users import UserError
+    from store.users import UserError
 
     users = _users(args)
     try:

@@ -8,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from memory.db import Database
-from memory.users import LOCAL
 from serve.cli_base import UsageError, connect, local_store, resolve_data_dir
 from serve.client import ServerError, running_url
 from serve.config import load_settings
 from serve.sse import DONE
+from store.db import Database
+from store.users import LOCAL
 
 
 def _base_model(args: argparse.Namespace) -> tuple[str, str]:
@@ -63,12 +63,11 @@ def _finetune_config(args: argparse.Namespace):
 
 def version_arg(text: str) -> str | None:
     """An adapter version on the command line: v1, v2, ... ('base' where the base model is meant)."""
-    from finetune.adapters import checked_version
-    from finetune.config import FinetuneError
+    from store.adapters import AdapterError, checked_version
 
     try:
         return checked_version(text, "adapter version")
-    except FinetuneError as err:
+    except AdapterError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
@@ -216,7 +215,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _switch_adapter(args: argparse.Namespace, companion, version: str | None, url: str | None) -> None:
-    from finetune import adapters
+    from store import adapters
 
     if url:
         connect(args, url).request("PUT", f"/api/v1/companions/{companion.id}/adapter",
@@ -233,8 +232,8 @@ def _switch_adapter(args: argparse.Namespace, companion, version: str | None, ur
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from finetune import adapters
     from finetune.evaluate import voice_match
+    from store import adapters
 
     data_dir = resolve_data_dir(args)
     url = args.url or running_url(data_dir)
@@ -271,7 +270,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_adapter(args: argparse.Namespace) -> None:
-    from finetune import adapters
+    from store import adapters
 
     data_dir = resolve_data_dir(args)
     url = args.url or running_url(data_dir)

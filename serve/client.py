@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from memory.users import key_file
 from serve.sse import ERROR
+from store.users import key_file
 
 
 class ServerError(RuntimeError):

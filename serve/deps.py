@@ -9,10 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from memory.users import User
 from serve.account import authenticate
 from serve.chat import ChatService
 from serve.limits import Limiter
+from store.users import User
 
 
 async def get_homefire(request: Request):

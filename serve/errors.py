@@ -18,11 +18,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from memory.companions import CompanionError
-from memory.history import UnknownConversation
 from serve.chat import EngineFailed, UnknownCompanion, WrongBaseModel
 from serve.engine import EngineUnavailable
 from serve.prompt import PromptTooLong
+from store.companions import CompanionError
+from store.history import UnknownConversation
 
 log = logging.getLogger(__name__)
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")

@@ -40,15 +40,15 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
-from finetune import adapters
 from finetune.config import FinetuneConfig
-from memory.companions import Companion, CompanionStore, visible_id
-from memory.db import Database
-from memory.users import Users
 from serve.adapters import AdapterService
 from serve.chat import ChatService
 from serve.config import Settings
 from serve.engine import Engine, is_cpu_build
+from store import adapters
+from store.companions import Companion, CompanionStore, visible_id
+from store.db import Database
+from store.users import Users
 
 
 class Server(Protocol):

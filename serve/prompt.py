@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from finetune.template import Neutralizer, alternate
-from memory.companions import Companion
-from memory.persona import DEFAULT_USER_NAME, memory_block, persona_prompt, substitute
+from store.companions import Companion
+from store.persona import DEFAULT_USER_NAME, memory_block, persona_prompt, substitute
 
 
 class PromptTooLong(ValueError):

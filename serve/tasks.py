@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from memory.db import Database
 from serve.config import TasksConfig
+from store.db import Database
 
 SYSTEM_ROLES = ("system", "developer")
 

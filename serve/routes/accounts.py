@@ -13,10 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory.users import LOCAL, User, UserError
 from serve.account import Account, AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES
+from store.users import LOCAL, User, UserError
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)

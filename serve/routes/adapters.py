@@ -9,12 +9,12 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune import adapters
-from finetune.config import FinetuneError
-from memory.users import LOCAL
 from serve.account import AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES
+from store import adapters
+from store.adapters import AdapterError
+from store.users import LOCAL
 
 router = APIRouter(prefix="/api/v1", tags=["adapters"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -31,7 +31,7 @@ def list_adapters(companion_id: str, account: AccountDep) -> dict:
     key = account.companion_card(companion_id).key
     try:
         return account.hf.adapters.listing(key)
-    except FinetuneError as err:
+    except AdapterError as err:
         raise HTTPException(422, str(err)) from err
 
 
@@ -46,7 +46,7 @@ async def use_adapter(companion_id: str, choice: AdapterChoice, account: Account
     hf = account.hf
     try:
         await hf.adapters.use(companion.key, choice.version)
-    except FinetuneError as err:
+    except AdapterError as err:
         raise HTTPException(422, str(err)) from err
     return hf.adapters.listing(companion.key)
 
@@ -55,7 +55,7 @@ def _report_file(account, companion_id: str, version: str, name: str):
     key = account.companion_card(companion_id).key
     try:
         adapters.manifest(account.hf.data_dir, key, version)   # names the known versions if missing
-    except FinetuneError as err:
+    except AdapterError as err:
         raise HTTPException(404, str(err)) from err
     path = adapters.version_dir(account.hf.data_dir, key, version) / name
     if not path.is_file():

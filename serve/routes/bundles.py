@@ -10,14 +10,14 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from finetune.config import FinetuneError
-from memory.cards import card_json, card_png
-from memory.pictures import picture_path
 from serve import bundle
 from serve.account import AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, ErrorResponse, raw_body
 from serve.routes.imports import _receive
+from store.adapters import AdapterError
+from store.cards import card_json, card_png
+from store.pictures import picture_path
 
 router = APIRouter(prefix="/api/v1", tags=["bundles"], dependencies=API_GUARDS, responses=ERROR_RESPONSES)
 
@@ -93,7 +93,7 @@ async def import_bundle(
     if report.adapter_in_use:
         try:
             await hf.adapters.use(key, report.adapter_in_use)
-        except FinetuneError as err:   # written and checked above; said rather than lost
+        except AdapterError as err:   # written and checked above; said rather than lost
             report.message += f"; the adapter could not be switched on: {err}"
     await asyncio.get_running_loop().run_in_executor(hf.background, memory.index_pending)
     return report.as_dict()

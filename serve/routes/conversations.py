@@ -10,15 +10,15 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory.companions import Companion
-from memory.history import Conversation, Message, UnknownConversation
-from memory.persona import substitute
 from serve.account import AccountDep
 from serve.chat import Delta, Done, Plan, Turn
 from serve.deps import API_GUARDS, ChatDep, LimiterDep
 from serve.errors import ERROR_RESPONSES, stream_error
 from serve.sse import DELTA, DONE, ERROR, SSE_HEADERS, ClosingStreamingResponse, event, streamed
 from serve.tasks import TaskConversation, task_conversations
+from store.companions import Companion
+from store.history import Conversation, Message, UnknownConversation
+from store.persona import substitute
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)

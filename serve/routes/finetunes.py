@@ -11,13 +11,13 @@ from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from finetune.adapters import checked_version, manifest
 from finetune.config import FinetuneConfig, FinetuneError, load_config
 from serve.account import Account, AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, error_response, field_path
 from serve.finetunes import Job, JobError
 from serve.sse import DONE, PROGRESS, SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from store.adapters import AdapterError, checked_version, manifest
 
 router = APIRouter(prefix="/api/v1", tags=["finetunes"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -107,7 +107,7 @@ async def start_evaluation(companion_id: str, version: Annotated[str, Path(max_l
         try:
             info = manifest(account.hf.data_dir, companion.key, checked_version(version, "version"))
             config = FinetuneConfig.model_validate(info["config"])
-        except FinetuneError as err:
+        except AdapterError as err:
             raise SettingsProblem("version", str(err)) from err
         return account.hf.finetunes.submit(companion, account.name, "eval", config, "never", version,
                                            admin=account.user.admin)

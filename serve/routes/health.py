@@ -8,10 +8,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from memory.users import User
 from serve import metrics
 from serve.account import authenticate
 from serve.errors import ERROR_RESPONSES
+from store.users import User
 
 router = APIRouter(tags=["health"], responses=ERROR_RESPONSES)
 

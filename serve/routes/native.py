@@ -8,13 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from memory.cards import MAX_CARD_BYTES, parse_card
-from memory.companions import Companion, key_for
-from memory.pictures import drop_picture, picture_path, save_picture
 from serve.account import AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, raw_body
 from serve.limits import bounded_stream
+from store.cards import MAX_CARD_BYTES, parse_card
+from store.companions import Companion, key_for
+from store.pictures import drop_picture, picture_path, save_picture
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)

@@ -16,8 +16,8 @@ import pytest
 from openai.resources.chat.completions import Completions
 
 from finetune.dataset import load_history
-from memory.db import Database
 from serve.protocol import ChatCompletionRequest
+from store.db import Database
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]

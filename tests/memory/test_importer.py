@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from memory.companions import Companion, CompanionStore
-from memory.db import Database
 from memory.embedder import Embedder
-from memory.history import History
 from memory.import_child import run_apart
 from memory.importer import Importer
 from memory.imports import ImportFailed, open_export
 from memory.store import MemoryStore
-from memory.users import Users
+from store.companions import Companion, CompanionStore
+from store.db import Database
+from store.history import History
+from store.users import Users
 from tests.support.exports import T0, ChatGPTTree, chatgpt_hard, chatgpt_simple, chatgpt_zip, write_json
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from memory.companions import Companion, CompanionStore
-from memory.db import Database
 from memory.embedder import Embedder
-from memory.history import History, ReplyMeta
 from memory.remember import exchange_text, remember_new, repair
 from memory.store import MemoryStore
+from store.companions import Companion, CompanionStore
+from store.db import Database
+from store.history import History, ReplyMeta
 
 DAY = 86400
 SMALL_TALK = ["the weather was grey", "I watched a film", "work was long", "I made pasta",
@@ -119,7 +119,7 @@ def test_rebuild_gives_the_same_recall_and_repair_restores_missing_memories(stor
     assert memory.rebuild() == 301
     assert [recalled(memory, q) for q in questions] == before
     # An exchange committed without its memory (a crash in between) is repaired...
-    with memory.db.transaction() as conn:
+    with store.db.transaction() as conn:
         conn.execute("DELETE FROM memories WHERE conversation_id = ?", (old,))
     assert repair(memory) == 1 and memory.index_pending() == 1
     assert any("Lisbon" in t for t in recalled(memory, "Where is my sister's wedding?"))
@@ -242,7 +242,7 @@ def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):
 
 
 def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrade(tmp_path, embedder):
-    from memory.db import MIGRATIONS
+    from store.db import MIGRATIONS
 
     db, history, memory = fresh(tmp_path, embedder)
     conversation = history.create_conversation("ember").id

@@ -7,7 +7,7 @@ import socket
 
 import httpx
 
-from memory.db import Database
+from store.db import Database
 from tests.support.exports import chatgpt_simple, chatgpt_zip
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from finetune import adapters
-from memory.companions import Companion, CompanionStore, Sampling
-from memory.db import Database
-from memory.history import History, ReplyMeta, chain_root, chains
 from memory.store import MemoryStore
 from serve import bundle
 from serve.default_model import MODEL_NAME
+from store import adapters
+from store.companions import Companion, CompanionStore, Sampling
+from store.db import Database
+from store.history import History, ReplyMeta, chain_root, chains
 from tests.support.adapters import make_adapter
 
 KIT = Companion(id="kit", name="Kit", description="A fox who remembers.", first_mes="Hey you.",
@@ -372,9 +372,9 @@ def test_the_card_export_carries_v2_and_v3_and_opens_in_our_import(tmp_path):
     and 'ccv3' a V3 one (front ends read either), and a V3 JSON file; both open as the same card."""
     import base64
 
-    from memory.cards import parse_card, png_texts
-    from memory.companions import load_dir
     from serve.config import REPO_ROOT
+    from store.cards import parse_card, png_texts
+    from store.companions import load_dir
 
     ember = next(c for c, _ in load_dir(REPO_ROOT / "configs" / "companions") if c.id == "ember")
     for suffix in ("png", "json"):
@@ -454,7 +454,7 @@ def test_a_companion_moves_to_a_fresh_machine_and_speaks_and_remembers_the_same(
     assert "vllm:" in ana.get("/metrics").text and "ana.fox" not in ana.get("/metrics").text
 
     # The card alone, as a front end gets it, opens in our own card import with every field.
-    from memory.cards import parse_card
+    from store.cards import parse_card
 
     card = ana.get("/api/v1/companions/fox/card", params={"format": "png"})
     assert card.status_code == 200 and card.headers["content-type"] == "image/png"

@@ -59,8 +59,8 @@ def test_the_image_holds_every_module_and_a_healthcheck(tmp_path):
     app = image_files(tmp_path)
     assert not (app / "tests").exists() and not (app / ".venv").exists()
     modules = sorted(str(p.relative_to(app).with_suffix("")).replace("/", ".")
-                     for package in ("serve", "memory", "finetune") for p in (app / package).rglob("*.py"))
-    assert {"serve.cli", "finetune.lora", "memory.store"} <= set(modules)
+                     for package in ("serve", "finetune", "memory", "store") for p in (app / package).rglob("*.py"))
+    assert {"serve.cli", "finetune.lora", "memory.store", "store.db"} <= set(modules)
     check = ("import importlib, sys\n"
              f"for name in {modules!r}:\n"
              "    module = importlib.import_module(name.removesuffix('.__init__'))\n"

@@ -19,13 +19,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from memory.companions import Companion, CompanionStore
-from memory.db import Database
-from memory.history import History
 from serve.config import EngineConfig
 from serve.default_model import MODEL_NAME
 from serve.engine import Engine
 from serve.finetunes import choose_sharing, sleep_mode_supported, training_gib
+from store.companions import Companion, CompanionStore
+from store.db import Database
+from store.history import History
 
 REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import chromadb
 import httpx
 
-from memory.companions import CompanionStore
-from memory.db import Database
-from memory.history import History, ReplyMeta
+from store.companions import CompanionStore
+from store.db import Database
+from store.history import History, ReplyMeta
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_TALK = ["the weather was grey", "I watched a film", "work was long", "I made pasta",

@@ -8,9 +8,9 @@ import os
 import pytest
 from transformers import AutoTokenizer
 
-from memory.companions import Companion
-from memory.persona import memory_block, persona_prompt
 from serve.prompt import PromptBuilder, PromptTooLong
+from store.companions import Companion
+from store.persona import memory_block, persona_prompt
 
 EMBER = Companion(id="ember", name="Ember", description="{{char}} loves {{user}}'s stories.",
                   personality="warm", system_prompt="You are {{char}}.",

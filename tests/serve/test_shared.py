@@ -11,9 +11,9 @@ import zipfile
 import httpx
 import pytest
 
-from finetune import adapters
-from memory.companions import Companion, CompanionStore
-from memory.db import Database
+from store import adapters
+from store.companions import Companion, CompanionStore
+from store.db import Database
 from tests.support.adapters import make_adapter, with_adapter
 
 

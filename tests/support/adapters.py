@@ -8,8 +8,8 @@ import json
 import zipfile
 from pathlib import Path
 
-from finetune import adapters
 from serve.default_model import MODEL_NAME
+from store import adapters
 
 
 def make_adapter(folder: Path, model_dir: Path, trained_by: str, seed: int | None = None,

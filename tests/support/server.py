@@ -16,8 +16,8 @@ import httpx
 import openai
 import yaml
 
-from memory.users import local_key
 from serve.default_model import MODEL_NAME
+from store.users import local_key
 
 REPO = Path(__file__).resolve().parents[2]
 # Converting the embedded model takes ~15 s; keep it across runs on one machine.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from playwright.sync_api import expect
 
-from memory.cards import parse_card
 from serve.bundle import read_bundle
+from store.cards import parse_card
 from tests.support.exports import ChatGPTTree, card_png, chatgpt_simple, chatgpt_zip
 
 MARKUP = "<img src=x onerror=alert(1)>"

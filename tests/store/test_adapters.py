@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune import adapters
-from finetune.config import FinetuneError
+from store import adapters
 from tests.support.adapters import make_adapter
 
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -48,7 +47,7 @@ def variant(good: Path, tmp_path: Path, config: dict | None = None, tensors: dic
 
 
 def refused(folder: Path, base: adapters.Base) -> str:
-    with pytest.raises(FinetuneError) as err:
+    with pytest.raises(adapters.AdapterError) as err:
         adapters.verify(folder, base)
     assert "/v2" in str(err.value) or "v2:" in str(err.value), "the message names the adapter"
     return str(err.value)
@@ -107,3 +106,17 @@ def test_a_config_or_manifest_that_is_no_json_object_is_named(good, base, tmp_pa
     folder = variant(good, tmp_path)
     (folder / name).write_text(content)
     assert name in refused(folder, base)
+
+
+def test_a_version_is_vN_wherever_it_enters(tmp_path):
+    for bad in ("../bob.pet/v1", "v1/../../x", "/etc", "v0", "v01", "1", "", "v1 ", None, 3):
+        with pytest.raises(adapters.AdapterError, match="is not an adapter version"):
+            adapters.version_dir(tmp_path, "kit", bad)
+    with pytest.raises(adapters.AdapterError, match="is not a companion id"):
+        adapters.adapters_dir(tmp_path, "../kit")
+    assert adapters.version_dir(tmp_path, "ann.kit", "v12") == tmp_path / "adapters" / "ann.kit" / "v12"
+    # A CURRENT file that names anything else is refused where it is read (the server's start).
+    (tmp_path / "adapters" / "kit").mkdir(parents=True)
+    (tmp_path / "adapters" / "kit" / "CURRENT").write_text("../bob.pet/v1\n")
+    with pytest.raises(adapters.AdapterError, match="CURRENT: '../bob.pet/v1' is not an adapter version"):
+        adapters.current(tmp_path, "kit")

@@ -10,8 +10,8 @@ import zlib
 import pytest
 from PIL import Image, PngImagePlugin
 
-from memory.cards import parse_card
-from memory.companions import CompanionError
+from store.cards import parse_card
+from store.companions import CompanionError
 from tests.support.cards import V2, bomb, chunk
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from memory.db import Database
+from store.db import Database
 
 LOCAL = "local"
 DEFAULT_USER_NAME = "User"   # what companions call a user who has not said

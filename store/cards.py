@@ -17,7 +17,7 @@ import zlib
 
 from pydantic import ValidationError
 
-from memory.companions import Companion, CompanionError, Sampling, format_validation_error, slugify
+from store.companions import Companion, CompanionError, Sampling, format_validation_error, slugify
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_FIELDS = (

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from finetune.adapters import adopt_old_folders
-from memory.companions import Companion, CompanionStore
-from memory.db import MIGRATIONS, Database
-from memory.history import History, chain_hash, chain_root
+from store.adapters import adopt_old_folders
+from store.companions import Companion, CompanionStore
+from store.db import MIGRATIONS, Database
+from store.history import History, chain_hash, chain_root
 
 
 def test_a_config_file_never_touches_a_users_own_companion(tmp_path):

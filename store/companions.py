@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from memory.db import Database
+from store.db import Database
 
 Source = Literal["config", "api", "card"]
 

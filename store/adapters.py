@@ -19,17 +19,21 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from finetune.config import VLLM_RANKS, FinetuneError
-
+# The LoRA ranks vLLM's kernels serve (finetune.config refuses any other for a training).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VERSION = re.compile(r"v([1-9]\d{0,8})")
-# A companion's storage key: a shared id, or a user's own as OWNER.ID (memory.companions).
+# A companion's storage key: a shared id, or a user's own as OWNER.ID (store.companions).
 COMPANION_KEY = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,31}\.)?[a-z0-9][a-z0-9_-]{0,63}")
 
 
 # PEFT's name for a LoRA factor: base_model.model.<the base model's module>.lora_A.weight
 LORA_TENSOR = re.compile(r"base_model\.model\.(?P<module>[\w.]+)\.lora_(?P<factor>[AB])\.weight")
 LORA_DTYPES = ("F32", "F16", "BF16")
+
+
+class AdapterError(ValueError):
+    """An adapter version or the registry is not as it must be; the message says what and where."""
 
 
 @dataclass(frozen=True)
@@ -61,21 +65,21 @@ def _tensors(files: list[Path], label: str = "") -> dict[str, tuple[list[int], s
                     piece = weights.get_slice(name)
                     found[name] = (piece.get_shape(), piece.get_dtype())
         except (SafetensorError, OSError) as err:
-            raise FinetuneError(f"{label or path}: not a readable safetensors file ({err})") from err
+            raise AdapterError(f"{label or path}: not a readable safetensors file ({err})") from err
     return found
 
 
 def checked_version(version: object, where: str = "version") -> str:
     """`version` if it is v1, v2, ... and nothing else: it becomes a folder name."""
     if not isinstance(version, str) or not VERSION.fullmatch(version):
-        raise FinetuneError(f"{where}: {version!r} is not an adapter version; versions are named "
+        raise AdapterError(f"{where}: {version!r} is not an adapter version; versions are named "
                             "v1, v2, ... (see `homefire adapter list`)")
     return version
 
 
 def adapters_dir(data_dir: Path, companion_id: str) -> Path:
     if not COMPANION_KEY.fullmatch(companion_id):
-        raise FinetuneError(f"{companion_id!r} is not a companion id")
+        raise AdapterError(f"{companion_id!r} is not a companion id")
     return data_dir / "adapters" / companion_id   # the pattern admits no separator, no ".."
 
 
@@ -119,11 +123,11 @@ def manifest(data_dir: Path, companion_id: str, version: str) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         known = ", ".join(versions(data_dir, companion_id)) or "none"
-        raise FinetuneError(f"companion {companion_id!r} has no adapter {version!r} "
+        raise AdapterError(f"companion {companion_id!r} has no adapter {version!r} "
                             f"(versions: {known})") from None
     except ValueError as err:
         # Named by companion and version, never by path: members read this message too.
-        raise FinetuneError(f"adapter {companion_id}/{version}: manifest.json is not valid JSON "
+        raise AdapterError(f"adapter {companion_id}/{version}: manifest.json is not valid JSON "
                             f"({err})") from err
 
 
@@ -131,7 +135,7 @@ def model_sha256(model_dir: Path) -> str:
     """SHA-256 over the model's safetensors weights, cached beside them by size and time."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FinetuneError(f"{model_dir}: no safetensors weights to identify the base model by")
+        raise AdapterError(f"{model_dir}: no safetensors weights to identify the base model by")
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     cache = model_dir / "homefire-weights.sha256.json"
     try:
@@ -160,44 +164,44 @@ def verify(path: Path, base: Base | None, label: str | None = None) -> dict:
     companion's folder and the version's)."""
     label = label or f"adapter {path.parent.name}/{path.name}"
     if pickled := [p.name for p in path.iterdir() if p.suffix in PICKLES]:
-        raise FinetuneError(f"{label}: refusing pickled weights ({', '.join(pickled)}); only "
+        raise AdapterError(f"{label}: refusing pickled weights ({', '.join(pickled)}); only "
                             "safetensors adapters are loaded")
     for needed in ("adapter_model.safetensors", "adapter_config.json", "manifest.json"):
         if not (path / needed).is_file():
-            raise FinetuneError(f"{label}: {needed} is missing")
+            raise AdapterError(f"{label}: {needed} is missing")
     config = read_object(path / "adapter_config.json", f"{label}: adapter_config.json")
     rank = config.get("r")
     if rank not in VLLM_RANKS:
-        raise FinetuneError(f"{label}: rank {rank!r} cannot be served by vLLM")
+        raise AdapterError(f"{label}: rank {rank!r} cannot be served by vLLM")
     if config.get("modules_to_save") or config.get("use_dora"):
-        raise FinetuneError(f"{label}: modules_to_save and DoRA cannot be served by vLLM")
+        raise AdapterError(f"{label}: modules_to_save and DoRA cannot be served by vLLM")
     if config.get("rank_pattern"):
-        raise FinetuneError(f"{label}: per-module ranks (rank_pattern) are not served; train with one rank")
+        raise AdapterError(f"{label}: per-module ranks (rank_pattern) are not served; train with one rank")
     info = read_object(path / "manifest.json", f"{label}: manifest.json")
     trained_on = info.get("base_model")
     trained_on = trained_on if isinstance(trained_on, dict) else {}
     if base is None:
-        raise FinetuneError(f"{label}: the running base model cannot be identified (no local "
+        raise AdapterError(f"{label}: the running base model cannot be identified (no local "
                             "safetensors), so its adapters cannot be checked against it")
     if trained_on.get("sha256") != base.sha256:
-        raise FinetuneError(f"{label} was trained on base model {trained_on.get('id')!r} "
+        raise AdapterError(f"{label} was trained on base model {trained_on.get('id')!r} "
                             f"(weights {str(trained_on.get('sha256'))[:12]}), but this server runs "
                             f"weights {base.sha256[:12]}; train it again on this model")
     if rank > base.max_rank:
-        raise FinetuneError(f"{label}: rank {rank} is above the engine's limit (engine.max_lora_rank: "
+        raise AdapterError(f"{label}: rank {rank} is above the engine's limit (engine.max_lora_rank: "
                             f"{base.max_rank})")
     _check_tensors(path / "adapter_model.safetensors", config, base, label)
     return info
 
 
 def read_object(path: Path, label: str) -> dict:
-    """A JSON file that must hold an object; anything else is a FinetuneError naming it."""
+    """A JSON file that must hold an object; anything else is a AdapterError naming it."""
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise FinetuneError(f"{label}: not valid JSON ({err})") from err
+        raise AdapterError(f"{label}: not valid JSON ({err})") from err
     if not isinstance(found, dict):
-        raise FinetuneError(f"{label}: must be a JSON object, not {type(found).__name__}")
+        raise AdapterError(f"{label}: must be a JSON object, not {type(found).__name__}")
     return found
 
 
@@ -211,24 +215,24 @@ def _check_tensors(weights: Path, config: dict, base: Base, label: str) -> None:
         where = f"{label}: tensor {name!r}"
         found = LORA_TENSOR.fullmatch(name)
         if found is None:
-            raise FinetuneError(f"{where} is not a LoRA factor (base_model.model.MODULE.lora_A/B.weight)")
+            raise AdapterError(f"{where} is not a LoRA factor (base_model.model.MODULE.lora_A/B.weight)")
         module = found["module"]
         if module not in base.shapes:
-            raise FinetuneError(f"{where} names no linear layer of the base model")
+            raise AdapterError(f"{where} names no linear layer of the base model")
         if not _targeted(module, targets):
-            raise FinetuneError(f"{where} is outside the config's target_modules {targets!r}")
+            raise AdapterError(f"{where} is outside the config's target_modules {targets!r}")
         if dtype not in LORA_DTYPES:
-            raise FinetuneError(f"{where} has dtype {dtype}; adapters are {', '.join(LORA_DTYPES)}")
+            raise AdapterError(f"{where} has dtype {dtype}; adapters are {', '.join(LORA_DTYPES)}")
         out, into = base.shapes[module]
         expected = [rank, into] if found["factor"] == "A" else [out, rank]
         if list(shape) != expected:
-            raise FinetuneError(f"{where} has shape {list(shape)}; rank {rank} on that layer needs "
+            raise AdapterError(f"{where} has shape {list(shape)}; rank {rank} on that layer needs "
                                 f"{expected}")
         factors.setdefault(module, set()).add(found["factor"])
     if not factors:
-        raise FinetuneError(f"{label}: adapter_model.safetensors holds no LoRA weights")
+        raise AdapterError(f"{label}: adapter_model.safetensors holds no LoRA weights")
     if half := sorted(m for m, f in factors.items() if f != {"A", "B"}):
-        raise FinetuneError(f"{label}: layer {half[0]} has only one of its two LoRA factors")
+        raise AdapterError(f"{label}: layer {half[0]} has only one of its two LoRA factors")
 
 
 def _targeted(module: str, targets: object) -> bool:
@@ -264,6 +268,6 @@ def previous(data_dir: Path, companion_id: str) -> str | None:
     """The newest version older than the one in use (None: back to the base model)."""
     now = current(data_dir, companion_id)
     if now is None:
-        raise FinetuneError(f"companion {companion_id!r} uses no adapter; nothing to roll back")
+        raise AdapterError(f"companion {companion_id!r} uses no adapter; nothing to roll back")
     older = [v for v in versions(data_dir, companion_id) if int(v[1:]) < int(now[1:])]
     return older[-1] if older else None

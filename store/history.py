@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, PrivateAttr
 
-from memory.companions import visible_id
-from memory.db import Database
-from memory.users import LOCAL
+from store.companions import visible_id
+from store.db import Database
+from store.users import LOCAL
 
 Role = Literal["user", "assistant"]
 
@@ -44,7 +44,7 @@ class Message(ReplyMeta):
 
 class Conversation(BaseModel):
     id: str
-    companion_id: str               # as its user knows it (the store keeps the key, memory.companions)
+    companion_id: str               # as its user knows it (the store keeps the key, store.companions)
     title: str | None
     source: str                     # live | imported
     origin: str | None = None       # imported: the export's format (chatgpt, claude, ...)

@@ -8,7 +8,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from memory.companions import format_validation_error
+from store.companions import format_validation_error
 
 M = TypeVar("M", bound=BaseModel)
 

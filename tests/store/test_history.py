@@ -6,9 +6,9 @@ import sqlite3
 
 import pytest
 
-from memory.companions import Companion, CompanionStore
-from memory.db import MIGRATIONS, Database, SchemaError
-from memory.history import History, ReplyMeta, UnknownConversation
+from store.companions import Companion, CompanionStore
+from store.db import MIGRATIONS, Database, SchemaError
+from store.history import History, ReplyMeta, UnknownConversation
 
 
 @pytest.fixture
