@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import IGNORE, Example
+from store.files import written_whole
 
 Report = Callable[[dict], None]
 
@@ -209,10 +209,9 @@ class Trainer:
         directory = self.out_dir / "checkpoint"
         self.save(directory)
         (directory / "history.json").write_text(json.dumps(self.history))
-        scratch = directory / "trainer_state.pt.tmp"
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "best": self.best, "bad_evals": self.bad_evals}, scratch)
-        os.replace(scratch, directory / "trainer_state.pt")
+        with written_whole(directory / "trainer_state.pt") as partial:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "step": self.step, "best": self.best, "bad_evals": self.bad_evals}, partial)
 
     def resume(self) -> None:
         directory = self.out_dir / "checkpoint"

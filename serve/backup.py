@@ -20,7 +20,6 @@ No vectors: restore rebuilds the memory index from SQLite, the truth it is an in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from store import adapters
+from store.files import sha256_file, written_whole
 
 PREFIX = "homefire-"
 STAMP = "%Y%m%d-%H%M%S"
@@ -53,15 +53,14 @@ def backup(data_dir: Path, root: Path, settings=None, keep: int | None = None,
         time.sleep(0.2)
         stamp = time.strftime(STAMP)
     final = root / f"{PREFIX}{stamp}"
-    partial = root / f".{PREFIX}{stamp}.partial"
-    partial.mkdir(mode=0o700)
-    try:
+    with written_whole(final) as partial:
+        partial.mkdir(mode=0o700)
         counts = _copy_database(database, partial / "homefire.db")
         for key_dir in sorted((data_dir / "adapters").glob("*")):
             key = key_dir.name
             for version in adapters.versions(data_dir, key):   # finished ones: a training's half is not
                 shutil.copytree(key_dir / version, partial / "adapters" / key / version,
-                                ignore=shutil.ignore_patterns("checkpoint", "*.tmp"))
+                                ignore=shutil.ignore_patterns("checkpoint", "*.partial"))
             if (key_dir / "CURRENT").is_file():
                 (partial / "adapters" / key).mkdir(parents=True, exist_ok=True)
                 shutil.copy2(key_dir / "CURRENT", partial / "adapters" / key / "CURRENT")
@@ -82,12 +81,8 @@ def backup(data_dir: Path, root: Path, settings=None, keep: int | None = None,
         files = sorted(p for p in partial.rglob("*") if p.is_file())
         manifest = {"homefire": homefire_version, "created_at": time.time(), "data_dir": str(data_dir),
                     "counts": counts,
-                    "files": {str(p.relative_to(partial)): _sha256(p) for p in files}}
+                    "files": {str(p.relative_to(partial)): sha256_file(p) for p in files}}
         (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        partial.rename(final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     if keep:
         for old in backups(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -131,14 +126,6 @@ def _copy_database(source: Path, target: Path) -> dict:
     return counts
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- restore -----------------------------------------------------------------------------------
 
 RESTORABLE = ("homefire.db", "adapters", "pictures", "api_key", "model.json")
@@ -160,7 +147,7 @@ def check(folder: Path) -> dict:
             raise BackupError(f"{folder}/manifest.json: {name!r} points outside the backup")
         if not path.is_file():
             raise BackupError(f"{path}: missing from the backup")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise BackupError(f"{path}: its SHA-256 differs from the manifest's; the backup is damaged")
     if "homefire.db" not in files:
         raise BackupError(f"{folder}: the backup holds no homefire.db")

@@ -59,6 +59,7 @@ from store.adapters import AdapterError
 from store.cards import PNG_SIGNATURE, card_json, parse_card
 from store.companions import Companion, CompanionError, format_validation_error, key_for, visible_id
 from store.db import Database, Progress
+from store.files import feed, sha256_file, written_whole
 from store.history import ReplyMeta, chain_hash, chain_root
 from store.pictures import picture_path, save_picture
 
@@ -176,9 +177,15 @@ def export_bundle(db: Database, data_dir: Path, companion: Companion, user: str,
                   if (folder / name).is_file() and not (theirs and name in REPORT_FILES)]
     total = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for _, c in files)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
     sums, done = {}, 0
-    try:
+
+    def copied(size: int) -> None:
+        nonlocal done
+        done += size
+        if progress:
+            progress(done, total)
+
+    with written_whole(out) as partial:
         with zipfile.ZipFile(partial, "w") as archive:
             for name, content in files:
                 # Weights and pictures are already dense; text shrinks 5-10x.
@@ -187,12 +194,7 @@ def export_bundle(db: Database, data_dir: Path, companion: Companion, user: str,
                 with _member(archive, name, how) as member:
                     stream = io.BytesIO(content) if isinstance(content, bytes) else content.open("rb")
                     with stream:
-                        while block := stream.read(CHUNK):
-                            digest.update(block)
-                            member.write(block)
-                            done += len(block)
-                            if progress:
-                                progress(done, total)
+                        feed(digest, stream, member, copied)
                 sums[name] = digest.hexdigest()
             manifest = {
                 "schema": SCHEMA, "homefire": homefire_version, "created_at": time.time(),
@@ -207,10 +209,6 @@ def export_bundle(db: Database, data_dir: Path, companion: Companion, user: str,
             }
             with _member(archive, "manifest.json", zipfile.ZIP_DEFLATED) as member:
                 member.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode())
-        partial.replace(out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     return manifest
 
 
@@ -404,8 +402,7 @@ def _read(path: Path, label: str, staged: Path) -> Bundle:
             digest = hashlib.sha256()
             try:
                 with archive.open(name) as member:
-                    while block := member.read(CHUNK):
-                        digest.update(block)
+                    feed(digest, member)
             except (zipfile.BadZipFile, zlib.error, OSError) as err:
                 raise BundleError(f"{label}!{name}: damaged ({err}); refusing the whole bundle") from err
             if digest.hexdigest() != manifest["members"][name]:
@@ -630,7 +627,7 @@ def _stage_adapters(bundle: Bundle, data_dir: Path, key: str, fitting: list[str]
     """Extract the fitting versions into `staging`, checked as the server checks any adapter;
     returns (staged name, final folder) for the new ones, and {bundle version: version here}.
     A version whose weights are here already is not extracted again."""
-    have = {_weights_sha(adapters.version_dir(data_dir, key, v) / "adapter_model.safetensors"): v
+    have = {sha256_file(adapters.version_dir(data_dir, key, v) / "adapter_model.safetensors"): v
             for v in adapters.versions(data_dir, key)}
     taken = {p.name for p in adapters.adapters_dir(data_dir, key).glob("v*")}
     plan, mapped = [], {}
@@ -664,14 +661,6 @@ def _stage_adapters(bundle: Bundle, data_dir: Path, key: str, fitting: list[str]
             report.adapters_added.append(target_name)
             have[weights_sha] = mapped[version] = target_name
     return plan, mapped
-
-
-def _weights_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 IN = "IN (SELECT value FROM json_each(?))"   # a list of values, passed as one JSON parameter

@@ -47,13 +47,15 @@ def local_store(args: argparse.Namespace) -> CompanionStore:
 
 
 class Bar:
-    """A tqdm progress bar on stderr, called with (done[, total]); silent when not a terminal."""
+    """The CLI's one kind of progress bar: tqdm on stderr, called with (done[, total]), or fed a
+    training's points (`step`); silent when stderr is not a terminal. Every long command's bar
+    is one of these."""
 
-    def __init__(self, description: str, total: int, unit: str):
+    def __init__(self, description: str, total: int, unit: str, leave: bool = False):
         from tqdm import tqdm
 
         self._tqdm = tqdm(desc=description, total=total, unit=unit, unit_scale=unit == "B",
-                          disable=None, leave=False, file=sys.stderr)
+                          disable=None, leave=leave, file=sys.stderr)
 
     def __enter__(self) -> Bar:
         return self
@@ -65,6 +67,21 @@ class Bar:
         if total is not None:
             self._tqdm.total = total
         self._tqdm.update(done - self._tqdm.n)
+
+    def step(self, point: dict) -> None:
+        """A training's progress (a point of lora.finetune's report, or a job as the server
+        sends it): its step of total_steps, with loss, tokens/s and the held-out loss beside."""
+        if point.get("total_steps"):
+            self._tqdm.total = point["total_steps"]
+        if point.get("loss") is not None:
+            figures = {"loss": f"{point['loss']:.3f}", "tok/s": f"{point['tokens_per_s']:.0f}"}
+            if point.get("eval_loss") is not None:
+                figures["held-out"] = f"{point['eval_loss']:.3f}"
+            self._tqdm.set_postfix(figures, refresh=False)
+        self._tqdm.update((point.get("step") or 0) - self._tqdm.n)
+
+    def describe(self, description: str) -> None:
+        self._tqdm.set_description(description, refresh=True)
 
     def close(self) -> None:
         self._tqdm.close()

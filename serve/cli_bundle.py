@@ -12,6 +12,7 @@ from serve.cli_base import Bar, UsageError, connect, hold_lock, local_store, res
 from serve.client import running_url
 from serve.config import load_settings
 from store.db import Database
+from store.files import write_whole
 from store.users import LOCAL, Users, local_key
 
 
@@ -133,9 +134,7 @@ def cmd_export_card(args: argparse.Namespace) -> None:
         else:
             picture = picture_path(data_dir, companion.key)
             data = card_png(companion, picture.read_bytes() if picture.is_file() else None)
-        partial = out.with_name(f".{out.name}.partial")
-        partial.write_bytes(data)
-        partial.replace(out)
+        write_whole(out, data)
     print(f"wrote {out}")
 
 

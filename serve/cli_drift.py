@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from serve.cli_base import UsageError, resolve_data_dir
+from serve.cli_base import Bar, UsageError, resolve_data_dir
 from serve.cli_voice import _base_model, _companion, _finetune_config, add_training_flags, version_arg
 from serve.client import running_url
 from store.db import Database
@@ -80,8 +80,6 @@ def _side_by_side(left: str, right: str, a: dict, b: dict) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from finetune.drift import Setup, probes, voice
     from finetune.lora import finetune
     from store import adapters
@@ -96,17 +94,8 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     config = _finetune_config(args)
     db = Database(data_dir / "homefire.db")
     asked = probes(db, companion, config, args.user, args.samples)   # before hours of training, not after
-    bar = tqdm(desc=f"tuning {companion.id} on {Path(new_path).name}", unit="step", file=sys.stderr,
-               disable=None)
-
-    def report(point: dict) -> None:
-        bar.total = point["total_steps"]
-        bar.update(1)
-
-    try:
-        out = finetune(data_dir, db, companion, new_path, new_path, config, report=report, user=args.user)
-    finally:
-        bar.close()
+    with Bar(f"tuning {companion.id} on {Path(new_path).name}", 0, "step", leave=True) as bar:
+        out = finetune(data_dir, db, companion, new_path, new_path, config, report=bar.step, user=args.user)
     old = Setup(base_path, adapters.current(data_dir, companion.key))
     new = Setup(new_path, out.name)
     print(f"evaluating both on {len(asked)} held-out replies...", file=sys.stderr)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve.cli_base import UsageError, connect, local_store, resolve_data_dir
+from serve.cli_base import Bar, UsageError, connect, local_store, resolve_data_dir
 from serve.client import ServerError, running_url
 from serve.config import load_settings
 from serve.sse import DONE
@@ -89,23 +89,15 @@ def _job_settings(args: argparse.Namespace) -> dict:
 
 def _follow(client, job: dict, what: str) -> dict:
     """Follow a server's job with a progress bar until it ends; Ctrl-C offers to cancel it."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=what, unit="step", file=sys.stderr, disable=None)
+    bar = Bar(what, 0, "step", leave=True)
     path = f"/api/v1/finetunes/{job['id']}"
     try:
         queue = f" ({job['queue_position']} in the queue)" if job.get("queue_position") else ""
         print(f"{what} runs in the server as job {job['id']}{queue}; Ctrl-C to cancel it", file=sys.stderr,
               flush=True)
         for name, job in client.stream_events(path, None, method="GET"):  # noqa: B020 (the same job, newer)
-            if job.get("total_steps"):
-                bar.total = job["total_steps"]
-                note = {"loss": f"{job['loss']:.3f}", "tok/s": f"{job['tokens_per_s']:.0f}"}
-                if job.get("eval_loss") is not None:
-                    note["held-out"] = f"{job['eval_loss']:.3f}"
-                bar.set_postfix(note, refresh=False)
-                bar.update(job["step"] - bar.n)
-            bar.set_description(f"{what} ({job['state']})", refresh=True)
+            bar.step(job)
+            bar.describe(f"{what} ({job['state']})")
             if name == DONE:
                 return job
     except KeyboardInterrupt:
@@ -189,23 +181,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print("\nan example (« » marks the tokens that are trained):\n")
         print(show(tokenizer, data.train[0]))
         return
-    from tqdm import tqdm
-
-    bar = tqdm(desc=f"training {companion.id}", unit="step", file=sys.stderr, disable=None)
-
-    def report(point: dict) -> None:
-        bar.total = point["total_steps"]
-        note = {"loss": f"{point['loss']:.3f}", "tok/s": f"{point['tokens_per_s']:.0f}"}
-        if "eval_loss" in point:
-            note["eval"] = f"{point['eval_loss']:.3f}"
-        bar.set_postfix(note, refresh=False)
-        bar.update(1)
-
-    try:
-        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, report,
+    with Bar(f"training {companion.id}", 0, "step", leave=True) as bar:
+        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, bar.step,
                        args.user)
-    finally:
-        bar.close()
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     print(f"adapter {out.name} for {companion.id}: {metrics['steps']} steps, loss {metrics['first_loss']:.3f}"
           f" -> {metrics['train_loss']:.3f}" + (f", held-out loss {metrics['eval_loss']:.3f}"

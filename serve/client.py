@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from serve.sse import ERROR
+from store.files import written_whole
 from store.users import key_file
 
 
@@ -53,19 +54,15 @@ class Client:
 
     def download(self, path: str, out: Path) -> None:
         """GET path into the file out, by way of a partial file (nothing half-written is left)."""
-        partial = out.with_name(f".{out.name}.partial")
         try:
-            with self.http.stream("GET", path) as response:
+            with self.http.stream("GET", path) as response, written_whole(out) as partial:
                 if response.status_code >= 400:
                     raise ServerError(_error_message(response.read(), response.status_code))
                 with partial.open("wb") as f:
                     for block in response.iter_bytes(1 << 20):
                         f.write(block)
-            partial.replace(out)
         except httpx.HTTPError as err:
             raise ServerError(f"the connection to {self.http.base_url} failed: {err}") from err
-        finally:
-            partial.unlink(missing_ok=True)
 
     def stream_events(self, path: str, body: dict | None, method: str = "POST",
                       **kwargs) -> Iterator[tuple[str, dict]]:

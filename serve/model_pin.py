@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import time
 from pathlib import Path
+
+from store.files import write_whole
 
 PIN = "model.json"
 
@@ -47,7 +48,5 @@ def check_and_record(data_dir: Path, model_id: str, sha256: str | None, engine: 
             changes.append(f"the engine changed from {before.get('engine')} to {engine}")
         now["previous"] = {k: v for k, v in before.items() if k != "previous"}
     if before is None or changes:
-        partial = data_dir / f".{PIN}.partial"
-        partial.write_text(json.dumps(now, indent=2))
-        os.replace(partial, data_dir / PIN)
+        write_whole(data_dir / PIN, json.dumps(now, indent=2))
     return "; ".join(changes) or None

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+
+from store.files import feed, write_whole
 
 # The LoRA ranks vLLM's kernels serve (finetune.config refuses any other for a training).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -147,8 +148,7 @@ def model_sha256(model_dir: Path) -> str:
     digest = hashlib.sha256()
     for f in files:
         with f.open("rb") as stream:
-            while chunk := stream.read(1 << 22):
-                digest.update(chunk)
+            feed(digest, stream)
     try:
         cache.write_text(json.dumps({"files": stamp, "sha256": digest.hexdigest()}))
     except OSError:
@@ -259,9 +259,7 @@ def set_current(data_dir: Path, companion_id: str, version: str | None) -> None:
     if version is not None:
         checked_version(version)
     root.mkdir(parents=True, exist_ok=True)
-    scratch = root / "CURRENT.tmp"
-    scratch.write_text(version or "")
-    os.replace(scratch, root / "CURRENT")
+    write_whole(root / "CURRENT", version or "")
 
 
 def previous(data_dir: Path, companion_id: str) -> str | None:

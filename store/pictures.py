@@ -7,10 +7,11 @@ no card text chunks, no trailing bytes, nothing larger than SIZE.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 from PIL import Image
+
+from store.files import written_whole
 
 SIZE = 512            # longest side of the stored picture, in pixels
 MAX_PIXELS = 16_777_216   # (4096 x 4096) a larger picture is left out before it is decoded
@@ -32,9 +33,8 @@ def save_picture(data_dir: Path, companion_key: str, data: bytes) -> bool:
         return False
     path = picture_path(data_dir, companion_key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    clean.save(partial, "PNG")
-    os.replace(partial, path)
+    with written_whole(path) as partial:
+        clean.save(partial, "PNG")
     return True
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from store.db import Database
+from store.files import write_whole
 
 LOCAL = "local"
 DEFAULT_USER_NAME = "User"   # what companions call a user who has not said
@@ -75,11 +76,7 @@ def local_key(data_dir: Path) -> str:
 
 def write_key(path: Path, key: str) -> None:
     """Replace the key file atomically, never readable by others, not even for a moment."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(key + "\n")
-    partial.replace(path)
+    write_whole(path, key + "\n", mode=0o600)
 
 
 class Users:

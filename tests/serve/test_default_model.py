@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from serve.default_model import MARKER, ensure_default_model, gguf_path, sha256_file
+from serve.default_model import MARKER, ensure_default_model, gguf_path
+from store.files import sha256_file
 
 
 def test_conversion_records_the_source_and_is_skipped_when_present(model_dir):

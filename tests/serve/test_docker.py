@@ -58,8 +58,9 @@ def test_the_image_holds_every_module_and_a_healthcheck(tmp_path):
     assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
     app = image_files(tmp_path)
     assert not (app / "tests").exists() and not (app / ".venv").exists()
+    packages = ("serve", "finetune", "memory", "store")
     modules = sorted(str(p.relative_to(app).with_suffix("")).replace("/", ".")
-                     for package in ("serve", "finetune", "memory", "store") for p in (app / package).rglob("*.py"))
+                     for package in packages for p in (app / package).rglob("*.py"))
     assert {"serve.cli", "finetune.lora", "memory.store", "store.db"} <= set(modules)
     check = ("import importlib, sys\n"
              f"for name in {modules!r}:\n"
