@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from memory.store import Memory, MemoryStore
 from serve.chat import UnknownCompanion
 from serve.engine import EngineUnavailable
+from serve.homefire import Homefire
 from store.companions import Companion, key_for
 from store.history import Conversation, History, UnknownConversation
 from store.users import DEFAULT_USER_NAME, User
@@ -36,7 +37,7 @@ def authenticate(request: Request,
 
 
 class Account:
-    def __init__(self, hf, user: User):
+    def __init__(self, hf: Homefire, user: User):
         self.hf = hf
         self.user = user
         self.name = user.name

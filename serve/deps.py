@@ -11,11 +11,12 @@ from fastapi import Depends, Request
 
 from serve.account import authenticate
 from serve.chat import ChatService
+from serve.homefire import Homefire
 from serve.limits import Limiter
 from store.users import User
 
 
-async def get_homefire(request: Request):
+async def get_homefire(request: Request) -> Homefire:
     return request.app.state.homefire
 
 
@@ -31,7 +32,7 @@ async def rate_limit(request: Request, user: Annotated[User, Depends(authenticat
     request.app.state.homefire.limiter.check_rate(user.name)
 
 
-HomefireDep = Annotated[object, Depends(get_homefire)]   # serve.app.Homefire (imported lazily)
+HomefireDep = Annotated[Homefire, Depends(get_homefire)]
 ChatDep = Annotated[ChatService, Depends(get_chat)]
 LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 

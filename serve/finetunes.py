@@ -52,7 +52,7 @@ from store.users import Users
 
 
 class Server(Protocol):
-    """What the job runner uses of the server (serve.app.Homefire is one): named here, so that
+    """What the job runner uses of the server (serve.homefire.Homefire is one): named here, so that
     this module does not import the app that imports it."""
 
     settings: Settings
