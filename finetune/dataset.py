@@ -20,6 +20,7 @@ from finetune.config import FinetuneConfig, FinetuneError
 from finetune.template import Neutralizer, alternate
 from store.companions import Companion
 from store.db import Database
+from store.history import History
 from store.persona import persona_prompt
 from store.users import LOCAL
 
@@ -70,15 +71,7 @@ def load_history(db: Database, companion_id: str, user: str = LOCAL,
     imported and live, oldest first. Only one user's: a voice is never learnt from others.
     `until`: only messages up to this id, the history as it was when a job began (a resumed
     job learns from the same examples while the person goes on talking)."""
-    conversations = []
-    for conv in db.query("SELECT id FROM conversations WHERE companion_id = ? AND user_id = ? "
-                         "ORDER BY created_at, id", (companion_id, user)):
-        rows = db.query("SELECT role, content FROM messages WHERE conversation_id = ? AND truncated = 0 "
-                        "AND id <= ? ORDER BY id", (conv["id"], until if until is not None else 2**62))
-        messages = [{"role": r["role"], "content": r["content"]} for r in rows if r["content"].strip()]
-        if any(m["role"] == "assistant" for m in messages):
-            conversations.append((conv["id"], messages))
-    return conversations
+    return History(db, user).spoken(companion_id, until)
 
 
 def held_out(conversation_id: str, share: float) -> bool:

@@ -26,6 +26,7 @@ from store.adapters import AdapterError
 from store.cards import parse_card
 from store.companions import CompanionError, CompanionStore, load_dir
 from store.db import Database
+from store.history import History
 from store.users import LOCAL
 
 
@@ -230,7 +231,8 @@ def _memory_locally(args: argparse.Namespace) -> object:
             from serve.tasks import Tasks, task_conversations
 
             key = companions.get(args.companion).key
-            found = [t.model_dump() for t in task_conversations(db, Tasks(settings.tasks), key, LOCAL)]
+            history = History(db, LOCAL)
+            found = [t.model_dump() for t in task_conversations(history, Tasks(settings.tasks), key)]
             for conversation in found if args.forget else ():
                 store.forget_conversation(conversation["id"])
             return found

@@ -183,10 +183,7 @@ class Homefire:
         """Delete `user`'s companion (or an admin's shared one) with everything that is only
         theirs; refused (409) while another user has conversations, memories or adapters with it."""
         key = companion.key
-        row = (await asyncio.to_thread(self.db.query, """SELECT
-            (SELECT COUNT(*) FROM conversations WHERE companion_id = ? AND user_id != ?),
-            (SELECT COUNT(*) FROM memories WHERE companion_id = ? AND user_id != ?)""",
-                                       (key, user, key, user)))[0]
+        row = await asyncio.to_thread(self.companions.held_by_others, key, user)
         adapters = await asyncio.to_thread(self.adapters.trained_by_others, key, user)
         jobs = await asyncio.to_thread(self.finetunes.open_jobs, key)
         if jobs:

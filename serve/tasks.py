@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from serve.config import TasksConfig
-from store.db import Database
+from store.history import History
 
 SYSTEM_ROLES = ("system", "developer")
 
@@ -72,16 +72,13 @@ class TaskConversation(BaseModel):
     first_message: str   # its beginning
 
 
-def task_conversations(db: Database, tasks: Tasks, companion_key: str, user: str) -> list[TaskConversation]:
+def task_conversations(history: History, tasks: Tasks, companion_key: str) -> list[TaskConversation]:
     """The user's conversations with the companion that began with a client's background task
     (stored before Homefire recognised them, or by a client with patterns of its own)."""
-    rows = db.query(
-        """SELECT c.id, c.title, c.created_at, (SELECT content FROM messages WHERE conversation_id = c.id
-               AND role = 'user' ORDER BY id LIMIT 1) AS first FROM conversations c
-           WHERE c.companion_id = ? AND c.user_id = ? ORDER BY c.created_at, c.id""", (companion_key, user))
     found = []
-    for row in rows:
-        if row["first"] and (client := tasks.client_of(row["first"])):
-            found.append(TaskConversation(id=row["id"], title=row["title"], created_at=row["created_at"],
-                                          client=client, first_message=row["first"][:200]))
+    for conversation, first in history.first_messages(companion_key):
+        if first and (client := tasks.client_of(first)):
+            found.append(TaskConversation(id=conversation.id, title=conversation.title,
+                                          created_at=conversation.created_at, client=client,
+                                          first_message=first[:200]))
     return found

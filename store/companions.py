@@ -171,6 +171,15 @@ class CompanionStore:
             )
         return companion.model_copy().stored_as(key)
 
+    def held_by_others(self, key: str, user: str) -> tuple[int, int]:
+        """How many conversations and memories with this companion belong to users other than
+        `user` (a companion is deleted with its rows: theirs must not go with it)."""
+        row = self.db.query("""SELECT
+            (SELECT COUNT(*) FROM conversations WHERE companion_id = ? AND user_id != ?),
+            (SELECT COUNT(*) FROM memories WHERE companion_id = ? AND user_id != ?)""",
+                            (key, user, key, user))
+        return row[0][0], row[0][1]
+
     def delete(self, key: str) -> bool:
         with self.db.transaction() as conn:
             return conn.execute("DELETE FROM companions WHERE id = ?", (key,)).rowcount > 0

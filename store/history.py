@@ -143,6 +143,30 @@ class History:
                                (conversation_id, self.user))
             return cur.rowcount > 0
 
+    def spoken(self, companion_id: str, until: int | None = None) -> list[tuple[str, list[dict]]]:
+        """(conversation id, [{role, content}]) of every conversation with the companion that
+        holds a reply, imported and live, oldest first, without cut-off replies or empty turns.
+        `until`: only messages up to this id (the history as it was when a training began)."""
+        spoken = []
+        for conv in self.db.query("SELECT id FROM conversations WHERE companion_id = ? AND user_id = ? "
+                                  "ORDER BY created_at, id", (companion_id, self.user)):
+            rows = self.db.query("SELECT role, content FROM messages WHERE conversation_id = ? AND "
+                                 "truncated = 0 AND id <= ? ORDER BY id",
+                                 (conv["id"], until if until is not None else 2**62))
+            messages = [{"role": r["role"], "content": r["content"]} for r in rows if r["content"].strip()]
+            if any(m["role"] == "assistant" for m in messages):
+                spoken.append((conv["id"], messages))
+        return spoken
+
+    def first_messages(self, companion_id: str) -> list[tuple[Conversation, str | None]]:
+        """Every conversation with the companion, oldest first, with its first user message."""
+        rows = self.db.query(
+            f"""SELECT {_CONVERSATION}, (SELECT content FROM messages WHERE conversation_id = c.id
+                   AND role = 'user' ORDER BY id LIMIT 1) AS first FROM conversations c
+               WHERE c.companion_id = ? AND c.user_id = ? ORDER BY c.created_at, c.id""",
+            (companion_id, self.user))
+        return [(_conversation(r), r["first"]) for r in rows]
+
     def messages(self, conversation_id: str) -> list[Message]:
         rows = self.db.query(
             "SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation_id"

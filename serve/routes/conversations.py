@@ -89,7 +89,7 @@ def list_task_conversations(companion_id: str, account: AccountDep) -> list[Task
     (a title or tag request, a summary prompt: `tasks.patterns`), stored before Homefire kept
     such requests out. Forget each with DELETE /conversations/{id}."""
     companion = account.companion_card(companion_id)
-    return task_conversations(account.hf.db, account.hf.tasks, companion.key, account.name)
+    return task_conversations(account.history, account.hf.tasks, companion.key)
 
 
 @router.get("/conversations/{conversation_id}")

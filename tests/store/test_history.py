@@ -90,3 +90,31 @@ def test_identical_resends_at_once_store_the_turn_once(db):
             assert stored == 1, f"attempt {attempt}: the same resent turn was stored {stored} times"
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_what_a_member_said_with_a_companion_is_theirs_alone_and_whole(db):
+    from store.users import Users
+
+    Users(db).add("bob")
+    ana, bob = History(db), History(db, "bob")
+    first = ana.create_conversation("ember").id
+    ana.append(first, "user", "Summarize this conversation in a title.")
+    ana.append(first, "assistant", "oh, the rain.")
+    cut = ana.create_conversation("ember").id
+    ana.append(cut, "user", "and then?")
+    ana.append(cut, "assistant", "it was", ReplyMeta(truncated=True))   # cut off: no reply to learn
+    ana.append(ana.create_conversation("nova").id, "user", "hi nova")
+    theirs = bob.create_conversation("ember").id
+    bob.append(theirs, "user", "bob's secret")
+    bob.append(theirs, "assistant", "kept")
+
+    assert ana.spoken("ember") == [(first, [{"role": "user", "content": "Summarize this conversation in a "
+                                                                        "title."},
+                                            {"role": "assistant", "content": "oh, the rain."}])]
+    until = db.query("SELECT MIN(id) FROM messages WHERE conversation_id = ?", (first,))[0][0]
+    assert ana.spoken("ember", until) == [], "up to the first message: no reply yet"
+    assert [c for c, _ in bob.spoken("ember")] == [theirs]
+    firsts = ana.first_messages("ember")
+    assert [(c.id, said) for c, said in firsts] == [(first, "Summarize this conversation in a title."),
+                                                     (cut, "and then?")]
+    assert [c.id for c, _ in bob.first_messages("ember")] == [theirs]
