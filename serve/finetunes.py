@@ -48,6 +48,7 @@ from serve.engine import Engine, is_cpu_build
 from store import adapters
 from store.companions import Companion, CompanionStore, visible_id
 from store.db import Database
+from store.jobs import DAY_S, OPEN, Admission, Jobs
 from store.users import Users
 
 
@@ -67,7 +68,6 @@ class Server(Protocol):
 log = logging.getLogger(__name__)
 
 State = Literal["queued", "running", "evaluating", "done", "failed", "cancelled", "interrupted"]
-OPEN = ("queued", "running", "evaluating")
 REPO = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1
 
@@ -169,7 +169,7 @@ def choose_sharing(mode: str, cpu_build: bool, sleep_supported: bool, free_gib: 
 class FinetuneService:
     def __init__(self, hf: Server):
         self.hf = hf
-        self.db = hf.db
+        self.rows = Jobs(hf.db)
         self._wake = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self._child: asyncio.subprocess.Process | None = None
@@ -188,10 +188,7 @@ class FinetuneService:
 
     def recover(self) -> int:
         """At start, before any job runs: jobs a stop cut short are interrupted. Returns how many."""
-        with self.db.transaction() as conn:
-            return conn.execute(
-                "UPDATE finetune_jobs SET state = 'interrupted', ended_at = ?, error = ? WHERE state IN "
-                "('running', 'evaluating')", (time.time(), INTERRUPTED)).rowcount
+        return self.rows.interrupt_running(INTERRUPTED)
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -224,27 +221,19 @@ class FinetuneService:
         if not admin and config.max_steps and config.max_steps > self.limits.max_steps:
             raise JobError(422, f"max_steps: {config.max_steps} is more than a member's job may train on "
                                 f"this server ({self.limits.max_steps}, finetune.limits.max_steps)")
-        with self.db.transaction() as conn:
-            busy = conn.execute("SELECT id FROM finetune_jobs WHERE user_id = ? AND companion_id = ? "
-                                "AND state IN ('queued', 'running', 'evaluating')",
-                                (user, companion.key)).fetchone()
-            if busy:
-                raise JobError(409, f"your job {busy[0]} for {companion.id!r} is not finished; wait for it "
-                                    f"or cancel it (POST /api/v1/finetunes/{busy[0]}/cancel)")
+
+        def admit(facts: Admission) -> None:
+            if facts.busy:
+                raise JobError(409, f"your job {facts.busy} for {companion.id!r} is not finished; wait for "
+                                    f"it or cancel it (POST /api/v1/finetunes/{facts.busy}/cancel)")
             if not admin:
-                self._within_limits(conn, user)
-            until = conn.execute("SELECT MAX(m.id) FROM messages m JOIN conversations c ON c.id = "
-                                 "m.conversation_id WHERE c.companion_id = ? AND c.user_id = ? AND m.role = "
-                                 "'assistant'", (companion.key, user)).fetchone()[0]
-            if until is None:
+                self._within_limits(facts)
+            if facts.until is None:
                 raise JobError(422, f"you have no conversations with replies from {companion.id!r} to learn "
                                     "from; talk to it or import an export first")
-            job_id = f"ft-{uuid.uuid4().hex[:12]}"
-            conn.execute(
-                "INSERT INTO finetune_jobs (id, user_id, companion_id, kind, state, settings, switch, "
-                "until_message, version, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, user, companion.key, kind, config.model_dump_json(), switch, until, version,
-                 time.time()))
+
+        job_id = f"ft-{uuid.uuid4().hex[:12]}"
+        self.rows.add(job_id, user, companion.key, kind, config.model_dump_json(), switch, version, admit)
         self.loop.call_soon_threadsafe(self._wake.set)
         return self.get(user, job_id)
 
@@ -252,21 +241,16 @@ class FinetuneService:
     def limits(self):
         return self.hf.settings.finetune.limits
 
-    def _within_limits(self, conn, user: str) -> None:
+    def _within_limits(self, facts: Admission) -> None:
         """A member's next job: refused (429) past their unfinished jobs or minutes a day."""
-        limits = self.limits
-        open_jobs = conn.execute("SELECT COUNT(*) FROM finetune_jobs WHERE user_id = ? AND state IN "
-                                 "('queued', 'running', 'evaluating')", (user,)).fetchone()[0]
+        limits, open_jobs = self.limits, facts.open_jobs
         if open_jobs >= limits.max_open_jobs:
             raise JobError(429, f"you have {open_jobs} unfinished jobs, as many as a member may have on this "
                                 f"server (finetune.limits.max_open_jobs: {limits.max_open_jobs}); wait for "
                                 "one to end or cancel one", retry_after=60)
         if limits.gpu_minutes_per_day is None:
             return
-        now, day = time.time(), 86400
-        spans = conn.execute("SELECT started_at, COALESCE(ended_at, ?) FROM finetune_jobs WHERE user_id = ? "
-                             "AND started_at IS NOT NULL AND COALESCE(ended_at, ?) > ?",
-                             (now, user, now, now - day)).fetchall()
+        now, day, spans = facts.now, DAY_S, facts.ran
         used = sum(end - max(start, now - day) for start, end in spans)
         budget = limits.gpu_minutes_per_day * 60
         if used >= budget:
@@ -280,21 +264,17 @@ class FinetuneService:
 
     def get(self, user: str, job_id: str, admin: bool = False) -> Job:
         """One of `user`'s jobs (an admin: anyone's), or 404."""
-        rows = self.db.query("SELECT * FROM finetune_jobs WHERE id = ? AND (user_id = ? OR ?)",
-                             (job_id, user, admin))
-        if not rows:
+        row = self.rows.get(job_id, None if admin else user)
+        if row is None:
             raise JobError(404, f"no fine-tuning job {job_id!r} of yours")
-        return self._job(rows[0])
+        return self._job(row)
 
     def jobs(self, user: str | None, limit: int = 100) -> list[Job]:
         """`user`'s jobs, newest first (None: everyone's, for an admin)."""
-        rows = self.db.query("SELECT * FROM finetune_jobs WHERE user_id = ? OR ? ORDER BY created_at DESC "
-                             "LIMIT ?", (user, user is None, limit))
-        return [self._job(row) for row in rows]
+        return [self._job(row) for row in self.rows.list(user, limit)]
 
     def open_jobs(self, companion_key: str) -> int:
-        return self.db.query("SELECT COUNT(*) FROM finetune_jobs WHERE companion_id = ? AND state IN "
-                             "('queued', 'running', 'evaluating')", (companion_key,))[0][0]
+        return self.rows.open_for(companion_key)
 
     async def cancel(self, user: str, job_id: str, admin: bool = False) -> Job:
         job = await asyncio.to_thread(self.get, user, job_id, admin)
@@ -313,12 +293,7 @@ class FinetuneService:
         job = await asyncio.to_thread(self.get, user, job_id)
         if job.state != "interrupted":
             raise JobError(409, f"job {job_id} is {job.state}; only an interrupted job can be resumed")
-
-        def requeue() -> None:
-            with self.db.transaction() as conn:
-                conn.execute("UPDATE finetune_jobs SET state = 'queued', error = NULL, ended_at = NULL, "
-                             "created_at = ? WHERE id = ?", (time.time(), job_id))
-        await asyncio.to_thread(requeue)
+        await asyncio.to_thread(self.rows.requeue, job_id)
         self._wake.set()
         return await asyncio.to_thread(self.get, user, job_id)
 
@@ -347,8 +322,7 @@ class FinetuneService:
     async def _run_queue(self) -> None:
         while True:
             self._wake.clear()   # before the look: a job queued meanwhile wakes the wait below
-            rows = await asyncio.to_thread(self.db.query, "SELECT * FROM finetune_jobs WHERE state = "
-                                           "'queued' ORDER BY created_at")
+            rows = await asyncio.to_thread(self.rows.queued)
             chosen = None
             for row in rows:   # the oldest that may run now; the others say why they wait
                 mode, why = await self._sharing(row)
@@ -455,8 +429,7 @@ class FinetuneService:
         if switched and not (taken and mode == "stop"):
             await hf.adapters.use(companion.key, result["version"])
         if cancelled:
-            version = (await asyncio.to_thread(
-                self.db.query, "SELECT version FROM finetune_jobs WHERE id = ?", (job_id,)))[0][0]
+            version = (await asyncio.to_thread(self.rows.get, job_id, None))["version"]
             if row["kind"] == "train" and version:   # a cancelled training leaves no version behind
                 folder = adapters.version_dir(hf.data_dir, companion.key, version)
                 await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -596,11 +569,7 @@ class FinetuneService:
     # Rows
 
     def _update(self, job_id: str, progress: dict | None = None, **columns) -> None:
-        if progress is not None:
-            columns["progress"] = json.dumps(progress)
-        with self.db.transaction() as conn:
-            conn.execute(f"UPDATE finetune_jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
-                         (*columns.values(), job_id))
+        self.rows.update(job_id, progress, **columns)
         self._notify(job_id)
 
     def _end(self, job_id: str, state: str, error: str | None = None, result: dict | None = None) -> None:
@@ -622,8 +591,7 @@ class FinetuneService:
         result = json.loads(row["result"]) if row["result"] else {}
         position = None
         if row["state"] == "queued":
-            position = 1 + self.db.query("SELECT COUNT(*) FROM finetune_jobs WHERE state = 'queued' AND "
-                                         "created_at < ?", (row["created_at"],))[0][0]
+            position = self.rows.queue_position(row["created_at"])
         fields = ("step", "total_steps", "loss", "eval_loss", "tokens_per_s", "eta_s", "gpu_sharing")
         return Job(id=row["id"], user=row["user_id"], companion=visible_id(row["companion_id"]),
                    kind=row["kind"], state=row["state"], queue_position=position,
