@@ -550,6 +550,10 @@ def import_bundle(db: Database, data_dir: Path, bundle: Bundle, user: str, owner
     if companion.id in reserved:
         raise BundleConflict(f"{bundle.label}: the id {companion.id!r} is the utility model's; import it "
                              "with another id (--as, or as_id=)")
+    # A member's companion may not take a shared one's id (as for any new companion of theirs).
+    if owner is not None and db.query("SELECT 1 FROM companions WHERE id = ?", (companion.id,)):
+        raise BundleConflict(f"{bundle.label}: the id {companion.id!r} is a shared companion's; import the "
+                             "bundle with another id (--as, or as_id=)")
     key = key_for(companion.id, owner)
     report = ImportReport(companion.id)
     rows = db.query("SELECT card, source, source_path FROM companions WHERE id = ?", (key,))

@@ -18,12 +18,12 @@ from finetune.config import FinetuneError
 from memory.imports import ImportFailed
 from serve import cli_bundle, cli_drift, cli_imports, cli_users, cli_voice
 from serve.bundle import BundleError
-from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir
-from serve.client import Client, ServerError, running_url, server_file
+from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir, server_url
+from serve.client import Client, ServerError, server_file
 from serve.config import ConfigError, check_exposure, load_settings
 from serve.sse import DELTA
 from store.adapters import AdapterError
-from store.cards import parse_card
+from store.cards import keep_card, parse_card
 from store.companions import CompanionError, CompanionStore, load_dir
 from store.db import Database
 from store.history import History
@@ -78,7 +78,7 @@ def quiet_libraries() -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    url = args.url or running_url(resolve_data_dir(args))
+    url = server_url(args)
     if url is None:
         raise UsageError(f"no Homefire server is running for {resolve_data_dir(args)}; start one with "
                          "`homefire serve`, or pass --url")
@@ -118,7 +118,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_companion_list(args: argparse.Namespace) -> None:
-    url = args.url or running_url(resolve_data_dir(args))
+    url = server_url(args)
     # Without a server, the operator sees every user's companions, named by key (OWNER.ID).
     rows = connect(args, url).request("GET", "/api/v1/companions") if url else [
         c.model_dump() | {"id": c.key} for c in local_store(args).list()]
@@ -130,7 +130,7 @@ def cmd_companion_list(args: argparse.Namespace) -> None:
 
 
 def cmd_companion_show(args: argparse.Namespace) -> None:
-    url = args.url or running_url(resolve_data_dir(args))
+    url = server_url(args)
     if url:
         data = connect(args, url).request("GET", f"/api/v1/companions/{args.id}")
     else:
@@ -148,26 +148,30 @@ def cmd_companion_import(args: argparse.Namespace) -> None:
         content = path.read_bytes()
     except OSError as err:
         raise UsageError(f"{path}: {err.strerror}") from err
-    url = args.url or running_url(resolve_data_dir(args))
+    url = server_url(args)
     if url:
         params = {"filename": path.name, "replace": str(args.replace).lower()}
         data = connect(args, url).request("POST", "/api/v1/companions/import", content=content, params=params)
     else:
         companion = parse_card(content, str(path))
+        reserved = load_settings(args.config).tasks.model
+        if companion.id == reserved:
+            raise UsageError(f"{path}: the id {companion.id!r} is the utility model's (tasks.model); "
+                             "choose another")
         store = local_store(args)
         origin = store.origin(companion.id)
         if origin and not args.replace:
             raise UsageError(f"{path}: a companion with id {companion.id!r} exists; use --replace")
         if origin and origin[0] == "config":
             raise UsageError(f"{path}: {companion.id!r} is defined in {origin[1]}; edit that file")
-        store.put(companion, "card", str(path), owner=origin[2] if origin else None)
+        keep_card(store, resolve_data_dir(args), companion, content, str(path), origin[2] if origin else None)
         data = companion.model_dump()
     print(f"imported {data['name']!r} as {data['id']!r}")
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
     """Through the running server if there is one, else on the data directory under its lock."""
-    url = args.url or running_url(resolve_data_dir(args))
+    url = server_url(args)
     action = args.action
     if url:
         client = connect(args, url)

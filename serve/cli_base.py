@@ -11,6 +11,7 @@ from serve.client import Client, running_url
 from serve.config import default_data_dir, load_settings
 from store.companions import CompanionStore
 from store.db import Database
+from store.users import LOCAL
 
 
 class UsageError(RuntimeError):
@@ -19,6 +20,20 @@ class UsageError(RuntimeError):
 
 def resolve_data_dir(args: argparse.Namespace) -> Path:
     return (args.data_dir or default_data_dir()).expanduser().resolve()
+
+
+def server_url(args: argparse.Namespace, user_ok: bool = False) -> str | None:
+    """The one place a command chooses between a running server and the data directory: --url,
+    else the server the data directory names (run/server.json), else None, and the command acts
+    on the data directory itself (under its lock where it writes). Through a server a command
+    acts as the user whose key is sent, so --user (the operator acting for a member) is refused
+    there, unless the command only reads that member's rows itself (`user_ok`)."""
+    url = args.url or running_url(resolve_data_dir(args))
+    user = getattr(args, "user", LOCAL)
+    if url and user != LOCAL and not user_ok:
+        raise UsageError(f"through a running server a command acts as the user whose key is sent: set "
+                         f"HOMEFIRE_API_KEY to {user}'s key and leave out --user")
+    return url
 
 
 def connect(args: argparse.Namespace, url: str) -> Client:

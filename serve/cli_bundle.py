@@ -8,8 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from serve.cli_base import Bar, UsageError, connect, hold_lock, local_store, resolve_data_dir
-from serve.client import running_url
+from serve.cli_base import Bar, UsageError, connect, hold_lock, local_store, resolve_data_dir, server_url
 from serve.config import load_settings
 from store.db import Database
 from store.files import write_whole
@@ -33,11 +32,8 @@ def cmd_bundle_export(args: argparse.Namespace) -> None:
 
     data_dir = resolve_data_dir(args)
     out: Path = args.output or Path(f"{args.companion}{bundle.SUFFIX}")
-    url = args.url or running_url(data_dir)
+    url = server_url(args)
     if url:
-        if args.user != LOCAL:
-            raise UsageError("through a running server a bundle holds the history of the user whose key "
-                             "is sent: set HOMEFIRE_API_KEY instead of --user")
         connect(args, url).download(f"/api/v1/companions/{args.companion}/bundle", out)
         with bundle.read_bundle(out) as read:
             manifest = read.manifest
@@ -61,11 +57,8 @@ def cmd_bundle_import(args: argparse.Namespace) -> None:
     path: Path = args.file
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
-    url = args.url or running_url(data_dir)
+    url = server_url(args)
     if url:
-        if args.user != LOCAL:
-            raise UsageError("through a running server a bundle becomes the history of the user whose key "
-                             "is sent: set HOMEFIRE_API_KEY instead of --user")
         params = {"filename": path.name} | ({"as_id": args.as_id} if args.as_id else {})
         with path.open("rb") as body:
             report = connect(args, url).request("POST", "/api/v1/bundles", content=body, params=params)
@@ -121,7 +114,7 @@ def cmd_export_card(args: argparse.Namespace) -> None:
         raise UsageError(f"-o {out}: a card is written as .png (with 'chara' and 'ccv3' chunks) or .json "
                          "(Character Card V3)")
     data_dir = resolve_data_dir(args)
-    url = args.url or running_url(data_dir)
+    url = server_url(args)
     if url:
         connect(args, url).download(f"/api/v1/companions/{args.id}/card?format={out.suffix[1:].lower()}", out)
     else:

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from memory.imports import FORMATS
-from serve.cli_base import Bar, UsageError, connect, hold_lock, resolve_data_dir
-from serve.client import Client, ServerError, running_url
+from serve.cli_base import Bar, UsageError, connect, hold_lock, resolve_data_dir, server_url
+from serve.client import Client, ServerError
 from serve.config import load_settings
 from serve.sse import DONE, PROGRESS
 from store.companions import CompanionStore
@@ -36,10 +36,7 @@ def cmd_import(args: argparse.Namespace) -> None:
         if not args.json:
             _print_import(result.as_dict(), dry_run=True)
         return
-    url = args.url or running_url(resolve_data_dir(args))
-    if url and args.user != LOCAL:
-        raise UsageError("through a running server an import goes to the user whose key is sent; "
-                         f"send {args.user}'s key in HOMEFIRE_API_KEY and leave out --user")
+    url = server_url(args)
     result = _import_remote(connect(args, url), args) if url else _import_locally(args)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from serve.cli_base import Bar, UsageError, connect, local_store, resolve_data_dir
-from serve.client import ServerError, running_url
+from serve.cli_base import Bar, UsageError, connect, local_store, resolve_data_dir, server_url
+from serve.client import ServerError
 from serve.config import load_settings
 from serve.sse import DONE
 from store.db import Database
@@ -119,9 +119,6 @@ def _follow(client, job: dict, what: str) -> dict:
 
 def _finetune_via_server(args: argparse.Namespace, url: str, companion) -> None:
     client = connect(args, url)
-    if args.user != LOCAL:
-        raise UsageError("with a server running, a training learns from the history of the user whose key "
-                         "asks for it: set HOMEFIRE_API_KEY to that user's key instead of --user")
     if args.resume:
         jobs = client.request("GET", "/api/v1/finetunes")
         job = next((j for j in jobs if j["version"] == args.resume and j["companion"] == companion.id
@@ -161,7 +158,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     config = _finetune_config(args)
     data_dir = resolve_data_dir(args)
-    url = args.url or running_url(data_dir)
+    url = server_url(args, user_ok=args.dry_run)   # a dry run reads the history here
     companion = _companion(args, url)
     if url and not args.dry_run:
         _finetune_via_server(args, url, companion)
@@ -214,16 +211,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from store import adapters
 
     data_dir = resolve_data_dir(args)
-    url = args.url or running_url(data_dir)
+    url = server_url(args)
     companion = _companion(args, url)
     version = args.adapter or adapters.current(data_dir, companion.key) or (
         adapters.versions(data_dir, companion.key) or [None])[-1]
     if version is None:
         raise UsageError(f"companion {companion.id!r} has no adapters yet; run `homefire finetune` first")
     if url:   # through the server's queue: it shares the GPU with the engine and other jobs
-        if args.user != LOCAL:
-            raise UsageError("with a server running, the report uses the held-out conversations of the "
-                             "user whose key asks for it: set HOMEFIRE_API_KEY instead of --user")
         client = connect(args, url)
         job = client.request("POST", f"/api/v1/companions/{companion.id}/adapters/{version}/evaluations")
         job = _follow(client, job, f"evaluating {companion.id} {version}")
@@ -251,7 +245,7 @@ def cmd_adapter(args: argparse.Namespace) -> None:
     from store import adapters
 
     data_dir = resolve_data_dir(args)
-    url = args.url or running_url(data_dir)
+    url = server_url(args)
     companion = _companion(args, url)
     key = companion.key
     if args.action == "list":

@@ -14,10 +14,19 @@ import binascii
 import json
 import struct
 import zlib
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from store.companions import Companion, CompanionError, Sampling, format_validation_error, slugify
+from store.companions import (
+    Companion,
+    CompanionError,
+    CompanionStore,
+    Sampling,
+    format_validation_error,
+    key_for,
+    slugify,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_FIELDS = (
@@ -47,6 +56,19 @@ def parse_card(data: bytes, filename: str = "card") -> Companion:
             f"{filename}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
         ) from err
     return card_to_companion(card, filename)
+
+
+def keep_card(companions: CompanionStore, data_dir: Path, companion: Companion, data: bytes, label: str,
+              owner: str | None) -> str:
+    """Store an imported card's companion (`owner`'s; None: shared) with the picture of its PNG;
+    a replaced card's old picture goes, as it is not this card's. Returns the companion's key."""
+    from store.pictures import drop_picture, save_picture
+
+    companions.put(companion, "card", label, owner=owner)
+    key = key_for(companion.id, owner)
+    if not save_picture(data_dir, key, data):
+        drop_picture(data_dir, key)
+    return key
 
 
 def png_texts(data: bytes, filename: str = "card") -> dict[str, str]:

@@ -76,10 +76,6 @@ async def import_bundle(
                 # takes it after a crash), then written in batches: neither holds the others up.
                 staged = spool.parent.parent / f"import-bundle-{uuid.uuid4().hex}.db"
                 with bundle.read_apart(spool, filename, staged) as read:
-                    target = as_id or read.companion.id
-                    if owner is not None and hf.companions.origin(target):   # as for a new companion
-                        raise bundle.BundleConflict(f"{filename}: the id {target!r} is a shared "
-                                                    "companion's; import the bundle with as_id= another id")
                     return bundle.import_bundle(hf.db, hf.data_dir, read, account.name, owner, setup_of(hf),
                                                 as_id, reserved=(hf.tasks.model,))
 

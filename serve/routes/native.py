@@ -12,9 +12,9 @@ from serve.account import AccountDep
 from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, raw_body
 from serve.limits import bounded_stream
-from store.cards import MAX_CARD_BYTES, parse_card
+from store.cards import MAX_CARD_BYTES, keep_card, parse_card
 from store.companions import Companion, key_for
-from store.pictures import drop_picture, picture_path, save_picture
+from store.pictures import picture_path
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -85,10 +85,7 @@ async def import_card(
             _, owner = account.editable(companion.id)
         else:
             account.new_id_is_free(companion.id, filename)
-        account.hf.companions.put(companion, "card", filename, owner=owner)
-        key = key_for(companion.id, owner)
-        if not save_picture(account.hf.data_dir, key, data):
-            drop_picture(account.hf.data_dir, key)   # a replaced card's old picture is not its own
+        keep_card(account.hf.companions, account.hf.data_dir, companion, data, filename, owner)
         return companion
 
     return await asyncio.to_thread(store)

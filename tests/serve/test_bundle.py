@@ -23,6 +23,7 @@ from store import adapters
 from store.companions import Companion, CompanionStore, Sampling
 from store.db import Database
 from store.history import History, ReplyMeta, chain_root, chains
+from store.users import Users
 from tests.support.adapters import make_adapter
 
 KIT = Companion(id="kit", name="Kit", description="A fox who remembers.", first_mes="Hey you.",
@@ -178,6 +179,21 @@ def test_another_companion_of_the_same_id_is_never_merged_into(source, setup, tm
     assert CompanionStore(db).get("kit2").name == "Kit" and adapters.versions(data, "kit2") == ["v1", "v2"]
     turns = [("user", "I moved to Porto last week."), ("assistant", "Porto! Tell me about the river.")]
     assert History(db).record_resent("kit2", turns)[1] == [], "its chains were made for its new id"
+
+
+def test_a_members_bundle_never_takes_a_shared_companions_id_nor_the_utility_models(source, setup, tmp_path):
+    _, out = source
+    data, db = empty(tmp_path)
+    CompanionStore(db).put(Companion(id="kit", name="Shared Kit"), "api")   # shared: no owner
+    Users(db).add("bob")
+    with pytest.raises(bundle.BundleConflict, match="the id 'kit' is a shared companion's.*--as"):
+        bundle.import_bundle(db, data, bundle.read_bundle(out), "bob", "bob", setup)
+    with pytest.raises(bundle.BundleConflict, match="the id 'homefire-utility' is the utility model's"):
+        bundle.import_bundle(db, data, bundle.read_bundle(out), "bob", "bob", setup, as_id="homefire-utility",
+                             reserved=("homefire-utility",))
+    assert rows(db, "SELECT COUNT(*) FROM conversations") == [(0,)]
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "bob", "bob", setup, as_id="kit2")
+    assert report.companion == "kit2" and CompanionStore(db).get("kit2", "bob").name == "Kit"
 
 
 def repack(out: Path, to: Path, change) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,19 @@ def test_companions_without_a_running_server(tmp_path):
     broken.write_text("{")
     result = homefire("companion", "import-card", str(broken), "--data-dir", data)
     assert result.returncode == 2 and "broken.json: invalid JSON" in result.stderr
+    # As the server does: a PNG card's picture is kept, and the utility model's id is refused.
+    from store.cards import card_png
+    from store.companions import Companion
+    from store.pictures import picture_path
+
+    png = tmp_path / "lumo.png"
+    png.write_bytes(card_png(Companion(id="lumo", name="Lumo")))
+    assert homefire("companion", "import-card", str(png), "--data-dir", data).returncode == 0
+    assert picture_path(Path(data), "lumo").is_file()
+    utility = tmp_path / "utility.json"
+    utility.write_text(json.dumps({"spec": "chara_card_v2", "data": {"name": "homefire-utility"}}))
+    refused = homefire("companion", "import-card", str(utility), "--data-dir", data)
+    assert refused.returncode == 2 and "is the utility model's" in refused.stderr, refused.stderr
 
 
 def test_chat_in_the_terminal(server):
@@ -111,3 +125,21 @@ def test_chat_without_a_companion_talks_to_the_settings_default(server, tmp_path
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "wisp> Wisp here, softly."
     assert server.http().delete("/api/v1/companions/wisp").status_code == 204   # others see none
+
+
+@pytest.mark.parametrize("command", [["import", "{tmp}/export.json", "--companion", "ember"],
+                                     ["bundle", "export", "ember"],
+                                     ["bundle", "import", "{tmp}/ember.homefire"],
+                                     ["finetune", "ember"], ["eval", "ember"]])
+def test_through_a_running_server_a_command_acts_as_its_key_and_refuses_user(tmp_path, command):
+    # The choice between a server and the data directory is made in one place (cli_base.server_url),
+    # before any file is read or anything is sent: a server (this test's own process) is running.
+    data = tmp_path / "data"
+    (data / "run").mkdir(parents=True)
+    (data / "run" / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": os.getpid()}))
+    (tmp_path / "export.json").write_text("[]")
+    (tmp_path / "ember.homefire").write_bytes(b"PK")
+    command = [part.format(tmp=tmp_path) for part in command]
+    refused = homefire(*command, "--user", "bob", "--data-dir", str(data))
+    assert refused.returncode == 2, refused.stderr
+    assert "set HOMEFIRE_API_KEY to bob's key and leave out --user" in refused.stderr
