@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from pydantic import BaseModel
 
-Kind = Literal["exchange", "fact"]
+from store.memories import Kind
+
 
 @dataclass
 class RecallSettings:

@@ -51,21 +51,11 @@ def remember_new(store: MemoryStore, conversation_id: str, companion_name: str, 
     """Remember the conversation's messages that no memory holds yet, a span at a time
     (memory_spans); returns how many memories were added. Messages after a deleted
     memory's are never taken back into one."""
-    rows = store.db.query(
-        """SELECT c.companion_id, m.id, m.role, m.content, m.created_at FROM messages m
-           JOIN conversations c ON c.id = m.conversation_id
-           WHERE m.conversation_id = ?1 AND m.truncated = 0 AND m.content != '' AND m.id > COALESCE(
-               (SELECT MAX(x.id) FROM messages x WHERE x.conversation_id = ?1 AND (x.forgotten = 1
-                    OR x.id IN (SELECT reply_id FROM memories WHERE conversation_id = ?1))), 0)
-           ORDER BY m.id""", (conversation_id,))
+    rows = store.rows.unremembered(conversation_id)
     if not rows:
         return 0
-    user = store.db.query("SELECT u.display_name FROM conversations c LEFT JOIN users u "
-                         "ON u.name = c.user_id WHERE c.id = ?", (conversation_id,))
-    called = (user[0][0] if user else None) or DEFAULT_USER_NAME
-    greeting = source == "live" and not store.db.query(
-        "SELECT 1 FROM messages WHERE conversation_id = ? AND id < ? LIMIT 1",
-        (conversation_id, rows[0]["id"]))
+    called = store.rows.called_in(conversation_id)
+    greeting = source == "live" and not store.rows.begins_before(conversation_id, rows[0]["id"])
     added = 0
     for span in memory_spans([r["role"] for r in rows], settled, greeting):
         said = [(rows[i]["role"], rows[i]["content"]) for i in span]
@@ -81,14 +71,7 @@ def remember_new(store: MemoryStore, conversation_id: str, companion_name: str, 
 def repair(store: MemoryStore) -> int:
     """At start-up: remember what no memory holds yet (exchanges committed just before a
     crash, messages no reply followed); returns how many memories were added."""
-    rows = store.db.query(
-        """SELECT c.id, c.source, co.card FROM conversations c
-           JOIN companions co ON co.id = c.companion_id
-           WHERE (SELECT MAX(id) FROM messages WHERE conversation_id = c.id AND truncated = 0
-                      AND content != '')
-                 > COALESCE((SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = c.id
-                             AND (m.forgotten = 1 OR m.id IN (SELECT reply_id FROM memories
-                                                              WHERE conversation_id = c.id))), 0)""")
+    rows = store.rows.unremembered_conversations()
     return sum(remember_new(store, row["id"], json.loads(row["card"])["name"], settled=True,
                             source="imported" if row["source"] == "imported" else "live")
                for row in rows)

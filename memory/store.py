@@ -22,33 +22,19 @@ from pathlib import Path
 import chromadb
 import numpy as np
 from chromadb.config import Settings as ChromaSettings
-from pydantic import BaseModel
 
 from memory.embedder import Embedder
 from memory.mirror import Mirror
-from memory.recall import Kind, Recalled, RecallSettings, choose
+from memory.recall import Recalled, RecallSettings, choose
 from memory.when import asked_span
-from store.companions import visible_id
 from store.db import Database, Progress
+from store.memories import Kind, Memory, MemoryRows
 from store.users import LOCAL
 
-__all__ = ["Memory", "MemoryStore", "Kind", "RecallSettings", "Recalled"]
+__all__ = ["MemoryStore", "RecallSettings", "Recalled"]
 
 HNSW = {"space": "cosine"}
 POOL = 100   # rows the fast scan hands to exact scoring
-
-
-class Memory(BaseModel):
-    id: int
-    companion_id: str
-    conversation_id: str | None
-    kind: Kind
-    text: str
-    source: str
-    pinned: bool
-    created_at: float
-    updated_at: float
-    indexed: bool
 
 
 class TurnLock:
@@ -89,6 +75,7 @@ class MemoryStore:
         # Indexing may embed thousands of texts; with its own instance recall never waits.
         self.index_embedder = index_embedder or embedder
         self.user = user
+        self.rows = MemoryRows(db, user)
         self.index_dir = index_dir
         # A Chroma server when given one, else an embedded index in the data directory.
         self.client = client or chromadb.PersistentClient(
@@ -100,7 +87,7 @@ class MemoryStore:
 
     def for_user(self, user: str) -> MemoryStore:
         view = copy.copy(self)
-        view.user = user
+        view.user, view.rows = user, MemoryRows(self.db, user)
         return view
 
     def collection(self, companion_id: str, user: str | None = None):
@@ -117,37 +104,19 @@ class MemoryStore:
     def add_exchange(self, companion_id: str, conversation_id: str, reply_id: int, asked: str | None,
                      text: str, created_at: float, source: str = "live") -> int:
         """A memory of messages ending with `reply_id` (the key: one memory per ending message);
-        returns its id, or 0 if that message has one already."""
-        with self.db.transaction() as conn:
-            # It belongs to whoever owns the conversation (start-up repair serves every user).
-            cur = conn.execute(
-                """INSERT OR IGNORE INTO memories (user_id, companion_id, conversation_id, reply_id, kind,
-                       text, asked, source, created_at, updated_at)
-                   SELECT user_id, ?, ?, ?, 'exchange', ?, ?, ?, ?, ? FROM conversations WHERE id = ?""",
-                (companion_id, conversation_id, reply_id, text, asked, source, created_at, time.time(),
-                 conversation_id))
-            return cur.lastrowid if cur.rowcount else 0
+        returns its id, or 0 if that message has one already. It belongs to whoever owns the
+        conversation (the start-up repair serves every user)."""
+        return self.rows.add_exchange(companion_id, conversation_id, reply_id, asked, text, created_at,
+                                      source)
 
     def add_fact(self, companion_id: str, text: str, pinned: bool = False) -> Memory:
-        now = time.time()
-        with self.db.transaction() as conn:
-            cur = conn.execute(
-                """INSERT INTO memories (user_id, companion_id, kind, text, source, pinned, created_at,
-                       updated_at) VALUES (?, ?, 'fact', ?, 'user', ?, ?, ?)""",
-                (self.user, companion_id, text, int(pinned), now, now))
-        return self.get(cur.lastrowid)
+        return self.get(self.rows.add_fact(companion_id, text, pinned))
 
     def edit(self, memory_id: int, text: str | None = None, pinned: bool | None = None) -> Memory | None:
         memory = self.get(memory_id)
         if memory is None:
             return None
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE memories SET text = ?, pinned = ?, updated_at = ?, chunks = ? WHERE id = ?",
-                (text if text is not None else memory.text,
-                 int(pinned if pinned is not None else memory.pinned), time.time(),
-                 0 if text is not None and text != memory.text else int(memory.indexed), memory_id))
-        if text is not None and text != memory.text:
+        if self.rows.edit(memory, text, pinned):
             self._drop_vectors(memory.companion_id, [memory_id])
         return self.get(memory_id)
 
@@ -156,11 +125,7 @@ class MemoryStore:
         if memory is None:
             return False
         self._drop_vectors(memory.companion_id, [memory_id])
-        with self.db.transaction() as conn:
-            # Keep the reply from being remembered again by the start-up repair.
-            conn.execute("UPDATE messages SET forgotten = 1 WHERE id = "
-                         "(SELECT reply_id FROM memories WHERE id = ?)", (memory_id,))
-            conn.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
+        self.rows.delete(memory_id)
         return True
 
     def replace_reply(self, old_id: int, new_id: int, new_text: str) -> bool:
@@ -169,41 +134,21 @@ class MemoryStore:
         edits; its words take the new reply's where they still end with the old one's (an edit
         of the reply's part is kept as it is). A memory the user deleted stays deleted. False if
         the old reply had no memory and was not forgotten: the caller remembers the new one."""
-        rows = self.db.query(
-            """SELECT m.content, m.forgotten, c.companion_id, x.id AS memory_id, x.text
-               FROM messages m JOIN conversations c ON c.id = m.conversation_id
-               LEFT JOIN memories x ON x.reply_id = m.id
-               WHERE m.id = ? AND m.role = 'assistant' AND c.user_id = ?""", (old_id, self.user))
-        if not rows:
+        replaced = self.rows.replace_reply(old_id, new_id, new_text)
+        if replaced is None:
             return False
-        old = rows[0]
-        memory_id, reworded = old["memory_id"], None
-        if memory_id is not None and old["content"] and old["text"].endswith(old["content"]):
-            reworded = old["text"][:-len(old["content"])] + new_text
-        with self.db.transaction() as conn:
-            if memory_id is not None:
-                conn.execute("UPDATE memories SET reply_id = ?, text = COALESCE(?, text), updated_at = ?, "
-                             "chunks = CASE WHEN ? IS NULL THEN chunks ELSE 0 END WHERE id = ?",
-                             (new_id, reworded, time.time(), reworded, memory_id))
-            if old["forgotten"]:
-                conn.execute("UPDATE messages SET forgotten = 1 WHERE id = ?", (new_id,))
-            conn.execute("DELETE FROM messages WHERE id = ?", (old_id,))
+        companion_key, memory_id, reworded, forgotten = replaced
         if reworded:
-            self._drop_vectors(old["companion_id"], [memory_id])
-        return memory_id is not None or bool(old["forgotten"])
+            self._drop_vectors(companion_key, [memory_id])
+        return memory_id is not None or forgotten
 
     def forget_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation with its messages, its memories and their vectors."""
-        rows = self.db.query("SELECT companion_id FROM conversations WHERE id = ? AND user_id = ?",
-                             (conversation_id, self.user))
-        if not rows:
+        found = self.rows.conversation_memories(conversation_id)
+        if found is None:
             return False
-        ids = [r["id"] for r in self.db.query("SELECT id FROM memories WHERE conversation_id = ?",
-                                              (conversation_id,))]
-        self._drop_vectors(rows[0]["companion_id"], ids)
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM conversations WHERE id = ? AND user_id = ?",
-                         (conversation_id, self.user))
+        self._drop_vectors(*found)
+        self.rows.delete_conversation(conversation_id)
         return True
 
     # -- the index ---------------------------------------------------------------------
@@ -216,19 +161,13 @@ class MemoryStore:
 
         The lock is held a batch at a time, so two indexers (an import's, the replies') take
         turns instead of one waiting minutes for the other."""
-        which = "chunks = 0" + ("" if imported else " AND source != 'imported'")
-        whose = (self.user,) if mine else ()
-        which += " AND user_id = ?" if mine else ""
-        total = self.db.query(f"SELECT COUNT(*) FROM memories WHERE {which}", whose)[0][0]
+        total = self.rows.pending_count(imported, mine)
         if progress and total:
             progress(0, total)   # the stage has begun (an import's rows are in)
         done = 0
         while limit is None or done < limit:
             with self._index_lock:
-                rows = self.db.query(
-                    "SELECT id, user_id, companion_id, conversation_id, kind, pinned, created_at, text "
-                    f"FROM memories WHERE {which} ORDER BY id LIMIT ?",
-                    (*whose, batch if limit is None else min(batch, limit - done)))
+                rows = self.rows.pending(batch if limit is None else min(batch, limit - done), imported, mine)
                 if not rows:
                     break
                 words = self._users_words(rows)
@@ -253,9 +192,7 @@ class MemoryStore:
                 counts: dict[int, int] = {}
                 for row, _, _ in pieces:
                     counts[row["id"]] = counts.get(row["id"], 0) + 1
-                with self.db.transaction() as conn:
-                    conn.executemany("UPDATE memories SET chunks = ? WHERE id = ?",
-                                     [(n, memory_id) for memory_id, n in counts.items()])
+                self.rows.set_chunks(counts)
                 done += len(rows)
                 if progress:
                     progress(done, total)
@@ -269,22 +206,11 @@ class MemoryStore:
         exchanges = {row["id"]: row["text"] for row in rows if row["kind"] == "exchange"}
         if not exchanges:
             return {}
-        said: dict[int, list[str]] = {}
-        for r in self.db.query(
-                f"""SELECT mem.id, x.content FROM memories mem JOIN messages x
-                      ON x.conversation_id = mem.conversation_id AND x.role = 'user' AND x.id <= mem.reply_id
-                    WHERE mem.id IN ({','.join('?' * len(exchanges))}) AND x.id > COALESCE(
-                        (SELECT MAX(p.reply_id) FROM memories p WHERE p.conversation_id = mem.conversation_id
-                         AND p.reply_id < mem.reply_id), 0)
-                    ORDER BY x.id""", list(exchanges)):
-            if f": {r['content']}" in exchanges[r["id"]]:
-                said.setdefault(r["id"], []).append(r["content"])
-        return {i: "\n".join(lines) for i, lines in said.items()}
+        return {i: "\n".join(lines) for i, lines in self.rows.users_words(exchanges).items()}
 
     def index_is_consistent(self) -> bool:
         """Does every user's every collection hold exactly the vectors SQLite says it should?"""
-        for row in self.db.query("SELECT user_id, companion_id, SUM(chunks) AS n FROM memories "
-                                 "WHERE chunks > 0 GROUP BY user_id, companion_id"):
+        for row in self.rows.chunks_by_collection():
             if self.collection(row["companion_id"], row["user_id"]).count() != row["n"]:
                 return False
         return True
@@ -298,42 +224,23 @@ class MemoryStore:
                     self.client.delete_collection(collection.name)
                     self._collections.pop(collection.name, None)
                     self._mirrors.pop(collection.name, None)
-            with self.db.transaction() as conn:
-                conn.execute("UPDATE memories SET chunks = 0" + ("" if everyone else " WHERE user_id = ?"),
-                             () if everyone else (self.user,))
+            self.rows.unindex(everyone)
         done = self.index_pending(progress, mine=not everyone)
-        if everyone:
-            return done
-        return self.db.query("SELECT COUNT(*) FROM memories WHERE user_id = ? AND chunks > 0",
-                             (self.user,))[0][0]
+        return done if everyone else self.rows.indexed_count()
 
     # -- reads -------------------------------------------------------------------------
 
     def get(self, memory_id: int) -> Memory | None:
-        rows = self.db.query(f"SELECT {_COLUMNS} FROM memories WHERE id = ? AND user_id = ?",
-                             (memory_id, self.user))
-        return _memory(rows[0]) if rows else None
+        return self.rows.get(memory_id)
 
     def list(self, companion_id: str, limit: int = 50, offset: int = 0,
              kind: Kind | None = None) -> list[Memory]:
-        where, params = "user_id = ? AND companion_id = ?", [self.user, companion_id]
-        if kind:
-            where, params = where + " AND kind = ?", [*params, kind]
-        rows = self.db.query(f"SELECT {_COLUMNS} FROM memories WHERE {where} "
-                             "ORDER BY pinned DESC, created_at DESC, id DESC LIMIT ? OFFSET ?",
-                             (*params, limit, offset))
-        return [_memory(r) for r in rows]
+        return self.rows.list(companion_id, limit, offset, kind)
 
     def texts(self, memory_ids: list[int]) -> dict[int, tuple[str, float]]:
         """{id: (text, created_at)} of those of the user's memories that still exist."""
-        found: dict[int, tuple[str, float]] = {}
-        ids = list(dict.fromkeys(memory_ids))
-        for start in range(0, len(ids), 500):
-            batch = ids[start:start + 500]
-            for r in self.db.query(f"SELECT id, text, created_at FROM memories WHERE id IN "
-                                   f"({','.join('?' * len(batch))}) AND +user_id = ?", (*batch, self.user)):
-                found[r["id"]] = (r["text"], r["created_at"])
-        return found
+        return {i: (r["text"], r["created_at"])
+                for i, r in self.rows.by_ids(list(dict.fromkeys(memory_ids))).items()}
 
     def search(self, companion_id: str, query: str, k: int = 10, now: float | None = None,
                distinct: bool = False) -> list[Recalled]:
@@ -380,8 +287,7 @@ class MemoryStore:
         collection = self.collection(companion_id)
         if collection.name not in self._mirrors:
             mirror = Mirror()
-            said = dict(self.db.query("SELECT id, created_at FROM memories WHERE user_id = ? AND "
-                                      "companion_id = ?", (self.user, companion_id)))
+            said = self.rows.said_at(companion_id)
             # In pages: one get() of a large collection exceeds SQLite's variable limit.
             for offset in range(0, collection.count(), 5000):
                 page = collection.get(include=["embeddings", "metadatas"], limit=5000, offset=offset)
@@ -420,8 +326,7 @@ class MemoryStore:
                 best[memory_id] = (score, embedding)
         # SQLite decides what exists (and whose it is): a vector whose row is gone is never recalled.
         # The ids are looked up by key, best first, k at a time (a pool's every row cost 2 ms at
-        # 100k memories); "+user_id" keeps SQLite from scanning the user's every memory through
-        # its index instead (14 ms at 100k memories).
+        # 100k memories).
         order = sorted(best, key=lambda i: (-best[i][0], i))
         scored: list[tuple[Recalled, str | None]] = []
         kept, asked_before = np.zeros((0, len(vector)), dtype=np.float32), set()
@@ -429,9 +334,7 @@ class MemoryStore:
             if len(scored) >= k:
                 break
             ids = order[start:start + k]
-            rows = {r["id"]: r for r in self.db.query(
-                f"SELECT {_COLUMNS} FROM memories WHERE id IN ({','.join('?' * len(ids))}) AND +user_id = ?",
-                [*ids, self.user])}
+            rows = self.rows.by_ids(ids)
             for i in ids:
                 if i not in rows:
                     continue
@@ -447,14 +350,3 @@ class MemoryStore:
                                     created_at=row["created_at"])
                 scored.append((recalled, row["asked"]))
         return scored[:k]   # in `order`: sorting again by the rounded score could swap near-ties
-
-
-_COLUMNS = ("id, companion_id, conversation_id, kind, text, source, pinned, created_at, updated_at, "
-            "chunks, asked")
-
-
-def _memory(row) -> Memory:
-    data = {k: row[k] for k in ("id", "conversation_id", "kind", "text", "source", "created_at",
-                                "updated_at")}
-    data["companion_id"] = visible_id(row["companion_id"])
-    return Memory(**data, pinned=bool(row["pinned"]), indexed=row["chunks"] > 0)

@@ -13,12 +13,13 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from memory.store import Memory, MemoryStore
+from memory.store import MemoryStore
 from serve.chat import UnknownCompanion
 from serve.engine import EngineUnavailable
 from serve.homefire import Homefire
 from store.companions import Companion, key_for
 from store.history import Conversation, History, UnknownConversation
+from store.memories import Memory
 from store.users import DEFAULT_USER_NAME, User
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `homefire user add NAME` prints one; "

@@ -104,8 +104,7 @@ def _import_locally(args: argparse.Namespace) -> dict:
             result = Importer(db, data_dir / "run", args.user).run(export, companion.key, companion.name,
                                                         lambda done, total: bar(done))
         store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
-        pending = db.query("SELECT COUNT(*) FROM memories WHERE chunks = 0")[0][0]
-        with Bar("indexing memories", pending, "memory") as bar:
+        with Bar("indexing memories", store.rows.pending_count(), "memory") as bar:
             store.index_pending(lambda done, total: bar(done, total))
         return result.as_dict()
     finally:

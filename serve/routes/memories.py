@@ -8,10 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory.store import Kind, Memory, Recalled
+from memory.store import Recalled
 from serve.account import AccountDep
 from serve.deps import API_GUARDS, ChatDep
 from serve.errors import ERROR_RESPONSES
+from store.memories import Kind, Memory
 
 router = APIRouter(prefix="/api/v1", tags=["memory"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)

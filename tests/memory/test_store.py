@@ -119,7 +119,7 @@ def test_rebuild_gives_the_same_recall_and_repair_restores_missing_memories(stor
     assert memory.rebuild() == 301
     assert [recalled(memory, q) for q in questions] == before
     # An exchange committed without its memory (a crash in between) is repaired...
-    with store.db.transaction() as conn:
+    with memory.db.transaction() as conn:
         conn.execute("DELETE FROM memories WHERE conversation_id = ?", (old,))
     assert repair(memory) == 1 and memory.index_pending() == 1
     assert any("Lisbon" in t for t in recalled(memory, "Where is my sister's wedding?"))
