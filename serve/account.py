@@ -1,8 +1,9 @@
 """Who is asking, and the one gate every request's data passes through.
 
-A route never touches the stores directly: it takes an Account, whose history and memory
-are views bound to the user in SQL, and whose lookups turn an id the user may not see
-into the same 404 as an id that does not exist. Admins manage users and shared companions;
+A route reaches a member's rows through an Account: its history and memory are views bound
+to the user in SQL (store/), its lookups turn an id the user may not see into the same 404 as
+an id that does not exist, and the writers of imports and bundles are given `account.name`
+as the owner of everything they write. Admins manage users and shared companions;
 they read no one else's conversations or memories either.
 """
 

@@ -43,15 +43,32 @@ def test_history_survives_restarts_and_no_process_is_orphaned(make_server, tmp_p
     assert wait_gone(engine_tree) == [], "vLLM processes outlived homefire serve"
     assert not (first.data_dir / "run" / "engine.sock").exists()
 
-    again = make_server(first.data_dir).start()
+    # History is served at once, while the engine still starts.
+    again = make_server(first.data_dir).start(ready=False)
     messages = again.http().get(f"/api/v1/conversations/{conversation}").json()["messages"]
     assert messages[0]["content"] == "Remember: my sister is called Ada."
     assert messages[1]["content"] == reply.parse().choices[0].message.content
 
-    # Even SIGKILL, which allows no clean-up, takes the engine down with the server.
-    engine_tree = family(again.proc.pid)
+    # Even SIGKILL, which allows no clean-up, takes the engine down with the server, here while
+    # the engine starts.
+    engine_tree = vllm_family(again)
     again.stop(signal.SIGKILL)
     assert wait_gone(engine_tree) == [], "vLLM processes outlived a killed homefire serve"
+
+
+def vllm_family(server, timeout: float = 300) -> list[psutil.Process]:
+    """The server's children once vLLM's own process is among them (a state, not a time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tree = family(server.proc.pid)
+        for process in tree:
+            try:
+                if "vllm.entrypoints" in " ".join(process.cmdline()):
+                    return tree
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.2)
+    raise AssertionError("vLLM never started under the server")
 
 
 def engine_cores(server) -> tuple[str, str]:
