@@ -11,12 +11,12 @@ from store.adapters import VLLM_RANKS
 from store.settings_file import read_settings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
-# The LoRA ranks vLLM serves (vllm/lora: max_lora_rank must be one of these).
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class FinetuneError(ValueError):
-    """A setting, dataset or adapter problem; the message says what and where."""
+    """A training setting or its dataset is wrong; the message says what and where (an adapter
+    version or the registry: store.adapters.AdapterError)."""
 
 
 class FinetuneConfig(BaseModel):

@@ -27,6 +27,7 @@ from store.cards import keep_card, parse_card
 from store.companions import CompanionError, CompanionStore, load_dir
 from store.db import Database
 from store.history import History
+from store.pictures import picture_path
 from store.users import LOCAL
 
 
@@ -121,7 +122,8 @@ def cmd_companion_list(args: argparse.Namespace) -> None:
     url = server_url(args)
     # Without a server, the operator sees every user's companions, named by key (OWNER.ID).
     rows = connect(args, url).request("GET", "/api/v1/companions") if url else [
-        c.model_dump() | {"id": c.key} for c in local_store(args).list()]
+        c.model_dump() | {"id": c.key, "has_picture": picture_path(resolve_data_dir(args), c.key).is_file()}
+        for c in local_store(args).list()]
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return

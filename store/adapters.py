@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from store.files import feed, write_whole
 
-# The LoRA ranks vLLM's kernels serve (finetune.config refuses any other for a training).
+# The LoRA ranks vLLM serves (vllm/lora: max_lora_rank must be one of these); finetune.config
+# refuses any other for a training.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VERSION = re.compile(r"v([1-9]\d{0,8})")

@@ -143,3 +143,66 @@ def test_through_a_running_server_a_command_acts_as_its_key_and_refuses_user(tmp
     refused = homefire(*command, "--user", "bob", "--data-dir", str(data))
     assert refused.returncode == 2, refused.stderr
     assert "set HOMEFIRE_API_KEY to bob's key and leave out --user" in refused.stderr
+
+
+VARYING = {"id", "created_at", "updated_at", "conversation_id", "first_at", "last_at", "imported_at"}
+
+
+def same_shape(value):
+    """A command's JSON with what differs between two data directories left out (ids, times)."""
+    if isinstance(value, dict):
+        return {k: same_shape(v) for k, v in value.items() if k not in VARYING}
+    if isinstance(value, list):
+        return [same_shape(v) for v in value]
+    return value
+
+
+def every_command(data: Path, inputs: Path) -> list[tuple[str, object]]:
+    """Each command that works with and without a server, on `data`, as a user types it; what
+    each printed (JSON where it has --json)."""
+    from store.cards import parse_card
+
+    def run(*args: str, json_out: bool = True):
+        done = homefire(*args, *(["--json"] if json_out else []), "--data-dir", str(data))
+        assert done.returncode == 0, (args, done.stderr)
+        return json.loads(done.stdout) if json_out else done.stdout
+
+    seen = [("import-card", run("companion", "import-card", str(inputs / "sol.json"), json_out=False)),
+            ("show", json.loads(run("companion", "show", "sol", json_out=False))),
+            ("list", run("companion", "list"))]
+    card = data.parent / f"{data.name}-sol.png"
+    run("companion", "export-card", "sol", "-o", str(card), json_out=False)
+    seen.append(("export-card", parse_card(card.read_bytes()).model_dump()))
+    fact = run("memory", "add", "ember", "I am allergic to walnuts.", "--pin")
+    seen += [("memory add", fact),
+             ("memory search", [m["text"] for m in run("memory", "search", "ember", "nut allergy")][:1]),
+             ("memory edit", run("memory", "edit", str(fact["id"]), "I am allergic to pecans.")),
+             ("memory pin", run("memory", "pin", str(fact["id"]), "--unpin")),
+             ("import", run("import", str(inputs / "export.jsonl"), "--companion", "ember")),
+             ("memory list", sorted(m["text"] for m in run("memory", "list", "ember"))),
+             ("memory delete", run("memory", "delete", str(fact["id"]))),
+             ("adapter list", run("adapter", "list", "ember", json_out=False))]
+    bundle = data.parent / f"{data.name}-ember.homefire"
+    seen.append(("bundle export", run("bundle", "export", "ember", "-o", str(bundle), json_out=False)
+                 .replace(str(bundle), "BUNDLE")))
+    seen.append(("bundle import", run("bundle", "import", str(bundle), "--as", "ember2")))
+    seen.append(("list after", run("companion", "list")))
+    return seen
+
+
+def test_every_command_gives_the_same_result_with_and_without_a_server(make_server, tmp_path):
+    # The same commands on two data directories that start alike: one acted on directly, one
+    # through its running server (on the shared engine: no command here asks for a reply).
+    from tests.support.exports import jsonl_export
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "sol.json").write_text(json.dumps({"spec": "chara_card_v2",
+                                                 "data": {"name": "Sol", "personality": "sunny"}}))
+    jsonl_export(inputs / "export.jsonl")
+    alone = every_command(tmp_path / "alone", inputs)
+    server = make_server(tmp_path / "served", engine="shared").start()
+    served = every_command(server.data_dir, inputs)
+    assert [name for name, _ in served] == [name for name, _ in alone]
+    for (name, here), (_, there) in zip(alone, served, strict=True):
+        assert same_shape(here) == same_shape(there), name
