@@ -251,10 +251,10 @@ def _memory_locally(args: argparse.Namespace) -> object:
         if action == "delete":
             store.delete(args.id)
             return None
-        edited = store.edit(args.id, text=getattr(args, "text", None),
-                            pinned=None if action == "edit" else not args.unpin)
+        store.edit(args.id, text=getattr(args, "text", None),
+                   pinned=None if action == "edit" else not args.unpin)
         store.index_pending()
-        return edited.model_dump()
+        return store.get(args.id).model_dump()   # as indexed again, as the API answers
     finally:
         lock.close()
 
