@@ -154,9 +154,10 @@ async def run_phase(url: str, keys: list[str], seconds: float, max_tokens: int,
 
 def longest_holds(export: Path, data_dir: Path) -> dict:
     """Import `export` into fresh databases with our batches and with whole tables at once."""
-    from memory.importer import COPY_BATCH, Importer
+    from memory.importer import Importer
     from memory.imports import open_export
     from store.companions import Companion, CompanionStore
+    from store.staging import COPY_BATCH
 
     holds = {}
     for name, batch in (("batches", COPY_BATCH), ("whole_tables", 10**9)):

@@ -52,7 +52,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from memory.import_child import lowest_priority, run_child
-from memory.importer import COPY_BATCH, HANDOFF_S, HIDDEN
 from memory.imports.source import ImportFailed, check_archive
 from store import adapters
 from store.adapters import AdapterError
@@ -62,6 +61,7 @@ from store.db import Database, Progress
 from store.files import feed, sha256_file, written_whole
 from store.history import ReplyMeta, chain_hash, chain_root
 from store.pictures import picture_path, save_picture
+from store.staging import COPY_BATCH, HANDOFF_S, hidden_owner
 
 SCHEMA = 1
 SUFFIX = ".homefire"
@@ -682,7 +682,7 @@ class _Writer:
                  batch: int, progress: Progress | None):
         self.db, self.staged, self.key, self.user = db, staged, key, user
         self.report, self.batch, self.progress = report, batch, progress
-        self.hidden = f"{HIDDEN}{uuid.uuid4().hex}"   # the owner of what is not handed over yet
+        self.hidden = hidden_owner()   # the owner of what is not handed over yet
         self.root = chain_root(visible_id(key))
         self.origins: list[tuple[str, str]] = []      # found by an id older Homefires derived
         self.total = staged.execute("SELECT (SELECT COUNT(*) FROM messages) + (SELECT COUNT(*) FROM memories)"

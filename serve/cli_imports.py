@@ -81,9 +81,10 @@ def _import_remote(client: Client, args: argparse.Namespace) -> dict:
 
 def _import_locally(args: argparse.Namespace) -> dict:
     from memory.embedder import Embedder
-    from memory.importer import Importer, remove_leftovers
+    from memory.importer import Importer
     from memory.imports import open_export
     from memory.store import MemoryStore
+    from store.staging import remove_leftovers
 
     data_dir = resolve_data_dir(args)
     lock = hold_lock(data_dir)

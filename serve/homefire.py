@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException
 from tqdm import tqdm
 
-from memory.importer import remove_leftovers
 from serve.adapters import AdapterService
 from serve.chat import ChatService
 from serve.config import Settings, default_data_dir
@@ -36,6 +35,7 @@ from store.adapters import adopt_old_folders
 from store.companions import Companion, CompanionStore
 from store.db import Database
 from store.pictures import drop_picture
+from store.staging import remove_leftovers
 from store.users import Users, local_key
 
 log = logging.getLogger(__name__)

@@ -158,6 +158,21 @@ class History:
                 spoken.append((conv["id"], messages))
         return spoken
 
+    def imported_as(self, companion_id: str, origin: str, original_id: str) -> list[tuple[str, str | None]]:
+        """(id, its last message's chain) of the user's conversations with the companion that
+        an export's conversation `original_id` from `origin` came in as (an edited one forks)."""
+        rows = self.db.query(
+            "SELECT id, (SELECT chain FROM messages WHERE conversation_id = c.id ORDER BY id DESC LIMIT 1)"
+            " AS last FROM conversations c WHERE companion_id = ? AND origin = ? AND original_id = ?"
+            " AND user_id = ?", (companion_id, origin, original_id, self.user))
+        return [(r["id"], r["last"]) for r in rows]
+
+    def holds_chain(self, conversation_id: str, chain: str) -> bool:
+        """Does the user's conversation hold a message with this chain hash?"""
+        return bool(self.db.query(
+            "SELECT 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE "
+            "m.conversation_id = ? AND m.chain = ? AND c.user_id = ?", (conversation_id, chain, self.user)))
+
     def first_messages(self, companion_id: str) -> list[tuple[Conversation, str | None]]:
         """Every conversation with the companion, oldest first, with its first user message."""
         rows = self.db.query(
