@@ -21,15 +21,14 @@ No vectors: restore rebuilds the memory index from SQLite, the truth it is an in
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 
 import yaml
 
 from store import adapters
+from store.db import copy_database, integrity
 from store.files import sha256_file, written_whole
 
 PREFIX = "homefire-"
@@ -107,22 +106,9 @@ def last_backup_at(root: Path) -> float | None:
 
 
 def _copy_database(source: Path, target: Path) -> dict:
-    """SQLite's online backup in one step: one read transaction, so the copy is the database at
-    one moment (WAL: writers go on meanwhile)."""
-    src = sqlite3.connect(source, timeout=30)
-    dst = sqlite3.connect(target)
-    try:
-        src.backup(dst)
-        check = dst.execute("PRAGMA integrity_check").fetchone()[0]
-        if check != "ok":
-            raise BackupError(f"the copy of {source} fails PRAGMA integrity_check: {check}")
-        counts = {table: dst.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                  for table in ("users", "companions", "conversations", "messages", "memories")}
-        counts["schema"] = dst.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        src.close()
-        dst.close()
-    os.chmod(target, 0o600)
+    check, counts = copy_database(source, target)
+    if check != "ok":
+        raise BackupError(f"the copy of {source} fails PRAGMA integrity_check: {check}")
     return counts
 
 
@@ -174,11 +160,7 @@ def restore(folder: Path, data_dir: Path) -> dict:
                 shutil.copytree(source, scratch / name)
             elif source.is_file():
                 shutil.copy2(source, scratch / name)
-        db = sqlite3.connect(scratch / "homefire.db")
-        try:
-            result = db.execute("PRAGMA integrity_check").fetchone()[0]
-        finally:
-            db.close()
+        result = integrity(scratch / "homefire.db")
         if result != "ok":
             raise BackupError(f"{folder}/homefire.db fails PRAGMA integrity_check: {result}")
         for name in RESTORABLE:   # the database last: a data directory with it is a whole one

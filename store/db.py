@@ -10,6 +10,7 @@ writes.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -158,6 +159,34 @@ MIGRATIONS: list[str] = [
     CREATE INDEX bundle_origins_by_conversation ON bundle_origins(conversation_id);
     """,
 ]
+
+
+def copy_database(source: Path, target: Path) -> tuple[str, dict]:
+    """SQLite's online backup of `source` into `target` in one step: one read transaction, so
+    the copy is the database at one moment (WAL: writers go on meanwhile); readable by its owner
+    only. Returns the copy's integrity check ("ok") and its rows per table, with its schema."""
+    src = sqlite3.connect(source, timeout=30)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+        counts = {table: dst.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                  for table in ("users", "companions", "conversations", "messages", "memories")}
+        counts["schema"] = dst.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        src.close()
+        dst.close()
+    os.chmod(target, 0o600)
+    return check, counts
+
+
+def integrity(path: Path) -> str:
+    """PRAGMA integrity_check of the database file at `path`: "ok", or what is wrong."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        db.close()
 
 
 class SchemaError(RuntimeError):
