@@ -1,4 +1,5 @@
-"""Long-term memory: rows in SQLite (the truth) and vectors in Chroma (an index of them).
+"""Long-term memory: rows in SQLite (the truth, read and written through store.memories) and
+vectors in Chroma (an index of them).
 
 Exchanges (a user message with the companion's reply) and facts the user adds. Each is
 cut to the embedder's window, one vector per piece, in one Chroma collection per
