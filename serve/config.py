@@ -174,6 +174,8 @@ class FinetuneServerConfig(BaseModel):
     settings go on top."""
     samples: int = Field(8, ge=1, le=64)
     """Replies each model writes for a job's voice report."""
+    sample_tokens: int = Field(64, ge=1, le=512)
+    """The longest each of those replies may be, in tokens (`homefire eval --max-new-tokens`)."""
     limits: FinetuneLimits = FinetuneLimits()
     """What one member's jobs may take of the machine (admins' are not limited)."""
 

@@ -389,7 +389,7 @@ class FinetuneService:
                "user": row["user_id"], "kind": row["kind"], "version": row["version"],
                "config": json.loads(row["settings"]), "model_path": engine.model_path,
                "model_id": hf.chat.model_id, "until": row["until_message"], "in_use": in_use,
-               "samples": hf.settings.finetune.samples, "max_new_tokens": 64,
+               "samples": hf.settings.finetune.samples, "max_new_tokens": hf.settings.finetune.sample_tokens,
                "step_limit": None if await asyncio.to_thread(self._is_admin, row["user_id"])
                else self.limits.max_steps,
                # With the engine stopped, every core; beside it, the ones it leaves Homefire.

@@ -26,13 +26,13 @@ from serve.default_model import MODEL_NAME
 from store.companions import Companion, CompanionStore
 from store.db import Database
 from store.history import History
+from tests.support.training import QUICK, flags
 
 REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train",
           "coffee", "books", "the sea", "my bike"]
 KIT = Companion(id="kit", name="Kit", personality="A sleepy, gentle cat.")
-TRAIN = ["--steps", "8", "--lr", "2e-3", "--max-seq-len", "192", "--set", "warmup_steps=2",
-         "--set", "batch_tokens=768", "--set", "eval_every=4"]
+TRAIN = flags(QUICK | {"max_steps": 8, "warmup_steps": 2, "eval_every": 4})
 
 
 def voice(topic: str) -> str:
@@ -147,29 +147,24 @@ def test_eval_finds_the_tuned_voice_closer_than_the_base(trained, data_dir):
 
 def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, data_dir, make_server):
     # Recall off: kit's remembered history would otherwise make its prompts differ from twin's.
-    config = {"memory": {"top_k": 0}}
-    (data_dir / "adapters" / "kit" / "CURRENT").write_text("")   # start on the base model
-    server = make_server(data_dir, config=config).start()
+    # The server starts with kit's v1 in use (the engine with LoRA); that the first adapter
+    # chosen at run time restarts an engine started without it is the migrate test's.
+    server = make_server(data_dir, config={"memory": {"top_k": 0}}).start()
     http = server.http()
 
     def reply(companion: str) -> dict:
         return server.reply(companion)
 
     base = reply("twin")
-    assert reply("kit")["content"] == base["content"], "identical cards, no adapter: identical replies"
-    assert "--enable-lora" not in (data_dir / "run" / "engine.log").read_text(), "no adapter, no LoRA"
-
-    # The first adapter chosen at run time: the engine restarts with LoRA and loads it.
-    chosen = cli("adapter", "use", "kit", "v1", data_dir=data_dir, env=server.env)
-    assert chosen.returncode == 0 and "the running server uses it now" in chosen.stdout, chosen.stderr
     tuned = reply("kit")
-    assert tuned["adapter"] == "v1" and reply("twin")["adapter"] is None
+    assert tuned["adapter"] == "v1" and base["adapter"] is None
     assert tuned["content"] != base["content"], "the adapter changes kit's voice"
     assert reply("twin")["content"] == base["content"], "and only kit's"
     listed = cli("adapter", "list", "kit", data_dir=data_dir, env=server.env)
     assert listed.returncode == 0 and listed.stdout.startswith("* v1"), listed.stdout + listed.stderr
 
-    # Back to the base model at run time: kit now answers exactly as its adapter-less twin.
+    # Back to the base model at run time: kit, whose card is twin's, now answers exactly as its
+    # adapter-less twin.
     assert cli("adapter", "use", "kit", "base", data_dir=data_dir, env=server.env).returncode == 0
     assert reply("kit")["content"] == base["content"]
 
@@ -335,9 +330,15 @@ def test_migrate_tunes_on_a_new_model_and_switches_nothing_until_the_server_runs
     assert f"`homefire adapter use kit {version}`" in listing["problem"]
     assert server.reply("kit", max_tokens=4)["adapter"] is None
     assert "no silent change: the base model changed" in server.log_tail(400)
+    def last_start() -> str:
+        return (data_dir / "run" / "engine.log").read_text().split("starting:")[-1].splitlines()[0]
+
+    assert "--enable-lora" not in last_start(), "no adapter in use, no LoRA"
+    # The first adapter chosen at run time: the engine restarts with LoRA and loads it.
     used = cli("adapter", "use", "kit", version, data_dir=data_dir, env=server.env)
-    assert used.returncode == 0, used.stderr
+    assert used.returncode == 0 and "the running server uses it now" in used.stdout, used.stderr
     assert server.reply("kit", max_tokens=4)["adapter"] == version
+    assert "--enable-lora" in last_start()
     pin = json.loads((data_dir / "model.json").read_text())
     assert pin["model"]["sha256"] == adapters.model_sha256(other_model)
     assert pin["previous"]["model"]["id"] == MODEL_NAME

@@ -26,13 +26,15 @@ from serve.finetunes import choose_sharing, sleep_mode_supported, training_gib
 from store.companions import Companion, CompanionStore
 from store.db import Database
 from store.history import History
+from tests.support import training
+from tests.support.training import REPORTS, flags
 
 REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train"]
-# A few quick steps that learn the voice (the held-out loss falls far below the base model's).
-QUICK = {"max_steps": 4, "learning_rate": 2e-3, "max_seq_len": 192, "warmup_steps": 1,
-         "batch_tokens": 768, "eval_every": 2}
-CONFIG = {"memory": {"top_k": 0}, "finetune": {"samples": 2}}
+QUICK = training.QUICK | {"max_steps": 4}
+# LoRA from the start: a new version loads into the running engine instead of restarting it (that
+# the first adapter restarts an engine started without LoRA is test_finetune's migrate test).
+CONFIG = {"memory": {"top_k": 0}, "finetune": REPORTS, "engine": {"lora": True}}
 SSE = {"Accept": "text/event-stream"}
 
 
@@ -133,8 +135,8 @@ def engine_starts(data: Path) -> int:
 def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_speaks(model_dir, make_server,
                                                                                       tmp_path):
     data = with_history(tmp_path / "data", model_dir)
-    server = make_server(data, config=CONFIG | {"finetune": {"samples": 2, "gpu_sharing": "stop",
-                                                             "limits": LIMITS}}).start()
+    server = make_server(data, config=CONFIG | {"finetune": REPORTS | {"gpu_sharing": "stop",
+                                                                      "limits": LIMITS}}).start()
     http = server.http()
     started = http.post("/api/v1/companions/kit/finetunes", json=QUICK)
     assert started.status_code == 202, started.text
@@ -302,8 +304,7 @@ def test_a_second_job_queues_and_a_cancelled_one_leaves_no_version(shared):
 def test_the_cli_trains_and_evaluates_through_the_running_servers_jobs(shared):
     http = shared.http()
     run = [sys.executable, "-m", "serve.cli"]
-    steps = [f"--set={k}={v}" for k, v in QUICK.items() if k != "max_steps"] + ["--data-dir",
-                                                                                str(shared.data_dir)]
+    steps = flags(training.QUICK) + ["--data-dir", str(shared.data_dir)]
     done = subprocess.run([*run, "finetune", "twin", "--steps", "2", *steps], capture_output=True, text=True,
                           cwd=REPO, env=shared.env, timeout=900)
     assert done.returncode == 0, done.stderr

@@ -15,11 +15,12 @@ import httpx
 import psutil
 import pytest
 
+from tests.support import training
 from tests.support.adapters import make_adapter
 
 SECRET = "ALICE-ONLY"   # in every piece of Alice's data: nothing Bob is told may hold it
 NAME = "Zephyrine"      # her companion's name
-QUICK = {"max_steps": 4, "max_seq_len": 192, "batch_tokens": 768}
+QUICK = training.QUICK | {"max_steps": 4}
 
 # A body for each route that takes JSON: valid in shape, so that what is refused is the access.
 BODIES = {

@@ -14,20 +14,18 @@ import yaml
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.support.server import REPO, Server
+from tests.support.training import QUICK, REPORTS
 
 CHROMIUM = os.environ.get("HOMEFIRE_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("HOMEFIRE_SCREENSHOTS", REPO / ".cache" / "screenshots"))
-# A training of a few quick steps (the page sets the number of steps).
-QUICK = {"learning_rate": 2e-3, "eval_share": 0.25, "max_seq_len": 192, "warmup_steps": 1,
-         "batch_tokens": 768, "eval_every": 2}
 
 
 @pytest.fixture(scope="session")
 def web(model_dir: Path, tmp_path_factory) -> Iterator[Server]:
     data = tmp_path_factory.mktemp("web")
     quick = data / "finetune-quick.yaml"
-    quick.write_text(yaml.safe_dump(QUICK))
-    srv = Server(data, model_dir, config={"finetune": {"samples": 2, "config": str(quick)}}).start()
+    quick.write_text(yaml.safe_dump(QUICK | {"eval_share": 0.25}))   # the page sets the steps
+    srv = Server(data, model_dir, config={"finetune": REPORTS | {"config": str(quick)}}).start()
     yield srv
     srv.stop()
 
