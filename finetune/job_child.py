@@ -3,7 +3,8 @@
 Training and the voice report after it are minutes to hours of torch. In the server's own
 process they would hold the interpreter lock that every reply's tokens pass through, and a
 crash would take the server with them. Here they run apart, on the cores the server gives
-(on the CPU build: not the engine's). The child speaks one JSON object per line on stdout:
+(on the CPU build: not the engine's). The child speaks as every child does (store/child.py),
+one JSON object per line:
 
     {"version": "v3"}           the folder it writes, once its dataset is built
     {"ready": true}             it has shown it can run (settings, history, dataset): it waits
@@ -31,17 +32,9 @@ from pathlib import Path
 from finetune.config import FinetuneConfig, FinetuneError
 from store import adapters
 from store.adapters import AdapterError
+from store.child import apart, say
 from store.companions import CompanionStore
 from store.db import Database
-
-LOWEST = 19
-
-
-CHANNEL = sys.stdout   # main() makes it a copy of stdout, and stdout itself goes to stderr
-
-
-def say(message: dict) -> None:
-    print(json.dumps(message), file=CHANNEL, flush=True)
 
 
 class Room:
@@ -100,15 +93,7 @@ def run(job: dict) -> dict:
 
 
 def main(job: dict) -> None:
-    global CHANNEL
-    # What libraries print must not be taken for a message.
-    CHANNEL = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    try:
-        os.nice(LOWEST)   # replies come first
-    except OSError:
-        pass
+    apart()
     if cores := job.get("cores"):
         os.sched_setaffinity(0, cores)
         import torch

@@ -6,24 +6,21 @@ measured gaps between tokens of other users' replies). Here it runs in a process
 it opens the export, checks it against the stored history (reads only) and fills the staging
 file; the server commits that file in short batches (memory/importer.py).
 
-The child speaks one JSON object per line on stdout: {"progress": [done, total]}, then
+The child speaks as every child does (store/child.py): {"progress": [done, total]}, then
 {"result": {...}} or {"failed": [where, why]}. Run as `python -m memory.import_child JOB`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 from memory.importer import Importer, ImportResult
 from memory.imports import ImportFailed, open_export
+from store.child import apart, run_child, say
 from store.db import Database, Progress
-
-LOWEST = 19
 
 
 def run_apart(importer: Importer, source: Path, fmt: str | None, label: str, companion_key: str,
@@ -45,43 +42,8 @@ def _stage_apart(importer: Importer, source: Path, fmt: str | None, label: str, 
     return ImportResult(**answer["result"])
 
 
-def run_child(module: str, job: dict, label: str, progress: Progress | None = None) -> dict:
-    """Run `python -m MODULE JOB` (JOB as JSON) and read what it says, one JSON object per line;
-    returns its answer: the last line, which holds "result" or "failed"."""
-    child = subprocess.Popen([sys.executable, "-m", module, json.dumps(job)],
-                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
-    answer: dict = {}
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:
-            answer = json.loads(line)
-            if "progress" in answer and progress:
-                progress(*answer["progress"])
-    finally:
-        if child.poll() is None and "result" not in answer and "failed" not in answer:
-            child.kill()   # this thread was stopped: the child's work is no one's now
-        code = child.wait()
-    if "result" not in answer and "failed" not in answer:
-        raise RuntimeError(f"the process reading {label} ended without an answer (exit code {code}); "
-                           "its traceback is in the server's log")
-    return answer
-
-
-def lowest_priority() -> None:
-    """The server's threads and the engine come first."""
-    try:
-        os.nice(LOWEST)
-    except OSError:
-        pass
-
-
 def main(job: dict) -> None:
-    lowest_priority()
-
-    def say(message: dict) -> None:
-        print(json.dumps(message), flush=True)
-
+    apart()
     db = Database(Path(job["db"]))
     try:
         with open_export(job["source"], job["format"], job["label"]) as export:

@@ -46,6 +46,7 @@ from serve.chat import ChatService
 from serve.config import Settings
 from serve.engine import Engine, is_cpu_build
 from store import adapters
+from store.child import message as said
 from store.companions import Companion, CompanionStore, visible_id
 from store.db import Database
 from store.jobs import DAY_S, OPEN, Admission, Jobs
@@ -465,9 +466,7 @@ class FinetuneService:
         first, last_write = None, 0.0
         assert self._child.stdout is not None
         async for line in self._child.stdout:
-            try:
-                message = json.loads(line)
-            except ValueError:
+            if (message := said(line)) is None:
                 continue
             if "version" in message:
                 await asyncio.to_thread(self._update, job_id, version=message["version"])
