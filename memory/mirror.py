@@ -9,7 +9,9 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import torch
+
+# torch is imported in the methods that use it: a process that opens no memory (most CLI
+# commands) is spared its 2 s.
 
 
 class Mirror:
@@ -24,6 +26,8 @@ class Mirror:
     """
 
     def __init__(self):
+        import torch
+
         self.size = 0
         self._ids = np.zeros(0, dtype=np.int64)
         self._matrix = torch.zeros((0, 0), dtype=torch.float16)
@@ -32,6 +36,8 @@ class Mirror:
         self._lock = threading.Lock()
 
     def add(self, memory_ids: list[int], vectors, times: list[float]) -> None:
+        import torch
+
         if len(memory_ids) == 0:
             return
         exact = np.asarray(vectors, dtype=np.float32)
@@ -58,6 +64,8 @@ class Mirror:
             self.size = need
 
     def drop(self, memory_ids: list[int]) -> None:
+        import torch
+
         with self._lock:
             keep = ~np.isin(self._ids[: self.size], memory_ids)
             kept = int(keep.sum())
@@ -73,6 +81,8 @@ class Mirror:
         best first; equal scores in memory id order. Rows said within `span` (start, end
         timestamps) score `bonus` more, in the scan itself: a question about "last week"
         costs no more than any other."""
+        import torch
+
         with self._lock:
             matrix = self._matrix[: self.size]
             scores = torch.mv(matrix, torch.from_numpy(vector).to(torch.float16)).float()

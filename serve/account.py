@@ -30,11 +30,20 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: `homefire user a
 def authenticate(request: Request,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
     """Every route but /healthz: the user whose key is sent as `Authorization: Bearer KEY`."""
-    user = credentials and request.app.state.homefire.users.by_key(credentials.credentials)
+    users = request.app.state.homefire.users
+    user = credentials and users.by_key(credentials.credentials)
     if not user:
         raise HTTPException(401, "missing, unknown or revoked API key: send 'Authorization: Bearer "
                                  "KEY' (the local owner's key is in the data directory's api_key file)",
                             headers={"WWW-Authenticate": "Bearer"})
+    # The command line's own application (never a server's), run for an admin acting for a
+    # member with --user: the admin's requests are the member's.
+    act_as = getattr(request.app.state, "act_as", None)
+    if act_as and user.admin and act_as != user.name:
+        member = users.get(act_as)
+        if member is None or member.revoked_at:
+            raise HTTPException(404, f"no user named {act_as!r}; add one with `homefire user add {act_as}`")
+        return member
     return user
 
 
@@ -97,7 +106,8 @@ class Account:
         if taken:
             prefix = f"{where}: " if where else ""
             raise HTTPException(409, f"{prefix}the id {companion_id!r} is taken; choose another"
-                                + ("" if not where else ", or import with replace=true to replace yours"))
+                                + ("" if not where else ", or import with replace=true (`homefire companion "
+                                                       "import-card --replace`) to replace yours"))
 
     def owner_for_new(self) -> str | None:
         """Who owns a companion this user creates: an admin's is shared, anyone else's their own."""

@@ -70,6 +70,10 @@ class AdapterService:
 
     async def use(self, companion_id: str, version: str | None) -> None:
         """Switch a companion to `version` (None: the base model) at once."""
+        if version is not None and self.chat.engine.state == "stopped":   # no engine runs here
+            adapters.checked_version(version)
+            self.use_at_start(companion_id, version)
+            return
         if version is not None:
             adapters.checked_version(version)   # before anything is loaded, restarted or written
             path = self._checked(companion_id, version)

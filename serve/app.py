@@ -28,14 +28,25 @@ from serve.routes import (
 )
 
 
-def create_app(settings: Settings, data_dir: Path, url: str = "") -> FastAPI:
+def create_app(settings: Settings, data_dir: Path, url: str = "", engine: bool = True,
+               needs: frozenset[str] = frozenset(), act_as: str | None = None) -> FastAPI:
+    """The application. `engine` False: without vLLM, nor backups on a schedule, and with only
+    what a command `needs` of the rest (Homefire.start_without_engine): the command line's, in
+    its own process, when no server runs (serve/in_process.py); there `act_as` names the member
+    the local owner's requests act for (`--user`)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hf = Homefire.open(settings, data_dir)
         hf.url = url
         app.state.homefire = hf
-        hf.chores.append(asyncio.create_task(hf.start_engine()))
-        if settings.backup.dir:
+        app.state.act_as = act_as
+        if not engine:
+            hf.chores.append(asyncio.create_task(hf.start_without_engine(
+                "the command line runs Homefire without its engine; start `homefire serve` for replies",
+                needs)))
+        else:
+            hf.chores.append(asyncio.create_task(hf.start_engine()))
+        if settings.backup.dir and engine:
             hf.chores.append(asyncio.create_task(hf.backups_on_schedule()))
         # From here on every request shares the event loop: SQLite belongs in worker threads.
         # A development check (the tests turn it on) makes a call on the loop an error.

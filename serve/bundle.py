@@ -48,7 +48,6 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
 
-from memory.import_child import lowest_priority, run_child
 from memory.imports.source import ImportFailed, check_archive
 from store import adapters
 from store.adapters import AdapterError
@@ -67,6 +66,7 @@ from store.bundles import (
     staged_picture,
 )
 from store.cards import PNG_SIGNATURE, card_json, parse_card
+from store.child import apart, run_child, say
 from store.companions import Companion, CompanionError, CompanionStore, format_validation_error, key_for
 from store.db import Database, Progress
 from store.files import feed, sha256_file, written_whole
@@ -530,15 +530,15 @@ def _summary(report: ImportReport, bundle: Bundle) -> str:
 
 def main(job: dict) -> None:
     """The child of read_apart: says {"result": ...} or {"failed": message} as one JSON line."""
-    lowest_priority()
+    apart()
     try:
         read = read_bundle(Path(job["path"]), job["label"], Path(job["staged"]))
     except BundleError as err:
-        print(json.dumps({"failed": str(err)}), flush=True)
+        say({"failed": str(err)})
         return
     read._removal.detach()   # the file is the parent's now
-    print(json.dumps({"result": {"manifest": read.manifest, "companion": read.companion.model_dump(),
-                                 "adapters": read.adapters}}), flush=True)
+    say({"result": {"manifest": read.manifest, "companion": read.companion.model_dump(),
+                    "adapters": read.adapters}})
 
 
 if __name__ == "__main__":

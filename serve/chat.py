@@ -184,6 +184,8 @@ class ChatService:
                skip_ids: set[int] = frozenset()) -> list[Recalled]:
         """The memories a reply to history's newest message places in its prompt: what the
         kept history (its newest `kept` messages; all by default) does not already hold."""
+        if self.engine.state == "stopped":   # the command line's application: no engine, no tokenizer
+            raise EngineUnavailable(self.engine.detail)
         if self.prompts is None or self.memory is None:
             raise EngineUnavailable("the tokenizer or the memory is still loading")
         if not history:   # every message was empty: nothing to recall for

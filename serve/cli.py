@@ -18,23 +18,19 @@ from finetune.config import FinetuneError
 from memory.imports import ImportFailed
 from serve import cli_bundle, cli_drift, cli_imports, cli_users, cli_voice
 from serve.bundle import BundleError
-from serve.cli_base import UsageError, connect, hold_lock, local_store, resolve_data_dir, server_url
+from serve.cli_base import UsageError, client, connect, hold_lock, resolve_data_dir, server_url
 from serve.client import Client, ServerError, server_file
 from serve.config import ConfigError, check_exposure, load_settings
 from serve.sse import DELTA
 from store.adapters import AdapterError
-from store.cards import keep_card, parse_card
-from store.companions import CompanionError, CompanionStore, load_dir
-from store.db import Database
-from store.history import History
-from store.pictures import picture_path
-from store.users import LOCAL
+from store.companions import CompanionError, load_dir
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from serve.app import create_app
+    from serve.homefire import quiet_libraries
 
     settings = load_settings(args.config)
     settings.host = args.host or settings.host
@@ -67,17 +63,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         server_file(data_dir).unlink(missing_ok=True)
 
 
-def quiet_libraries() -> None:
-    """A server's log says what Homefire does: not every request to the engine (httpx), nor
-    the libraries' loading bars and notices on each start."""
-    from transformers.utils import logging as transformers_logging
-
-    for name in ("httpx", "httpcore", "sentence_transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
 def _client(args: argparse.Namespace) -> Client:
     url = server_url(args)
     if url is None:
@@ -87,15 +72,15 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    client = _client(args)
+    talk = _client(args)
     companion = args.companion or load_settings(args.config).default_companion
     if args.conversation:
-        data = client.request("GET", f"/api/v1/conversations/{args.conversation}")
+        data = talk.request("GET", f"/api/v1/conversations/{args.conversation}")
         conversation_id = data["conversation"]["id"]
         for m in data["messages"][-6:]:
             print(f"{'you' if m['role'] == 'user' else companion}> {m['content']}")
     else:
-        data = client.request("POST", "/api/v1/conversations", json={"companion": companion})
+        data = talk.request("POST", "/api/v1/conversations", json={"companion": companion})
         conversation_id = data["conversation"]["id"]
         for m in data["messages"]:
             print(f"{companion}> {m['content']}")
@@ -110,7 +95,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         print(f"{companion}> ", end="", flush=True)
-        for name, data in client.stream_events(
+        for name, data in talk.stream_events(
             f"/api/v1/conversations/{conversation_id}/messages", {"content": line, "stream": True}
         ):
             if name == DELTA:
@@ -119,11 +104,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_companion_list(args: argparse.Namespace) -> None:
-    url = server_url(args)
-    # Without a server, the operator sees every user's companions, named by key (OWNER.ID).
-    rows = connect(args, url).request("GET", "/api/v1/companions") if url else [
-        c.model_dump() | {"id": c.key, "has_picture": picture_path(resolve_data_dir(args), c.key).is_file()}
-        for c in local_store(args).list()]
+    with client(args) as here:
+        rows = here.request("GET", "/api/v1/companions")
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
@@ -132,15 +114,8 @@ def cmd_companion_list(args: argparse.Namespace) -> None:
 
 
 def cmd_companion_show(args: argparse.Namespace) -> None:
-    url = server_url(args)
-    if url:
-        data = connect(args, url).request("GET", f"/api/v1/companions/{args.id}")
-    else:
-        store = local_store(args)
-        companion = store.get(args.id)
-        if companion is None:
-            raise UsageError(f"no companion named {args.id!r}; known companions: {', '.join(store.ids())}")
-        data = companion.model_dump()
+    with client(args) as here:
+        data = here.request("GET", f"/api/v1/companions/{args.id}")
     print(json.dumps(data, ensure_ascii=False, indent=2))
 
 
@@ -150,113 +125,39 @@ def cmd_companion_import(args: argparse.Namespace) -> None:
         content = path.read_bytes()
     except OSError as err:
         raise UsageError(f"{path}: {err.strerror}") from err
-    url = server_url(args)
-    if url:
-        params = {"filename": path.name, "replace": str(args.replace).lower()}
-        data = connect(args, url).request("POST", "/api/v1/companions/import", content=content, params=params)
-    else:
-        companion = parse_card(content, str(path))
-        reserved = load_settings(args.config).tasks.model
-        if companion.id == reserved:
-            raise UsageError(f"{path}: the id {companion.id!r} is the utility model's (tasks.model); "
-                             "choose another")
-        store = local_store(args)
-        origin = store.origin(companion.id)
-        if origin and not args.replace:
-            raise UsageError(f"{path}: a companion with id {companion.id!r} exists; use --replace")
-        if origin and origin[0] == "config":
-            raise UsageError(f"{path}: {companion.id!r} is defined in {origin[1]}; edit that file")
-        keep_card(store, resolve_data_dir(args), companion, content, str(path), origin[2] if origin else None)
-        data = companion.model_dump()
+    params = {"filename": path.name, "replace": str(args.replace).lower()}
+    with client(args) as here:
+        data = here.request("POST", "/api/v1/companions/import", content=content, params=params)
     print(f"imported {data['name']!r} as {data['id']!r}")
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
-    """Through the running server if there is one, else on the data directory under its lock."""
-    url = server_url(args)
+    """Through the running server if there is one, else through the same application here."""
     action = args.action
-    if url:
-        client = connect(args, url)
+    with client(args, "memory") as here:
         calls = {
-            "list": lambda: client.request("GET", f"/api/v1/companions/{args.companion}/memories",
-                                           params={"limit": args.limit, "offset": args.offset}),
-            "search": lambda: client.request("GET", f"/api/v1/companions/{args.companion}/memories/search",
-                                             params={"q": args.query, "k": args.k}),
-            "add": lambda: client.request("POST", f"/api/v1/companions/{args.companion}/memories",
-                                          json={"text": args.text, "pinned": args.pin}),
-            "edit": lambda: client.request("PATCH", f"/api/v1/memories/{args.id}", json={"text": args.text}),
-            "pin": lambda: client.request("PATCH", f"/api/v1/memories/{args.id}",
-                                          json={"pinned": not args.unpin}),
-            "delete": lambda: client.request("DELETE", f"/api/v1/memories/{args.id}"),
-            "forget-conversation": lambda: client.request("DELETE", f"/api/v1/conversations/{args.id}"),
-            "rebuild": lambda: client.request("POST", "/api/v1/memories/rebuild"),
-            "recall": lambda: client.request("GET", f"/api/v1/companions/{args.companion}/memories/recall",
-                                             params={"q": args.text}),
-            "find-tasks": lambda: client.request("GET",
-                                                 f"/api/v1/companions/{args.companion}/task-conversations"),
+            "list": lambda: here.request("GET", f"/api/v1/companions/{args.companion}/memories",
+                                         params={"limit": args.limit, "offset": args.offset}),
+            "search": lambda: here.request("GET", f"/api/v1/companions/{args.companion}/memories/search",
+                                           params={"q": args.query, "k": args.k}),
+            "add": lambda: here.request("POST", f"/api/v1/companions/{args.companion}/memories",
+                                        json={"text": args.text, "pinned": args.pin}),
+            "edit": lambda: here.request("PATCH", f"/api/v1/memories/{args.id}", json={"text": args.text}),
+            "pin": lambda: here.request("PATCH", f"/api/v1/memories/{args.id}",
+                                        json={"pinned": not args.unpin}),
+            "delete": lambda: here.request("DELETE", f"/api/v1/memories/{args.id}"),
+            "forget-conversation": lambda: here.request("DELETE", f"/api/v1/conversations/{args.id}"),
+            "rebuild": lambda: here.request("POST", "/api/v1/memories/rebuild"),
+            "recall": lambda: here.request("GET", f"/api/v1/companions/{args.companion}/memories/recall",
+                                           params={"q": args.text}),
+            "find-tasks": lambda: here.request("GET",
+                                               f"/api/v1/companions/{args.companion}/task-conversations"),
         }
         result = calls[action]()
         if action == "find-tasks" and args.forget:
             for found in result:
-                client.request("DELETE", f"/api/v1/conversations/{found['id']}")
-    elif action == "recall":
-        raise UsageError("`homefire memory recall` asks the running server (it counts with the model's "
-                         "tokenizer, as a reply does); start `homefire serve` first, or pass --url")
-    else:
-        result = _memory_locally(args)
+                here.request("DELETE", f"/api/v1/conversations/{found['id']}")
     _print_memory_result(action, result, args)
-
-
-def _memory_locally(args: argparse.Namespace) -> object:
-    from memory.embedder import Embedder
-    from memory.store import MemoryStore
-
-    data_dir = resolve_data_dir(args)
-    lock = hold_lock(data_dir)
-    try:
-        settings = load_settings(args.config)
-        db = Database(data_dir / "homefire.db")
-        companions = CompanionStore(db)
-        companions.sync_dir(settings.companions_dir)
-        if getattr(args, "companion", None) and companions.get(args.companion) is None:
-            raise UsageError(f"no companion named {args.companion!r}; known companions: "
-                             f"{', '.join(companions.ids())}")
-        store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
-        action = args.action
-        if action == "list":
-            return [m.model_dump() for m in store.list(args.companion, args.limit, args.offset)]
-        if action == "search":
-            return [m.model_dump() for m in store.search(args.companion, args.query, args.k)]
-        if action == "add":
-            fact = store.add_fact(args.companion, args.text, args.pin)
-            store.index_pending()
-            return store.get(fact.id).model_dump()
-        if action == "rebuild":
-            return {"memories": store.rebuild(everyone=True)}   # the operator, under the lock
-        if action == "find-tasks":
-            from serve.tasks import Tasks, task_conversations
-
-            key = companions.get(args.companion).key
-            history = History(db, LOCAL)
-            found = [t.model_dump() for t in task_conversations(history, Tasks(settings.tasks), key)]
-            for conversation in found if args.forget else ():
-                store.forget_conversation(conversation["id"])
-            return found
-        if action == "forget-conversation":
-            if not store.forget_conversation(args.id):
-                raise UsageError(f"no conversation with id {args.id!r}")
-            return None
-        if store.get(args.id) is None:
-            raise UsageError(f"no memory with id {args.id}")
-        if action == "delete":
-            store.delete(args.id)
-            return None
-        store.edit(args.id, text=getattr(args, "text", None),
-                   pinned=None if action == "edit" else not args.unpin)
-        store.index_pending()
-        return store.get(args.id).model_dump()   # as indexed again, as the API answers
-    finally:
-        lock.close()
 
 
 def _print_memory_result(action: str, result: object, args: argparse.Namespace) -> None:
@@ -316,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     companion = sub.add_parser("companion", help="list, show, import and export companions",
                                description="Manage companions, through the running server if there "
-                               "is one, else directly in the data directory.")
+                               "is one, else through the same application run here on the data directory.")
     csub = companion.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = csub.add_parser("list", parents=[remote], help="list companions")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -333,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     memory = sub.add_parser("memory", help="see and control what companions remember",
                             description="List, search, add, correct, pin and delete long-term memories, "
-                            "through the running server if there is one, else directly in the data "
-                            "directory (under the same lock the server takes).")
+                            "through the running server if there is one, else through the same "
+                            "application run here on the data directory (under the lock a server takes).")
     msub = memory.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = msub.add_parser("list", parents=[remote], help="list memories, pinned first, newest first")
     p.add_argument("companion", help="companion id")
@@ -372,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept them out; --forget deletes them with their memories.")
     p.add_argument("companion", help="companion id")
     p.add_argument("--forget", action="store_true", help="delete them, with their messages and memories")
-    msub.add_parser("rebuild", parents=[remote], help="recreate the vector index from SQLite (through the "
-                    "server: your own; without one: every user's)")
+    msub.add_parser("rebuild", parents=[remote], help="recreate your memories' vectors from SQLite (an "
+                    "index that cannot be read is rebuilt whole, for everyone, at every start)")
     for action_parser in msub.choices.values():
         action_parser.add_argument("--json", action="store_true", help="print JSON")
         action_parser.set_defaults(func=cmd_memory)

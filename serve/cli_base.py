@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import fcntl
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from serve.client import Client, running_url
@@ -34,6 +36,25 @@ def server_url(args: argparse.Namespace, user_ok: bool = False) -> str | None:
         raise UsageError(f"through a running server a command acts as the user whose key is sent: set "
                          f"HOMEFIRE_API_KEY to {user}'s key and leave out --user")
     return url
+
+
+@contextmanager
+def client(args: argparse.Namespace, *needs: str) -> Iterator[Client]:
+    """What a command calls: the running server (server_url), else the same application run in
+    this process on the data directory, under its lock, with what the command needs of it
+    ("memory", "model": serve/in_process.py), where --user acts for that member. Either way the
+    command's one implementation is its API calls."""
+    url = server_url(args)
+    if url:
+        yield connect(args, url)
+        return
+    from serve.in_process import InProcess
+
+    data_dir = resolve_data_dir(args)
+    lock = hold_lock(data_dir)
+    with InProcess(load_settings(args.config), data_dir, getattr(args, "user", LOCAL), lock,
+                   frozenset(needs)) as here:
+        yield here
 
 
 def connect(args: argparse.Namespace, url: str) -> Client:

@@ -5,47 +5,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from serve.cli_base import Bar, UsageError, connect, hold_lock, local_store, resolve_data_dir, server_url
+from serve.cli_base import Bar, UsageError, client, hold_lock, resolve_data_dir
 from serve.config import load_settings
 from store.db import Database
-from store.files import write_whole
-from store.users import LOCAL, Users, local_key
-
-
-def local_setup(args: argparse.Namespace):
-    """What this machine's server runs (converting the embedded model if it never started)."""
-    from serve import bundle
-    from serve.cli_voice import _base_model
-    from store import adapters
-
-    model_path, model_id = _base_model(args)
-    settings = load_settings(args.config)
-    return bundle.Setup(model_id, adapters.Base.of(Path(model_path), settings.engine.max_lora_rank),
-                        settings.memory.embedder or bundle.DEFAULT_EMBEDDER)
+from store.users import LOCAL
 
 
 def cmd_bundle_export(args: argparse.Namespace) -> None:
     from serve import bundle
 
-    data_dir = resolve_data_dir(args)
     out: Path = args.output or Path(f"{args.companion}{bundle.SUFFIX}")
-    url = server_url(args)
-    if url:
-        connect(args, url).download(f"/api/v1/companions/{args.companion}/bundle", out)
-        with bundle.read_bundle(out) as read:
-            manifest = read.manifest
-    else:
-        store = local_store(args)
-        companion = store.get(args.companion, args.user)
-        if companion is None:
-            raise UsageError(f"no companion named {args.companion!r} that {args.user} may use; known "
-                             f"companions: {', '.join(store.ids(args.user))}")
-        with Bar(f"writing {out.name}", 0, "B") as bar:
-            manifest = bundle.export_bundle(store.db, data_dir, companion, args.user, out, local_setup(args),
-                                            bundle.homefire_version(), bar)
+    with client(args, "model") as here:   # the manifest names the base model its adapters fit
+        here.download(f"/api/v1/companions/{args.companion}/bundle", out)
+    with bundle.read_bundle(out) as read:
+        manifest = read.manifest
     counts = manifest["counts"]
     print(f"{out}: {manifest['companion']['name']} with {counts['conversations']} conversations, "
           f"{counts['messages']} messages, {counts['memories']} memories, {counts['adapters']} adapter "
@@ -53,81 +28,25 @@ def cmd_bundle_export(args: argparse.Namespace) -> None:
 
 
 def cmd_bundle_import(args: argparse.Namespace) -> None:
-    data_dir = resolve_data_dir(args)
     path: Path = args.file
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
-    url = server_url(args)
-    if url:
-        params = {"filename": path.name} | ({"as_id": args.as_id} if args.as_id else {})
-        with path.open("rb") as body:
-            report = connect(args, url).request("POST", "/api/v1/bundles", content=body, params=params)
-    else:
-        report = _import_locally(args, data_dir, path).as_dict()
+    params = {"filename": path.name} | ({"as_id": args.as_id} if args.as_id else {})
+    with client(args, "memory", "model") as here, path.open("rb") as body:
+        report = here.request("POST", "/api/v1/bundles", content=body, params=params)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
         print(report["message"])
 
 
-def _import_locally(args: argparse.Namespace, data_dir: Path, path: Path):
-    from memory.embedder import Embedder
-    from memory.store import MemoryStore
-    from serve import bundle
-    from store import adapters
-
-    lock = hold_lock(data_dir)
-    try:
-        read = bundle.read_bundle(path, staged=data_dir / "run" / f"import-bundle-{os.getpid()}.db")
-        # checked whole before the model or the database is touched
-        settings = load_settings(args.config)
-        db = Database(data_dir / "homefire.db")
-        local_store(args)   # the persona files' companions are in place, so their ids are known
-        if args.user == LOCAL:
-            Users(db).ensure_local(local_key(data_dir))
-        user = Users(db).get(args.user)
-        if user is None:
-            raise UsageError(f"no user named {args.user!r} (see `homefire user list`)")
-        owner = None if user.admin else user.name
-        with read, Bar("writing history and memories", 0, "row") as bar:
-            report = bundle.import_bundle(db, data_dir, read, user.name, owner, local_setup(args), args.as_id,
-                                          reserved=(settings.tasks.model,), progress=bar)
-        key = f"{owner}.{report.companion}" if owner else report.companion
-        if report.adapter_in_use:
-            adapters.set_current(data_dir, key, report.adapter_in_use)
-        store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
-        with Bar("indexing memories", 0, "memory") as bar:
-            store.index_pending(bar)
-        return report
-    except bundle.BundleError as err:
-        raise UsageError(str(err)) from err
-    finally:
-        lock.close()
-
-
 def cmd_export_card(args: argparse.Namespace) -> None:
-    from store.cards import card_json, card_png
-    from store.pictures import picture_path
-
     out: Path = args.output
     if out.suffix.lower() not in (".png", ".json"):
         raise UsageError(f"-o {out}: a card is written as .png (with 'chara' and 'ccv3' chunks) or .json "
                          "(Character Card V3)")
-    data_dir = resolve_data_dir(args)
-    url = server_url(args)
-    if url:
-        connect(args, url).download(f"/api/v1/companions/{args.id}/card?format={out.suffix[1:].lower()}", out)
-    else:
-        store = local_store(args)
-        companion = store.get(args.id)
-        if companion is None:
-            raise UsageError(f"no companion named {args.id!r}; known companions: {', '.join(store.ids())}")
-        if out.suffix.lower() == ".json":
-            data = card_json(companion)
-        else:
-            picture = picture_path(data_dir, companion.key)
-            data = card_png(companion, picture.read_bytes() if picture.is_file() else None)
-        write_whole(out, data)
+    with client(args) as here:
+        here.download(f"/api/v1/companions/{args.id}/card?format={out.suffix[1:].lower()}", out)
     print(f"wrote {out}")
 
 

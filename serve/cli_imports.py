@@ -1,4 +1,4 @@
-"""`homefire import`: chat exports into a companion, through the server or under the lock."""
+"""`homefire import`: chat exports into a companion, through the server or the same application here."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ import time
 from pathlib import Path
 
 from memory.imports import FORMATS
-from serve.cli_base import Bar, UsageError, connect, hold_lock, resolve_data_dir, server_url
+from serve.cli_base import Bar, UsageError, client
 from serve.client import Client, ServerError
-from serve.config import load_settings
 from serve.sse import DONE, PROGRESS
-from store.companions import CompanionStore
-from store.db import Database
-from store.users import LOCAL, Users
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    """Preview locally; import through the running server, or under the data directory's lock."""
+    """Preview here; import through the running server, or the same application here."""
     from memory.imports import open_export
 
     path = str(args.path)
@@ -36,15 +32,15 @@ def cmd_import(args: argparse.Namespace) -> None:
         if not args.json:
             _print_import(result.as_dict(), dry_run=True)
         return
-    url = server_url(args)
-    result = _import_remote(connect(args, url), args) if url else _import_locally(args)
+    with client(args, "memory") as here:
+        result = _upload(here, args)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:
         _print_import(result, dry_run=False)
 
 
-def _import_remote(client: Client, args: argparse.Namespace) -> dict:
+def _upload(client: Client, args: argparse.Namespace) -> dict:
     path: Path = args.path
     try:
         size = path.stat().st_size
@@ -77,39 +73,6 @@ def _import_remote(client: Client, args: argparse.Namespace) -> dict:
             for bar in bars.values():
                 bar.close()
     raise ServerError("the server ended the import stream without a result")
-
-
-def _import_locally(args: argparse.Namespace) -> dict:
-    from memory.embedder import Embedder
-    from memory.importer import Importer
-    from memory.imports import open_export
-    from memory.store import MemoryStore
-    from store.staging import remove_leftovers
-
-    data_dir = resolve_data_dir(args)
-    lock = hold_lock(data_dir)
-    try:
-        settings = load_settings(args.config)
-        db = Database(data_dir / "homefire.db")
-        remove_leftovers(data_dir / "run", db)
-        companions = CompanionStore(db)
-        companions.sync_dir(settings.companions_dir)
-        if Users(db).get(args.user) is None and args.user != LOCAL:
-            raise UsageError(f"no user named {args.user!r}; add one with `homefire user add {args.user}`")
-        companion = companions.get(args.companion, args.user)
-        if companion is None:
-            raise UsageError(f"no companion named {args.companion!r} that {args.user} may use; known "
-                             f"companions: {', '.join(companions.ids(args.user))}")
-        with open_export(str(args.path), args.format) as export, \
-                Bar(f"importing {args.path.name}", export.size, "B") as bar:
-            result = Importer(db, data_dir / "run", args.user).run(export, companion.key, companion.name,
-                                                        lambda done, total: bar(done))
-        store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
-        with Bar("indexing memories", store.rows.pending_count(), "memory") as bar:
-            store.index_pending(lambda done, total: bar(done, total))
-        return result.as_dict()
-    finally:
-        lock.close()
 
 
 def _print_import(result: dict, dry_run: bool) -> None:
@@ -146,7 +109,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         "Character.AI (CAI Tools .json), SillyTavern (.jsonl chat) or plain JSONL ({\"messages\": "
         "[...]} a line) into a companion's history and memory. The format is detected. All or "
         "nothing; importing the same or a newer export again adds only what is new. Goes through "
-        "the running server if there is one, else works on the data directory under its lock.")
+        "the running server if there is one, else through the same application run here on the data "
+        "directory, under its lock.")
     p.add_argument("path", type=Path, help="the export file")
     p.add_argument("--companion", required=True, help="the companion that receives the history")
     p.add_argument("--user", default="local", help="whose history it is (default: local)")

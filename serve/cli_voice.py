@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve.cli_base import Bar, UsageError, connect, local_store, resolve_data_dir, server_url
+from serve.cli_base import Bar, UsageError, client, connect, local_store, resolve_data_dir, server_url
 from serve.client import ServerError
 from serve.config import load_settings
 from serve.sse import DONE
@@ -242,29 +242,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_adapter(args: argparse.Namespace) -> None:
-    from store import adapters
+    with client(args, "model") as here:
+        listing = here.request("GET", f"/api/v1/companions/{args.companion}/adapters")
+        if args.action == "list":
+            _print_adapters(args.companion, listing)
+            return
+        version = args.version
+        if args.action == "rollback":
+            now = listing["current"]
+            if now is None:
+                raise UsageError(f"companion {args.companion!r} uses no adapter; nothing to roll back")
+            older = [v["version"] for v in listing["versions"] if int(v["version"][1:]) < int(now[1:])]
+            version = older[-1] if older else None
+        here.request("PUT", f"/api/v1/companions/{args.companion}/adapter", json={"version": version})
+        where = ("the server uses it from its next start" if here.in_process
+                 else "the running server uses it now")
+    print(f"{args.companion} speaks through {version or 'the base model'}; {where}")
 
-    data_dir = resolve_data_dir(args)
-    url = server_url(args)
-    companion = _companion(args, url)
-    key = companion.key
-    if args.action == "list":
-        current = adapters.current(data_dir, key)
-        if url:
-            listing = connect(args, url).request("GET", f"/api/v1/companions/{args.companion}/adapters")
-            current = listing["current"]
-        for version in adapters.versions(data_dir, key):
-            info = adapters.manifest(data_dir, key, version)
-            m = info.get("metrics", {})
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.get("created_at", 0)))
-            held = f"held-out loss {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else ""
-            mark = "*" if version == current else " "
-            print(f"{mark} {version:<6} {when}  {m.get('steps', '?')} steps  {held}")
-        if not adapters.versions(data_dir, key):
-            print(f"{args.companion} has no adapters yet (homefire finetune {args.companion})")
-        return
-    version = args.version if args.action == "use" else adapters.previous(data_dir, key)
-    _switch_adapter(args, companion, version, url)
+
+def _print_adapters(companion_id: str, listing: dict) -> None:
+    for v in listing["versions"]:
+        m = v.get("metrics") or {}
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.get("created_at") or 0))
+        held = f"held-out loss {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else ""
+        mark = "*" if v["version"] == listing["current"] else " "
+        print(f"{mark} {v['version']:<6} {when}  {m.get('steps', '?')} steps  {held}")
+    if not listing["versions"]:
+        print(f"{companion_id} has no adapters yet (homefire finetune {companion_id})")
+    if listing.get("problem"):
+        print(f"(not in use: {listing['problem']})")
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:

@@ -33,15 +33,19 @@ def running_url(data_dir: Path) -> str | None:
 
 
 class Client:
-    def __init__(self, url: str, data_dir: Path):
-        """Authenticated with HOMEFIRE_API_KEY, else the local owner's key in data_dir."""
+    def __init__(self, url: str, data_dir: Path, uds: Path | None = None):
+        """Authenticated with HOMEFIRE_API_KEY, else the local owner's key in data_dir; over the
+        Unix socket `uds` where the application runs in this process (serve/in_process.py)."""
         headers = {}
         key = os.environ.get("HOMEFIRE_API_KEY")
         if not key and key_file(data_dir).exists():
             key = key_file(data_dir).read_text().strip()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30, read=600))
+        self.in_process = uds is not None   # the command line's own application, not a server
+        transport = httpx.HTTPTransport(uds=str(uds)) if uds else None
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30, read=600),
+                                 transport=transport)
 
     def request(self, method: str, path: str, **kwargs) -> object:
         try:

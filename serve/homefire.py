@@ -142,6 +142,28 @@ class Homefire:
         with_progress("indexing memories", store.index_pending)
         self.chat.memory = store
 
+    async def start_without_engine(self, why: str, needs: frozenset[str]) -> None:
+        """The application without its engine (the command line's, when no server runs), with
+        what the command `needs` of the rest: "model" (the base model on disk and known, and the
+        adapters in use that fit it), "memory" (the memory index). Anything that needs a reply says `why`."""
+        if "model" in needs:
+            await self.prepare_model()
+            await asyncio.to_thread(lambda: self.adapters.register_current(self.companions.ids()))
+        self.engine.state, self.engine.detail = "stopped", why
+        if "memory" in needs:
+            await asyncio.to_thread(self.open_memory)
+
+    async def prepare_model(self) -> None:
+        """The base model on disk (the embedded one is converted on first use) and known by its
+        weights, which every adapter is checked against."""
+        engine = self.engine
+        if not engine.model_path and not self.settings.engine.url:
+            engine.detail = "converting the embedded model (first start only)"
+            path = await asyncio.to_thread(ensure_default_model, self.data_dir / "models")
+            engine.model_path = str(path)
+        if not self.settings.engine.url:
+            await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
+
     async def start_engine(self) -> None:
         """Prepare the model, load the tokenizer and bring the engine up (in the background)."""
         from transformers import AutoTokenizer
@@ -149,12 +171,8 @@ class Homefire:
         engine = self.engine
         memory = asyncio.create_task(asyncio.to_thread(self.open_memory))
         try:
-            if not engine.model_path and not self.settings.engine.url:
-                engine.detail = "converting the embedded model (first start only)"
-                path = await asyncio.to_thread(ensure_default_model, self.data_dir / "models")
-                engine.model_path = str(path)
+            await self.prepare_model()
             if not self.settings.engine.url:
-                await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
                 self.model_change = await asyncio.to_thread(
                     check_and_record, self.data_dir, self.chat.model_id, self.adapters.base_sha256,
                     engine_version())
@@ -230,6 +248,21 @@ class Homefire:
         self.background.shutdown(wait=False, cancel_futures=True)
         await self.engine.stop()
         self.db.close()
+
+
+def quiet_libraries() -> None:
+    """A server's log says what Homefire does: not every request to the engine (httpx), nor
+    the libraries' loading bars and notices on each start."""
+    for name in ("httpx", "httpcore", "sentence_transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Read when transformers is imported (not here: a command that loads no model is spared it).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
 
 def lower_priority() -> None:

@@ -167,7 +167,19 @@ def test_the_cli_imports_without_a_server_and_the_memories_are_searchable(tmp_pa
     unknown = subprocess.run([*cli, "import", str(export), "--companion", "nobody", "--data-dir", str(data)],
                              capture_output=True, text=True, cwd=REPO, timeout=300)
     assert unknown.returncode == 2 and "no companion named 'nobody'" in unknown.stderr
-    store = MemoryStore(Database(data / "homefire.db"), data / "index", Embedder())
+    # The operator imports for a member with --user: the same application, acting for them.
+    assert subprocess.run([*cli, "user", "add", "bea", "--data-dir", str(data)], capture_output=True,
+                          cwd=REPO, timeout=60).returncode == 0
+    theirs = subprocess.run([*cli, "import", str(export), "--companion", "ember", "--user", "bea", "--json",
+                             "--data-dir", str(data)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert theirs.returncode == 0 and json.loads(theirs.stdout)["conversations_added"] == 2, theirs.stderr
+    db = Database(data / "homefire.db")
+    assert len(History(db, "bea").list_conversations("ember")) == 2
+    assert len(History(db, "local").list_conversations("ember")) == 2, "the owner's stay the owner's"
+    nobody = subprocess.run([*cli, "import", str(export), "--companion", "ember", "--user", "cy",
+                             "--data-dir", str(data)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert nobody.returncode == 2 and "no user named 'cy'" in nobody.stderr
+    store = MemoryStore(db, data / "index", Embedder())
     assert store.index_is_consistent()
 
 

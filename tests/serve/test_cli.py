@@ -182,8 +182,9 @@ def every_command(data: Path, inputs: Path) -> list[tuple[str, object]]:
 
 
 def test_every_command_gives_the_same_result_with_and_without_a_server(make_server, tmp_path):
-    # The same commands on two data directories that start alike: one acted on directly, one
-    # through its running server (on the shared engine: no command here asks for a reply).
+    # The same commands on two data directories that start alike: one with no server (each
+    # command runs the application in its own process), one through its running server (on the
+    # shared engine: no command here asks for a reply).
     from tests.support.exports import jsonl_export
 
     inputs = tmp_path / "inputs"
