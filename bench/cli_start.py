@@ -1,5 +1,6 @@
 """How long a `homefire` command takes to start: the commands that need no model, no index and
-no server (`--help`, `user list`, `adapter list`) against the same interpreter importing what
+no server (`--help`, `user list`; `companion list` runs the application in its own process,
+without engine, index or model: serve/in_process.py) against the same interpreter importing what
 the CLI used to import at start (Chroma and torch, by way of serve.bundle -> memory.store).
 
 Each figure is the median wall time of --runs fresh processes on an empty data directory.
@@ -40,7 +41,7 @@ def main() -> None:
     print(f"{platform.node()} {platform.processor() or platform.machine()}, {args.runs} runs each")
     print(f"baseline: importing serve.cli with Chroma and torch (as before): {baseline:.2f} s")
     for name, command in (("homefire --help", ["--help"]), ("homefire user list", ["user", "list"]),
-                          ("homefire adapter list ember", ["adapter", "list", "ember"])):
+                          ("homefire companion list", ["companion", "list"])):
         took = median_s([*cli, *command, *(["--data-dir", data] if command != ["--help"] else [])], args.runs)
         print(f"{name:<30} {took:.2f} s   ratio to the baseline {took / baseline:.2f}")
 

@@ -135,8 +135,9 @@ def engine_starts(data: Path) -> int:
 def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_speaks(model_dir, make_server,
                                                                                       tmp_path):
     data = with_history(tmp_path / "data", model_dir)
-    server = make_server(data, config=CONFIG | {"finetune": REPORTS | {"gpu_sharing": "stop",
-                                                                      "limits": LIMITS}}).start()
+    # Without LoRA at first: the engine's restart after the training brings it with the new version.
+    stop = REPORTS | {"gpu_sharing": "stop", "limits": LIMITS}
+    server = make_server(data, config=CONFIG | {"engine": {}, "finetune": stop}).start()
     http = server.http()
     started = http.post("/api/v1/companions/kit/finetunes", json=QUICK)
     assert started.status_code == 202, started.text
