@@ -247,7 +247,7 @@ def cmd_adapter(args: argparse.Namespace) -> None:
         if args.action == "list":
             _print_adapters(args.companion, listing)
             return
-        version = args.version
+        version = getattr(args, "version", None)   # rollback: the one before the version in use
         if args.action == "rollback":
             now = listing["current"]
             if now is None:

@@ -118,6 +118,31 @@ def test_chat_without_a_companion_talks_to_the_settings_default(server, tmp_path
     assert server.http().delete("/api/v1/companions/wisp").status_code == 204   # others see none
 
 
+def test_adapter_commands_without_a_server_switch_for_the_next_start(tmp_path, model_dir):
+    from serve.default_model import MODEL_NAME
+    from store import adapters
+    from tests.support.adapters import make_adapter
+
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    (data / "models" / MODEL_NAME).symlink_to(model_dir, target_is_directory=True)
+    for version in ("v1", "v2"):
+        make_adapter(data / "adapters" / "ember" / version, model_dir, "local")
+    where = ["--data-dir", str(data)]
+    used = homefire("adapter", "use", "ember", "v2", *where)
+    assert used.stdout == "ember speaks through v2; the server uses it from its next start\n", used.stderr
+    assert adapters.current(data, "ember") == "v2"
+    assert homefire("adapter", "list", "ember", *where).stdout.splitlines()[1].startswith("* v2")
+    for now in ("v1", "the base model"):
+        rolled = homefire("adapter", "rollback", "ember", *where)
+        assert rolled.stdout.startswith(f"ember speaks through {now};"), rolled.stderr
+    assert adapters.current(data, "ember") is None
+    nothing = homefire("adapter", "rollback", "ember", *where)
+    assert nothing.returncode == 2 and "uses no adapter; nothing to roll back" in nothing.stderr
+    unknown = homefire("adapter", "use", "ember", "v7", *where)
+    assert unknown.returncode == 2 and "no adapter 'v7'" in unknown.stderr
+
+
 @pytest.mark.parametrize("command", [["import", "{tmp}/export.json", "--companion", "ember"],
                                      ["bundle", "export", "ember"],
                                      ["bundle", "import", "{tmp}/ember.homefire"],
