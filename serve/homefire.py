@@ -96,8 +96,10 @@ class Homefire:
                      "POST /api/v1/finetunes/ID/resume", interrupted)
         return hf
 
-    def open_memory(self) -> None:
-        """Open the memory index; rebuild it from SQLite if it is missing or damaged."""
+    def open_memory(self, warm: bool = True) -> None:
+        """Open the memory index; rebuild it from SQLite if it is missing or damaged. `warm`: load
+        the embedders now (a server's first reply must not wait for them; a command may never
+        embed anything)."""
         import torch
         from chromadb.api.shared_system_client import SharedSystemClient
 
@@ -140,6 +142,9 @@ class Homefire:
         if repaired:
             log.info("memory: remembered %d exchanges committed before the last stop", repaired)
         with_progress("indexing memories", store.index_pending)
+        if warm:
+            for embedder in embedders:
+                embedder.model   # noqa: B018 (loads it)
         self.chat.memory = store
 
     async def start_without_engine(self, why: str, needs: frozenset[str]) -> None:
@@ -151,7 +156,7 @@ class Homefire:
             await asyncio.to_thread(lambda: self.adapters.register_current(self.companions.ids()))
         self.engine.state, self.engine.detail = "stopped", why
         if "memory" in needs:
-            await asyncio.to_thread(self.open_memory)
+            await asyncio.to_thread(self.open_memory, False)
 
     async def prepare_model(self) -> None:
         """The base model on disk (the embedded one is converted on first use) and known by its

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train"]
 QUICK = training.QUICK | {"max_steps": 4}
 # LoRA from the start: a new version loads into the running engine instead of restarting it (that
-# the first adapter restarts an engine started without LoRA is test_finetune's migrate test).
+# the first adapter restarts an engine started without LoRA is the web app's training test).
 CONFIG = {"memory": {"top_k": 0}, "finetune": REPORTS, "engine": {"lora": True}}
 SSE = {"Accept": "text/event-stream"}
 

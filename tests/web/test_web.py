@@ -281,6 +281,11 @@ def test_teach_the_voice_and_read_the_new_versions_report(tab, web, tmp_path):
     page.click("#start-training")
     expect(page.locator(".job progress")).to_be_visible()
     expect(page.locator(".job .notice.ok")).to_contain_text("Done: v1", timeout=600_000)
+    # No companion had an adapter: the engine ran without LoRA, and the first one (chosen at run
+    # time, by the training's switch) restarted it with LoRA, once.
+    lora = ["--enable-lora" in line for line in (web.data_dir / "run" / "engine.log").read_text().splitlines()
+            if "starting:" in line]
+    assert not lora[0] and lora[-1] and lora.count(True) == 1, lora
     points = page.locator(".loss-line").get_attribute("points")
     assert points and len(points.split()) >= 2, f"the loss chart drew {points!r}"
     expect(page.locator("tr[data-version=v1]")).to_be_visible()
