@@ -47,11 +47,15 @@ class InProcess:
         self.thread = threading.Thread(target=self.server.run, name="homefire-in-process", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + START_S
-        while not self._ready():
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"Homefire could not start on {self.data_dir}; see the messages above")
-            time.sleep(0.02)
+        try:
+            while not self._ready():
+                if not self.thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"Homefire could not start on {self.data_dir}; see the messages "
+                                       "above")
+                time.sleep(0.02)
+        except BaseException:   # a failed start, or Ctrl-C while it starts: the lock goes too
+            self.close()
+            raise
         return Client("http://homefire", self.data_dir, uds=self.socket)
 
     def _ready(self) -> bool:
