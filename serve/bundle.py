@@ -64,6 +64,7 @@ from store.bundles import (
     stage_picture,
     staged_conversations,
     staged_picture,
+    staging,
 )
 from store.cards import PNG_SIGNATURE, card_json, parse_card
 from store.child import apart, run_child, say
@@ -340,12 +341,11 @@ def _read(path: Path, label: str, staged: Path) -> Bundle:
             raise BundleError(f"{label}!manifest.json: the adapter in use, {in_use!r}, is not in the bundle")
         with closing(open_staged(staged)) as conn:
             create_staged(conn)
-            conn.execute("BEGIN")
-            if picture is not None:
-                stage_picture(conn, picture)
-            _stage_records(archive, "history.jsonl", label, present, conn, stage_conversation)
-            _stage_records(archive, "memories.jsonl", label, present, conn, stage_memory)
-            conn.execute("COMMIT")
+            with staging(conn):
+                if picture is not None:
+                    stage_picture(conn, picture)
+                _stage_records(archive, "history.jsonl", label, present, conn, stage_conversation)
+                _stage_records(archive, "memories.jsonl", label, present, conn, stage_memory)
     return Bundle(path, label, manifest, companion, found, staged)
 
 

@@ -18,7 +18,7 @@ from finetune.config import FinetuneError
 from memory.imports import ImportFailed
 from serve import cli_bundle, cli_drift, cli_imports, cli_users, cli_voice
 from serve.bundle import BundleError
-from serve.cli_base import UsageError, client, connect, hold_lock, resolve_data_dir, server_url
+from serve.cli_base import UsageError, client, hold_lock, resolve_data_dir
 from serve.client import Client, ServerError, server_file
 from serve.config import ConfigError, check_exposure, load_settings
 from serve.sse import DELTA
@@ -63,17 +63,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         server_file(data_dir).unlink(missing_ok=True)
 
 
-def _client(args: argparse.Namespace) -> Client:
-    url = server_url(args)
-    if url is None:
-        raise UsageError(f"no Homefire server is running for {resolve_data_dir(args)}; start one with "
-                         "`homefire serve`, or pass --url")
-    return connect(args, url)
-
-
 def cmd_chat(args: argparse.Namespace) -> None:
-    talk = _client(args)
+    """A conversation in the terminal: with the running server, else with Homefire and its engine
+    started in this command (serve/in_process.py)."""
     companion = args.companion or load_settings(args.config).default_companion
+    with client(args, "engine") as talk:
+        _chat(args, talk, companion)
+
+
+def _chat(args: argparse.Namespace, talk: Client, companion: str) -> None:
     if args.conversation:
         data = talk.request("GET", f"/api/v1/conversations/{args.conversation}")
         conversation_id = data["conversation"]["id"]
@@ -208,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", parents=[remote], help="chat with a companion in the terminal",
-                       description="Chat in the terminal with a companion of a running server; "
-                       "replies stream as they are written and the server keeps the history.")
+                       description="Chat in the terminal with a companion: through the running "
+                       "server, or, when none runs on the data directory, through Homefire and its engine "
+                       "started in this command for as long as the chat lasts (a minute to start). Replies "
+                       "stream as they are written, and the history is kept either way.")
     p.add_argument("companion", nargs="?", help="companion id (default: the settings' default_companion, "
                    "ember unless changed)")
     p.add_argument("--conversation", help="continue this conversation id instead of starting one")

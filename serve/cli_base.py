@@ -39,11 +39,12 @@ def server_url(args: argparse.Namespace, user_ok: bool = False) -> str | None:
 
 
 @contextmanager
-def client(args: argparse.Namespace, *needs: str) -> Iterator[Client]:
+def client(args: argparse.Namespace, *needs: str, settings: dict | None = None) -> Iterator[Client]:
     """What a command calls: the running server (server_url), else the same application run in
     this process on the data directory, under its lock, with what the command needs of it
-    ("memory", "model": serve/in_process.py), where --user acts for that member. Either way the
-    command's one implementation is its API calls."""
+    ("memory", "model", "jobs": serve/in_process.py), where --user acts for that member, and
+    with the command's own `settings` ({"finetune": {"samples": 2}}) over the settings file's
+    (a server keeps its own). Either way the command's one implementation is its API calls."""
     url = server_url(args)
     if url:
         yield connect(args, url)
@@ -52,9 +53,26 @@ def client(args: argparse.Namespace, *needs: str) -> Iterator[Client]:
 
     data_dir = resolve_data_dir(args)
     lock = hold_lock(data_dir)
-    with InProcess(load_settings(args.config), data_dir, getattr(args, "user", LOCAL), lock,
+    with InProcess(_settings(args, settings or {}), data_dir, getattr(args, "user", LOCAL), lock,
                    frozenset(needs)) as here:
         yield here
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, dict]):
+    """The settings file's settings, with a command's own (section by section) over them."""
+    from pydantic import ValidationError
+
+    settings = load_settings(args.config)
+    if not overrides:
+        return settings
+    merged = settings.model_dump()
+    for section, values in overrides.items():
+        merged[section] |= values
+    try:
+        return type(settings).model_validate(merged)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UsageError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def connect(args: argparse.Namespace, url: str) -> Client:

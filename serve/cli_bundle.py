@@ -9,7 +9,7 @@ from pathlib import Path
 
 from serve.cli_base import Bar, UsageError, client, hold_lock, resolve_data_dir
 from serve.config import load_settings
-from store.db import Database
+from store.db import Database, integrity
 from store.users import LOCAL
 
 
@@ -84,14 +84,14 @@ def cmd_restore(args: argparse.Namespace) -> None:
         if not store.index_is_consistent():
             raise UsageError(f"{data_dir}: the rebuilt memory index does not match SQLite; run "
                              "`homefire memory rebuild`")
-        integrity = db.query("PRAGMA integrity_check")[0][0]
+        checked = integrity(data_dir / "homefire.db")
     except backup.BackupError as err:
         raise UsageError(str(err)) from err
     finally:
         lock.close()
     counts = manifest["counts"]
     print(f"restored {folder.name} into {data_dir}: {counts['messages']} messages, {counts['memories']} "
-          f"memories (index rebuilt), {counts['users']} users; integrity {integrity}")
+          f"memories (index rebuilt), {counts['users']} users; integrity {checked}")
     if (folder / "configs").is_dir():
         print(f"the settings and persona files that server ran with are in {folder / 'configs'}")
 

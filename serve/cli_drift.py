@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from serve.cli_base import Bar, UsageError, resolve_data_dir, server_url
+from serve.cli_base import Bar, UsageError, resolve_data_dir
 from serve.cli_voice import _base_model, _companion, _finetune_config, add_training_flags, version_arg
 from store.db import Database
 from store.users import LOCAL
@@ -30,7 +30,7 @@ def cmd_drift(args: argparse.Namespace) -> None:
     from store import adapters
 
     data_dir = resolve_data_dir(args)
-    companion = _companion(args, server_url(args, user_ok=True))   # compared here, on this machine
+    companion = _companion(args)   # compared here, on this machine
     base_path, _ = _base_model(args)
     current = Setup(base_path, adapters.current(data_dir, companion.key))
     if (args.against is None) == (args.model is None):
@@ -84,7 +84,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     from store import adapters
 
     data_dir = resolve_data_dir(args)
-    companion = _companion(args, server_url(args, user_ok=True))   # trained here, beside the server
+    companion = _companion(args)   # trained here, beside the server
     base_path, _ = _base_model(args)
     new_path = _model_dir(args.model)
     if adapters.model_sha256(Path(new_path)) == adapters.model_sha256(Path(base_path)):

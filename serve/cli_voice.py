@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve.cli_base import Bar, UsageError, client, connect, local_store, resolve_data_dir, server_url
+from serve.cli_base import Bar, UsageError, client, local_store, resolve_data_dir
 from serve.client import ServerError
 from serve.config import load_settings
 from serve.sse import DONE
@@ -32,9 +32,9 @@ def _base_model(args: argparse.Namespace) -> tuple[str, str]:
     return str(ensure_default_model(resolve_data_dir(args) / "models")), MODEL_NAME
 
 
-def _companion(args: argparse.Namespace, url: str | None):
-    """The companion as `--user` (default local) knows it; its key names its adapters' folder.
-    Read from SQLite, which a running server shares (WAL)."""
+def _companion(args: argparse.Namespace):
+    """The companion as `--user` (default local) knows it, for the commands that read the data
+    directory themselves, which a running server shares (WAL): a dry run, drift and migrate."""
     user = getattr(args, "user", LOCAL)
     store = local_store(args)
     companion = store.get(args.companion, user)
@@ -88,13 +88,15 @@ def _job_settings(args: argparse.Namespace) -> dict:
 
 
 def _follow(client, job: dict, what: str) -> dict:
-    """Follow a server's job with a progress bar until it ends; Ctrl-C offers to cancel it."""
+    """Follow a job with a progress bar until it ends. Ctrl-C offers to cancel a server's job;
+    the command's own Homefire stops it, and it can be resumed from its last checkpoint."""
     bar = Bar(what, 0, "step", leave=True)
     path = f"/api/v1/finetunes/{job['id']}"
     try:
         queue = f" ({job['queue_position']} in the queue)" if job.get("queue_position") else ""
-        print(f"{what} runs in the server as job {job['id']}{queue}; Ctrl-C to cancel it", file=sys.stderr,
-              flush=True)
+        print(f"{what} (job {job['id']}); Ctrl-C stops it" if client.in_process else
+              f"{what} runs in the server as job {job['id']}{queue}; Ctrl-C to cancel it",
+              file=sys.stderr, flush=True)
         for name, job in client.stream_events(path, None, method="GET"):  # noqa: B020 (the same job, newer)
             bar.step(job)
             bar.describe(f"{what} ({job['state']})")
@@ -102,6 +104,10 @@ def _follow(client, job: dict, what: str) -> dict:
                 return job
     except KeyboardInterrupt:
         bar.close()
+        if client.in_process:
+            resume = (f"; `homefire finetune {job['companion']} --resume {job['version']}` continues it from "
+                      "its last checkpoint" if job.get("version") and job["kind"] == "train" else "")
+            raise UsageError(f"stopped: job {job['id']} is interrupted{resume}") from None
         try:
             answer = input(f"\ncancel job {job['id']}? [y/N] ")
         except (EOFError, KeyboardInterrupt):
@@ -114,32 +120,7 @@ def _follow(client, job: dict, what: str) -> dict:
                          f"/api/v1/finetunes/{job['id']}/cancel") from None
     finally:
         bar.close()
-    raise ServerError(f"the server ended the stream of job {job['id']} before the job ended")
-
-
-def _finetune_via_server(args: argparse.Namespace, url: str, companion) -> None:
-    client = connect(args, url)
-    if args.resume:
-        jobs = client.request("GET", "/api/v1/finetunes")
-        job = next((j for j in jobs if j["version"] == args.resume and j["companion"] == companion.id
-                    and j["state"] == "interrupted"), None)
-        if job is None:
-            raise UsageError(f"no interrupted job of yours wrote {args.resume} of {companion.id}; "
-                             "GET /api/v1/finetunes lists your jobs")
-        job = client.request("POST", f"/api/v1/finetunes/{job['id']}/resume")
-    else:
-        job = client.request("POST", f"/api/v1/companions/{companion.id}/finetunes", json=_job_settings(args))
-    job = _follow(client, job, f"training {companion.id}")
-    if job["state"] != "done":
-        raise ServerError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
-    m = job["metrics"]
-    held = f", held-out loss {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else ""
-    print(f"adapter {job['version']} for {companion.id}: {m['steps']} steps, loss {m['first_loss']:.3f} -> "
-          f"{m['train_loss']:.3f}{held}, {m['tokens_per_s']:.0f} tokens/s (job {job['id']})")
-    _print_voice(job)
-    print(f"{companion.id} speaks through {job['version']}: {job['switch_reason']}" if job["switched"] else
-          f"{companion.id} goes on as before: {job['switch_reason']} (homefire adapter use "
-          f"{companion.id} {job['version']} switches by hand)")
+    raise ServerError(f"the stream of job {job['id']} ended before the job did")
 
 
 def _print_voice(job: dict) -> None:
@@ -152,93 +133,90 @@ def _print_voice(job: dict) -> None:
         print(f"  no voice report: {voice['error']}")
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
+def _dry_run(args: argparse.Namespace) -> None:
+    """The dataset a training would build, read here (nothing is written, no lock is taken)."""
     from finetune.dataset import show
-    from finetune.lora import dataset_for, finetune, tokenizer_for
+    from finetune.lora import dataset_for, tokenizer_for
 
     config = _finetune_config(args)
-    data_dir = resolve_data_dir(args)
-    url = server_url(args, user_ok=args.dry_run)   # a dry run reads the history here
-    companion = _companion(args, url)
-    if url and not args.dry_run:
-        _finetune_via_server(args, url, companion)
-        return
-    model_path, model_id = _base_model(args)
-    db = Database(data_dir / "homefire.db")
+    model_path, _ = _base_model(args)
+    companion = _companion(args)
+    tokenizer = tokenizer_for(model_path)
+    db = Database(resolve_data_dir(args) / "homefire.db")
+    data = dataset_for(db, companion, tokenizer, config, args.user)
+    summary = data.summary()
+    for part in ("train", "eval"):
+        s = summary[part]
+        print(f"{part}: {s['examples']} examples, {s['tokens']} tokens, {s['trained_tokens']} trained "
+              f"({summary['conversations'][part]} conversations)")
+    if summary["skipped"]:
+        print("skipped: " + ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()))
+    print("\nan example (« » marks the tokens that are trained):\n")
+    print(show(tokenizer, data.train[0]))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """A training job: of the running server, else of the command's own Homefire (one way)."""
     if args.dry_run:
-        tokenizer = tokenizer_for(model_path)
-        data = dataset_for(db, companion, tokenizer, config, args.user)
-        summary = data.summary()
-        for part in ("train", "eval"):
-            s = summary[part]
-            print(f"{part}: {s['examples']} examples, {s['tokens']} tokens, {s['trained_tokens']} trained "
-                  f"({summary['conversations'][part]} conversations)")
-        if summary["skipped"]:
-            print("skipped: " + ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()))
-        print("\nan example (« » marks the tokens that are trained):\n")
-        print(show(tokenizer, data.train[0]))
+        _dry_run(args)
         return
-    with Bar(f"training {companion.id}", 0, "step", leave=True) as bar:
-        out = finetune(data_dir, db, companion, model_path, model_id, config, args.resume, bar.step,
-                       args.user)
-    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
-    print(f"adapter {out.name} for {companion.id}: {metrics['steps']} steps, loss {metrics['first_loss']:.3f}"
-          f" -> {metrics['train_loss']:.3f}" + (f", held-out loss {metrics['eval_loss']:.3f}"
-                                                 if metrics["eval_loss"] is not None else "")
-          + f", {metrics['tokens_per_s']:.0f} tokens/s; in {out}")
-    _switch_adapter(args, companion, out.name, url)
-
-
-def _switch_adapter(args: argparse.Namespace, companion, version: str | None, url: str | None) -> None:
-    from store import adapters
-
-    if url:
-        connect(args, url).request("PUT", f"/api/v1/companions/{companion.id}/adapter",
-                                   json={"version": version})
-        where = "the running server uses it now"
-    else:
-        if version is not None:
-            model_path, _ = _base_model(args)
-            adapters.verify(adapters.version_dir(resolve_data_dir(args), companion.key, version),
-                            adapters.Base.of(Path(model_path)))
-        adapters.set_current(resolve_data_dir(args), companion.key, version)
-        where = "the server uses it from its next start"
-    print(f"{companion.id} speaks through {version or 'the base model'}; {where}")
+    _finetune_config(args)   # the flags are checked before anything starts
+    settings = _job_settings(args)
+    with client(args, "jobs") as here:
+        if args.resume:
+            jobs = here.request("GET", "/api/v1/finetunes")
+            job = next((j for j in jobs if j["version"] == args.resume and j["companion"] == args.companion
+                        and j["state"] == "interrupted"), None)
+            if job is None:
+                raise UsageError(f"no interrupted job of yours wrote {args.resume} of {args.companion}; "
+                                 "`GET /api/v1/finetunes` lists your jobs")
+            job = here.request("POST", f"/api/v1/finetunes/{job['id']}/resume")
+        else:
+            job = here.request("POST", f"/api/v1/companions/{args.companion}/finetunes", json=settings)
+        job = _follow(here, job, f"training {args.companion}")
+        later = "; the server uses it from its next start" if here.in_process else ""
+    if job["state"] != "done":
+        raise ServerError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+    m, name, version = job["metrics"], job["companion"], job["version"]
+    held = f", held-out loss {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else ""
+    print(f"adapter {version} for {name}: {m['steps']} steps, loss {m['first_loss']:.3f} -> "
+          f"{m['train_loss']:.3f}{held}, {m['tokens_per_s']:.0f} tokens/s (job {job['id']})")
+    _print_voice(job)
+    print(f"{name} speaks through {version}: {job['switch_reason']}{later}" if job["switched"] else
+          f"{name} goes on as before: {job['switch_reason']} (homefire adapter use {name} {version} "
+          "switches by hand)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from finetune.evaluate import voice_match
-    from store import adapters
-
-    data_dir = resolve_data_dir(args)
-    url = server_url(args)
-    companion = _companion(args, url)
-    version = args.adapter or adapters.current(data_dir, companion.key) or (
-        adapters.versions(data_dir, companion.key) or [None])[-1]
-    if version is None:
-        raise UsageError(f"companion {companion.id!r} has no adapters yet; run `homefire finetune` first")
-    if url:   # through the server's queue: it shares the GPU with the engine and other jobs
-        client = connect(args, url)
-        job = client.request("POST", f"/api/v1/companions/{companion.id}/adapters/{version}/evaluations")
-        job = _follow(client, job, f"evaluating {companion.id} {version}")
+    """An evaluation job, as cmd_finetune's; --samples and --max-new-tokens size the command's own
+    Homefire's report (a server's are its settings')."""
+    own = {k: v for k, v in (("samples", args.samples), ("sample_tokens", args.max_new_tokens)) if v}
+    with client(args, "jobs", settings={"finetune": own}) as here:
+        if own and not here.in_process:
+            print("the server's finetune.samples and finetune.sample_tokens size its report; "
+                  "--samples and --max-new-tokens apply without a server", file=sys.stderr)
+        companion = args.companion
+        listing = here.request("GET", f"/api/v1/companions/{companion}/adapters")
+        version = args.adapter or listing["current"] or next(
+            (v["version"] for v in reversed(listing["versions"])), None)
+        if version is None:
+            raise UsageError(f"companion {companion!r} has no adapters yet; run `homefire finetune` first")
+        job = here.request("POST", f"/api/v1/companions/{companion}/adapters/{version}/evaluations")
+        job = _follow(here, job, f"evaluating {companion} {version}")
         if job["state"] != "done":
             raise ServerError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
         if (job.get("voice") or {}).get("error"):
             raise UsageError(job["voice"]["error"])
-        folder = adapters.version_dir(data_dir, companion.key, version)
-        result = json.loads((folder / "eval.json").read_text())
-    else:
-        model_path, _ = _base_model(args)
-        result = voice_match(data_dir, Database(data_dir / "homefire.db"), companion, model_path, version,
-                             samples=args.samples, max_new_tokens=args.max_new_tokens, user=args.user)
+        result = here.request("GET", f"/api/v1/companions/{companion}/adapters/{version}/report")
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
     p, sim = result["perplexity"], result["similarity_to_real"]
-    print(f"{companion.id} {version} on {result['held_out_tokens']} held-out reply tokens:")
+    print(f"{companion} {version} on {result['held_out_tokens']} held-out reply tokens:")
     print(f"  perplexity   base {p['base']:.2f}   tuned {p['tuned']:.2f}")
     print(f"  similarity   base {sim['base']:.3f}   tuned {sim['tuned']:.3f}  (to the real replies)")
-    print(f"report: {adapters.version_dir(data_dir, companion.key, version) / 'report.md'}")
+    print(f"the whole report, with samples and a plot: the web app's voice view, or GET "
+          f"/api/v1/companions/{companion}/adapters/{version}/report")
 
 
 def cmd_adapter(args: argparse.Namespace) -> None:
@@ -290,35 +268,40 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         "finetune", parents=[remote], help="LoRA-tune a companion's voice on its history",
         description="Train a LoRA adapter on the companion's stored history (imported and live), "
         "loss on the companion's replies only, with a held-out share of whole conversations "
-        "for evaluation and early stopping. Writes adapters/COMPANION/vN/ in the data directory "
-        "and makes the companion speak through it (at once, if the server runs). Settings: "
-        "configs/finetune.yaml; flags override it. When a server runs on the data directory, the "
-        "training is one of its jobs (POST /api/v1/companions/ID/finetunes): it waits its turn, "
-        "shares the GPU as finetune.gpu_sharing says, switches only to a better version "
-        "(finetune.switch), and Ctrl-C offers to cancel it.")
+        "for evaluation and early stopping, then its voice report. Writes adapters/COMPANION/vN/ "
+        "in the data directory and makes the companion speak through it if it is better "
+        "(finetune.switch; at once, if the server runs). Settings: configs/finetune.yaml; flags "
+        "override it. The training is a job (POST /api/v1/companions/ID/finetunes): of the server "
+        "running on the data directory, where it waits its turn, shares the GPU as "
+        "finetune.gpu_sharing says, and Ctrl-C offers to cancel it; else of this command's own "
+        "Homefire, where it has the machine to itself and Ctrl-C interrupts it (--resume continues).")
     p.add_argument("companion", help="companion id")
     p.add_argument("--dry-run", action="store_true",
                    help="build the dataset only: print its size and one example with trained tokens marked")
     add_training_flags(p)
     p.add_argument("--resume", metavar="VERSION", type=version_arg,
                    help="continue an interrupted run from its checkpoint")
-    p.add_argument("--user", default=LOCAL, help="whose history to learn from (default: local); "
-                   "everyone who talks to the companion hears the adapter")
+    p.add_argument("--user", default=LOCAL, help="act for this member, without a server (default: local): "
+                   "their companion, on their history, as their own job would (a shared companion is "
+                   "an admin's to tune; everyone who talks to it hears the adapter)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
         "eval", parents=[remote], help="measure how close an adapter's voice is to the original",
         description="On the held-out conversations: perplexity of the companion's real replies under "
         "the base model and the adapter, and style and similarity of replies both generate. Writes "
-        "report.md, voice.png and eval.json into the adapter's folder. When a server runs on the data "
-        "directory, it is one of its jobs (the server's finetune.samples replies each).")
+        "report.md, voice.png and eval.json into the adapter's folder. It is a job: of the server running on "
+        "the data directory (its finetune.samples replies each), else of this command's own Homefire.")
     p.add_argument("companion", help="companion id")
     p.add_argument("--adapter", metavar="VERSION", type=version_arg,
                    help="adapter version (default: the one in use)")
-    p.add_argument("--samples", type=int, default=8, help="replies to generate with each model (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated reply (default 64)")
+    p.add_argument("--samples", type=int, help="replies to generate with each model (default: the "
+                   "settings' finetune.samples, 8; without a server only)")
+    p.add_argument("--max-new-tokens", type=int, help="longest generated reply (default: the settings' "
+                   "finetune.sample_tokens, 64; without a server only)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    p.add_argument("--user", default=LOCAL, help="whose held-out conversations to use (default: local)")
+    p.add_argument("--user", default=LOCAL, help="act for this member, without a server (default: local): "
+                   "their held-out conversations")
     p.set_defaults(func=cmd_eval)
 
     adapter = sub.add_parser("adapter", help="list, use and roll back a companion's adapters",

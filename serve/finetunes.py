@@ -350,6 +350,8 @@ class FinetuneService:
         (None, why it waits). Only an admin's job, or a member's within finetune.limits.engine_hours,
         may stop or sleep the engine that every member's replies need."""
         engine, cpu = self.hf.engine, is_cpu_build()
+        if engine.state == "stopped":   # the command line's Homefire, which runs no engine
+            return "concurrent", "no engine runs beside it: the training has the machine to itself"
         qlora = FinetuneConfig.model_validate_json(row["settings"]).qlora
         need = training_gib(Path(engine.model_path), qlora)
         free = None if cpu else await asyncio.to_thread(gpu_free_gib)

@@ -150,13 +150,17 @@ class Homefire:
     async def start_without_engine(self, why: str, needs: frozenset[str]) -> None:
         """The application without its engine (the command line's, when no server runs), with
         what the command `needs` of the rest: "model" (the base model on disk and known, and the
-        adapters in use that fit it), "memory" (the memory index). Anything that needs a reply says `why`."""
-        if "model" in needs:
+        adapters in use that fit it), "memory" (the memory index), "jobs" (the model, and the
+        training queue: with no engine to share the GPU with, a job has it all). Anything that
+        needs a reply says `why`."""
+        if needs & {"model", "jobs"}:
             await self.prepare_model()
             await asyncio.to_thread(lambda: self.adapters.register_current(self.companions.ids()))
         self.engine.state, self.engine.detail = "stopped", why
         if "memory" in needs:
             await asyncio.to_thread(self.open_memory, False)
+        if "jobs" in needs:
+            self.finetunes.start()
 
     async def prepare_model(self) -> None:
         """The base model on disk (the embedded one is converted on first use) and known by its

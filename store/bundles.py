@@ -14,6 +14,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -143,6 +144,14 @@ def open_staged(path: Path) -> sqlite3.Connection:
 def create_staged(conn: sqlite3.Connection) -> None:
     """The staged file's tables (a new file, written once: no journal)."""
     conn.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + STAGED)
+
+
+@contextmanager
+def staging(conn: sqlite3.Connection) -> Iterator[None]:
+    """The staged file's one transaction: every record of the bundle is written in it."""
+    conn.execute("BEGIN")
+    yield
+    conn.execute("COMMIT")
 
 
 def stage_picture(conn: sqlite3.Connection, picture: bytes) -> None:

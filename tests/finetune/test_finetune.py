@@ -26,13 +26,18 @@ from serve.default_model import MODEL_NAME
 from store.companions import Companion, CompanionStore
 from store.db import Database
 from store.history import History
-from tests.support.training import QUICK, flags
+from tests.support.training import QUICK, REPORTS, flags
 
 REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["the rain", "my job", "dinner", "a film", "the garden", "music", "my sister", "the train",
           "coffee", "books", "the sea", "my bike"]
 KIT = Companion(id="kit", name="Kit", personality="A sleepy, gentle cat.")
 TRAIN = flags(QUICK | {"max_steps": 8, "warmup_steps": 2, "eval_every": 4})
+
+
+def reports(data_dir: Path) -> list[str]:
+    """The settings of the data directory's command-line Homefire: short voice reports."""
+    return ["--config", str(data_dir / "reports.yaml")]
 
 
 def voice(topic: str) -> str:
@@ -56,6 +61,7 @@ def data_dir(model_dir: Path, tmp_path_factory) -> Path:
             history.append(conversation, "user", f"What do you think about {topic}?")
             history.append(conversation, "assistant", voice(topic))
     db.close()
+    (data / "reports.yaml").write_text(json.dumps({"finetune": REPORTS}))   # short voice reports
     return data
 
 
@@ -113,15 +119,20 @@ def test_dry_run_shows_the_dataset_and_marks_trained_tokens(data_dir):
 
 @pytest.fixture(scope="module")
 def trained(data_dir) -> Path:
-    done = cli("finetune", "kit", *TRAIN, data_dir=data_dir)
+    # No server runs: the command runs the training as a job of its own Homefire, as a server would.
+    done = cli("finetune", "kit", *TRAIN, *reports(data_dir), data_dir=data_dir)
     assert done.returncode == 0, done.stderr
-    assert "adapter v1 for kit" in done.stdout and "the server uses it from its next start" in done.stdout
+    assert "adapter v1 for kit" in done.stdout and "perplexity   base" in done.stdout
+    assert "kit speaks through v1: held-out loss" in done.stdout
+    assert "the server uses it from its next start" in done.stdout
     return data_dir / "adapters" / "kit" / "v1"
 
 
 def test_a_few_steps_lower_the_loss_and_write_a_versioned_safetensors_adapter(trained, data_dir):
+    # The weights, what they were made from, and (a job's) the voice report beside them.
     assert sorted(p.name for p in trained.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "history.json", "manifest.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "eval.json", "history.json",
+        "manifest.json", "report.md", "voice.png"]
     manifest = json.loads((trained / "manifest.json").read_text())
     assert manifest["base_model"]["id"] == MODEL_NAME and len(manifest["base_model"]["sha256"]) == 64
     assert manifest["dataset"]["hash"] and manifest["config"]["rank"] == 16
@@ -202,27 +213,48 @@ def test_the_shipped_config_is_the_defaults_and_bad_values_are_named():
         load_config(overrides={"batch_tokens": 3})
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(trained, data_dir):
+def test_a_job_killed_with_its_homefire_is_interrupted_and_resumes_from_its_checkpoint(trained, data_dir):
+    # The command's own Homefire runs the training as any server's job: killed with it (SIGKILL,
+    # as a server may be), the job is interrupted, and resumes from its checkpoint.
+    import torch
+
+    from store.jobs import Jobs
+
     run = [sys.executable, "-m", "serve.cli", "finetune", "twin", *TRAIN, "--set", "save_every=3",
-           "--data-dir", str(data_dir)]
+           *reports(data_dir), "--data-dir", str(data_dir)]
     history = History(Database(data_dir / "homefire.db"))
     for i in range(8):
         conversation = history.create_conversation("twin").id
         history.append(conversation, "user", f"Tell me about {TOPICS[i]}.")
         history.append(conversation, "assistant", voice(TOPICS[i]))
     proc = subprocess.Popen(run, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = data_dir / "adapters" / "twin" / "v1" / "checkpoint" / "trainer_state.pt"
+    folder = data_dir / "adapters" / "twin" / "v1"
+    state = folder / "checkpoint" / "trainer_state.pt"
     deadline = time.monotonic() + 300
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.kill()   # the state file comes last, by rename: once it is there the checkpoint is whole
     proc.wait()
     assert state.exists(), "the run should have written a checkpoint before it was killed"
-    assert not (state.parent.parent / "manifest.json").exists(), "an interrupted run is not a version"
-    resumed = cli("finetune", "twin", *TRAIN, "--resume", "v1", data_dir=data_dir)
+    checkpoint_step = torch.load(state, weights_only=True)["step"]
+    before = [p for p in json.loads((folder / "checkpoint" / "history.json").read_text())
+              if p["step"] <= checkpoint_step]
+
+    # The next command's Homefire finds the job cut short, and lists no half-written version.
+    listed = cli("adapter", "list", "twin", data_dir=data_dir)
+    assert listed.returncode == 0 and "twin has no adapters yet" in listed.stdout, listed.stderr
+    with closing(Database(data_dir / "homefire.db")) as db:
+        job = next(j for j in Jobs(db).list(None) if j["companion_id"] == "twin")
+    assert job["state"] == "interrupted" and "resume" in job["error"] and job["version"] == "v1"
+
+    resumed = cli("finetune", "twin", "--resume", "v1", *reports(data_dir), data_dir=data_dir)
     assert resumed.returncode == 0, resumed.stderr
-    steps = [point["step"] for point in json.loads((state.parent.parent / "history.json").read_text())]
-    assert steps == list(range(1, 9)), "the resumed run continues where the checkpoint left off"
+    assert "adapter v1 for twin: 8 steps" in resumed.stdout
+    after = json.loads((folder / "history.json").read_text())
+    assert [p["step"] for p in after] == list(range(1, 9))
+    assert after[:len(before)] == before, "it continued from its checkpoint, not from nothing"
+    again = cli("finetune", "twin", "--resume", "v1", *reports(data_dir), data_dir=data_dir)
+    assert again.returncode == 2 and "no interrupted job of yours wrote v1 of twin" in again.stderr
 
 
 def test_training_and_eval_data_hold_no_control_token_that_history_typed(model_dir):

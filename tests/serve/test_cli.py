@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -80,9 +81,31 @@ def test_cli_against_the_running_server(server):
     assert "ember" in [c["id"] for c in listed]
 
 
-def test_chat_without_a_server_says_how_to_start_one(tmp_path):
-    result = homefire("chat", "--data-dir", str(tmp_path))
-    assert result.returncode == 2 and "homefire serve" in result.stderr
+def test_chat_without_a_server_runs_homefire_and_its_engine_for_as_long_as_the_chat(tmp_path, model_dir):
+    import psutil
+
+    from serve.default_model import MODEL_NAME
+    from store.db import Database
+    from store.history import History
+
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    (data / "models" / MODEL_NAME).symlink_to(model_dir, target_is_directory=True)
+    result = homefire("chat", "ember", "--data-dir", str(data), input="Hello Ember, I planted tomatoes.\n")
+    assert result.returncode == 0, result.stderr
+    assert "no server runs on" in result.stderr and "starting Homefire and its engine" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "ember> Hey, you're here! How was your day?"
+    assert lines[1].startswith("ember> ") and len(lines[1]) > len("ember> ")
+    # The history is kept as a server keeps it, and nothing of the command's Homefire is left.
+    conversation = result.stderr.split("conversation ")[1].split(";")[0]
+    with closing(Database(data / "homefire.db")) as db:
+        messages = History(db).messages(conversation)
+    assert [m.role for m in messages] == ["assistant", "user", "assistant"]
+    assert messages[2].content.strip() == result.stdout.split("\n", 1)[1][len("ember> "):].strip()
+    assert list((data / "run").glob("*.sock")) == []
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(data) in " ".join(p.info["cmdline"] or ())]
+    assert left == [], "the engine outlived the chat"
 
 
 def test_memory_commands_without_a_server_name_what_is_missing(tmp_path):

@@ -1,6 +1,6 @@
 """Training as jobs of the server: real trainings of a few steps on the embedded model, their
-states and events, the engine stopped for them, cancel, queue, rights, SIGKILL and resume,
-and the CLI going through the server's jobs.
+states and events, the engine stopped for them, cancel, queue and rights, and the CLI going
+through the server's jobs (a job killed with its Homefire, and resumed: tests/finetune).
 
 The history has an unmistakable voice: the companion answers in lowercase and ends with
 "~ purr ~".
@@ -302,26 +302,13 @@ def test_a_second_job_queues_and_a_cancelled_one_leaves_no_version(shared):
     assert http.get("/readyz").status_code == 200
 
 
-def test_the_cli_trains_and_evaluates_through_the_running_servers_jobs(shared):
+def test_the_cli_follows_its_job_in_the_running_server_and_ctrl_c_offers_to_cancel_it(shared):
+    # With or without a server, `homefire finetune` and `eval` are the same API calls; what they
+    # print, and a job run in the command's own Homefire, are tests/finetune's. Here: through a
+    # running server, the job is the server's, and Ctrl-C asks before it cancels it.
     http = shared.http()
     run = [sys.executable, "-m", "serve.cli"]
     steps = flags(training.QUICK) + ["--data-dir", str(shared.data_dir)]
-    done = subprocess.run([*run, "finetune", "twin", "--steps", "2", *steps], capture_output=True, text=True,
-                          cwd=REPO, env=shared.env, timeout=900)
-    assert done.returncode == 0, done.stderr
-    assert "runs in the server as job ft-" in done.stderr
-    assert "adapter v1 for twin: 2 steps" in done.stdout and "perplexity   base" in done.stdout
-    jobs = http.get("/api/v1/finetunes").json()
-    assert jobs[0]["state"] == "done" and jobs[0]["companion"] == "twin" and jobs[0]["version"] == "v1"
-
-    evaluated = subprocess.run([*run, "eval", "twin", "--adapter", "v1", "--data-dir", str(shared.data_dir)],
-                               capture_output=True, text=True,
-                               cwd=REPO, env=shared.env, timeout=900)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert "twin v1 on " in evaluated.stdout and "perplexity   base" in evaluated.stdout
-    assert http.get("/api/v1/finetunes").json()[0]["kind"] == "eval"
-
-    # Ctrl-C offers to cancel; yes cancels the server's job.
     cli = subprocess.Popen([*run, "finetune", "twin", "--steps", "400", *steps], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                            env=shared.env)
@@ -339,32 +326,6 @@ def test_the_cli_trains_and_evaluates_through_the_running_servers_jobs(shared):
     assert http.get(f"/api/v1/finetunes/{job['id']}").json()["state"] == "cancelled"
 
 
-def test_a_job_killed_with_its_server_is_interrupted_and_resumes_from_its_checkpoint(shared, model_dir):
-    from tests.support.server import Server
-
-    http = shared.http()
-    job = http.post("/api/v1/companions/kit/finetunes", json=QUICK | {"max_steps": 8, "save_every": 2}).json()
-    running = wait_for(http, job["id"], lambda j: (j["step"] or 0) >= 3, "a step after its first checkpoint")
-    folder = shared.data_dir / "adapters" / "kit" / running["version"]
-    shared.stop(signal.SIGKILL)
-
-    server = Server(shared.data_dir, model_dir, config=CONFIG).start()
-    http = server.http()
-    interrupted = http.get(f"/api/v1/finetunes/{job['id']}").json()
-    assert interrupted["state"] == "interrupted" and "resume" in interrupted["error"]
-    assert http.get("/readyz").status_code == 200, "the engine runs again"
-    assert running["version"] not in [v["version"] for v in http.get("/api/v1/companions/kit/adapters").json()
-                                      ["versions"]], "no half-written version is listed"
-    assert (folder / "checkpoint" / "trainer_state.pt").exists()
-
-    resumed = http.post(f"/api/v1/finetunes/{job['id']}/resume")
-    assert resumed.status_code == 202 and resumed.json()["state"] == "queued"
-    seen = events(http, job["id"])
-    first = next(j["step"] for name, j in seen if name == "progress" and j["step"])
-    assert first > 1, "it continued from its checkpoint"
-    done = seen[-1][1]
-    assert done["state"] == "done" and done["version"] == running["version"] and done["metrics"]["steps"] == 8
-    steps = [p["step"] for p in json.loads((folder / "history.json").read_text())]
-    assert steps == list(range(1, 9))
-    assert http.post(f"/api/v1/finetunes/{job['id']}/resume").status_code == 409
-    server.stop()
+# A job killed with its Homefire (SIGKILL), then resumed from its checkpoint: tests/finetune/
+# test_finetune.py, where the command line's own Homefire is killed (the same job runner, with no
+# engine to start again).
