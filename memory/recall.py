@@ -2,7 +2,8 @@
 
 A candidate's score is its best cosine similarity to the question over the memory's
 pieces (its text, and the user's own words on their own; exact, from the float32 mirror),
-plus a bonus when it was said in the span of time the question names (memory/when.py).
+plus a bonus when it was said in the span of time the question names, or in the days before or
+after an event it names, dated by the memory that tells of it (memory/when.py).
 What a reply places in the prompt is the best of those over a threshold, without near
 copies (the store leaves them out of the ranking), within a token budget. Each part is
 here because bench/memory_quality.py measured that it puts more of what was said in the
@@ -30,6 +31,7 @@ class RecallSettings:
     recency_days: float = 60
     budget_tokens: int = 400
     time_bonus: float = 0.15      # for being said in the span of time the question names
+    relative_bonus: float = 0.50  # ... a span relative to an event it names (R@10 there 0.1 -> 0.7)
 
 
 class Recalled(BaseModel):

@@ -27,7 +27,7 @@ from chromadb.config import Settings as ChromaSettings
 from memory.embedder import Embedder
 from memory.mirror import Mirror
 from memory.recall import Recalled, RecallSettings, choose
-from memory.when import asked_span
+from memory.when import asked_span, relative_to
 from store.db import Database, Progress
 from store.memories import Kind, Memory, MemoryRows
 from store.users import LOCAL
@@ -308,21 +308,37 @@ class MemoryStore:
         if mirror.size == 0:
             return []
         vector = np.asarray(self.embedder.embed([f"{context}\n{query}".strip()])[0], dtype=np.float32)
-        span = asked_span(query, datetime.fromtimestamp(now)) if self.settings.time_bonus else None
-        span = span and (span[0].timestamp(), span[1].timestamp())
+        span, bonus = self._asked_span(mirror, query, now) if self.settings.time_bonus else (None, 0.0)
         # One pool whatever k is (up to POOL / 2): scored exactly, k=5 is the top of k=20. A pool
         # of copies (or of deleted rows) that holds fewer than k grows until it holds them.
         pool = max(POOL, k * 2)
         while True:
-            found = self._best(mirror, vector, pool, span, k, distinct)
+            found = self._best(mirror, vector, pool, span, k, distinct, bonus)
             if len(found) >= k or pool >= mirror.size:
                 return found
             pool *= 4
 
+    def _asked_span(self, mirror: Mirror, query: str, now: float) -> tuple[tuple[float, float] | None, float]:
+        """The span of time the question asks about, as timestamps, and the bonus for being said in
+        it: a span it names ("last week": time_bonus), or one relative to an event it names ("the
+        week before I went to Lisbon": relative_bonus, the span being all the question is about),
+        dated by the memory that best tells of the event, if one does (over the threshold)."""
+        if span := asked_span(query, datetime.fromtimestamp(now)):
+            return (span[0].timestamp(), span[1].timestamp()), self.settings.time_bonus
+        relative = relative_to(query)
+        if relative is None:
+            return None, 0.0
+        event = np.asarray(self.embedder.embed([relative.event])[0], dtype=np.float32)
+        found = mirror.top(event, 1)
+        if not found or found[0][1] < self.settings.threshold:
+            return None, 0.0
+        row = self.rows.by_ids([found[0][0]]).get(found[0][0])
+        return (relative.span(row["created_at"]), self.settings.relative_bonus) if row else (None, 0.0)
+
     def _best(self, mirror: Mirror, vector: np.ndarray, pool: int, span: tuple[float, float] | None,
-              k: int, distinct: bool) -> list[tuple[Recalled, str | None]]:
+              k: int, distinct: bool, bonus: float) -> list[tuple[Recalled, str | None]]:
         best: dict[int, tuple[float, np.ndarray]] = {}
-        for memory_id, score, embedding in mirror.top(vector, pool, span, self.settings.time_bonus):
+        for memory_id, score, embedding in mirror.top(vector, pool, span, bonus):
             if memory_id not in best or score > best[memory_id][0]:
                 best[memory_id] = (score, embedding)
         # SQLite decides what exists (and whose it is): a vector whose row is gone is never recalled.

@@ -1,4 +1,6 @@
-"""The time a question asks about ("last week", "in May", "three days ago"), as a span of dates.
+"""The time a question asks about ("last week", "in May", "three days ago"), as a span of dates;
+or relative to an event it names ("the week before I went to Lisbon"), which recall dates by
+finding the event among the memories.
 
 Recall favours memories from that span. Only phrases that name time unambiguously count:
 "may" is a month only after "in", "during", "since", "of", "early", "late" or before a
@@ -9,6 +11,7 @@ here) read "May I ask ..." as 1 May and answers "last week" with one day, not a 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september",
@@ -82,6 +85,42 @@ def asked_span(question: str, now: datetime) -> tuple[datetime, datetime] | None
         start = datetime(int(match[1]), 1, 1, tzinfo=today.tzinfo)
         return start, start.replace(year=start.year + 1)
     return None
+
+
+# "the week before I went to Lisbon", "in the days after the move", "the month before my exam"
+_RELATIVE = re.compile(r"\b(?:the\s+|a\s+|in\s+the\s+)?(day|days|week|weeks|weekend|month)\s+"
+                       r"(before|after|leading up to)\s+(.{3,}?)\s*[?.!]*$", re.IGNORECASE)
+WINDOWS = {"day": 2, "days": 4, "week": 10, "weeks": 21, "weekend": 8, "month": 35}
+
+
+@dataclass(frozen=True)
+class Relative:
+    """A time relative to an event: the event's words, and the window around its date, in days
+    (start, end: negative before it)."""
+
+    event: str
+    start_days: float
+    end_days: float
+
+    def span(self, at: float) -> tuple[float, float]:
+        """The window as timestamps, around the event said at `at`; the event's own day is
+        not in it."""
+        if self.end_days <= 0:
+            return at + self.start_days * 86400, at - 12 * 3600
+        return at + 12 * 3600, at + self.end_days * 86400
+
+
+def relative_to(question: str) -> Relative | None:
+    """The event a question dates its time by, and the window ("the week before": the ten days
+    before it), or None. Asked only when the question names no time of its own (asked_span)."""
+    match = _RELATIVE.search(question.strip())
+    if match is None:
+        return None
+    days = WINDOWS[match[1].lower()]
+    event = re.sub(r"^(?:i|we)\s+", "", match[3], flags=re.IGNORECASE).strip()
+    if match[2].lower() == "after":
+        return Relative(event, 0, days)
+    return Relative(event, -days, 0)
 
 
 def _add_months(day: datetime, months: int) -> datetime:

@@ -241,6 +241,33 @@ def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):
     assert "driving test" in memory.search("ember", "What did I achieve in March?", 1, now=now)[0].text
 
 
+def test_a_question_about_the_days_before_an_event_finds_what_was_said_then(tmp_path, embedder):
+    from datetime import datetime
+
+    db, history, memory = fresh(tmp_path, embedder)
+    said = {"I fixed the squeaky door with some oil.": datetime(2025, 4, 20, 19),
+            "I gave my first talk in front of three hundred people.": datetime(2025, 5, 2, 19),
+            "My boss praised my report.": datetime(2025, 5, 3, 19),
+            "Just got back from Ghent, four days of walking and eating.": datetime(2025, 5, 9, 19),
+            "I bought new running shoes.": datetime(2025, 5, 14, 19),
+            "I watched a film about a big talk show host.": datetime(2025, 5, 30, 19),
+            "What a week, I was up to my ears in work.": datetime(2025, 4, 21, 19),
+            "The week before a trip I always pack too much.": datetime(2025, 5, 31, 19)}
+    for text, at in said.items():
+        chat(history, memory, history.create_conversation("ember").id, text, "Tell me more!", at.timestamp())
+    memory.index_pending()
+    now = datetime(2025, 6, 4, 12).timestamp()
+    question = "What was I up to the week before I went to Ghent?"
+    # The trip dates the question: the trip and what was said in the ten days before it come
+    # first; without the event's date, the busy week and the packing outrank them.
+    texts = {t: exchange_text(t, "Tell me more!", "Ember") for t in said}
+    window = {texts[t] for t in list(said)[1:4]}
+    found = [m.text for m in memory.search("ember", question, 6, now=now)]
+    assert set(found[:3]) == window, found
+    memory.settings.relative_bonus = 0.0
+    assert set([m.text for m in memory.search("ember", question, 6, now=now)][:3]) != window
+
+
 def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrade(tmp_path, embedder):
     from store.db import MIGRATIONS
 

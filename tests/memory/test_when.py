@@ -4,7 +4,7 @@ from datetime import datetime
 
 import pytest
 
-from memory.when import asked_span
+from memory.when import asked_span, relative_to
 
 WEDNESDAY = datetime(2025, 6, 4, 15, 30)
 
@@ -34,3 +34,26 @@ def test_the_span_a_question_asks_about(question, start, end):
                                       "Which city do I live in these days?", "I march on", "What's new?"])
 def test_questions_that_name_no_time(question):
     assert asked_span(question, WEDNESDAY) is None
+
+
+@pytest.mark.parametrize(("question", "event", "window"), [
+    ("What was I up to the week before I went to Lisbon?", "went to Lisbon", (-10, 0)),
+    ("What happened in the days after the move?", "the move", (0, 4)),
+    ("How did I feel the day before my exam?", "my exam", (-2, 0)),
+    ("What did we do the weekend after we got married", "got married", (0, 8)),
+])
+def test_a_time_relative_to_an_event_the_question_names(question, event, window):
+    relative = relative_to(question)
+    assert relative is not None and relative.event == event
+    assert (relative.start_days, relative.end_days) == window
+    # Dated by the event: the window holds the days around it, never the event's own day.
+    said = WEDNESDAY.timestamp()
+    start, end = relative.span(said)
+    assert start < said - 86400 < end if window[1] == 0 else start < said + 86400 < end
+    assert not start <= said < end
+
+
+@pytest.mark.parametrize("question", ["What did I do last week?", "Before we start, how are you?",
+                                      "What happened after that?"])
+def test_questions_relative_to_no_event(question):
+    assert relative_to(question) is None
