@@ -307,8 +307,7 @@ class MemoryStore:
         mirror = self._mirror(companion_id)
         if mirror.size == 0:
             return []
-        vector = np.asarray(self.embedder.embed([f"{context}\n{query}".strip()])[0], dtype=np.float32)
-        span, bonus = self._asked_span(mirror, query, now) if self.settings.time_bonus else (None, 0.0)
+        span, bonus, vector = self._asked_time(mirror, query, context, now)
         # One pool whatever k is (up to POOL / 2): scored exactly, k=5 is the top of k=20. A pool
         # of copies (or of deleted rows) that holds fewer than k grows until it holds them.
         pool = max(POOL, k * 2)
@@ -318,22 +317,31 @@ class MemoryStore:
                 return found
             pool *= 4
 
-    def _asked_span(self, mirror: Mirror, query: str, now: float) -> tuple[tuple[float, float] | None, float]:
-        """The span of time the question asks about, as timestamps, and the bonus for being said in
-        it: a span it names ("last week": time_bonus), or one relative to an event it names ("the
-        week before I went to Lisbon": relative_bonus, the span being all the question is about),
-        dated by the memory that best tells of the event, if one does (over the threshold)."""
-        if span := asked_span(query, datetime.fromtimestamp(now)):
-            return (span[0].timestamp(), span[1].timestamp()), self.settings.time_bonus
-        relative = relative_to(query)
+    def _asked_time(self, mirror: Mirror, query: str, context: str, now: float
+                    ) -> tuple[tuple[float, float] | None, float, np.ndarray]:
+        """The span of time the question asks about (timestamps, or None), the bonus for being
+        said in it, and the vector that ranks the memories. A span it names ("last week"):
+        time_bonus. One relative to an event it names ("the week before I went to Lisbon"),
+        dated by the memory that best tells of the event, if one does (over the threshold):
+        relative_bonus, the span being all such a question is about, and ranked by the question
+        without the event's words (they pulled the window's talk of trips above what was done)."""
+        def embedded(*texts: str) -> list[np.ndarray]:
+            return [np.asarray(v, dtype=np.float32) for v in self.embedder.embed(list(texts))]
+
+        text = f"{context}\n{query}".strip()   # what the question is embedded as
+        named = asked_span(query, datetime.fromtimestamp(now)) if self.settings.time_bonus else None
+        relative = relative_to(query) if self.settings.time_bonus and not named else None
+        if named:
+            return (named[0].timestamp(), named[1].timestamp()), self.settings.time_bonus, embedded(text)[0]
         if relative is None:
-            return None, 0.0
-        event = np.asarray(self.embedder.embed([relative.event])[0], dtype=np.float32)
+            return None, 0.0, embedded(text)[0]
+        asked, event = embedded(f"{context}\n{relative.asked}".strip(), relative.event)
         found = mirror.top(event, 1)
-        if not found or found[0][1] < self.settings.threshold:
-            return None, 0.0
-        row = self.rows.by_ids([found[0][0]]).get(found[0][0])
-        return (relative.span(row["created_at"]), self.settings.relative_bonus) if row else (None, 0.0)
+        row = self.rows.by_ids([found[0][0]]).get(found[0][0]) if found and found[0][1] >= \
+            self.settings.threshold else None
+        if row is None:   # the event was never told: the question as it is
+            return None, 0.0, embedded(text)[0]
+        return relative.span(row["created_at"]), self.settings.relative_bonus, asked
 
     def _best(self, mirror: Mirror, vector: np.ndarray, pool: int, span: tuple[float, float] | None,
               k: int, distinct: bool, bonus: float) -> list[tuple[Recalled, str | None]]:

@@ -72,6 +72,7 @@ from store.companions import Companion, CompanionError, CompanionStore, format_v
 from store.db import Database, Progress
 from store.files import feed, sha256_file, written_whole
 from store.pictures import picture_path, save_picture
+from store.run import run_dir
 from store.staging import COPY_BATCH
 
 SCHEMA = 1
@@ -424,8 +425,7 @@ def import_bundle(db: Database, data_dir: Path, bundle: Bundle, user: str, owner
 
     fitting, refused = _fitting_adapters(bundle, setup)
     report.adapters_refused = refused
-    (data_dir / "run").mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="bundle-", dir=data_dir / "run"))
+    staging = Path(tempfile.mkdtemp(prefix="bundle-", dir=run_dir(data_dir)))
     try:
         plan, mapped = _stage_adapters(bundle, data_dir, key, fitting, staging, setup, user, companion.id,
                                        report)

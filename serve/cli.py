@@ -19,11 +19,12 @@ from memory.imports import ImportFailed
 from serve import cli_bundle, cli_drift, cli_imports, cli_users, cli_voice
 from serve.bundle import BundleError
 from serve.cli_base import UsageError, client, hold_lock, resolve_data_dir
-from serve.client import Client, ServerError, server_file
+from serve.client import Client, ServerError
 from serve.config import ConfigError, check_exposure, load_settings
 from serve.sse import DELTA
 from store.adapters import AdapterError
 from store.companions import CompanionError, load_dir
+from store.run import announce, withdraw
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -53,14 +54,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     port = sock.getsockname()[1]
     host = f"[{settings.host}]" if family == socket.AF_INET6 else settings.host
     url = f"http://{host}:{port}"
-    server_file(data_dir).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    announce(data_dir, url)
     logging.getLogger("homefire").info("listening on %s (data in %s)", url, data_dir)
     app = create_app(settings, data_dir, url)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        server_file(data_dir).unlink(missing_ok=True)
+        withdraw(data_dir)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

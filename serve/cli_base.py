@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from serve.client import Client, running_url
+from serve.client import Client
 from serve.config import default_data_dir, load_settings
+from store import run
 from store.companions import CompanionStore
 from store.db import Database
 from store.users import LOCAL
@@ -30,7 +30,7 @@ def server_url(args: argparse.Namespace, user_ok: bool = False) -> str | None:
     on the data directory itself (under its lock where it writes). Through a server a command
     acts as the user whose key is sent, so --user (the operator acting for a member) is refused
     there, unless the command only reads that member's rows itself (`user_ok`)."""
-    url = args.url or running_url(resolve_data_dir(args))
+    url = args.url or run.running_url(resolve_data_dir(args))
     user = getattr(args, "user", LOCAL)
     if url and user != LOCAL and not user_ok:
         raise UsageError(f"through a running server a command acts as the user whose key is sent: set "
@@ -82,15 +82,12 @@ def connect(args: argparse.Namespace, url: str) -> Client:
 
 def hold_lock(data_dir: Path):
     """The data directory's one-writer lock (an open file; released when it closes)."""
-    (data_dir / "run").mkdir(parents=True, exist_ok=True)
-    lock = (data_dir / "run" / "serve.lock").open("w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        return run.hold_lock(data_dir)
+    except run.Busy:
         raise UsageError(f"another `homefire serve` already uses {data_dir} "
-                         f"(at {running_url(data_dir) or 'an unknown address'}); stop it first, "
+                         f"(at {run.running_url(data_dir) or 'an unknown address'}); stop it first, "
                          "or pass another --data-dir") from None
-    return lock
 
 
 def local_store(args: argparse.Namespace) -> CompanionStore:

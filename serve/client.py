@@ -18,20 +18,6 @@ class ServerError(RuntimeError):
     """The server answered with an error; the message is the server's own."""
 
 
-def server_file(data_dir: Path) -> Path:
-    return data_dir / "run" / "server.json"
-
-
-def running_url(data_dir: Path) -> str | None:
-    """The URL of the server that owns data_dir, if one is running."""
-    try:
-        info = json.loads(server_file(data_dir).read_text())
-        os.kill(info["pid"], 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return info["url"]
-
-
 class Client:
     def __init__(self, url: str, data_dir: Path, uds: Path | None = None):
         """Authenticated with HOMEFIRE_API_KEY, else the local owner's key in data_dir; over the

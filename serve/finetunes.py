@@ -50,6 +50,7 @@ from store.child import message as said
 from store.companions import Companion, CompanionStore, visible_id
 from store.db import Database
 from store.jobs import DAY_S, OPEN, Admission, Jobs
+from store.run import log_path
 from store.users import Users
 
 
@@ -456,7 +457,7 @@ class FinetuneService:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
         env = {k: v for k, v in os.environ.items() if k != "HOMEFIRE_API_KEY"} | {"HF_HUB_OFFLINE": "1"}
-        with (self.hf.data_dir / "run" / "finetune.log").open("ab") as logfile:
+        with log_path(self.hf.data_dir, "finetune").open("ab") as logfile:
             logfile.write(f"\n=== {time.ctime()} job {job_id}\n".encode())
             self._child = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "finetune.job_child", json.dumps(job), stdout=asyncio.subprocess.PIPE,

@@ -35,6 +35,7 @@ from store.adapters import adopt_old_folders
 from store.companions import Companion, CompanionStore
 from store.db import Database
 from store.pictures import drop_picture
+from store.run import run_dir
 from store.staging import remove_leftovers
 from store.users import Users, local_key
 
@@ -72,9 +73,9 @@ class Homefire:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o700)  # conversations are private
         db = Database(data_dir / "homefire.db")
-        for staged in (data_dir / "run").glob("bundle-*"):   # a bundle import cut short
+        for staged in run_dir(data_dir).glob("bundle-*"):   # a bundle import cut short
             shutil.rmtree(staged, ignore_errors=True)
-        if removed := remove_leftovers(data_dir / "run", db):
+        if removed := remove_leftovers(run_dir(data_dir), db):
             log.info("imports: removed %d files and rows an interrupted import left behind", removed)
         users = Users(db)
         users.ensure_local(local_key(data_dir))
@@ -83,7 +84,7 @@ class Homefire:
         if moved := adopt_old_folders(data_dir, companions.ids()):
             log.info("adapters: moved into their owners' namespaces: %s", ", ".join(moved))
         model = settings.engine.model
-        engine = Engine(settings.engine, data_dir / "run", model)
+        engine = Engine(settings.engine, run_dir(data_dir), model)
         # Started with sleep mode, the engine can free the GPU for a training without a restart.
         engine.sleep_mode = (not settings.engine.url and settings.finetune.gpu_sharing in ("sleep", "auto")
                              and sleep_mode_supported())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from serve.client import Client, ServerError
 from serve.config import Settings
+from store.run import log_path, socket_path
 
 START_S = 600   # the memory index may be rebuilt as it opens
 
@@ -32,7 +33,7 @@ class InProcess:
     def __init__(self, settings: Settings, data_dir: Path, user: str, lock, needs: frozenset[str]):
         self.settings, self.data_dir, self.user, self.lock = settings, data_dir, user, lock
         self.needs = needs
-        self.socket = data_dir / "run" / f"cli-{os.getpid()}.sock"
+        self.socket = socket_path(data_dir, f"cli-{os.getpid()}")
 
     def __enter__(self) -> Client:
         import uvicorn
@@ -76,7 +77,7 @@ class InProcess:
             raise error
         if hf.engine.state == "failed":
             raise ServerError(f"the engine could not start: {hf.engine.detail} (its log: "
-                               f"{self.data_dir / 'run' / 'engine.log'})")
+                               f"{log_path(self.data_dir, 'engine')})")
         return True
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from serve.routes.imports import _receive
 from store.adapters import AdapterError
 from store.cards import card_json, card_png
 from store.pictures import picture_path
+from store.run import uploads
 
 router = APIRouter(prefix="/api/v1", tags=["bundles"], dependencies=API_GUARDS, responses=ERROR_RESPONSES)
 
@@ -34,7 +35,7 @@ async def export_bundle(companion_id: str, account: AccountDep) -> FileResponse:
     adapter versions trained on your history and which is in use (`homefire bundle export`)."""
     hf = account.hf
     companion = await asyncio.to_thread(account.companion_card, companion_id)
-    out = hf.data_dir / "run" / "uploads" / f"export-{uuid.uuid4().hex}{bundle.SUFFIX}"
+    out = uploads(hf.data_dir) / f"export-{uuid.uuid4().hex}{bundle.SUFFIX}"
     await asyncio.to_thread(bundle.export_bundle, hf.db, hf.data_dir, companion, account.name, out,
                             setup_of(hf), bundle.homefire_version())
     return FileResponse(out, media_type="application/zip", filename=f"{companion.id}{bundle.SUFFIX}",
@@ -65,8 +66,7 @@ async def import_bundle(
     if lock.locked():
         raise HTTPException(409, "another import of yours is running; try again when it is done")
     async with lock:
-        spool = hf.data_dir / "run" / "uploads" / uuid.uuid4().hex
-        spool.parent.mkdir(parents=True, exist_ok=True)
+        spool = uploads(hf.data_dir) / uuid.uuid4().hex
         try:
             await _receive(request, spool, limit)
             owner = account.owner_for_new()

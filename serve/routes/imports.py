@@ -19,6 +19,7 @@ from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, ErrorResponse, error_body, raw_body, stream_error
 from serve.limits import bounded_stream
 from serve.sse import DONE, ERROR, PROGRESS, SSE_HEADERS, ClosingStreamingResponse, event, streamed
+from store.run import run_dir, uploads
 
 router = APIRouter(prefix="/api/v1", tags=["imports"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -59,9 +60,8 @@ async def import_export(
     if lock.locked():
         raise HTTPException(409, "another import of yours is running; try again when it is done")
     await lock.acquire()   # held until the import's work is over, see below
-    spool = hf.data_dir / "run" / "uploads" / uuid.uuid4().hex
+    spool = uploads(hf.data_dir) / uuid.uuid4().hex
     try:
-        spool.parent.mkdir(parents=True, exist_ok=True)
         await _receive(request, spool, limit)
     except BaseException:
         spool.unlink(missing_ok=True)
@@ -77,7 +77,7 @@ async def import_export(
 
     def work() -> dict:
         try:
-            result = run_apart(Importer(hf.db, hf.data_dir / "run", account.name), spool, format, label,
+            result = run_apart(Importer(hf.db, run_dir(hf.data_dir), account.name), spool, format, label,
                                companion.key, companion.name, report("read"), dry_run)
         finally:
             spool.unlink(missing_ok=True)
