@@ -320,28 +320,25 @@ class MemoryStore:
     def _asked_time(self, mirror: Mirror, query: str, context: str, now: float
                     ) -> tuple[tuple[float, float] | None, float, np.ndarray]:
         """The span of time the question asks about (timestamps, or None), the bonus for being
-        said in it, and the vector that ranks the memories. A span it names ("last week"):
-        time_bonus. One relative to an event it names ("the week before I went to Lisbon"),
-        dated by the memory that best tells of the event, if one does (over the threshold):
-        relative_bonus, the span being all such a question is about, and ranked by the question
-        without the event's words (they pulled the window's talk of trips above what was done)."""
-        def embedded(*texts: str) -> list[np.ndarray]:
-            return [np.asarray(v, dtype=np.float32) for v in self.embedder.embed(list(texts))]
-
+        said in it, and the question's vector. A span it names ("last week"): time_bonus. One
+        relative to an event it names ("the week before I went to Lisbon"), dated by the memory
+        that best tells of the event, if one does (over the threshold): relative_bonus, the
+        span being all such a question is about."""
         text = f"{context}\n{query}".strip()   # what the question is embedded as
         named = asked_span(query, datetime.fromtimestamp(now)) if self.settings.time_bonus else None
         relative = relative_to(query) if self.settings.time_bonus and not named else None
+        vectors = [np.asarray(v, dtype=np.float32)
+                   for v in self.embedder.embed([text] + ([relative.event] if relative else []))]
         if named:
-            return (named[0].timestamp(), named[1].timestamp()), self.settings.time_bonus, embedded(text)[0]
+            return (named[0].timestamp(), named[1].timestamp()), self.settings.time_bonus, vectors[0]
         if relative is None:
-            return None, 0.0, embedded(text)[0]
-        asked, event = embedded(f"{context}\n{relative.asked}".strip(), relative.event)
-        found = mirror.top(event, 1)
+            return None, 0.0, vectors[0]
+        found = mirror.top(vectors[1], 1)
         row = self.rows.by_ids([found[0][0]]).get(found[0][0]) if found and found[0][1] >= \
             self.settings.threshold else None
-        if row is None:   # the event was never told: the question as it is
-            return None, 0.0, embedded(text)[0]
-        return relative.span(row["created_at"]), self.settings.relative_bonus, asked
+        if row is None:   # the event was never told
+            return None, 0.0, vectors[0]
+        return relative.span(row["created_at"]), self.settings.relative_bonus, vectors[0]
 
     def _best(self, mirror: Mirror, vector: np.ndarray, pool: int, span: tuple[float, float] | None,
               k: int, distinct: bool, bonus: float) -> list[tuple[Recalled, str | None]]:

@@ -95,14 +95,12 @@ WINDOWS = {"day": 2, "days": 4, "week": 10, "weeks": 21, "weekend": 8, "month": 
 
 @dataclass(frozen=True)
 class Relative:
-    """A time relative to an event: the event's words, the window around its date, in days
-    (start, end: negative before it), and the question without the event's words (what it
-    asks about the window)."""
+    """A time relative to an event: the event's words, and the window around its date, in days
+    (start, end: negative before it)."""
 
     event: str
     start_days: float
     end_days: float
-    asked: str = ""
 
     def span(self, at: float) -> tuple[float, float]:
         """The window as timestamps, around the event said at `at`; the event's own day is
@@ -120,10 +118,9 @@ def relative_to(question: str) -> Relative | None:
         return None
     days = WINDOWS[match[1].lower()]
     event = re.sub(r"^(?:i|we)\s+", "", match[3], flags=re.IGNORECASE).strip()
-    asked = question.strip()[:match.start(3)].strip()
     if match[2].lower() == "after":
-        return Relative(event, 0, days, asked)
-    return Relative(event, -days, 0, asked)
+        return Relative(event, 0, days)
+    return Relative(event, -days, 0)
 
 
 def _add_months(day: datetime, months: int) -> datetime:

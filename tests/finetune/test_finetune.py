@@ -294,13 +294,14 @@ def other_model(model_dir: Path, tmp_path_factory) -> Path:
 def test_drift_shows_a_switch_of_version_and_nothing_for_the_same_setup(trained, data_dir, model_dir):
     from tests.support.adapters import make_adapter
 
-    # Kit's history is the fixture's: the conversations the server test had with kit through the
-    # base model would be held out by their (random) ids' hashes now and then, and are no voice.
+    # Kit's history is the fixture's ten conversations of ten messages: the short ones the server
+    # test had with kit would be held out by their (random) ids' hashes now and then. One whose
+    # reply through v1 happened to end in "~ purr ~" was once the only held-out conversation, with
+    # no example to measure a held-out loss on.
     with closing(sqlite3.connect(data_dir / "homefire.db")) as db, db:
         db.execute("PRAGMA foreign_keys=ON")
-        db.execute("DELETE FROM conversations WHERE companion_id = 'kit' AND EXISTS (SELECT 1 FROM "
-                   "messages m WHERE m.conversation_id = conversations.id AND m.role = 'assistant' "
-                   "AND m.content NOT LIKE '%~ purr ~')")
+        db.execute("DELETE FROM conversations WHERE companion_id = 'kit' AND (SELECT COUNT(*) FROM "
+                   "messages m WHERE m.conversation_id = conversations.id) <> 10")
     probe = ["--probes", "2", "--max-new-tokens", "12", "--json"]
     assert cli("adapter", "use", "kit", "v1", data_dir=data_dir).returncode == 0
     same = cli("drift", "kit", "--against", "v1", *probe, data_dir=data_dir)

@@ -258,14 +258,14 @@ def test_a_question_about_the_days_before_an_event_finds_what_was_said_then(tmp_
     memory.index_pending()
     now = datetime(2025, 6, 4, 12).timestamp()
     question = "What was I up to the week before I went to Ghent?"
-    # The trip dates the question: what was said in the ten days before it comes first; without
-    # the event's date, the busy week and the packing outrank it.
+    # The trip dates the question: the trip and what was said in the ten days before it come
+    # first; without the event's date, the busy week and the packing outrank them.
     texts = {t: exchange_text(t, "Tell me more!", "Ember") for t in said}
-    window = {texts[t] for t in list(said)[1:3]}
+    window = {texts[t] for t in list(said)[1:4]}
     found = [m.text for m in memory.search("ember", question, 6, now=now)]
-    assert set(found[:2]) == window, found
+    assert set(found[:3]) == window, found
     memory.settings.relative_bonus = 0.0
-    assert set([m.text for m in memory.search("ember", question, 6, now=now)][:2]) != window
+    assert set([m.text for m in memory.search("ember", question, 6, now=now)][:3]) != window
 
 
 def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrade(tmp_path, embedder):
