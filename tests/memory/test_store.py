@@ -33,6 +33,14 @@ def chat(history: History, memory: MemoryStore, conversation: str, asked: str, r
     memory.add_exchange("ember", conversation, answer.id, asked, exchange_text(asked, reply, "Ember"), when)
 
 
+def told(history: History, memory: MemoryStore, said: dict) -> None:
+    """Each line said at its time (a datetime) in a conversation of its own, answered "Tell me
+    more!", and indexed."""
+    for text, at in said.items():
+        chat(history, memory, history.create_conversation("ember").id, text, "Tell me more!", at.timestamp())
+    memory.index_pending()
+
+
 def fresh(tmp_path, embedder) -> tuple[Database, History, MemoryStore]:
     """An empty data directory with the companion Ember."""
     db = Database(tmp_path / "homefire.db")
@@ -230,9 +238,7 @@ def test_a_question_about_time_finds_what_was_said_then(tmp_path, embedder):
             "I ran my first half marathon this morning.": datetime(2025, 5, 18, 9),
             "The bus was late again.": datetime(2025, 5, 20, 8),
             "I made soup for dinner.": datetime(2025, 6, 2, 19)}
-    for text, at in said.items():
-        chat(history, memory, history.create_conversation("ember").id, text, "Tell me more!", at.timestamp())
-    memory.index_pending()
+    told(history, memory, said)
     now = datetime(2025, 6, 4, 12).timestamp()
     # The same words asked about another time find what was said then.
     in_may = memory.recall("ember", "What did I achieve in May?", now=now)
@@ -253,9 +259,7 @@ def test_a_question_about_the_days_before_an_event_finds_what_was_said_then(tmp_
             "I watched a film about a big talk show host.": datetime(2025, 5, 30, 19),
             "What a week, I was up to my ears in work.": datetime(2025, 4, 21, 19),
             "The week before a trip I always pack too much.": datetime(2025, 5, 31, 19)}
-    for text, at in said.items():
-        chat(history, memory, history.create_conversation("ember").id, text, "Tell me more!", at.timestamp())
-    memory.index_pending()
+    told(history, memory, said)
     now = datetime(2025, 6, 4, 12).timestamp()
     question = "What was I up to the week before I went to Ghent?"
     # The trip dates the question: the trip and what was said in the ten days before it come
