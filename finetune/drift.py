@@ -105,9 +105,9 @@ def voice(data_dir: Path, db: Database, companion: Companion, setup: Setup,
 
 
 def compare(data_dir: Path, db: Database, companion: Companion, current: Setup, other: Setup,
-            config: FinetuneConfig, user: str = LOCAL, count: int = 8, max_new_tokens: int = 48) -> dict:
-    """Both setups on the same probes, side by side."""
-    asked = probes(db, companion, config, user, count)
+            config: FinetuneConfig, asked: list[tuple[list[dict], str]], user: str = LOCAL,
+            max_new_tokens: int = 48) -> dict:
+    """Both setups on the same probes (`probes`), side by side."""
     sides = {name: voice(data_dir, db, companion, setup, asked, config, user, max_new_tokens)
              for name, setup in (("current", current), ("other", other))}
     rows = [{"prompt": messages[-1]["content"], "real": real, "current": sides["current"]["replies"][i],

@@ -8,41 +8,42 @@ import json
 import sys
 from pathlib import Path
 
-from serve.cli_base import Bar, UsageError, resolve_data_dir
-from serve.cli_voice import _base_model, _companion, _finetune_config, add_training_flags, version_arg
-from store.db import Database
+from serve.cli_base import UsageError, client
+from serve.cli_voice import _follow, _job_settings, add_training_flags, version_arg
+from serve.client import ServerError
 from store.users import LOCAL
 
 
-def _model_dir(path: Path) -> str:
-    from store import adapters
-
+def _model(path: Path) -> str:
+    """--model, as the server (on this machine) finds it: a directory, absolute."""
     if not path.is_dir():
         raise UsageError(f"--model {path}: not a directory; give a local model directory (safetensors "
                          "weights, config and tokenizer)")
-    adapters.model_sha256(path)   # refuses a folder without safetensors weights, with its name
     return str(path.resolve())
 
 
-def cmd_drift(args: argparse.Namespace) -> None:
-    from finetune.config import load_config
-    from finetune.drift import Setup, compare, fitting_version
-    from store import adapters
+def _run(args: argparse.Namespace, route: str, body: dict, what: str) -> dict:
+    """A drift or migration job of the running server (else of the command's own Homefire),
+    followed to its end: its comparison."""
+    own = {"config": str(args.finetune_config)} if getattr(args, "finetune_config", None) else {}
+    with client(args, "jobs", settings={"finetune": own}) as here:
+        if own and not here.in_process:
+            print("the server's finetune.config picks the probes; --finetune-config applies without a "
+                  "server", file=sys.stderr)
+        job = here.request("POST", f"/api/v1/companions/{args.companion}/{route}", json=body)
+        job = _follow(here, job, what)
+    if job["state"] != "done":
+        raise ServerError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+    return job
 
-    data_dir = resolve_data_dir(args)
-    companion = _companion(args)   # compared here, on this machine
-    base_path, _ = _base_model(args)
-    current = Setup(base_path, adapters.current(data_dir, companion.key))
+
+def cmd_drift(args: argparse.Namespace) -> None:
     if (args.against is None) == (args.model is None):
         raise UsageError("say what to compare the current setup with: --against vN (or base), "
                          "or --model PATH")
-    if args.model is not None:
-        other_path = _model_dir(args.model)
-        other = Setup(other_path, fitting_version(data_dir, companion, other_path))
-    else:
-        other = Setup(base_path, None if args.against == "base" else args.against)
-    result = compare(data_dir, Database(data_dir / "homefire.db"), companion, current, other,
-                     load_config(args.finetune_config), args.user, args.probes, args.max_new_tokens)
+    body = {"probes": args.probes, "max_new_tokens": args.max_new_tokens}
+    body |= {"model": _model(args.model)} if args.model is not None else {"against": args.against}
+    result = _run(args, "drifts", body, f"comparing {args.companion}")["comparison"]
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
@@ -79,42 +80,22 @@ def _side_by_side(left: str, right: str, a: dict, b: dict) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    from finetune.drift import Setup, probes, voice
-    from finetune.lora import finetune
-    from store import adapters
-
-    data_dir = resolve_data_dir(args)
-    companion = _companion(args)   # trained here, beside the server
-    base_path, _ = _base_model(args)
-    new_path = _model_dir(args.model)
-    if adapters.model_sha256(Path(new_path)) == adapters.model_sha256(Path(base_path)):
-        raise UsageError(f"--model {args.model}: these are the weights the server runs already; nothing to "
-                         f"migrate to (to tune the voice again: homefire finetune {companion.id})")
-    config = _finetune_config(args)
-    db = Database(data_dir / "homefire.db")
-    asked = probes(db, companion, config, args.user, args.samples)   # before hours of training, not after
-    with Bar(f"tuning {companion.id} on {Path(new_path).name}", 0, "step", leave=True) as bar:
-        out = finetune(data_dir, db, companion, new_path, new_path, config, report=bar.step, user=args.user)
-    old = Setup(base_path, adapters.current(data_dir, companion.key))
-    new = Setup(new_path, out.name)
-    print(f"evaluating both on {len(asked)} held-out replies...", file=sys.stderr)
-    sides = {"old": voice(data_dir, db, companion, old, asked, config, args.user, args.max_new_tokens),
-             "new": voice(data_dir, db, companion, new, asked, config, args.user, args.max_new_tokens)}
-    result = {"companion": companion.id, "version": out.name, "old": sides["old"], "new": sides["new"],
-              "probes": [{"prompt": m[-1]["content"], "real": real, "old": sides["old"]["replies"][i],
-                          "new": sides["new"]["replies"][i]} for i, (m, real) in enumerate(asked)],
-              "switched": False}
-    (out / "migrate.json").write_text(json.dumps(result, ensure_ascii=False, indent=2))
+    new_path = _model(args.model)
+    body = {"model": new_path, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+            "settings": _job_settings(args)}
+    job = _run(args, "migrations", body, f"tuning {args.companion} on {args.model.name}")
+    result, version, companion = job["comparison"], job["version"], args.companion
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
-    _side_by_side(old.label(base_path), f"{Path(new_path).name} {out.name}", sides["old"], sides["new"])
+    old = result["old"]["adapter"] or "base"
+    _side_by_side(old, f"{Path(new_path).name} {version}", result["old"], result["new"])
     for row in result["probes"][:3]:
         print(f"\n{row['prompt'][:100]}\n  real  {row['real'][:100]}\n  old   {row['old'][:100]}"
               f"\n  new   {row['new'][:100]}")
-    print(f"\nnothing was switched. {companion.id} {out.name} was trained on {new_path}: to move to it, set "
+    print(f"\nnothing was switched. {companion} {version} was trained on {new_path}: to move to it, set "
           f"engine.model: {new_path} in the settings and restart the server (it names the change), then "
-          f"`homefire adapter use {companion.id} {out.name}`; `homefire drift {companion.id} --model "
+          f"`homefire adapter use {companion} {version}`; `homefire drift {companion} --model "
           f"{new_path}` compares again at any time.")
 
 
@@ -125,7 +106,9 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         "conversations) through the current setup (the server's base model and the adapter in use) and "
         "another: an adapter version (--against vN, or base), or another base model (--model PATH, with "
         "the newest version trained on it, if any). Prints greedy replies and the voice figures of "
-        "`homefire eval` side by side; the same setup gives the same replies and figures.")
+        "`homefire eval` side by side; the same setup gives the same replies and figures. It is a job "
+        "(POST /api/v1/companions/ID/drifts): of the server running on the data directory, in its "
+        "training queue, else of this command's own Homefire.")
     p.add_argument("companion", help="companion id")
     p.add_argument("--against", metavar="vN|base", type=lambda v: v if v == "base" else version_arg(v),
                    help="another adapter version of the companion, or base")
@@ -134,7 +117,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
                    help="how many held-out replies to probe with (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest generated reply (default 48)")
     p.add_argument("--finetune-config", type=Path, help="fine-tuning YAML whose eval_share picks the probes")
-    p.add_argument("--user", default=LOCAL, help="whose held-out conversations (default: local)")
+    p.add_argument("--user", default=LOCAL, help="act for this member, without a server (default: local): "
+                   "their held-out conversations")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_drift)
 
@@ -143,13 +127,16 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
         description="Tune the companion's voice again on another base model (--model PATH) from its "
         "history, evaluate the old setup and the new one on the same held-out probes, and show their "
         "voice figures side by side. Nothing is switched: the new version waits until the server runs "
-        "that model and you choose it (`homefire adapter use`).")
+        "that model and you choose it (`homefire adapter use`). It is an admin's job (POST "
+        "/api/v1/companions/ID/migrations): of the server running on the data directory, in its training "
+        "queue, else of this command's own Homefire.")
     p.add_argument("companion", help="companion id")
     p.add_argument("--model", type=Path, required=True, metavar="PATH",
                    help="the new base model's directory")
     p.add_argument("--samples", type=int, default=8, help="held-out replies to compare on (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest generated reply (default 48)")
-    p.add_argument("--user", default=LOCAL, help="whose history to learn from (default: local)")
+    p.add_argument("--user", default=LOCAL, help="act for this member, without a server (default: local): "
+                   "their history (an admin's: a member may not name a directory on the server)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_training_flags(p)
     p.set_defaults(func=cmd_migrate)

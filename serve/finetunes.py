@@ -5,7 +5,10 @@ starts it in a child process at the lowest priority (finetune/job_child.py), and
 child has shown it can train (its dataset is built) makes room on the GPU
 (finetune.gpu_sharing: the engine stops, sleeps, or runs beside it), lets it train and write
 the voice report, gives the GPU back, and speaks through the new version when it beats the
-one in use (finetune.switch).
+one in use (finetune.switch). Everything else that loads the model beside the engine is a job
+of the same queue, on the same terms: a voice report (`eval`), a drift check (`drift`: the
+current setup beside another) and a migration (`migrate`: a training on another base model,
+compared with the current setup, switched to by nobody).
 
 The engine and the GPU are everyone's: a member's job is bounded by finetune.limits (steps,
 unfinished jobs, minutes a day), and stops or sleeps the engine only within the hours an
@@ -78,8 +81,9 @@ class Job(BaseModel):
     id: str
     user: str                            # who asked (whose history it learns from)
     companion: str
-    kind: Literal["train", "eval"]
+    kind: Literal["train", "eval", "drift", "migrate"]
     state: State
+    target: dict | None = None           # drift: what it compares with; migrate: the model it moves to
     waiting: str | None = None           # queued: why it cannot run yet, if it is not only its turn
     queue_position: int | None = None   # 1: the next to run (queued jobs only)
     step: int | None = None
@@ -91,6 +95,7 @@ class Job(BaseModel):
     version: str | None = None           # the adapter version it writes (or evaluates)
     metrics: dict | None = None          # the training's, as in the version's manifest
     voice: dict | None = None            # the voice report's figures (homefire eval)
+    comparison: dict | None = None       # drift and migrate: both setups' replies and figures
     switched: bool | None = None
     switch_reason: str | None = None
     gpu_sharing: str | None = None       # how it shared the GPU, and why
@@ -207,9 +212,9 @@ class FinetuneService:
     # Requests
 
     def submit(self, companion: Companion, user: str, kind: str, config: FinetuneConfig, switch: str,
-               version: str | None = None, admin: bool = False) -> Job:
+               version: str | None = None, admin: bool = False, target: dict | None = None) -> Job:
         """Queue a job (runs in a worker thread: it reads and writes SQLite); a member's within
-        finetune.limits."""
+        finetune.limits. `target`: what a drift compares with, or the model a migration moves to."""
         engine = self.hf.engine
         if self.hf.settings.engine.url:
             raise JobError(422, "engine.url points at an external vLLM: training needs the base model's "
@@ -235,7 +240,8 @@ class FinetuneService:
                                     "from; talk to it or import an export first")
 
         job_id = f"ft-{uuid.uuid4().hex[:12]}"
-        self.rows.add(job_id, user, companion.key, kind, config.model_dump_json(), switch, version, admit)
+        self.rows.add(job_id, user, companion.key, kind, config.model_dump_json(), switch, version, admit,
+                      json.dumps(target) if target else None)
         self.loop.call_soon_threadsafe(self._wake.set)
         return self.get(user, job_id)
 
@@ -392,6 +398,7 @@ class FinetuneService:
         job = {"data_dir": str(hf.data_dir), "db": str(hf.db.path), "companion": companion.key,
                "user": row["user_id"], "kind": row["kind"], "version": row["version"],
                "config": json.loads(row["settings"]), "model_path": engine.model_path,
+               "target": json.loads(row["target"] or "{}"),
                "model_id": hf.chat.model_id, "until": row["until_message"], "in_use": in_use,
                "samples": hf.settings.finetune.samples, "max_new_tokens": hf.settings.finetune.sample_tokens,
                "step_limit": None if await asyncio.to_thread(self._is_admin, row["user_id"])
@@ -434,7 +441,7 @@ class FinetuneService:
             await hf.adapters.use(companion.key, result["version"])
         if cancelled:
             version = (await asyncio.to_thread(self.rows.get, job_id, None))["version"]
-            if row["kind"] == "train" and version:   # a cancelled training leaves no version behind
+            if row["kind"] in ("train", "migrate") and version:   # a cancelled training leaves no version
                 folder = adapters.version_dir(hf.data_dir, companion.key, version)
                 await asyncio.to_thread(shutil.rmtree, folder, True)
             await asyncio.to_thread(self._end, job_id, "cancelled")
@@ -597,6 +604,8 @@ class FinetuneService:
         fields = ("step", "total_steps", "loss", "eval_loss", "tokens_per_s", "eta_s", "gpu_sharing")
         return Job(id=row["id"], user=row["user_id"], companion=visible_id(row["companion_id"]),
                    kind=row["kind"], state=row["state"], queue_position=position,
+                   target=json.loads(row["target"]) if row["target"] else None,
+                   comparison=result.get("comparison"),
                    waiting=progress.get("waiting") if row["state"] == "queued" else None,
                    version=result.get("version") or row["version"],
                    metrics=result.get("metrics"), voice=result.get("voice"),

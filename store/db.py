@@ -130,7 +130,7 @@ MIGRATIONS: list[str] = [
         id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,        -- who asked; whose history it learns from
         companion_id TEXT NOT NULL,   -- the companion's key
-        kind TEXT NOT NULL,           -- train | eval
+        kind TEXT NOT NULL,           -- train | eval | drift | migrate
         state TEXT NOT NULL,          -- queued running evaluating done failed cancelled interrupted
         settings TEXT NOT NULL,       -- JSON: the fine-tuning settings it runs with
         switch TEXT NOT NULL,         -- auto | always | never
@@ -157,6 +157,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, companion_id, origin_id)
     );
     CREATE INDEX bundle_origins_by_conversation ON bundle_origins(conversation_id);
+    """,
+    # Jobs that compare a voice with another setup (drift) or carry it to another base model
+    # (migrate): what they compare with, or move to (serve/finetunes.py).
+    """
+    ALTER TABLE finetune_jobs ADD COLUMN target TEXT;   -- JSON: against, model, probes, max_new_tokens
     """,
 ]
 

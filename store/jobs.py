@@ -34,7 +34,7 @@ class Jobs:
         self.db = db
 
     def add(self, job_id: str, user: str, companion_key: str, kind: str, settings: str, switch: str,
-            version: str | None, admit: Callable[[Admission], None]) -> None:
+            version: str | None, admit: Callable[[Admission], None], target: str | None = None) -> None:
         """Queue a job of `user`'s, if `admit` (which raises to refuse) lets it in on the facts
         read in the same transaction: no two requests are both let in on the same count."""
         with self.db.transaction() as conn:
@@ -52,8 +52,8 @@ class Jobs:
             admit(Admission(busy[0] if busy else None, open_jobs, [tuple(r) for r in ran], until, now))
             conn.execute(
                 "INSERT INTO finetune_jobs (id, user_id, companion_id, kind, state, settings, switch, "
-                "until_message, version, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, user, companion_key, kind, settings, switch, until, version, now))
+                "until_message, version, target, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, user, companion_key, kind, settings, switch, until, version, target, now))
 
     def get(self, job_id: str, user: str | None) -> sqlite3.Row | None:
         """The job, if it is `user`'s (None: anyone's, for an admin or the runner)."""

@@ -1,15 +1,17 @@
-"""Teaching a companion its voice from the server: training and evaluation jobs that queue,
-run one at a time (serve/finetunes.py), report their progress, and can be cancelled or resumed."""
+"""Teaching a companion its voice from the server: training, evaluation, drift and migration
+jobs that queue, run one at a time (serve/finetunes.py), report their progress, and can be
+cancelled or resumed."""
 
 from __future__ import annotations
 
 import asyncio
+import pathlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finetune.config import FinetuneConfig, FinetuneError, load_config
 from serve.account import Account, AccountDep
@@ -17,7 +19,7 @@ from serve.deps import API_GUARDS
 from serve.errors import ERROR_RESPONSES, error_response, field_path
 from serve.finetunes import Job, JobError
 from serve.sse import DONE, PROGRESS, SSE_HEADERS, ClosingStreamingResponse, event, streamed
-from store.adapters import AdapterError, checked_version, manifest
+from store.adapters import AdapterError, checked_version, manifest, model_sha256
 
 router = APIRouter(prefix="/api/v1", tags=["finetunes"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -115,12 +117,102 @@ async def start_evaluation(companion_id: str, version: Annotated[str, Path(max_l
     return await queued(work)
 
 
+class DriftRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"against": "base"}]})
+    against: str | None = Field(None, max_length=16, description="another adapter version of the "
+                                "companion (v1, v2, ...), or base: the base model alone")
+    model: str | None = Field(None, max_length=4096, description="or another base model: a local directory "
+                              "on the server (admins), with the companion's newest version trained on it")
+    probes: int = Field(8, ge=1, le=32, description="how many held-out real replies to probe with")
+    max_new_tokens: int = Field(48, ge=1, le=256, description="the longest generated reply")
+
+
+class MigrationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=4096, description="the new base model: a local directory on the server")
+    samples: int = Field(8, ge=1, le=32, description="held-out real replies to compare the two setups on")
+    max_new_tokens: int = Field(48, ge=1, le=256, description="the longest generated reply")
+    settings: dict[str, Any] = Field(default_factory=dict, description="fields of configs/finetune.yaml "
+                                     "to change for this training (e.g. max_steps)")
+
+
+def model_dir(account: Account, path: str) -> str:
+    """Another base model's directory, named by an admin (a path on the server's disk), checked."""
+    if not account.user.admin:
+        raise JobError(403, "model: only an admin may name a directory on the server")
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise SettingsProblem("model", f"model {path}: not a directory on the server; give a local model "
+                                       "directory (safetensors weights, config and tokenizer)")
+    try:
+        model_sha256(folder)   # refuses a folder without safetensors weights, with its name
+    except AdapterError as err:
+        raise SettingsProblem("model", f"model: {err}") from err
+    return str(folder.resolve())
+
+
+@router.post("/companions/{companion_id}/drifts", status_code=202, response_model=Job, responses={
+    403: {"description": "A shared companion and the caller is not an admin, or a member named a model"},
+    422: {"description": "Neither or both of against and model, not a version of this companion, not a "
+          "model directory"}})
+async def start_drift(companion_id: str, request: DriftRequest, account: AccountDep) -> JSONResponse:
+    """Queue a drift check (as `homefire drift`): fixed probes, the prompts before the companion's
+    real replies in the caller's held-out conversations, through the current setup (the server's
+    base model and the version in use) and another, greedy, with the voice figures of each.
+    The finished job's `comparison` holds both side by side; the same setup gives the same
+    replies and figures. It runs in the training queue: it needs the same GPU."""
+    def work() -> Job:
+        companion = account.tunable(companion_id)
+        if (request.against is None) == (request.model is None):
+            raise SettingsProblem("against", "say what to compare the current setup with: against (an "
+                                             "adapter version, or base), or model (a directory)")
+        target = request.model_dump()
+        if request.model is not None:
+            target["model"] = model_dir(account, request.model)
+        elif request.against != "base":
+            try:
+                target["against"] = checked_version(request.against, "against")
+                manifest(account.hf.data_dir, companion.key, target["against"])
+            except AdapterError as err:
+                raise SettingsProblem("against", str(err)) from err
+        config, _ = job_settings(account, None)   # its eval_share picks the probes
+        return account.hf.finetunes.submit(companion, account.name, "drift", config, "never",
+                                           admin=account.user.admin, target=target)
+
+    return await queued(work)
+
+
+@router.post("/companions/{companion_id}/migrations", status_code=202, response_model=Job, responses={
+    403: {"description": "The caller is not an admin"},
+    422: {"description": "Not a model directory, the model the server runs already, or a setting is wrong"}})
+async def start_migration(companion_id: str, request: MigrationRequest, account: AccountDep) -> JSONResponse:
+    """Queue a migration (as `homefire migrate`), an admin's: the companion's voice tuned again on
+    another base model from the caller's history with it, then the old setup and the new one on
+    the same held-out probes. Nothing is switched: the new version waits until the server runs
+    that model and someone chooses it. The finished job's `comparison` holds both."""
+    def work() -> Job:
+        companion = account.tunable(companion_id)
+        target = request.model_dump(exclude={"settings"}) | {"model": model_dir(account, request.model)}
+        here = account.hf.engine.model_path
+        if here and model_sha256(pathlib.Path(target["model"])) == model_sha256(pathlib.Path(here)):
+            raise SettingsProblem("model", f"model {request.model}: these are the weights the server runs "
+                                           f"already; nothing to migrate to (to tune the voice again: "
+                                           f"POST /api/v1/companions/{companion_id}/finetunes)")
+        if "switch" in request.settings:
+            raise SettingsProblem("settings.switch", "settings.switch: a migration switches nothing")
+        config, _ = job_settings(account, request.settings)
+        return account.hf.finetunes.submit(companion, account.name, "migrate", config, "never",
+                                           admin=account.user.admin, target=target)
+
+    return await queued(work)
+
+
 @router.get("/finetunes", responses={403: {"description": "all=true, and the caller is not an admin"}})
 async def list_finetunes(account: AccountDep, all: Annotated[bool, Query(
         description="every member's jobs (admins): to see what holds the queue and cancel it")] = False,
                          ) -> list[Job]:
-    """The caller's training and evaluation jobs, newest first (at most 100); an admin's, with
-    all=true, everyone's."""
+    """The caller's jobs (training, evaluation, drift, migration), newest first (at most 100);
+    an admin's, with all=true, everyone's."""
     if all and not account.user.admin:
         raise HTTPException(403, "only an admin may list every member's jobs")
     return await asyncio.to_thread(account.hf.finetunes.jobs, None if all else account.name)

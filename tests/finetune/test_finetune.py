@@ -369,6 +369,13 @@ def test_migrate_tunes_on_a_new_model_and_switches_nothing_until_the_server_runs
     used = cli("adapter", "use", "kit", version, data_dir=data_dir, env=server.env)
     assert used.returncode == 0 and "the running server uses it now" in used.stdout, used.stderr
     assert server.reply("kit", max_tokens=4)["adapter"] == version
+    # Through the running server, drift is a job of its queue; the setup against itself: no drift.
+    same = cli("drift", "kit", "--against", version, "--probes", "1", "--max-new-tokens", "4", "--json",
+               data_dir=data_dir, env=server.env)
+    assert same.returncode == 0, same.stderr
+    assert not json.loads(same.stdout)["drift"] and "runs in the server as job" in same.stderr
+    job = server.http().get("/api/v1/finetunes").json()[0]
+    assert job["kind"] == "drift" and job["target"]["against"] == version and job["state"] == "done"
     pin = json.loads((data_dir / "model.json").read_text())
     assert pin["model"]["sha256"] == adapters.model_sha256(other_model)
     assert pin["previous"]["model"]["id"] == MODEL_NAME

@@ -266,10 +266,27 @@ def test_bad_settings_are_a_422_that_names_the_field_and_others_jobs_are_not_fou
     nothing = http.post("/api/v1/companions/ember/finetunes", json=QUICK)
     assert nothing.status_code == 422
     assert "no conversations with replies" in nothing.json()["error"]["message"]
+    # A drift check and a migration are jobs of the same queue, refused on the same terms.
+    model = str(shared.data_dir / "models" / MODEL_NAME)
+    for route, body, field, says in (
+            ("drifts", {}, "against", "say what to compare"),
+            ("drifts", {"against": "base", "model": model}, "against", "say what to compare"),
+            ("drifts", {"against": "v7"}, "against", "v7"),
+            ("drifts", {"model": "/nowhere"}, "model", "not a directory on the server"),
+            ("migrations", {"model": str(shared.data_dir)}, "model", "no safetensors weights"),
+            ("migrations", {"model": model}, "model", "the weights the server runs already")):
+        answer = http.post(f"/api/v1/companions/kit/{route}", json=body)
+        assert answer.status_code == 422 and answer.json()["error"]["param"] == field, answer.text
+        assert says in answer.json()["error"]["message"], answer.text
     assert http.get("/api/v1/finetunes").json() == [], "nothing was queued"
 
     bob = shared.http(shared.add_user("bob"))
     assert bob.post("/api/v1/companions/kit/finetunes", json=QUICK).status_code == 403   # shared: admins'
+    assert bob.post("/api/v1/companions/kit/drifts", json={"against": "base"}).status_code == 403
+    assert bob.post("/api/v1/companions", json={"id": "bobcat", "name": "Bobcat"}).status_code == 201
+    for route in ("drifts", "migrations"):   # a directory on the server is an admin's to name
+        named = bob.post(f"/api/v1/companions/bobcat/{route}", json={"model": model})
+        assert named.status_code == 403 and "only an admin" in named.json()["error"]["message"], named.text
     mine = http.post("/api/v1/companions/twin/finetunes", json=QUICK | {"max_steps": 400}).json()
     try:
         assert bob.get(f"/api/v1/finetunes/{mine['id']}").status_code == 404

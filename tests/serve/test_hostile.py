@@ -36,6 +36,8 @@ BODIES = {
     ("patch", "/api/v1/memories/{memory_id}"): {"text": "planted", "pinned": False},
     ("put", "/api/v1/companions/{companion_id}/adapter"): {"version": None},
     ("post", "/api/v1/companions/{companion_id}/finetunes"): QUICK,
+    ("post", "/api/v1/companions/{companion_id}/drifts"): {"against": "base", "probes": 1},
+    ("post", "/api/v1/companions/{companion_id}/migrations"): {"model": "/tmp"},
     ("post", "/api/v1/users"): {"name": "eve"},
 }
 # Uploads (raw bodies): something that is no such file, for the routes without another's id.

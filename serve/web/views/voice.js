@@ -6,6 +6,8 @@ import { api, events, explain } from '../api.js';
 import { fill, h, notice, progressBar, when } from '../dom.js';
 
 const OPEN = ['queued', 'running', 'evaluating'];
+// A job of the voice queue, by its kind (a drift check or a migration may be started from the CLI).
+const TITLES = { train: 'Training', eval: 'Voice report', drift: 'Drift check', migrate: 'Migration' };
 const SVG = 'http://www.w3.org/2000/svg';
 
 function svg(tag, attrs) {
@@ -127,7 +129,7 @@ export async function voiceView(root, { args: [companionId] }) {
     const cancel = h('button', { type: 'button', class: 'danger', onclick: async () => {
       try { await api(`/finetunes/${job.id}/cancel`, { method: 'POST' }); } catch (err) { running.append(notice(explain(err), 'error')); }
     } }, 'Cancel');
-    fill(running, h('h2', {}, `Training ${job.version ?? ''}`), bar, chart, cancel);
+    fill(running, h('h2', {}, `${TITLES[job.kind] ?? 'Job'} ${job.version ?? ''}`), bar, chart, cancel);
     const show = (current) => {
       bar.update(current.step ?? 0, current.total_steps ?? 1, describe(current));
       chart.add(current.step, current.total_steps, current.loss);
@@ -145,7 +147,8 @@ export async function voiceView(root, { args: [companionId] }) {
 
   async function ended(job) {
     const words = {
-      done: `Done: ${job.version}. ${job.switched ? `${companion.name} now speaks with it` : `Not switched: ${job.switch_reason ?? 'as set'}`}.`,
+      done: job.kind !== 'train' ? `Done${job.version ? `: ${job.version}` : ''}.`
+        : `Done: ${job.version}. ${job.switched ? `${companion.name} now speaks with it` : `Not switched: ${job.switch_reason ?? 'as set'}`}.`,
       failed: `The training failed: ${job.error}`, cancelled: 'Cancelled; no version was kept.',
       interrupted: 'Interrupted by a server stop; resume it to go on from its last checkpoint.',
     };
@@ -153,7 +156,7 @@ export async function voiceView(root, { args: [companionId] }) {
     running.append(notice(words[job.state] ?? job.state, job.state === 'done' ? 'ok' : 'error',
       job.state === 'interrupted' ? { label: 'Resume', run: async () => follow(await api(`/finetunes/${job.id}/resume`, { method: 'POST' })) } : null));
     await loadVersions();
-    if (job.state !== 'done' || !job.version) return;
+    if (job.state !== 'done' || !job.version || !job.voice) return;   // a drift or a migration: no report
     if (job.voice?.error) fill(report, notice(`No voice report for ${job.version}: ${job.voice.error}`, 'error'));
     else await showReport(job.version);
   }
