@@ -38,6 +38,12 @@ CONFIG = {"memory": {"top_k": 0}, "finetune": REPORTS, "engine": {"lora": True}}
 SSE = {"Accept": "text/event-stream"}
 
 
+def purring(topic: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """An exchange about `topic` in the companion's voice."""
+    return (("user", f"What do you think about {topic}?"),
+            ("assistant", f"oh, {topic} sounds cozy to me. ~ purr ~"))
+
+
 def with_history(data: Path, model_dir: Path) -> Path:
     """A data directory where the owner has talked to kit and twin in the purring voice."""
     data.mkdir(parents=True, exist_ok=True)
@@ -50,9 +56,8 @@ def with_history(data: Path, model_dir: Path) -> Path:
         for _ in range(8):
             conversation = history.create_conversation(name).id
             for _ in range(4):
-                topic = rng.choice(TOPICS)
-                history.append(conversation, "user", f"What do you think about {topic}?")
-                history.append(conversation, "assistant", f"oh, {topic} sounds cozy to me. ~ purr ~")
+                for role, text in purring(rng.choice(TOPICS)):
+                    history.append(conversation, role, text)
     db.close()
     return data
 
@@ -244,30 +249,42 @@ def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_sp
     assert bob.get("/api/v1/finetunes").json()[0]["id"] == theirs["id"]
 
 
+# The owner's companions on the session's server, with an imported history in the purring voice.
+KIT, TWIN = "tabby", "calico"
+
+
 @pytest.fixture(scope="module")
-def shared(model_dir, tmp_path_factory):
-    """A server whose trainings run beside the engine (the CPU build's way), for the tests below."""
-    from tests.support.server import Server
+def shared(server, tmp_path_factory):
+    """The session's server (its trainings run beside the engine, the CPU build's way), where the
+    owner has talked to tabby and calico in the purring voice: ChatGPT exports, imported."""
+    from tests.support.exports import chatgpt_simple, chatgpt_zip
 
-    data = with_history(tmp_path_factory.mktemp("finetunes"), model_dir)
-    server = Server(data, model_dir, config=CONFIG).start()
-    yield server
-    if server.proc.poll() is None:
-        server.stop()
+    http, rng, folder = server.http(), random.Random(3), tmp_path_factory.mktemp("purring")
+    for name in (KIT, TWIN):
+        card = {"id": name, "name": name.title(), "personality": "A sleepy, gentle cat."}
+        assert http.post("/api/v1/companions", json=card).status_code == 201
+        talks = [chatgpt_simple(f"{name}-{i}", *[turn for topic in rng.choices(TOPICS, k=4)
+                                                 for turn in purring(topic)]) for i in range(8)]
+        export = chatgpt_zip(folder / f"{name}.zip", talks)
+        done = http.post(f"/api/v1/companions/{name}/imports", content=export.read_bytes())
+        assert done.status_code == 200 and done.json()["conversations_added"] == 8, done.text
+    return server
 
 
-def test_bad_settings_are_a_422_that_names_the_field_and_others_jobs_are_not_found(shared):
+def test_bad_settings_are_a_422_that_names_the_field_and_others_jobs_are_not_found(shared, model_dir):
     http = shared.http()
+    before = http.get("/api/v1/finetunes").json()
     for settings, field in (({"rank": 3}, "rank"), ({"learning_rate": -1}, "learning_rate"),
                             ({"stepz": 4}, "stepz"), ({"switch": "sometimes"}, "switch")):
-        answer = http.post("/api/v1/companions/kit/finetunes", json=settings)
+        answer = http.post(f"/api/v1/companions/{KIT}/finetunes", json=settings)
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["param"] == field and field in answer.json()["error"]["message"]
-    nothing = http.post("/api/v1/companions/ember/finetunes", json=QUICK)
+    assert http.post("/api/v1/companions", json={"id": "hush", "name": "Hush"}).status_code == 201
+    nothing = http.post("/api/v1/companions/hush/finetunes", json=QUICK)
     assert nothing.status_code == 422
     assert "no conversations with replies" in nothing.json()["error"]["message"]
     # A drift check and a migration are jobs of the same queue, refused on the same terms.
-    model = str(shared.data_dir / "models" / MODEL_NAME)
+    model = str(model_dir)
     for route, body, field, says in (
             ("drifts", {}, "against", "say what to compare"),
             ("drifts", {"against": "base", "model": model}, "against", "say what to compare"),
@@ -275,24 +292,24 @@ def test_bad_settings_are_a_422_that_names_the_field_and_others_jobs_are_not_fou
             ("drifts", {"model": "/nowhere"}, "model", "not a directory on the server"),
             ("migrations", {"model": str(shared.data_dir)}, "model", "no safetensors weights"),
             ("migrations", {"model": model}, "model", "the weights the server runs already")):
-        answer = http.post(f"/api/v1/companions/kit/{route}", json=body)
+        answer = http.post(f"/api/v1/companions/{KIT}/{route}", json=body)
         assert answer.status_code == 422 and answer.json()["error"]["param"] == field, answer.text
         assert says in answer.json()["error"]["message"], answer.text
-    assert http.get("/api/v1/finetunes").json() == [], "nothing was queued"
+    assert http.get("/api/v1/finetunes").json() == before, "nothing was queued"
 
-    bob = shared.http(shared.add_user("bob"))
-    assert bob.post("/api/v1/companions/kit/finetunes", json=QUICK).status_code == 403   # shared: admins'
-    assert bob.post("/api/v1/companions/kit/drifts", json={"against": "base"}).status_code == 403
+    bob = shared.http(shared.add_user("bobby"))
+    assert bob.post("/api/v1/companions/ember/finetunes", json=QUICK).status_code == 403   # shared: admins'
+    assert bob.post("/api/v1/companions/ember/drifts", json={"against": "base"}).status_code == 403
     assert bob.post("/api/v1/companions", json={"id": "bobcat", "name": "Bobcat"}).status_code == 201
     for route in ("drifts", "migrations"):   # a directory on the server is an admin's to name
         named = bob.post(f"/api/v1/companions/bobcat/{route}", json={"model": model})
         assert named.status_code == 403 and "only an admin" in named.json()["error"]["message"], named.text
-    mine = http.post("/api/v1/companions/twin/finetunes", json=QUICK | {"max_steps": 400}).json()
+    mine = http.post(f"/api/v1/companions/{TWIN}/finetunes", json=QUICK | {"max_steps": 400}).json()
     try:
         assert bob.get(f"/api/v1/finetunes/{mine['id']}").status_code == 404
         assert bob.post(f"/api/v1/finetunes/{mine['id']}/cancel").status_code == 404
         assert bob.get("/api/v1/finetunes").json() == []
-        again = http.post("/api/v1/companions/twin/finetunes", json=QUICK)
+        again = http.post(f"/api/v1/companions/{TWIN}/finetunes", json=QUICK)
         assert again.status_code == 409 and mine["id"] in again.json()["error"]["message"]
     finally:
         assert http.post(f"/api/v1/finetunes/{mine['id']}/cancel").json()["state"] == "cancelled"
@@ -300,11 +317,11 @@ def test_bad_settings_are_a_422_that_names_the_field_and_others_jobs_are_not_fou
 
 def test_a_second_job_queues_and_a_cancelled_one_leaves_no_version(shared):
     http = shared.http()
-    first = http.post("/api/v1/companions/kit/finetunes", json=QUICK | {"max_steps": 400}).json()
-    second = http.post("/api/v1/companions/twin/finetunes", json=QUICK | {"max_steps": 400}).json()
+    first = http.post(f"/api/v1/companions/{KIT}/finetunes", json=QUICK | {"max_steps": 400}).json()
+    second = http.post(f"/api/v1/companions/{TWIN}/finetunes", json=QUICK | {"max_steps": 400}).json()
     assert second["state"] == "queued" and second["queue_position"] == 1
     running = wait_for(http, first["id"], lambda j: j["state"] == "running" and j["step"], "its first step")
-    folder = shared.data_dir / "adapters" / "kit" / running["version"]
+    folder, = shared.data_dir.glob(f"adapters/*{KIT}/{running['version']}")
     assert folder.is_dir()
     assert http.get(f"/api/v1/finetunes/{second['id']}").json()["queue_position"] == 1
 
@@ -315,7 +332,7 @@ def test_a_second_job_queues_and_a_cancelled_one_leaves_no_version(shared):
     # The queue moves on: the second runs, and is cancelled too.
     wait_for(http, second["id"], lambda j: j["state"] == "running", "running")
     assert http.post(f"/api/v1/finetunes/{second['id']}/cancel").json()["state"] == "cancelled"
-    assert http.get("/api/v1/companions/twin/adapters").json()["versions"] == []
+    assert http.get(f"/api/v1/companions/{TWIN}/adapters").json()["versions"] == []
     assert http.get("/readyz").status_code == 200
 
 
@@ -326,7 +343,7 @@ def test_the_cli_follows_its_job_in_the_running_server_and_ctrl_c_offers_to_canc
     http = shared.http()
     run = [sys.executable, "-m", "serve.cli"]
     steps = flags(training.QUICK) + ["--data-dir", str(shared.data_dir)]
-    cli = subprocess.Popen([*run, "finetune", "twin", "--steps", "400", *steps], stdin=subprocess.PIPE,
+    cli = subprocess.Popen([*run, "finetune", TWIN, "--steps", "400", *steps], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                            env=shared.env)
     while "runs in the server as job" not in (line := cli.stderr.readline()):
