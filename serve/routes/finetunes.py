@@ -141,14 +141,16 @@ def model_dir(account: Account, path: str) -> str:
     if not account.user.admin:
         raise JobError(403, "model: only an admin may name a directory on the server")
     folder = pathlib.Path(path)
-    if not folder.is_dir():
-        raise SettingsProblem("model", f"model {path}: not a directory on the server; give a local model "
-                                       "directory (safetensors weights, config and tokenizer)")
     try:
+        if not folder.is_dir():
+            raise SettingsProblem("model", f"model {path[:200]}: not a directory on the server; give a local "
+                                           "model directory (safetensors weights, config and tokenizer)")
         model_sha256(folder)   # refuses a folder without safetensors weights, with its name
+        return str(folder.resolve())
     except AdapterError as err:
         raise SettingsProblem("model", f"model: {err}") from err
-    return str(folder.resolve())
+    except OSError as err:   # a name too long, a folder it may not read
+        raise SettingsProblem("model", f"model {path[:200]}: {err.strerror}") from err
 
 
 @router.post("/companions/{companion_id}/drifts", status_code=202, response_model=Job, responses={
