@@ -26,6 +26,7 @@ dense at recall@10, and the evidence in the prompt for at least 65% of the quest
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -46,6 +47,7 @@ from bench import conversations  # noqa: E402
 from memory.embedder import Embedder  # noqa: E402
 from memory.importer import Importer  # noqa: E402
 from memory.imports import open_export  # noqa: E402
+from memory.recall import RecallSettings  # noqa: E402
 from memory.store import MemoryStore  # noqa: E402
 from store.companions import Companion, CompanionStore  # noqa: E402
 from store.db import Database  # noqa: E402
@@ -157,6 +159,9 @@ def main() -> None:
     parser.add_argument("--people", type=int, default=10, help="conversations (one person each)")
     parser.add_argument("--sessions", type=int, default=24, help="dated sessions per person")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=KEY:VALUE,...",
+                        help="also measure recall with these settings changed (e.g. wider=top_k:8), in the "
+                        "same run, on the same index")
     parser.add_argument("--corpus", choices=("conversations", "simple"), default="conversations",
                         help="conversations: bench/conversations.py, as people talk (paraphrase, on-topic "
                         "distractors, relative time); simple: this file's, the facts in their own words")
@@ -186,8 +191,39 @@ def main() -> None:
     print(f"{args.people} people, {args.sessions} sessions each: {indexed} memories indexed in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
 
-    found: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; embedder all-MiniLM-L6-v2; "
+          f"corpus {args.corpus}; seed {args.seed}")
+    results = {}
+    for name, settings in [("default", RecallSettings())] + args.variant:
+        store.settings = settings
+        print(f"\n== {name}: {settings}")
+        results[name] = evaluate(store, embedder, tokenizer, people)
+    print(json.dumps(results))
+
+
+def variant(text: str) -> tuple[str, RecallSettings]:
+    """NAME=top_k:8,threshold:0.3 -> (NAME, the default RecallSettings with those changed)."""
+    name, _, changes = text.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(RecallSettings)}
+    values = {}
+    for change in filter(None, changes.split(",")):
+        key, _, value = change.partition(":")
+        if key not in fields:
+            raise argparse.ArgumentTypeError(f"{key}: not a recall setting ({', '.join(fields)})")
+        values[key] = int(value) if fields[key] in (int, "int") else float(value)
+    return name, dataclasses.replace(RecallSettings(), **values)
+
+
+def evaluate(store: MemoryStore, embedder: Embedder, tokenizer, people: list) -> dict:
+    """Recall@k of plain dense and of the store's search, evidence in the prompt, and noise,
+    by kind of question, printed and returned."""
+    found: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     in_prompt: dict[str, list[bool]] = defaultdict(list)
+    db = store.db
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text))
+
     for key, lives, questions in people:
         rows = db.query("SELECT id, text FROM memories WHERE companion_id = ? ORDER BY id", (key,))
         ids = np.array([r["id"] for r in rows])
@@ -204,27 +240,23 @@ def main() -> None:
                     hits = sum(bool(w & set(ranking[:k])) for w in wanted) / len(wanted)
                     for kind in (q.kind, "all"):
                         found[(name, kind)][k].append(hits)
-            recalled = {m.id for m in store.recall(key, q.text, now=now,
-                                                   count_tokens=lambda t: len(tokenizer.encode(t)))}
+            recalled = {m.id for m in store.recall(key, q.text, now=now, count_tokens=count)}
             for kind in (q.kind, "all"):
                 in_prompt[kind].append(all(w & recalled for w in wanted))
 
     noise = []   # memories placed in the prompt for questions about nothing said
     for key, lives, _ in people:
         now = lives[-1][0].timestamp() + 86400
-        noise += [len(store.recall(key, text, now=now, count_tokens=lambda t: len(tokenizer.encode(t))))
-                  for text in UNRELATED]
+        noise += [len(store.recall(key, text, now=now, count_tokens=count)) for text in UNRELATED]
 
-    print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; embedder all-MiniLM-L6-v2; "
-          f"corpus {args.corpus}; seed {args.seed}")
-    result = {}
+    result: dict = {}
     kinds = list(dict.fromkeys(q.kind for _, _, questions in people for q in questions)) + ["all"]
     for kind in kinds:
         line = {name: {k: float(np.mean(found[(name, kind)][k])) for k in (5, 10, 20)}
                 for name in ("plain dense", "homefire")}
         prompt = float(np.mean(in_prompt[kind]))
         result[kind] = {**line, "evidence_in_prompt": prompt, "questions": len(in_prompt[kind])}
-        print(f"{kind:>9} ({len(in_prompt[kind]):3d} questions): " + "  ".join(
+        print(f"{kind:>13} ({len(in_prompt[kind]):3d} questions): " + "  ".join(
             f"{name} R@5 {v[5]:.3f} R@10 {v[10]:.3f} R@20 {v[20]:.3f}" for name, v in line.items())
             + f"  evidence in prompt {prompt:.2f}")
     gain = result["all"]["homefire"][10] - result["all"]["plain dense"][10]
@@ -234,7 +266,7 @@ def main() -> None:
                            "share_with_any": float(np.mean([n > 0 for n in noise]))}
     print(f"questions about nothing said ({len(noise)}): {np.mean(noise):.2f} memories in the prompt on "
           f"average, some in {np.mean([n > 0 for n in noise]):.0%} of them")
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Chroma's HNSW search missed an isolated memory among 300 clustered small-talk ex
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,9 +34,11 @@ class Mirror:
         self._matrix = torch.zeros((0, 0), dtype=torch.float16)
         self._exact = np.zeros((0, 0), dtype=np.float32)
         self._times = torch.zeros(0, dtype=torch.float64)   # when each vector's memory was said
+        self._words = np.zeros(0, dtype=bool)   # the vector is of the user's own words, not the text
         self._lock = threading.Lock()
 
-    def add(self, memory_ids: list[int], vectors, times: list[float]) -> None:
+    def add(self, memory_ids: list[int], vectors, times: list[float], words: list[bool] | None = None,
+            ) -> None:
         import torch
 
         if len(memory_ids) == 0:
@@ -56,11 +59,14 @@ class Mirror:
                     copy[: self.size] = self._exact[: self.size]
                 said = torch.zeros(capacity, dtype=torch.float64)
                 said[: self.size] = self._times[: self.size]
-                self._matrix, self._ids, self._exact, self._times = matrix, ids, copy, said
+                own = np.zeros(capacity, dtype=bool)
+                own[: self.size] = self._words[: self.size]
+                self._matrix, self._ids, self._exact, self._times, self._words = matrix, ids, copy, said, own
             self._matrix[self.size:need] = block
             self._exact[self.size:need] = exact
             self._ids[self.size:need] = memory_ids
             self._times[self.size:need] = torch.tensor(times, dtype=torch.float64)
+            self._words[self.size:need] = words if words is not None else False
             self.size = need
 
     def drop(self, memory_ids: list[int]) -> None:
@@ -73,14 +79,15 @@ class Mirror:
             self._exact[:kept] = self._exact[: self.size][keep]
             self._ids[:kept] = self._ids[: self.size][keep]
             self._times[:kept] = self._times[: self.size][torch.from_numpy(keep)]
+            self._words[:kept] = self._words[: self.size][keep]
             self.size = kept
 
     def top(self, vector: np.ndarray, n: int, span: tuple[float, float] | None = None,
-            bonus: float = 0.0) -> list[tuple[int, float, np.ndarray]]:
-        """The n rows nearest `vector` by the fast scan, as (memory id, exact score, vector),
-        best first; equal scores in memory id order. Rows said within `span` (start, end
-        timestamps) score `bonus` more, in the scan itself: a question about "last week"
-        costs no more than any other."""
+            bonus: float = 0.0) -> list[Hit]:
+        """The n rows nearest `vector` by the fast scan, scored exactly, best first; equal
+        scores in memory id order. Rows said within `span` (start, end timestamps) score
+        `bonus` more, in the scan itself: a question about "last week" costs no more than any
+        other."""
         import torch
 
         with self._lock:
@@ -93,8 +100,23 @@ class Mirror:
             picked = self._exact[rows]
             ids = self._ids[rows]
             said = self._times[rows].numpy()
+            words = self._words[rows]
         exact = picked @ vector.astype(np.float32)
-        if span:
-            exact += bonus * ((said >= span[0]) & (said < span[1]))
-        order = np.lexsort((ids, -exact))
-        return [(int(ids[i]), float(exact[i]), picked[i]) for i in order]
+        inside = (said >= span[0]) & (said < span[1]) if span else np.zeros(len(rows), dtype=bool)
+        scored = exact + bonus * inside
+        order = np.lexsort((ids, -scored))
+        return [Hit(int(ids[i]), float(scored[i]), picked[i], float(exact[i]), bool(words[i]),
+                    bool(inside[i])) for i in order]
+
+
+class Hit(NamedTuple):
+    """A row the scan found: its memory, its score (with the bonus of a time asked about), its
+    vector, and why it scored so: its similarity alone, whether the vector is of the user's own
+    words (else of the memory's text), and whether it was said in the time asked about."""
+
+    memory_id: int
+    score: float
+    vector: np.ndarray
+    similarity: float
+    words: bool
+    in_span: bool

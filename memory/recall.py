@@ -3,9 +3,13 @@
 A candidate's score is its best cosine similarity to the question over the memory's
 pieces (its text, and the user's own words on their own; exact, from the float32 mirror),
 plus a bonus when it was said in the span of time the question names, or in the days before or
-after an event it names, dated by the memory that tells of it (memory/when.py).
+after an event it names, dated by the memory that tells of it (memory/when.py). Each
+memory says why (`Why`): the part that matched, the time it was said in, and whether
+something nearly the same was said elsewhere too (among the candidates).
 What a reply places in the prompt is the best of those over a threshold, without near
-copies (the store leaves them out of the ranking), within a token budget. Each part is
+copies (the store leaves them out of the ranking), within a token budget, and what was
+said again and again scores less there (echo_penalty): "the bus was late" once more tells
+less than what one says once. Each part is
 here because bench/memory_quality.py measured that it puts more of what was said in the
 prompt; keyword search (SQLite FTS5 fused with dense, and the best memories' rare words as
 a second query) was tried and found nothing dense did not (bench/RESULTS.md).
@@ -16,8 +20,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from store.memories import Kind
 
@@ -25,13 +30,27 @@ from store.memories import Kind
 @dataclass
 class RecallSettings:
     top_k: int = 6
-    threshold: float = 0.28       # below this is not about the question (0.30: 0.69 in prompt, not 0.74)
+    threshold: float = 0.26       # below this is not about the question (with echo_penalty; bench/RESULTS.md)
     near_copy: float = 0.90       # this close to a chosen one adds nothing (same words: 0.91)
     recency_bonus: float = 0.03   # at most this much extra score for what was said today
     recency_days: float = 60
     budget_tokens: int = 400
     time_bonus: float = 0.15      # for being said in the span of time the question names
     relative_bonus: float = 0.50  # ... a span relative to an event it names (R@10 there 0.1 -> 0.7)
+    echo_penalty: float = 0.20    # less for what was said again elsewhere (in prompt 0.53 -> 0.71)
+
+
+class Why(BaseModel):
+    """Why a memory was recalled, as a person can check it."""
+
+    matched: Literal["your words", "the exchange", "the fact"] = Field(
+        description="the part of it nearest the question: what you said in it on its own, the whole "
+        "exchange, or a fact you added")
+    similarity: float = Field(description="that part's cosine similarity to the question (0 to 1)")
+    window: str | None = Field(None, description="the time the question asks about, which it was said in "
+                               "(that raised its score), in words")
+    said_again: bool = Field(False, description="something nearly the same was said elsewhere too, which "
+                             "lowered its score")
 
 
 class Recalled(BaseModel):
@@ -42,6 +61,7 @@ class Recalled(BaseModel):
     kind: Kind
     pinned: bool
     created_at: float
+    why: Why | None = None
 
 
 def choose(candidates: list[tuple[Recalled, str | None]], settings: RecallSettings, now: float,
@@ -50,10 +70,11 @@ def choose(candidates: list[tuple[Recalled, str | None]], settings: RecallSettin
     scored by the store, with what their users asked."""
     ranked = []
     for candidate, asked in candidates:
-        if candidate.score < settings.threshold or asked in skip_asked or candidate.id in skip_ids:
+        score = candidate.score - (settings.echo_penalty if candidate.why and candidate.why.said_again else 0)
+        if score < settings.threshold or asked in skip_asked or candidate.id in skip_ids:
             continue
         age_days = max(0.0, now - candidate.created_at) / 86400
-        adjusted = candidate.score + settings.recency_bonus * math.exp(-age_days / settings.recency_days)
+        adjusted = score + settings.recency_bonus * math.exp(-age_days / settings.recency_days)
         explicit = candidate.kind == "fact" or candidate.pinned
         ranked.append(((explicit, adjusted), candidate))
     ranked.sort(key=lambda c: c[0], reverse=True)

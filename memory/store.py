@@ -17,6 +17,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import numpy as np
 from chromadb.config import Settings as ChromaSettings
 
 from memory.embedder import Embedder
-from memory.mirror import Mirror
-from memory.recall import Recalled, RecallSettings, choose
+from memory.mirror import Hit, Mirror
+from memory.recall import Recalled, RecallSettings, Why, choose
 from memory.when import asked_span, relative_to
 from store.db import Database, Progress
 from store.memories import Kind, Memory, MemoryRows
@@ -173,25 +174,28 @@ class MemoryStore:
                     break
                 words = self._users_words(rows)
                 chunks = self.index_embedder.chunks
-                pieces = [(row, i, piece) for row in rows for i, piece in enumerate(
-                    chunks(row["text"]) + (chunks(words[row["id"]]) if row["id"] in words else []))]
-                vectors = self.index_embedder.embed([piece for _, _, piece in pieces])
+                # (row, piece number, its text, whether it is the user's own words)
+                pieces = [(row, i, piece, part) for row in rows for i, (piece, part) in enumerate(
+                    [(c, "text") for c in chunks(row["text"])]
+                    + [(c, "words") for c in (chunks(words[row["id"]]) if row["id"] in words else [])])]
+                vectors = self.index_embedder.embed([piece for _, _, piece, _ in pieces])
                 by_collection: dict[str, list] = {}
-                for (row, i, _), vector in zip(pieces, vectors, strict=True):
+                for (row, i, _, part), vector in zip(pieces, vectors, strict=True):
                     collection = self.collection(row["companion_id"], row["user_id"])
-                    by_collection.setdefault(collection.name, []).append((row, i, vector))
+                    by_collection.setdefault(collection.name, []).append((row, i, part, vector))
                 for name, items in by_collection.items():
                     self._collections[name].upsert(
-                        ids=[f"{row['id']}:{i}" for row, i, _ in items],
-                        embeddings=[vector for _, _, vector in items],
+                        ids=[f"{row['id']}:{i}" for row, i, _, _ in items],
+                        embeddings=[vector for *_, vector in items],
                         metadatas=[{"memory_id": row["id"], "conversation_id": row["conversation_id"] or "",
-                                    "kind": row["kind"]} for row, _, _ in items])
+                                    "kind": row["kind"], "part": part} for row, _, part, _ in items])
                     if name in self._mirrors:
-                        self._mirrors[name].add([row["id"] for row, _, _ in items],
-                                                [vector for _, _, vector in items],
-                                                [row["created_at"] for row, _, _ in items])
+                        self._mirrors[name].add([row["id"] for row, *_ in items],
+                                                [vector for *_, vector in items],
+                                                [row["created_at"] for row, *_ in items],
+                                                [part == "words" for _, _, part, _ in items])
                 counts: dict[int, int] = {}
-                for row, _, _ in pieces:
+                for row, *_ in pieces:
                     counts[row["id"]] = counts.get(row["id"], 0) + 1
                 self.rows.set_chunks(counts)
                 done += len(rows)
@@ -293,7 +297,9 @@ class MemoryStore:
             for offset in range(0, collection.count(), 5000):
                 page = collection.get(include=["embeddings", "metadatas"], limit=5000, offset=offset)
                 ids = [m["memory_id"] for m in page["metadatas"]]
-                mirror.add(ids, page["embeddings"], [said.get(i, 0.0) for i in ids])
+                # (an index made before pieces were named holds none: its pieces read as the text)
+                mirror.add(ids, page["embeddings"], [said.get(i, 0.0) for i in ids],
+                           [m.get("part") == "words" for m in page["metadatas"]])
             self._mirrors[collection.name] = mirror
         return self._mirrors[collection.name]
 
@@ -307,51 +313,60 @@ class MemoryStore:
         mirror = self._mirror(companion_id)
         if mirror.size == 0:
             return []
-        span, bonus, vector = self._asked_time(mirror, query, context, now)
+        asked = self._asked_time(mirror, query, context, now)
         # One pool whatever k is (up to POOL / 2): scored exactly, k=5 is the top of k=20. A pool
         # of copies (or of deleted rows) that holds fewer than k grows until it holds them.
         pool = max(POOL, k * 2)
         while True:
-            found = self._best(mirror, vector, pool, span, k, distinct, bonus)
+            found = self._best(mirror, asked, pool, k, distinct)
             if len(found) >= k or pool >= mirror.size:
                 return found
             pool *= 4
 
-    def _asked_time(self, mirror: Mirror, query: str, context: str, now: float
-                    ) -> tuple[tuple[float, float] | None, float, np.ndarray]:
-        """The span of time the question asks about (timestamps, or None), the bonus for being
-        said in it, and the question's vector. A span it names ("last week"): time_bonus. One
-        relative to an event it names ("the week before I went to Lisbon"), dated by the memory
-        that best tells of the event, if one does (over the threshold): relative_bonus, the
-        span being all such a question is about."""
+    def _asked_time(self, mirror: Mirror, query: str, context: str, now: float) -> Asked:
+        """The question's vector, and the span of time it asks about with the bonus for being
+        said in it. A span it names ("last week"): time_bonus. One relative to an event it names
+        ("the week before I went to Lisbon"), dated by the memory that best tells of the event,
+        if one does (over the threshold): relative_bonus, the span being all such a question is
+        about."""
         text = f"{context}\n{query}".strip()   # what the question is embedded as
         named = asked_span(query, datetime.fromtimestamp(now)) if self.settings.time_bonus else None
         relative = relative_to(query) if self.settings.time_bonus and not named else None
         vectors = [np.asarray(v, dtype=np.float32)
                    for v in self.embedder.embed([text] + ([relative.event] if relative else []))]
         if named:
-            return (named[0].timestamp(), named[1].timestamp()), self.settings.time_bonus, vectors[0]
+            start, end = named
+            return Asked(vectors[0], (start.timestamp(), end.timestamp()), self.settings.time_bonus,
+                         f"said from {start:%Y-%m-%d} to {end:%Y-%m-%d}, the time the question names")
         if relative is None:
-            return None, 0.0, vectors[0]
+            return Asked(vectors[0])
         found = mirror.top(vectors[1], 1)
-        row = self.rows.by_ids([found[0][0]]).get(found[0][0]) if found and found[0][1] >= \
-            self.settings.threshold else None
+        row = self.rows.by_ids([found[0].memory_id]).get(found[0].memory_id) if found and \
+            found[0].score >= self.settings.threshold else None
         if row is None:   # the event was never told
-            return None, 0.0, vectors[0]
-        return relative.span(row["created_at"]), self.settings.relative_bonus, vectors[0]
+            return Asked(vectors[0])
+        side = (f"{-relative.start_days:g} days before" if relative.end_days <= 0
+                else f"{relative.end_days:g} days after")
+        event = row["text"].split("\n")[0][:80]
+        return Asked(vectors[0], relative.span(row["created_at"]), self.settings.relative_bonus,
+                     f"said in the {side} {event!r} ({datetime.fromtimestamp(row['created_at']):%Y-%m-%d}), "
+                     "the event the question names")
 
-    def _best(self, mirror: Mirror, vector: np.ndarray, pool: int, span: tuple[float, float] | None,
-              k: int, distinct: bool, bonus: float) -> list[tuple[Recalled, str | None]]:
-        best: dict[int, tuple[float, np.ndarray]] = {}
-        for memory_id, score, embedding in mirror.top(vector, pool, span, bonus):
-            if memory_id not in best or score > best[memory_id][0]:
-                best[memory_id] = (score, embedding)
+    def _best(self, mirror: Mirror, asked: Asked, pool: int, k: int, distinct: bool
+              ) -> list[tuple[Recalled, str | None]]:
+        best: dict[int, Hit] = {}
+        for hit in mirror.top(asked.vector, pool, asked.span, asked.bonus):
+            if hit.memory_id not in best or hit.score > best[hit.memory_id].score:
+                best[hit.memory_id] = hit
+        # Said again elsewhere: known from the pool, which is the same for every k that needs no
+        # more (so a search for 5 is the top of a search for 20); recall scores it less (choose).
+        echoed = self._echoed(best)
         # SQLite decides what exists (and whose it is): a vector whose row is gone is never recalled.
         # The ids are looked up by key, best first, k at a time (a pool's every row cost 2 ms at
         # 100k memories).
-        order = sorted(best, key=lambda i: (-best[i][0], i))
+        order = sorted(best, key=lambda i: (-best[i].score, i))
         scored: list[tuple[Recalled, str | None]] = []
-        kept, asked_before = np.zeros((0, len(vector)), dtype=np.float32), set()
+        kept, asked_before = np.zeros((0, len(asked.vector)), dtype=np.float32), set()
         for start in range(0, len(order), k):
             if len(scored) >= k:
                 break
@@ -360,15 +375,38 @@ class MemoryStore:
             for i in ids:
                 if i not in rows:
                     continue
-                row, (score, embedding) = rows[i], best[i]
+                row, hit = rows[i], best[i]
                 if distinct:
-                    if row["asked"] in asked_before or (kept @ embedding > self.settings.near_copy).any():
+                    if row["asked"] in asked_before or (kept @ hit.vector > self.settings.near_copy).any():
                         continue
-                    kept = np.vstack([kept, embedding])
+                    kept = np.vstack([kept, hit.vector])
                     if row["asked"]:
                         asked_before.add(row["asked"])
+                part = "your words" if hit.words else "the fact" if row["kind"] == "fact" else "the exchange"
+                why = Why(matched=part, similarity=round(hit.similarity, 4),
+                          window=asked.about if hit.in_span else None, said_again=i in echoed)
                 recalled = Recalled(id=i, conversation_id=row["conversation_id"], text=row["text"],
-                                    score=round(score, 4), kind=row["kind"], pinned=bool(row["pinned"]),
-                                    created_at=row["created_at"])
+                                    score=round(hit.score, 4), kind=row["kind"], pinned=bool(row["pinned"]),
+                                    created_at=row["created_at"], why=why)
                 scored.append((recalled, row["asked"]))
         return scored[:k]   # in `order`: sorting again by the rounded score could swap near-ties
+
+    def _echoed(self, best: dict[int, Hit]) -> set[int]:
+        """The candidates with a near copy among the others: said again and again ("the bus was
+        late"), which tells less than what was said once."""
+        found = list(best)
+        matrix = np.stack([best[i].vector for i in found])
+        similar = matrix @ matrix.T
+        np.fill_diagonal(similar, 0)
+        return {i for i, n in zip(found, (similar > self.settings.near_copy).sum(axis=1), strict=True) if n}
+
+
+@dataclass
+class Asked:
+    """What recall asks with: the question's vector, and the span of time it asks about (start,
+    end timestamps) with the bonus for being said in it, and that span in words."""
+
+    vector: np.ndarray
+    span: tuple[float, float] | None = None
+    bonus: float = 0.0
+    about: str | None = None

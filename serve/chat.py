@@ -308,7 +308,7 @@ class ChatService:
             prompt_tokens = usage.get("prompt_tokens", len(prompt.token_ids or ()))
             meta = ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens, model=self.model_id,
                              adapter=self.adapters.get(key), sampling=params, finish_reason=finish,
-                             memories_used=[m.model_dump(include={"id", "text", "score"})
+                             memories_used=[m.model_dump(include={"id", "text", "score", "why"})
                                             for m in plan.memories])
             if conversation_id is None:   # answered, and kept nowhere
                 message = Message(id=0, conversation_id="", role="assistant", content="".join(parts),

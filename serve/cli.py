@@ -159,6 +159,16 @@ def cmd_memory(args: argparse.Namespace) -> None:
     _print_memory_result(action, result, args)
 
 
+def because(why: dict) -> str:
+    """A recalled memory's `why`, in words."""
+    parts = [f"{why['matched']} matched ({why['similarity']:.2f})"]
+    if why.get("window"):
+        parts.append(why["window"])
+    if why.get("said_again"):
+        parts.append("said again elsewhere, so it counts less in a reply")
+    return "; ".join(parts)
+
+
 def _print_memory_result(action: str, result: object, args: argparse.Namespace) -> None:
     if getattr(args, "json", False):
         print(json.dumps(result, ensure_ascii=False, indent=2))
@@ -170,6 +180,8 @@ def _print_memory_result(action: str, result: object, args: argparse.Namespace) 
             where = (m["conversation_id"] or "-")[:8]   # the conversation it was said in
             said = " / ".join(m["text"].splitlines())   # both speakers of an exchange
             print(f"{m['id']:>6}{flag} {when} {where:<8} {m['kind']:<8}{score} {said[:100]}")
+            if action == "recall":
+                print(f"{'':>16}why: {because(m['why'])}")
     elif action in ("delete", "forget-conversation"):
         print("deleted")
     elif action == "rebuild":

@@ -71,7 +71,7 @@ class MemoryConfig(BaseModel):
     data directory. Its token, if any, comes from HOMEFIRE_CHROMA_TOKEN."""
     top_k: int = Field(6, ge=0, le=50)
     """Most memories placed in one prompt (0 turns recall off)."""
-    threshold: float = Field(0.28, ge=-1, le=1)
+    threshold: float = Field(0.26, ge=-1, le=1)
     """Cosine similarity a memory needs to count as relevant. Lower finds more of what was
     said and brings loosely related memories to more replies (bench/RESULTS.md, memory_quality)."""
     budget_tokens: int = Field(400, ge=0)

@@ -31,7 +31,7 @@ class ReplyMeta(BaseModel):
     sampling: dict | None = None
     finish_reason: str | None = None
     truncated: bool = False
-    memories_used: list[dict] | None = None   # replies: [{id, text, score}] put in the prompt
+    memories_used: list[dict] | None = None   # replies: [{id, text, score, why}] put in the prompt
 
 
 class Message(ReplyMeta):

@@ -266,10 +266,46 @@ def test_a_question_about_the_days_before_an_event_finds_what_was_said_then(tmp_
     # first; without the event's date, the busy week and the packing outrank them.
     texts = {t: exchange_text(t, "Tell me more!", "Ember") for t in said}
     window = {texts[t] for t in list(said)[1:4]}
-    found = [m.text for m in memory.search("ember", question, 6, now=now)]
+    hits = memory.search("ember", question, 6, now=now)
+    found = [m.text for m in hits]
     assert set(found[:3]) == window, found
+    # Each says why: said in the days before the event, which the memory that tells of it dated.
+    for hit in hits[:3]:
+        if "Ghent" in hit.text:   # the event itself: not in the days before it
+            assert hit.why.window is None and hit.score == hit.why.similarity
+            continue
+        assert hit.why.window.startswith("said in the 10 days before 'User: Just got back from Gh"), hit.why
+        assert "(2025-05-09)" in hit.why.window and hit.score > hit.why.similarity + 0.4
     memory.settings.relative_bonus = 0.0
     assert set([m.text for m in memory.search("ember", question, 6, now=now)][:3]) != window
+
+
+def test_what_was_said_again_and_again_scores_less_than_what_was_said_once_and_says_why(tmp_path, embedder):
+    db, history, memory = fresh(tmp_path, embedder)
+    now = time.time()
+    for days in (30, 20, 10):
+        chat(history, memory, history.create_conversation("ember").id, "The bus was late again this morning.",
+             "Oh no!", now - days * DAY)
+    chat(history, memory, history.create_conversation("ember").id,
+         "The bus driver let me ride for free because I helped him with a pram.", "How kind!", now - 5 * DAY)
+    memory.index_pending()
+    asked = "What happened on the bus?"
+    hits = {"free" if "free" in m.text else "late": m for m in memory.search("ember", asked, 2, now=now,
+                                                                               distinct=True)}
+    late, free = hits["late"], hits["free"]
+    assert late.why.said_again and not free.why.said_again
+    assert late.score == late.why.similarity and free.score == free.why.similarity   # no time was asked about
+    # A reply's prompt takes what was said once first, and the echo only if it is still over the
+    # threshold after echo_penalty.
+    settings = memory.settings
+    recalled = [m.id for m in memory.recall("ember", asked, now=now)]
+    assert recalled[0] == free.id
+    assert (late.id in recalled) == (late.score - settings.echo_penalty >= settings.threshold), recalled
+    settings.echo_penalty, settings.threshold = 0.0, min(late.score, free.score) - 0.01
+    assert set(m.id for m in memory.recall("ember", asked, now=now)) == {late.id, free.id}
+    # The very words said match the user's own words in the memory better than the exchange.
+    said = memory.search("ember", "The bus was late again this morning.", 1, now=now)[0]
+    assert said.why.matched == "your words" and said.why.similarity > 0.99
 
 
 def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrade(tmp_path, embedder):

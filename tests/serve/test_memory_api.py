@@ -70,17 +70,22 @@ def test_recall_shows_exactly_what_a_reply_would_use_and_stores_nothing(server):
     before = http.get("/api/v1/companions/ember/memories").json()
     shown = http.get("/api/v1/companions/ember/memories/recall", params={"q": asked}).json()
     assert shown and "Lisbon" in shown[0]["text"] and shown[0]["conversation_id"] is None
+    why = shown[0]["why"]   # a fact the user added matched, with its similarity, at no time asked about
+    assert why["matched"] == "the fact" and why["similarity"] == shown[0]["score"] > 0.26, shown[0]
+    assert why["window"] is None and why["said_again"] is False
     assert http.get("/api/v1/companions/ember/memories").json() == before, "recall stores nothing"
     assert http.get("/api/v1/conversations").json() == []
     cli = subprocess.run([sys.executable, "-m", "serve.cli", "memory", "recall", "ember", asked,
                           "--data-dir", str(server.data_dir)], capture_output=True, text=True, cwd=REPO,
                          env=server.env | {"HOMEFIRE_API_KEY": key}, timeout=120)
     assert cli.returncode == 0 and "Lisbon" in cli.stdout.splitlines()[0], cli.stdout + cli.stderr
+    assert f"why: the fact matched ({why['similarity']:.2f})" in cli.stdout.splitlines()[1], cli.stdout
     # A reply to the same message, as a conversation's first, uses the very same memories.
     raw = server.openai(key).chat.completions.with_raw_response.create(
         model="ember", messages=[{"role": "user", "content": asked}], max_tokens=8)
     stored = http.get(f"/api/v1/conversations/{raw.headers['X-Homefire-Conversation']}").json()
     assert [m["id"] for m in stored["messages"][-1]["memories_used"]] == [m["id"] for m in shown]
+    assert stored["messages"][-1]["memories_used"][0]["why"] == why
     assert http.get("/api/v1/companions/nobody/memories/recall", params={"q": "x"}).status_code == 404
 
 

@@ -85,6 +85,9 @@ def test_sign_in_talk_watch_it_stream_and_open_the_memories_it_used(tab, web):
     used = reply.locator(".memories-used a", has_text="Miso")
     expect(used).to_be_visible()
     expect(reply.locator(".memories-used li").first).not_to_contain_text("deleted")
+    # Why it was recalled: the fact matched, with its similarity.
+    expect(reply.locator(".memories-used li", has_text="Miso").locator(".why")).to_contain_text(
+        re.compile(r"the fact matched \(0\.\d\d\)"))
     t.shot("chat-memories-used")
 
     # Regenerate: the new reply takes the old one's place, here and on the server.

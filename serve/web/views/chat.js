@@ -49,6 +49,14 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
     return item;
   }
 
+  // Why a memory was recalled, as the API says it (memory/recall.py: Why).
+  function because(why) {
+    const parts = [`${why.matched} matched (${why.similarity.toFixed(2)})`];
+    if (why.window) parts.push(why.window);
+    if (why.said_again) parts.push('said again elsewhere, so it counts less in a reply');
+    return parts.join('; ');
+  }
+
   function details(message) {
     const extra = [];
     if (message.finish_reason === 'length' || message.truncated) extra.push(h('span', { class: 'hint' }, '(cut off)'));
@@ -63,7 +71,8 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
           api(`/memories/${m.id}`).then((full) => { date.textContent = day(full.created_at); })
             .catch(() => { date.textContent = 'deleted since'; });
           return h('li', {}, date, ' ', h('a', { href: `#/memory/${companionId}/${m.id}` }, m.text),
-            h('span', { class: 'score' }, ` ${m.score.toFixed(2)}`));
+            h('span', { class: 'score' }, ` ${m.score.toFixed(2)}`),
+            m.why ? h('p', { class: 'why hint' }, because(m.why)) : null);
         }));
       });
       extra.push(box);
