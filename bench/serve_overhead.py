@@ -121,6 +121,33 @@ async def run(args, url: str, socket: Path, key: str) -> dict:
     return result
 
 
+def remembered(data_dir: Path, n: int) -> None:
+    """n exchanges of the owner's with ember in the data directory, remembered and indexed as
+    the server would (its index), before it starts."""
+    from memory.embedder import Embedder
+    from memory.remember import exchange_text
+    from memory.store import MemoryStore
+    from store.companions import CompanionStore
+    from store.db import Database
+    from store.history import History, ReplyMeta
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(data_dir / "homefire.db")
+    CompanionStore(db).sync_dir(REPO / "configs" / "companions")
+    history, memory = History(db), MemoryStore(db, data_dir / "index", Embedder())
+    conversation, now = history.create_conversation("ember").id, time.time()
+    for i in range(n):
+        said = f"{prompts(len(TOPICS))[i % len(TOPICS)].split('.')[0]}, day {i}."
+        history.append(conversation, "user", said)
+        answer = history.append(conversation, "assistant", f"Tell me more ({i})!",
+                                ReplyMeta(finish_reason="stop"))
+        memory.add_exchange("ember", conversation, answer.id, said,
+                            exchange_text(said, answer.content, "Ember"), now - (n - i) * 60)
+    print(f"remembering {n} exchanges ...", flush=True)
+    memory.index_pending()
+    db.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6, help="rounds per path (alternating)")
@@ -128,13 +155,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
     parser.add_argument("--sequential", type=int, default=24, help="unloaded requests per path")
     parser.add_argument("--data-dir", type=Path, help="data directory (default: a temporary one)")
+    parser.add_argument("--memories", type=int, default=0, metavar="N",
+                        help="recall on, over N exchanges of ember's remembered beforehand: every "
+                        "question is embedded and searched, and nothing clears the threshold, so the "
+                        "prompts stay the baseline's (default 0: recall off)")
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="homefire-bench-"))
     # Equal work on both paths: no recalled memories in Homefire's prompts (they would make
     # them longer than the baseline's). Remembering and indexing still run and count;
-    # recall's own cost is bench/memory.py's. No per-user limits either: the benchmark is
+    # with --memories, so does recall's search. No per-user limits either: the benchmark is
     # one user with many streams at once.
-    config = (f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n  top_k: 0\n"
+    recall = "  threshold: 1.0\n" if args.memories else "  top_k: 0\n"
+    if args.memories:
+        remembered(data_dir, args.memories)
+    config = (f"companions_dir: {REPO / 'configs' / 'companions'}\nmemory:\n{recall}"
               "limits:\n  max_streams_per_user: 0\n  requests_per_minute: 0\n")
     with homefire_server(data_dir, config) as (url, key):
         result = asyncio.run(run(args, url, data_dir / "run" / "engine.sock", key))
