@@ -33,8 +33,8 @@ def _base_model(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _companion(args: argparse.Namespace):
-    """The companion as `--user` (default local) knows it, for the commands that read the data
-    directory themselves, which a running server shares (WAL): a dry run, drift and migrate."""
+    """The companion as `--user` (default local) knows it, for the one command that reads the
+    data directory itself, which a running server shares (WAL): a training's dry run."""
     user = getattr(args, "user", LOCAL)
     store = local_store(args)
     companion = store.get(args.companion, user)
