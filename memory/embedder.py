@@ -46,6 +46,17 @@ class Embedder:
                                         show_progress_bar=False)
         return vectors.tolist()
 
+    def tail(self, text: str, tokens: int) -> tuple[str, int]:
+        """The end of text that fits `tokens` (cut between tokens), and how many it holds."""
+        if tokens <= 0 or not text:
+            return "", 0
+        with self._lock:
+            spans = self.model.tokenizer(text, add_special_tokens=False,
+                                         return_offsets_mapping=True)["offset_mapping"]
+        if len(spans) <= tokens:
+            return text, len(spans)
+        return text[spans[-tokens][0]:], tokens
+
     def chunks(self, text: str) -> list[str]:
         """Pieces of text that each fit the window, overlapping a little."""
         with self._lock:

@@ -38,6 +38,7 @@ class RecallSettings:
     time_bonus: float = 0.15      # for being said in the span of time the question names
     relative_bonus: float = 0.50  # ... a span relative to an event it names (R@10 there 0.1 -> 0.7)
     echo_penalty: float = 0.20    # less for what was said again elsewhere (in prompt 0.53 -> 0.71)
+    query_tokens: int = 64        # what is embedded of the question (its end), then of the context
 
 
 class Why(BaseModel):

@@ -329,7 +329,7 @@ class MemoryStore:
         ("the week before I went to Lisbon"), dated by the memory that best tells of the event,
         if one does (over the threshold): relative_bonus, the span being all such a question is
         about."""
-        text = f"{context}\n{query}".strip()   # what the question is embedded as
+        text = self._query_text(query, context)
         named = asked_span(query, datetime.fromtimestamp(now)) if self.settings.time_bonus else None
         relative = relative_to(query) if self.settings.time_bonus and not named else None
         vectors = [np.asarray(v, dtype=np.float32)
@@ -351,6 +351,18 @@ class MemoryStore:
         return Asked(vectors[0], relative.span(row["created_at"]), self.settings.relative_bonus,
                      f"said in the {side} {event!r} ({datetime.fromtimestamp(row['created_at']):%Y-%m-%d}), "
                      "the event the question names")
+
+    def _query_text(self, query: str, context: str) -> str:
+        """What the question is embedded as: its last settings.query_tokens tokens, after as
+        many of the context's last as the rest of that budget holds. Embedding costs the CPU
+        about 0.3 ms a token (one thread, beside the engine): a burst of long messages, each
+        embedded whole (up to the model's 256), queued replies for a second and more
+        (bench/serve_overhead.py --memories); and the end of a long message is what it asks now.
+        A short answer ("yes, that one") still brings the companion's last words with it."""
+        budget = self.settings.query_tokens
+        asked, used = self.embedder.tail(query.strip(), budget)
+        before, _ = self.embedder.tail(context.strip(), budget - used)
+        return f"{before}\n{asked}".strip()
 
     def _best(self, mirror: Mirror, asked: Asked, pool: int, k: int, distinct: bool
               ) -> list[tuple[Recalled, str | None]]:
