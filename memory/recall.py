@@ -39,6 +39,7 @@ class RecallSettings:
     relative_bonus: float = 0.50  # ... a span relative to an event it names (R@10 there 0.1 -> 0.7)
     echo_penalty: float = 0.20    # less for what was said again elsewhere (in prompt 0.53 -> 0.71)
     query_tokens: int = 64        # what is embedded of the question (its end), then of the context
+    rerank_top: int = 20          # candidates over the threshold a reranker (if any) orders
 
 
 class Why(BaseModel):
@@ -52,6 +53,8 @@ class Why(BaseModel):
                                "(that raised its score), in words")
     said_again: bool = Field(False, description="something nearly the same was said elsewhere too, which "
                              "lowered its score")
+    reranked: float | None = Field(None, description="the reranker's score, by which it was ordered among "
+                                   "the best candidates (memory.reranker; none: not reranked)")
 
 
 class Recalled(BaseModel):
@@ -65,19 +68,29 @@ class Recalled(BaseModel):
     why: Why | None = None
 
 
+def relevant(candidates: list[tuple[Recalled, str | None]], settings: RecallSettings
+             ) -> list[tuple[Recalled, str | None]]:
+    """Those that clear the threshold, what was said again scoring less (echo_penalty)."""
+    return [(c, asked) for c, asked in candidates
+            if c.score - (settings.echo_penalty if c.why and c.why.said_again else 0) >= settings.threshold]
+
+
 def choose(candidates: list[tuple[Recalled, str | None]], settings: RecallSettings, now: float,
            skip_asked: set[str], skip_ids: set[int], count_tokens: Callable[[str], int]) -> list[Recalled]:
     """What a reply places in the prompt, best first, from distinct candidates (no near copies)
-    scored by the store, with what their users asked."""
+    scored by the store, with what their users asked. Those a reranker scored (why.reranked)
+    come first, in its order."""
     ranked = []
-    for candidate, asked in candidates:
-        score = candidate.score - (settings.echo_penalty if candidate.why and candidate.why.said_again else 0)
-        if score < settings.threshold or asked in skip_asked or candidate.id in skip_ids:
+    for candidate, asked in relevant(candidates, settings):
+        if asked in skip_asked or candidate.id in skip_ids:
             continue
+        score = candidate.score - (settings.echo_penalty if candidate.why and candidate.why.said_again else 0)
         age_days = max(0.0, now - candidate.created_at) / 86400
         adjusted = score + settings.recency_bonus * math.exp(-age_days / settings.recency_days)
         explicit = candidate.kind == "fact" or candidate.pinned
-        ranked.append(((explicit, adjusted), candidate))
+        reranked = candidate.why.reranked if candidate.why else None
+        order = adjusted if reranked is None else reranked
+        ranked.append(((explicit, reranked is not None, order), candidate))
     ranked.sort(key=lambda c: c[0], reverse=True)
     chosen, used = [], 0
     for _, candidate in ranked:

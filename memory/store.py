@@ -14,6 +14,8 @@ Chroma's HNSW search missed an isolated memory among 300 clustered small-talk ex
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +27,10 @@ import chromadb
 import numpy as np
 from chromadb.config import Settings as ChromaSettings
 
-from memory.embedder import Embedder
+from memory.embedder import AnyEmbedder
 from memory.mirror import Hit, Mirror
-from memory.recall import Recalled, RecallSettings, Why, choose
+from memory.recall import Recalled, RecallSettings, Why, choose, relevant
+from memory.rerank import Reranker
 from memory.when import asked_span, relative_to
 from store.db import Database, Progress
 from store.memories import Kind, Memory, MemoryRows
@@ -36,6 +39,7 @@ from store.users import LOCAL
 __all__ = ["MemoryStore", "RecallSettings", "Recalled"]
 
 HNSW = {"space": "cosine"}
+GENERATION = re.compile(r"^g\d+-")   # a collection's generation prefix (none: generation 0)
 POOL = 100   # rows the fast scan hands to exact scoring
 
 
@@ -68,9 +72,9 @@ class MemoryStore:
 
     Indexing, repair and the consistency check work for every user at once."""
 
-    def __init__(self, db: Database, index_dir: Path, embedder: Embedder, user: str = LOCAL,
-                 settings: RecallSettings | None = None, index_embedder: Embedder | None = None,
-                 client: chromadb.ClientAPI | None = None):
+    def __init__(self, db: Database, index_dir: Path, embedder: AnyEmbedder, user: str = LOCAL,
+                 settings: RecallSettings | None = None, index_embedder: AnyEmbedder | None = None,
+                 client: chromadb.ClientAPI | None = None, generation: int = 0):
         self.db = db
         self.settings = settings or RecallSettings()
         self.embedder = embedder
@@ -86,20 +90,29 @@ class MemoryStore:
         self._collections: dict[str, chromadb.Collection] = {}
         self._mirrors: dict[str, Mirror] = {}
         self._index_lock = TurnLock()
+        # The generation of collections that serves (its embedder's), and one being built for
+        # another embedder (memory/reembed.py), which every deletion reaches too.
+        self.generation = generation
+        self.building: int | None = None
+        self.reranker: Reranker | None = None   # memory.reranker
 
     def for_user(self, user: str) -> MemoryStore:
         view = copy.copy(self)
         view.user, view.rows = user, MemoryRows(self.db, user)
         return view
 
-    def collection(self, companion_id: str, user: str | None = None):
+    def collection(self, companion_id: str, user: str | None = None, generation: int | None = None):
         # User names have no "--", so no two (user, companion) pairs share a name.
-        name = f"u-{user or self.user}--c-{companion_id}"
+        name = f"{self._prefix(generation)}u-{user or self.user}--c-{companion_id}"
         if name not in self._collections:
             # No embedding function: Chroma's default would download a model.
             self._collections[name] = self.client.get_or_create_collection(
                 name, embedding_function=None, configuration={"hnsw": HNSW})
         return self._collections[name]
+
+    def _prefix(self, generation: int | None = None) -> str:
+        generation = self.generation if generation is None else generation
+        return f"g{generation}-" if generation else ""
 
     # -- writes: SQLite first, the index follows (index_pending) --------------------------
 
@@ -172,36 +185,41 @@ class MemoryStore:
                 rows = self.rows.pending(batch if limit is None else min(batch, limit - done), imported, mine)
                 if not rows:
                     break
-                words = self._users_words(rows)
-                chunks = self.index_embedder.chunks
-                # (row, piece number, its text, whether it is the user's own words)
-                pieces = [(row, i, piece, part) for row in rows for i, (piece, part) in enumerate(
-                    [(c, "text") for c in chunks(row["text"])]
-                    + [(c, "words") for c in (chunks(words[row["id"]]) if row["id"] in words else [])])]
-                vectors = self.index_embedder.embed([piece for _, _, piece, _ in pieces])
-                by_collection: dict[str, list] = {}
-                for (row, i, _, part), vector in zip(pieces, vectors, strict=True):
-                    collection = self.collection(row["companion_id"], row["user_id"])
-                    by_collection.setdefault(collection.name, []).append((row, i, part, vector))
-                for name, items in by_collection.items():
-                    self._collections[name].upsert(
-                        ids=[f"{row['id']}:{i}" for row, i, _, _ in items],
-                        embeddings=[vector for *_, vector in items],
-                        metadatas=[{"memory_id": row["id"], "conversation_id": row["conversation_id"] or "",
-                                    "kind": row["kind"], "part": part} for row, _, part, _ in items])
-                    if name in self._mirrors:
-                        self._mirrors[name].add([row["id"] for row, *_ in items],
-                                                [vector for *_, vector in items],
-                                                [row["created_at"] for row, *_ in items],
-                                                [part == "words" for _, _, part, _ in items])
-                counts: dict[int, int] = {}
-                for row, *_ in pieces:
-                    counts[row["id"]] = counts.get(row["id"], 0) + 1
-                self.rows.set_chunks(counts)
+                self.rows.set_chunks(self._embed(rows, self.index_embedder, self.generation))
                 done += len(rows)
                 if progress:
                     progress(done, total)
         return done
+
+    def _embed(self, rows, embedder: AnyEmbedder, generation: int) -> dict[int, int]:
+        """Embed memory rows (anyone's) into a generation's collections; {id: vectors}. Each
+        vector's metadata holds a hash of the text it was made from, by which a re-embedding
+        knows what it has done (a memory edited since has another)."""
+        words = self._users_words(rows)
+        # (row, piece number, its text, whether it is the user's own words)
+        pieces = [(row, i, piece, part) for row in rows for i, (piece, part) in enumerate(
+            [(c, "text") for c in embedder.chunks(row["text"])]
+            + [(c, "words") for c in (embedder.chunks(words[row["id"]]) if row["id"] in words else [])])]
+        vectors = embedder.embed([piece for _, _, piece, _ in pieces])
+        by_collection: dict[str, list] = {}
+        for (row, i, _, part), vector in zip(pieces, vectors, strict=True):
+            collection = self.collection(row["companion_id"], row["user_id"], generation)
+            by_collection.setdefault(collection.name, []).append((row, i, part, vector))
+        for name, items in by_collection.items():
+            self._collections[name].upsert(
+                ids=[f"{row['id']}:{i}" for row, i, _, _ in items],
+                embeddings=[vector for *_, vector in items],
+                metadatas=[{"memory_id": row["id"], "conversation_id": row["conversation_id"] or "",
+                            "kind": row["kind"], "part": part, "sha": text_hash(row["text"])}
+                           for row, _, part, _ in items])
+            if name in self._mirrors:
+                self._mirrors[name].add([row["id"] for row, *_ in items], [vector for *_, vector in items],
+                                        [row["created_at"] for row, *_ in items],
+                                        [part == "words" for _, _, part, _ in items])
+        counts: dict[int, int] = {}
+        for row, *_ in pieces:
+            counts[row["id"]] = counts.get(row["id"], 0) + 1
+        return counts
 
     def _users_words(self, rows) -> dict[int, str]:
         """{memory id: the user's own messages in it}, embedded as a piece of their own: the
@@ -222,7 +240,7 @@ class MemoryStore:
 
     def rebuild(self, progress: Progress | None = None, everyone: bool = False) -> int:
         """Recreate the user's index (or, with everyone, every user's) from SQLite."""
-        prefix = "u-" if everyone else f"u-{self.user}--c-"
+        prefix = self._prefix() + ("u-" if everyone else f"u-{self.user}--c-")
         with self._index_lock:
             for collection in self.client.list_collections():
                 if collection.name.startswith(prefix):  # a shared Chroma server holds others' too
@@ -264,16 +282,26 @@ class MemoryStore:
         if settings.top_k == 0:  # recall is off: not even the question is embedded
             return []
         candidates = self._candidates(companion_id, query, settings.top_k * 4, now, context, distinct=True)
+        if self.reranker:
+            self._rerank(query, relevant(candidates, settings)[:settings.rerank_top])
         return choose(candidates, settings, now, skip_asked, skip_ids, count_tokens)
+
+    def _rerank(self, query: str, candidates: list[tuple[Recalled, str | None]]) -> None:
+        """The reranker's scores, in each candidate's why (none where it fell back)."""
+        assert self.reranker is not None
+        scores = self.reranker.scores(query, [c.text for c, _ in candidates])
+        for (candidate, _), score in zip(candidates, scores or [], strict=False):
+            if candidate.why:
+                candidate.why.reranked = round(score, 4)
 
     def drop_companion(self, companion_key: str) -> int:
         """Delete every user's collection of a companion that is being deleted; returns how many."""
         dropped = 0
         with self._index_lock:
             for collection in self.client.list_collections():
-                # u-USER--c-KEY, and user names hold no "--": the first "--c-" ends the user.
-                if collection.name.startswith("u-") and \
-                        collection.name[2:].partition("--c-")[2] == companion_key:
+                # [gN-]u-USER--c-KEY, and user names hold no "--": the first "--c-" ends the user.
+                name = GENERATION.sub("", collection.name)
+                if name.startswith("u-") and name[2:].partition("--c-")[2] == companion_key:
                     self.client.delete_collection(collection.name)
                     self._collections.pop(collection.name, None)
                     self._mirrors.pop(collection.name, None)
@@ -283,10 +311,11 @@ class MemoryStore:
     def _drop_vectors(self, companion_id: str, memory_ids: list[int]) -> None:
         if not memory_ids:
             return
-        collection = self.collection(companion_id)
-        collection.delete(where={"memory_id": {"$in": memory_ids}})
-        if collection.name in self._mirrors:
-            self._mirrors[collection.name].drop(memory_ids)
+        for generation in {self.generation, self.building} - {None}:
+            collection = self.collection(companion_id, generation=generation)
+            collection.delete(where={"memory_id": {"$in": memory_ids}})
+            if collection.name in self._mirrors:
+                self._mirrors[collection.name].drop(memory_ids)
 
     def _mirror(self, companion_id: str) -> Mirror:
         collection = self.collection(companion_id)
@@ -417,6 +446,10 @@ class MemoryStore:
         similar.fill_diagonal_(0)
         echoes = (similar > self.settings.near_copy).sum(dim=1).tolist()
         return {i for i, n in zip(found, echoes, strict=True) if n}
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass

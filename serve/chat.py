@@ -19,6 +19,7 @@ import anyio
 import httpx
 
 from finetune.template import alternate
+from memory.embedder import EmbedderError
 from memory.remember import remember_new
 from memory.store import MemoryStore, Recalled
 from serve import metrics
@@ -197,10 +198,14 @@ class ChatService:
         first_user = next((i for i, m in enumerate(history) if m["role"] == "user"), len(history))
         context = next((m["content"][-300:] for m in reversed(history[first_user:-1])
                         if m["role"] == "assistant"), "")
-        return self.memory.for_user(user).recall(
-            companion.key, asked, context=context,
-            skip_asked={m["content"] for m in kept_turns if m["role"] == "user"}, skip_ids=skip_ids,
-            count_tokens=lambda text: len(self.prompts.encode(text)))
+        try:
+            return self.memory.for_user(user).recall(
+                companion.key, asked, context=context,
+                skip_asked={m["content"] for m in kept_turns if m["role"] == "user"}, skip_ids=skip_ids,
+                count_tokens=lambda text: len(self.prompts.encode(text)))
+        except EmbedderError as err:   # memory.embedder's server is down: the reply goes without
+            log.warning("memory: no recall for this reply: %s", err)
+            return []
 
     def remember(self, companion: Companion, conversation_id: str) -> None:
         """Turn what the committed reply ends into a memory: the user's messages since the last

@@ -66,9 +66,10 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> None:
-    from memory.embedder import Embedder
+    from memory.embedder import open_embedder
     from memory.store import MemoryStore
     from serve import backup
+    from store.memory_index import IndexGenerations
 
     data_dir = resolve_data_dir(args)
     folder: Path = args.backup.expanduser().resolve()
@@ -78,7 +79,9 @@ def cmd_restore(args: argparse.Namespace) -> None:
         manifest = backup.restore(folder, data_dir)
         settings = load_settings(args.config)
         db = Database(data_dir / "homefire.db")   # a backup of an older Homefire is migrated here
-        store = MemoryStore(db, data_dir / "index", Embedder(settings.memory.embedder))
+        embedder = open_embedder(settings.memory.embedder)
+        IndexGenerations(db).reset(embedder.identity, settings.memory.embedder)
+        store = MemoryStore(db, data_dir / "index", embedder)
         with Bar("rebuilding the memory index", 0, "memory") as bar:
             store.rebuild(bar, everyone=True)
         if not store.index_is_consistent():

@@ -65,7 +65,19 @@ class MemoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     embedder: str | None = None
-    """A sentence-transformers model directory or id; empty means the bundled all-MiniLM-L6-v2."""
+    """A sentence-transformers model directory, or an OpenAI-compatible embeddings URL (a vLLM
+    pooling worker, e.g. http://gpu-box:8001/v1; its key from HOMEFIRE_EMBEDDER_API_KEY); empty
+    means the bundled all-MiniLM-L6-v2. Changing it re-embeds every memory in the background
+    while the old index serves (GET /readyz shows how far)."""
+    reranker: str | None = None
+    """A cross-encoder that orders recall's best candidates again: a vLLM /rerank or /score URL
+    (its key from HOMEFIRE_RERANKER_API_KEY) or a sentence-transformers CrossEncoder directory;
+    empty means none."""
+    rerank_budget_ms: int = Field(300, ge=1, le=60_000)
+    """Longest a reply waits for the reranker; past it, or on any failure, recall keeps its own
+    order."""
+    rerank_top: int = Field(20, ge=1, le=200)
+    """How many of recall's best candidates (over the threshold) the reranker orders."""
     chroma_url: str | None = None
     """A Chroma server (e.g. http://db-box:8000) for the vector index; empty keeps it in the
     data directory. Its token, if any, comes from HOMEFIRE_CHROMA_TOKEN."""

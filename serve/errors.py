@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from memory.embedder import EmbedderError
 from serve.chat import EngineFailed, UnknownCompanion, WrongBaseModel
 from serve.engine import EngineUnavailable
 from serve.prompt import PromptTooLong
@@ -159,6 +160,7 @@ def install(app: FastAPI) -> None:
         PromptTooLong: (400, "messages", "context_length_exceeded"),
         CompanionError: (400, None, "invalid_card"),
         EngineFailed: (502, None, "engine_failed"),
+        EmbedderError: (503, None, "embedder_unavailable"),   # a memory search with memory.embedder down
     }
     for exc_type, (status, param, code) in handlers.items():
         def handler(request: Request, exc: Exception, status=status, param=param, code=code):

@@ -16,6 +16,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException
@@ -39,6 +40,9 @@ from store.run import run_dir
 from store.staging import remove_leftovers
 from store.users import Users, local_key
 
+if TYPE_CHECKING:   # memory's modules load chromadb and torch: not for every command
+    from memory.reembed import Reembedding
+
 log = logging.getLogger(__name__)
 BACKGROUND_NICE = 10
 
@@ -60,6 +64,7 @@ class Homefire:
     finetunes: FinetuneService = field(init=False)   # training jobs, one at a time
     url: str = ""                # where clients reach it, once it listens
     model_change: str | None = None   # what differs from the model the data was made with
+    reembedding: Reembedding | None = None   # memory.embedder changed: the index being re-embedded
     chores: list[asyncio.Task] = field(default_factory=list)   # the engine's start, and such
     # One import at a time per user: another user's long import never makes yours wait.
     import_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
@@ -100,13 +105,16 @@ class Homefire:
     def open_memory(self, warm: bool = True) -> None:
         """Open the memory index; rebuild it from SQLite if it is missing or damaged. `warm`: load
         the embedders now (a server's first reply must not wait for them; a command may never
-        embed anything)."""
+        embed anything). When memory.embedder names another embedder than the index's, the old
+        one keeps serving recall while a thread re-embeds every memory (memory/reembed.py)."""
         import torch
         from chromadb.api.shared_system_client import SharedSystemClient
 
-        from memory.embedder import Embedder
+        from memory.embedder import EmbedderError, open_embedder
         from memory.remember import repair
+        from memory.rerank import Reranker
         from memory.store import MemoryStore, RecallSettings
+        from store.memory_index import IndexGenerations
 
         # The embedder's torch runs beside the engine: a pool of OpenMP threads spinning
         # after each call took vLLM-CPU's compute core (serve_overhead: throughput ratio
@@ -115,12 +123,17 @@ class Homefire:
         config = self.settings.memory
         index_dir = self.data_dir / "index"
         recall = RecallSettings(top_k=config.top_k, threshold=config.threshold,
-                                budget_tokens=config.budget_tokens)
-        embedders = Embedder(config.embedder), Embedder(config.embedder)
+                                budget_tokens=config.budget_tokens, rerank_top=config.rerank_top)
+        # Recall's questions and the indexer each have an instance: one call at a time each.
+        wanted = open_embedder(config.embedder), open_embedder(config.embedder)
+        generations = IndexGenerations(self.db)
+        serving = generations.serving() or generations.adopt(wanted[0].identity, config.embedder)
+        embedders = wanted if serving.embedder == wanted[0].identity else (
+            open_embedder(serving.setting), open_embedder(serving.setting))
 
         def open_store() -> MemoryStore:
-            return MemoryStore(self.db, index_dir, embedders[0], settings=recall,
-                               index_embedder=embedders[1], client=chroma_server(config.chroma_url))
+            return MemoryStore(self.db, index_dir, embedders[0], settings=recall, index_embedder=embedders[1],
+                               client=chroma_server(config.chroma_url), generation=serving.number)
 
         try:
             store = open_store()
@@ -143,10 +156,17 @@ class Homefire:
         if repaired:
             log.info("memory: remembered %d exchanges committed before the last stop", repaired)
         with_progress("indexing memories", store.index_pending)
+        if config.reranker:
+            store.reranker = Reranker(config.reranker, config.rerank_budget_ms)
         if warm:
-            for embedder in embedders:
-                embedder.model   # noqa: B018 (loads it)
+            for embedder in {*embedders, *wanted}:
+                try:
+                    embedder.model   # noqa: B018 (loads it)
+                except EmbedderError as err:   # recall goes without until it answers
+                    log.warning("%s", err)
         self.chat.memory = store
+        if embedders is not wanted:
+            self.reembedding = start_reembedding(store, wanted, config.embedder)
 
     async def start_without_engine(self, why: str, needs: frozenset[str]) -> None:
         """The application without its engine (the command line's, when no server runs), with
@@ -254,6 +274,8 @@ class Homefire:
     async def close(self) -> None:
         for task in self.chores:
             task.cancel()
+        if self.reembedding:   # it resumes at the next start
+            await asyncio.to_thread(self.reembedding.stop)
         await self.finetunes.close()
         self.background.shutdown(wait=False, cancel_futures=True)
         await self.engine.stop()
@@ -281,6 +303,31 @@ def lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
     except OSError as err:   # not allowed here: it still runs, at normal priority
         log.warning("background thread stays at normal priority: %s", err)
+
+
+def start_reembedding(store, embedders: tuple, setting: str | None) -> Reembedding:
+    """Re-embed every memory for `embedders` in a thread of its own, the old index serving
+    recall until the new one is complete (and after a failure, which the status says)."""
+    from memory.reembed import Reembedding, Stopped, reembed
+
+    status = Reembedding(embedders[1].identity)
+
+    def run() -> None:
+        log.info("memory: re-embedding every memory for %s; the old index serves until it is done",
+                 status.embedder)
+        try:
+            reembed(store, embedders[1], setting, status, query_embedder=embedders[0])
+            log.info("memory: the index is now %s's (%s)", status.embedder, status.outcome)
+        except Stopped:
+            log.info("memory: re-embedding stopped at %d of %d; it resumes at the next start",
+                     status.done, status.total)
+        except Exception as err:
+            status.state, status.error = "failed", str(err) or type(err).__name__
+            log.exception("memory: re-embedding for %s failed; the old index still serves", status.embedder)
+
+    status.thread = threading.Thread(target=run, name="homefire-reembed", daemon=True)
+    status.thread.start()
+    return status
 
 
 def with_progress(description: str, work) -> int:

@@ -163,6 +163,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE finetune_jobs ADD COLUMN target TEXT;   -- JSON: against, model, probes, max_new_tokens
     """,
+    # Which embedder made the memory index, and the one a re-embedding is building
+    # (memory/reembed.py); generation N's collections are named g{N}-u-..., 0's u-...
+    """
+    CREATE TABLE memory_index (
+        generation INTEGER PRIMARY KEY,
+        embedder TEXT NOT NULL,          -- its identity (memory/embedder.py: identity)
+        setting TEXT,                    -- memory.embedder as it was set (NULL: the bundled one)
+        state TEXT NOT NULL CHECK (state IN ('serving', 'building')),
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 

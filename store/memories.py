@@ -187,6 +187,14 @@ class MemoryRows:
         return self.db.query("SELECT id, user_id, companion_id, conversation_id, kind, pinned, created_at, "
                              f"text FROM memories WHERE {which} ORDER BY id LIMIT ?", (*params, limit))
 
+    def everyones(self, after: int, limit: int) -> list:
+        """Everyone's memories after id `after`, `limit` of them in id order (re-embedding)."""
+        return self.db.query("SELECT id, user_id, companion_id, conversation_id, kind, pinned, created_at, "
+                             "text FROM memories WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+
+    def everyones_count(self) -> int:
+        return self.db.query("SELECT COUNT(*) FROM memories")[0][0]
+
     def set_chunks(self, counts: dict[int, int]) -> None:
         """How many vectors each memory now has in the index."""
         with self.db.transaction() as conn:

@@ -6,7 +6,7 @@ import httpx
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from serve import metrics
 from serve.account import authenticate
@@ -22,12 +22,31 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
+class Reembedding(BaseModel):
+    embedder: str
+    state: str = Field(description="checking | embedding | done | failed")
+    done: int
+    total: int
+    resumed_from: int = Field(description="memories a stopped run had embedded already")
+    outcome: str | None = Field(None, description="once done: re-embedded, or same vectors (nothing to redo)")
+    error: str | None = None
+
+
+class MemoryIndex(BaseModel):
+    embedder: str = Field(description="what embeds recall's questions now (the index's embedder)")
+    reembedding: Reembedding | None = Field(None, description="memory.embedder names another: its "
+                                            "re-embedding, the old index serving until it is done")
+    reranker: dict[str, int] | None = Field(None, description="memory.reranker's calls by outcome: used, "
+                                            "failed, over budget, busy")
+
+
 class Readiness(BaseModel):
     ready: bool
     engine: str            # starting | ready | restarting | failed
     detail: str | None
     restarts: int
     model_change: str | None = None   # what differs from the model this data was made with
+    memory: MemoryIndex | None = None  # an admin's: the memory index's embedder, and any re-embedding
 
 
 @router.get("/readyz", response_model=Readiness,
@@ -41,6 +60,11 @@ def readyz(request: Request, user: Annotated[User, Depends(authenticate)]) -> JS
     detail = hf.engine.detail if user.admin else hf.engine.public_detail()
     body = {"ready": ready, "engine": hf.engine.state, "detail": detail,
             "restarts": hf.engine.restarts, "model_change": hf.model_change}
+    memory = hf.chat.memory
+    if user.admin and memory is not None:
+        body["memory"] = {"embedder": memory.embedder.identity,
+                          "reembedding": hf.reembedding.public() if hf.reembedding else None,
+                          "reranker": dict(memory.reranker.outcomes) if memory.reranker else None}
     return JSONResponse(body, 200 if ready else 503)
 
 
