@@ -20,7 +20,11 @@ anyone said (noise). Goals (issue 25, on the conversations): ours at least 0.15 
 dense at recall@10, and the evidence in the prompt for at least 65% of the questions.
 
     .venv/bin/python bench/memory_quality.py [--corpus conversations|simple] [--people 10]
-        [--sessions 24] [--seed 1]
+        [--sessions 24] [--seed 1] [--embedder SETTING] [--reranker SETTING]
+
+--embedder and --reranker take what memory.embedder and memory.reranker do (a directory or a
+URL): an owner with a GPU measures a stronger retriever on the same corpus (with --reranker,
+"reranked" is measured beside the default in the same run, with recall's time per question).
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import conversations  # noqa: E402
-from memory.embedder import Embedder  # noqa: E402
+from memory.embedder import AnyEmbedder, open_embedder  # noqa: E402
 from memory.importer import Importer  # noqa: E402
 from memory.imports import open_export  # noqa: E402
 from memory.recall import RecallSettings  # noqa: E402
+from memory.rerank import Reranker  # noqa: E402
 from memory.store import MemoryStore  # noqa: E402
 from store.companions import Companion, CompanionStore  # noqa: E402
 from store.db import Database  # noqa: E402
@@ -162,6 +167,11 @@ def main() -> None:
     parser.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=KEY:VALUE,...",
                         help="also measure recall with these settings changed (e.g. wider=top_k:8), in the "
                         "same run, on the same index")
+    parser.add_argument("--embedder", help="memory.embedder: a sentence-transformers directory or an "
+                        "embeddings URL (default: the bundled MiniLM)")
+    parser.add_argument("--reranker", help="memory.reranker: a /rerank or /score URL or a CrossEncoder "
+                        "directory; measured as the variant \"reranked\"")
+    parser.add_argument("--rerank-budget-ms", type=int, default=2000)
     parser.add_argument("--corpus", choices=("conversations", "simple"), default="conversations",
                         help="conversations: bench/conversations.py, as people talk (paraphrase, on-topic "
                         "distractors, relative time); simple: this file's, the facts in their own words")
@@ -173,7 +183,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="homefire-memory-quality-"))
     db = Database(work / "homefire.db")
-    embedder = Embedder()
+    embedder = open_embedder(args.embedder)
     store = MemoryStore(db, work / "index", embedder)
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(work / "models"))
     people = []
@@ -191,13 +201,19 @@ def main() -> None:
     print(f"{args.people} people, {args.sessions} sessions each: {indexed} memories indexed in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
 
-    print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; embedder all-MiniLM-L6-v2; "
+    print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; embedder {embedder.identity}; "
           f"corpus {args.corpus}; seed {args.seed}")
     results = {}
-    for name, settings in [("default", RecallSettings())] + args.variant:
-        store.settings = settings
-        print(f"\n== {name}: {settings}")
+    reranker = Reranker(args.reranker, args.rerank_budget_ms) if args.reranker else None
+    runs = [("default", RecallSettings(), None)] + [(n, s, None) for n, s in args.variant] + (
+        [("reranked", RecallSettings(), reranker)] if reranker else [])
+    for name, settings, rerank in runs:
+        store.settings, store.reranker = settings, rerank
+        print(f"\n== {name}: {settings}" + (f"; reranker {args.reranker}" if rerank else ""))
+        started = time.perf_counter()
         results[name] = evaluate(store, embedder, tokenizer, people)
+        print(f"   {time.perf_counter() - started:.1f} s" + (f"; reranker calls {dict(rerank.outcomes)}"
+                                                           if rerank else ""))
     print(json.dumps(results))
 
 
@@ -214,7 +230,7 @@ def variant(text: str) -> tuple[str, RecallSettings]:
     return name, dataclasses.replace(RecallSettings(), **values)
 
 
-def evaluate(store: MemoryStore, embedder: Embedder, tokenizer, people: list) -> dict:
+def evaluate(store: MemoryStore, embedder: AnyEmbedder, tokenizer, people: list) -> dict:
     """Recall@k of plain dense and of the store's search, evidence in the prompt, and noise,
     by kind of question, printed and returned."""
     found: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -166,6 +166,8 @@ def because(why: dict) -> str:
         parts.append(why["window"])
     if why.get("said_again"):
         parts.append("said again elsewhere, so it counts less in a reply")
+    if why.get("reranked") is not None:
+        parts.append(f"ordered by the reranker ({why['reranked']:.2f})")
     return "; ".join(parts)
 
 

@@ -54,6 +54,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
     const parts = [`${why.matched} matched (${why.similarity.toFixed(2)})`];
     if (why.window) parts.push(why.window);
     if (why.said_again) parts.push('said again elsewhere, so it counts less in a reply');
+    if (why.reranked != null) parts.push(`ordered by the reranker (${why.reranked.toFixed(2)})`);
     return parts.join('; ');
   }
 
