@@ -102,3 +102,4 @@ def choose(candidates: list[tuple[Recalled, str | None]], settings: RecallSettin
         used += cost
         chosen.append(candidate)
     return chosen
+

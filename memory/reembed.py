@@ -50,6 +50,8 @@ class Reembedding:
     def progress(self, done: int, total: int) -> None:
         if self._stopping.is_set():
             raise Stopped
+        if total and done * 10 // total > self.done * 10 // max(self.total, 1):   # each tenth, in the log
+            log.info("memory: re-embedded %d of %d memories for %s", done, total, self.embedder)
         self.state, self.done, self.total = "embedding", done, total
 
     def stop(self, timeout: float = 30) -> None:

@@ -282,7 +282,9 @@ class MemoryStore:
         if settings.top_k == 0:  # recall is off: not even the question is embedded
             return []
         candidates = self._candidates(companion_id, query, settings.top_k * 4, now, context, distinct=True)
-        if self.reranker:
+        # A reranker reads no dates: for a question about a time, the span it names decides
+        # (reordered, relative-time questions lost their evidence: 0.7 -> 0.2, bench/RESULTS.md).
+        if self.reranker and not any(c.why and c.why.window for c, _ in candidates):
             self._rerank(query, relevant(candidates, settings)[:settings.rerank_top])
         return choose(candidates, settings, now, skip_asked, skip_ids, count_tokens)
 

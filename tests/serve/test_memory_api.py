@@ -31,6 +31,9 @@ def ask(http, conversation: str, content: str) -> dict:
 
 def test_a_fact_the_user_adds_is_used_and_their_deletion_is_final(server):
     http = server.http()
+    # The owner (an admin) reads what embeds memories: the bundled model, nothing to redo.
+    assert http.get("/readyz").json()["memory"] == {"embedder": "all-MiniLM-L6-v2 (bundled)",
+                                                    "reembedding": None, "reranker": None}
     added = http.post("/api/v1/companions/ember/memories",
                       json={"text": "I am allergic to walnuts.", "pinned": True})
     assert added.status_code == 201 and added.json()["indexed"] is True
