@@ -22,6 +22,7 @@ import torch
 
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import Builder, held_out_ids, load_history
+from finetune.discriminate import told_apart
 from finetune.evaluate import style
 from finetune.lora import dataset_for, tokenizer_for
 from finetune.template import alternate
@@ -98,10 +99,12 @@ def voice(data_dir: Path, db: Database, companion: Companion, setup: Setup,
     real = [reply for _, reply in asked]
     vectors = np.array(embedder.embed(replies)) * np.array(embedder.embed(real))
     similarity = float(vectors.sum(axis=1).mean())
+    # How well a reader tells the real replies from this setup's (None with under 6 probes).
+    told = told_apart(real, replies, embedder.embed)
     return {"model": setup.model_path, "model_sha256": adapters.model_sha256(Path(setup.model_path)),
             "adapter": setup.version, "replies": replies, "held_out_loss": loss,
             "perplexity": math.exp(loss) if loss is not None else None, "style": style(replies),
-            "similarity_to_real": similarity}
+            "similarity_to_real": similarity, "told_apart": told}
 
 
 def compare(data_dir: Path, db: Database, companion: Companion, current: Setup, other: Setup,
@@ -115,7 +118,7 @@ def compare(data_dir: Path, db: Database, companion: Companion, current: Setup, 
              "same": sides["current"]["replies"][i] == sides["other"]["replies"][i]}
             for i, (messages, real) in enumerate(asked)]
     figures = {name: {k: v for k, v in side.items() if k != "replies"} for name, side in sides.items()}
-    changed = [k for k in ("held_out_loss", "similarity_to_real")
+    changed = [k for k in ("held_out_loss", "similarity_to_real", "told_apart")
                if figures["current"][k] != figures["other"][k]]
     if figures["current"]["style"] != figures["other"]["style"]:
         changed.append("style")

@@ -25,6 +25,7 @@ import torch
 
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import IGNORE, Example
+from finetune.discriminate import discriminate, in_words
 from finetune.lora import dataset_for, tokenizer_for
 from finetune.train import evaluate, pick_device
 from store import adapters
@@ -45,6 +46,11 @@ def replies(example: Example) -> list[tuple[int, int]]:
             spans.append((start, i))
             start = None
     return spans
+
+
+def reply_texts(tokenizer, example: Example) -> list[str]:
+    return [tokenizer.decode(example.input_ids[a:b], skip_special_tokens=True).strip()
+            for a, b in replies(example)]
 
 
 def style(texts: list[str]) -> dict:
@@ -118,6 +124,9 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
             generated[name].append(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip())
     embedder = Embedder()
     real_vectors = np.array(embedder.embed(real))
+    # Real against real, from the two halves of the held-out conversations: the score of no difference.
+    halves = ([text for e in held[:len(held) // 2] for text in reply_texts(tokenizer, e)],
+              [text for e in held[len(held) // 2:] for text in reply_texts(tokenizer, e)])
     result = {
         # The samples are this user's own words and prompts: served to them alone.
         "companion": companion.id, "adapter": version, "user": user, "held_out_examples": len(held),
@@ -133,6 +142,7 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
         result["style"][name] = style(texts)
         vectors = np.array(embedder.embed(texts))
         result["similarity_to_real"][name] = float((vectors * real_vectors).sum(axis=1).mean())
+    result["discriminator"] = discriminate(real, generated, halves, embedder.embed)
     (folder / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     plot(result, folder / "voice.png")
     (folder / "report.md").write_text(report(result), encoding="utf-8")
@@ -178,8 +188,40 @@ def report(result: dict) -> str:
                 "questions_per_reply", "lowercase_share"):
         lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{s[w][key]:.2f}" for w in
                                                                     ("real", "base", "tuned")) + " |")
+    lines += discriminator_lines(result.get("discriminator"))
     lines += ["", "![voice](voice.png)", "", "## Samples", ""]
     for sample in result["samples"]:
         lines += [f"- real: {sample['real']!r}", f"  - base: {sample['base']!r}",
                   f"  - tuned: {sample['tuned']!r}"]
     return "\n".join(lines) + "\n"
+
+
+def discriminator_lines(found: dict | None) -> list[str]:
+    """The report's "could a reader tell them apart" section."""
+    if not found:
+        return []
+    told, calibration = found["told_apart"], found["calibration"] or {}
+
+    def cell(scores: dict | None, key: str) -> str:
+        return f"{scores[key]:.2f}" if scores and key in scores else "-"
+
+    lines = ["", "## Could a reader tell them apart?", "",
+             f"A classifier learns to tell {found['replies']} real replies from generated replies to the "
+             "same prompts (cross-validated accuracy: 0.50 is a coin, 1.00 always right); real against real "
+             "(two halves of the held-out conversations) is what it reads when nothing differs.", "",
+             "| told apart by | real vs base | real vs tuned | real vs real |", "| --- | --- | --- | --- |"]
+    for key, label in (("characters", "how it is written (character n-grams)"),
+                       ("meaning", "what it says (sentence embeddings)")):
+        lines.append(f"| {label} | {cell(told.get('base'), key)} | **{cell(told.get('tuned'), key)}** | "
+                     f"{cell(calibration, key)} |")
+    tuned = (told.get("tuned") or {}).get("characters")
+    lines += ["", f"Tuned, by how it is written: {in_words(tuned)}."]
+    if found["signatures"]:
+        lines += ["", "| phrase the real replies use | real | base | tuned |", "| --- | --- | --- | --- |"]
+        lines += [f"| `{p['phrase']}` | {p['real']:.0%} | {p.get('base', 0):.0%} | {p.get('tuned', 0):.0%} |"
+                  for p in found["signatures"]]
+    lengths = found["lengths"]
+    quartiles = ["{q1:g} / {median:g} / {q3:g}".format(**lengths[w]) for w in ("real", "base", "tuned")]
+    lines += ["", "| words per reply (quartiles) | real | base | tuned |", "| --- | --- | --- | --- |",
+              "| " + " | ".join(["q1 / median / q3", *quartiles]) + " |"]
+    return lines

@@ -111,7 +111,9 @@ def reported(job: dict, data_dir: Path, db: Database, companion, version: str, r
                             loading=room.ask)
     except FinetuneError as err:   # no held-out conversations: a version without a report
         return {"error": str(err)}
-    return {k: voice[k] for k in ("loss", "perplexity", "similarity_to_real", "held_out_tokens", "in_use")}
+    summary = {k: voice[k] for k in ("loss", "perplexity", "similarity_to_real", "held_out_tokens", "in_use")}
+    found = voice["discriminator"]
+    return summary | {"told_apart": found["told_apart"], "calibration": found["calibration"]}
 
 
 def drifted(job: dict, data_dir: Path, db: Database, companion, config: FinetuneConfig, room: Room) -> dict:

@@ -68,6 +68,8 @@ def _side_by_side(left: str, right: str, a: dict, b: dict) -> None:
     rows = [("held-out loss", number(a["held_out_loss"]), number(b["held_out_loss"])),
             ("perplexity", number(a["perplexity"], 2), number(b["perplexity"], 2)),
             ("similarity to real replies", number(a["similarity_to_real"]), number(b["similarity_to_real"])),
+            ("told apart from the real", number((a.get("told_apart") or {}).get("characters"), 2),
+             number((b.get("told_apart") or {}).get("characters"), 2)),
             ("words per reply", number(a["style"]["words_mean"], 1), number(b["style"]["words_mean"], 1)),
             ("emoji per 100 chars", number(a["style"]["emoji_per_100_chars"], 2),
              number(b["style"]["emoji_per_100_chars"], 2)),

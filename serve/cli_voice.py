@@ -123,12 +123,25 @@ def _follow(client, job: dict, what: str) -> dict:
     raise ServerError(f"the stream of job {job['id']} ended before the job did")
 
 
+def told_apart_line(found: dict) -> str:
+    """How well a reader tells the real replies from each model's, in figures and in words."""
+    from finetune.discriminate import in_words
+
+    told, calibration = found["told_apart"], found.get("calibration") or {}
+    figures = "   ".join(f"{name} {scores['characters']:.2f}" for name, scores in told.items() if scores)
+    tuned = (told.get("tuned") or {}).get("characters")
+    same = f" (real vs real {calibration['characters']:.2f})" if "characters" in calibration else ""
+    return f"{figures}{same}: tuned, {in_words(tuned)}"
+
+
 def _print_voice(job: dict) -> None:
     voice = job.get("voice") or {}
     if "perplexity" in voice:
         p, sim = voice["perplexity"], voice["similarity_to_real"]
         print(f"  perplexity   base {p['base']:.2f}   tuned {p['tuned']:.2f}   "
               f"similarity to the real replies   base {sim['base']:.3f}   tuned {sim['tuned']:.3f}")
+        if voice.get("told_apart"):
+            print(f"  told apart   {told_apart_line(voice)}")
     elif voice.get("error"):
         print(f"  no voice report: {voice['error']}")
 
@@ -215,6 +228,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{companion} {version} on {result['held_out_tokens']} held-out reply tokens:")
     print(f"  perplexity   base {p['base']:.2f}   tuned {p['tuned']:.2f}")
     print(f"  similarity   base {sim['base']:.3f}   tuned {sim['tuned']:.3f}  (to the real replies)")
+    if found := result.get("discriminator"):
+        print(f"  told apart   {told_apart_line(found)}")
+        for p in found["signatures"]:
+            print(f"  {p['phrase']!r:>24} in {p['real']:.0%} of the real replies, {p.get('tuned', 0):.0%} of "
+                  f"the tuned, {p.get('base', 0):.0%} of the base")
     print(f"the whole report, with samples and a plot: the web app's voice view, or GET "
           f"/api/v1/companions/{companion}/adapters/{version}/report")
 
@@ -289,14 +307,17 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "eval", parents=[remote], help="measure how close an adapter's voice is to the original",
         description="On the held-out conversations: perplexity of the companion's real replies under "
-        "the base model and the adapter, and style and similarity of replies both generate. Writes "
-        "report.md, voice.png and eval.json into the adapter's folder. It is a job: of the server running on "
-        "the data directory (its finetune.samples replies each), else of this command's own Homefire.")
+        "the base model and the adapter, and style and similarity of replies both generate; then how "
+        "well a reader tells the real replies from each model's (0.50: a coin, could not tell; 1.00: "
+        "always), beside real told from real, with the phrases the real replies use and how often each "
+        "model does. Writes report.md, voice.png and eval.json into the adapter's folder. It is a job: "
+        "of the server running on the data directory (its finetune.samples replies each), else of this "
+        "command's own Homefire.")
     p.add_argument("companion", help="companion id")
     p.add_argument("--adapter", metavar="VERSION", type=version_arg,
                    help="adapter version (default: the one in use)")
     p.add_argument("--samples", type=int, help="replies to generate with each model (default: the "
-                   "settings' finetune.samples, 8; without a server only)")
+                   "settings' finetune.samples, 24; without a server only)")
     p.add_argument("--max-new-tokens", type=int, help="longest generated reply (default: the settings' "
                    "finetune.sample_tokens, 64; without a server only)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")

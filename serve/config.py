@@ -184,8 +184,9 @@ class FinetuneServerConfig(BaseModel):
     config: Path | None = None
     """Fine-tuning settings of the server's jobs (empty: configs/finetune.yaml); a job's own
     settings go on top."""
-    samples: int = Field(8, ge=1, le=64)
-    """Replies each model writes for a job's voice report."""
+    samples: int = Field(24, ge=1, le=64)
+    """Replies each model writes for a job's voice report (its discriminator needs at least 6 of
+    each; more read steadier)."""
     sample_tokens: int = Field(64, ge=1, le=512)
     """The longest each of those replies may be, in tokens (`homefire eval --max-new-tokens`)."""
     limits: FinetuneLimits = FinetuneLimits()

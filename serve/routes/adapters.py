@@ -67,15 +67,18 @@ def _report_file(account, companion_id: str, version: str, name: str):
 @router.get("/companions/{companion_id}/adapters/{version}/report")
 def voice_report(companion_id: str, version: str, account: AccountDep) -> dict:
     """The version's voice-match report (`homefire eval`): perplexities, style, and the samples
-    (real held-out replies beside the models' continuations). The samples come from one member's
-    conversations and are theirs alone: anyone else who may see the companion gets the figures,
-    with `samples` empty and `samples_withheld` true."""
+    (real held-out replies beside the models' continuations), and how well a reader tells them
+    apart (`discriminator`). The samples, and the phrases the real replies use, come from one
+    member's conversations and are theirs alone: anyone else who may see the companion gets the
+    figures, with `samples` and `discriminator.signatures` empty and `samples_withheld` true."""
     report = json.loads(_report_file(account, companion_id, version, "eval.json").read_text())
     # Reports written before they named their user are the trainer's (the version's manifest).
     owner = report.get("user") or adapters.manifest(
         account.hf.data_dir, account.companion_card(companion_id).key, version).get("user", LOCAL)
-    if owner != account.name:
+    if owner != account.name:   # the phrases the real replies use are their words too
         report |= {"samples": [], "samples_withheld": True}
+        if report.get("discriminator"):
+            report["discriminator"] = report["discriminator"] | {"signatures": []}
     report.pop("user", None)
     return report
 

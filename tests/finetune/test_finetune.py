@@ -146,14 +146,21 @@ def test_a_few_steps_lower_the_loss_and_write_a_versioned_safetensors_adapter(tr
 
 
 def test_eval_finds_the_tuned_voice_closer_than_the_base(trained, data_dir):
-    done = cli("eval", "kit", "--samples", "2", "--max-new-tokens", "16", "--json", data_dir=data_dir)
+    done = cli("eval", "kit", "--samples", "8", "--max-new-tokens", "16", "--json", data_dir=data_dir)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["perplexity"]["tuned"] < result["perplexity"]["base"]
+    # A reader tells the base model's replies from Kit's more easily than the tuned one's, and
+    # the phrase every real reply ends with is one the tuned replies use more than the base's.
+    told = result["discriminator"]["told_apart"]
+    assert told["tuned"]["characters"] < told["base"]["characters"], result["discriminator"]
+    purr = next(p for p in result["discriminator"]["signatures"] if "purr" in p["phrase"])
+    assert purr["real"] == 1.0 and purr["tuned"] > purr["base"], result["discriminator"]
     assert result["style"]["real"]["lowercase_share"] == 1.0
     for name in ("report.md", "voice.png", "eval.json"):
         assert (trained / name).stat().st_size > 0
     assert "| perplexity of the real replies |" in (trained / "report.md").read_text()
+    assert "## Could a reader tell them apart?" in (trained / "report.md").read_text()
 
 
 def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, data_dir, make_server):

@@ -211,3 +211,24 @@ def test_the_server_reembeds_for_a_new_embedder_and_reranks_through_a_worker(mak
     # A member sees no embedder, URL or reranker.
     member = server.add_user("mallory")
     assert server.http(member).get("/readyz").json().get("memory") is None
+
+
+def test_a_local_cross_encoder_reranks_and_a_reply_never_waits_for_it_to_load(tmp_path):
+    # No cross-encoder's weights can be had here: MiniLM's encoder with a fresh scoring head is
+    # one (CrossEncoder adds the head), which is what this path loads and calls.
+    db, store = memories(tmp_path, 10)
+    asked = "Who looks after my teeth?"
+    plain = [m.id for m in store.recall("ember", asked)]
+    assert 0 < len(plain) < store.settings.top_k   # so a reranked prompt holds the same ones
+    store.reranker = Reranker(str(BUNDLED), budget_ms=1)   # loading alone takes longer
+    assert [m.id for m in store.recall("ember", asked)] == plain
+    assert store.reranker.outcomes == {"over budget": 1}
+    deadline = time.monotonic() + 120
+    while store.reranker._busy.locked():   # the load goes on without the reply; then it answers
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    store.reranker.budget = 60
+    reranked = store.recall("ember", asked)
+    assert store.reranker.outcomes == {"over budget": 1, "used": 1}
+    assert sorted(m.id for m in reranked) == sorted(plain)
+    assert all(m.why.reranked is not None for m in reranked)

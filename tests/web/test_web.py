@@ -314,7 +314,13 @@ def test_a_member_reads_a_shared_voice_reports_figures_but_not_another_members_s
               "held_out_tokens": 7, "loss": {"base": 2.2, "tuned": 1.4, "in_use": None},
               "perplexity": {"base": 9.03, "tuned": 4.06}, "similarity_to_real": {"base": 0.1, "tuned": 0.8},
               "style": {"real": style(real), "base": style(base), "tuned": style(tuned)},
-              "samples": [{"real": real[0], "base": base[0], "tuned": tuned[0]}]}
+              "samples": [{"real": real[0], "base": base[0], "tuned": tuned[0]}],
+              "discriminator": {
+                  "told_apart": {"base": {"characters": 0.95, "meaning": 0.9},
+                                 "tuned": {"characters": 0.7, "meaning": 0.6}},
+                  "calibration": {"characters": 0.5, "meaning": 0.45}, "replies": 8,
+                  "signatures": [{"phrase": "miss lisbon", "real": 0.5, "base": 0.0, "tuned": 0.25}],
+                  "lengths": {w: {"q1": 3, "median": 5, "q3": 6} for w in ("real", "base", "tuned")}}}
     (folder / "eval.json").write_text(json.dumps(result))
     plot(result, folder / "voice.png")
     t = tab(viewport={"width": 390, "height": 844})   # a phone
@@ -326,7 +332,11 @@ def test_a_member_reads_a_shared_voice_reports_figures_but_not_another_members_s
     plot_img = page.locator("img.plot[src^='blob:']")
     assert plot_img.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
     expect(page.locator(".report")).to_contain_text("only they see them")
+    expect(page.locator(".told-apart")).to_have_text(re.compile("tells the tuned replies from the real "
+                                                                "ones 7 times in 10"))
+    expect(page.locator(".discriminator td").nth(1)).to_have_text("0.70")
     expect(page.locator(".report")).not_to_contain_text("Lisbon")
+    expect(page.locator(".report")).not_to_contain_text("lisbon")   # nor the phrases her replies use
     expect(page.locator(".samples li")).to_have_count(0)
     t.shot("voice-member-phone")
 

@@ -101,6 +101,7 @@ export async function voiceView(root, { args: [companionId] }) {
       h('table', { class: 'figures' }, h('thead', {}, h('tr', {}, ['style', 'real', 'base', 'tuned'].map((t) => h('th', {}, t)))),
         h('tbody', {}, styleRows.map((key) => h('tr', {}, h('th', {}, key.replaceAll('_', ' ')),
           ['real', 'base', 'tuned'].map((who) => h('td', {}, s[who][key].toFixed(2))))))),
+      discriminator(result.discriminator, result.samples_withheld),
       plot,
       h('h3', {}, 'Samples'),
       result.samples_withheld
@@ -108,6 +109,31 @@ export async function voiceView(root, { args: [companionId] }) {
         : h('ul', { class: 'samples' }, result.samples.map((sample) => h('li', {},
           h('p', {}, h('b', {}, 'real: '), sample.real), h('p', {}, h('b', {}, 'base: '), sample.base),
           h('p', {}, h('b', {}, 'tuned: '), sample.tuned)))));
+  }
+
+  // Could a reader tell them apart? 0.5 is a coin; real against real is what "no difference" reads.
+  function discriminator(found, withheld) {
+    if (!found) return h('p', { class: 'hint' }, 'This report was made before reports asked whether a reader could tell the replies apart: evaluate the version again to see it.');
+    const told = found.told_apart, same = found.calibration || {};
+    const cell = (scores, key) => h('td', {}, scores && scores[key] != null ? scores[key].toFixed(2) : '-');
+    const tuned = told.tuned && told.tuned.characters;
+    const words = tuned == null ? 'There are too few held-out replies to say whether a reader could tell them apart.'
+      : Math.round(tuned * 10) <= 5 ? 'A reader could not tell the tuned replies from the real ones: as good as a coin.'
+        : `A reader tells the tuned replies from the real ones ${Math.round(tuned * 10)} times in 10.`;
+    const parts = [h('h3', {}, 'Could a reader tell them apart?'),
+      h('p', { class: 'told-apart' }, words),
+      h('table', { class: 'figures' }, h('thead', {}, h('tr', {}, ['told apart by', 'real vs base', 'real vs tuned', 'real vs real'].map((t) => h('th', {}, t)))),
+        h('tbody', {}, [['characters', 'how it is written'], ['meaning', 'what it says']].map(([key, label]) =>
+          h('tr', {}, h('th', {}, label), cell(told.base, key), cell(told.tuned, key), cell(same, key))))),
+      h('p', { class: 'hint' }, `A classifier learned to tell ${found.replies} real replies from generated ones to the same prompts: 0.50 means it guessed, 1.00 that it was always right. To come closer: more history, more steps, or a bigger base model.`)];
+    if (found.signatures.length) {
+      const pct = (x) => `${Math.round((x ?? 0) * 100)}%`;
+      parts.push(h('table', { class: 'figures signatures' }, h('thead', {}, h('tr', {}, ['phrase the real replies use', 'real', 'base', 'tuned'].map((t) => h('th', {}, t)))),
+        h('tbody', {}, found.signatures.map((p) => h('tr', {}, h('th', {}, h('code', {}, p.phrase)), h('td', {}, pct(p.real)), h('td', {}, pct(p.base)), h('td', {}, pct(p.tuned)))))));
+    } else if (withheld) {
+      parts.push(h('p', { class: 'hint' }, 'The phrases the real replies use come from the conversations of the member who ran this report; only they see them.'));
+    }
+    return h('section', { class: 'discriminator' }, parts);
   }
 
   function describe(job) {
