@@ -92,10 +92,9 @@ def test_a_vllm_pooling_worker_embeds_as_the_bundled_model_does(pooling_worker):
         RemoteEmbedder(f"http://127.0.0.1:{free_port()}").embed(["nobody answers"])
 
 
-def test_reembedding_killed_midway_resumes_and_the_old_index_serves_until_done(tmp_path, cls_model):
-    db, store = memories(tmp_path, 400)
-    db.close()
-    # A run killed (SIGKILL, by itself) after its second batch of 64: a real kill at a known point.
+def killed_reembedding(data: Path, model: Path) -> None:
+    """A re-embedding of the data directory's memories for `model`, killed (SIGKILL, by itself)
+    after its second batch of 64: a real kill at a known point."""
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
@@ -111,12 +110,18 @@ def test_reembedding_killed_midway_resumes_and_the_old_index_serves_until_done(t
                 if done >= 128:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        db = Database(Path({str(tmp_path / "homefire.db")!r}))
-        store = MemoryStore(db, Path({str(tmp_path / "index")!r}), Embedder())
-        reembed(store, Embedder({str(cls_model)!r}), {str(cls_model)!r}, Killed("cls"))
+        db = Database(Path({str(data / "homefire.db")!r}))
+        store = MemoryStore(db, Path({str(data / "index")!r}), Embedder())
+        reembed(store, Embedder({str(model)!r}), {str(model)!r}, Killed("cls"))
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+
+
+def test_reembedding_killed_midway_resumes_and_the_old_index_serves_until_done(tmp_path, cls_model):
+    db, store = memories(tmp_path, 400)
+    db.close()
+    killed_reembedding(tmp_path, cls_model)
 
     db = Database(tmp_path / "homefire.db")
     generations = IndexGenerations(db)
@@ -190,8 +195,9 @@ def test_the_server_reembeds_for_a_new_embedder_and_reranks_through_a_worker(mak
                                                                              cls_model, pooling_worker):
     data = tmp_path / "data"
     data.mkdir()
-    db, _ = memories(data, 3)   # made with the bundled model, as a server would have
+    db, _ = memories(data, 200)   # made with the bundled model, as a server would have
     db.close()
+    killed_reembedding(data, cls_model)   # a server re-embedding them was killed midway
     config = {"memory": {"embedder": str(cls_model), "reranker": f"{pooling_worker}/rerank",
                          "rerank_budget_ms": 30_000}}
     server = make_server(data, engine="shared", config=config).start()
@@ -200,9 +206,11 @@ def test_the_server_reembeds_for_a_new_embedder_and_reranks_through_a_worker(mak
     while (state := http.get("/readyz").json()["memory"])["reembedding"]["state"] not in ("done", "failed"):
         assert time.monotonic() < deadline, state
         time.sleep(0.2)
-    assert state["reembedding"] | {"done": 0, "total": 0} == {
-        "embedder": str(cls_model), "state": "done", "outcome": "re-embedded", "done": 0, "total": 0,
+    assert state["reembedding"] | {"resumed_from": 0} == {
+        "embedder": str(cls_model), "state": "done", "outcome": "re-embedded", "done": 201, "total": 201,
         "resumed_from": 0, "error": None}
+    assert state["reembedding"]["resumed_from"] >= 128   # the killed run's work was kept
+    assert "re-embedding every memory" in server.log_tail(300)
     assert state["embedder"] == str(cls_model)
     shown = http.get("/api/v1/companions/ember/memories/recall", params={"q": "Who looks after my teeth?"})
     assert shown.status_code == 200
