@@ -106,7 +106,8 @@ class Homefire:
         """Open the memory index; rebuild it from SQLite if it is missing or damaged. `warm`: load
         the embedders now (a server's first reply must not wait for them; a command may never
         embed anything). When memory.embedder names another embedder than the index's, the old
-        one keeps serving recall while a thread re-embeds every memory (memory/reembed.py)."""
+        one keeps serving recall; a server (`warm`) re-embeds every memory in a thread of its own
+        meanwhile (memory/reembed.py)."""
         import torch
         from chromadb.api.shared_system_client import SharedSystemClient
 
@@ -155,7 +156,10 @@ class Homefire:
         repaired = repair(store)
         if repaired:
             log.info("memory: remembered %d exchanges committed before the last stop", repaired)
-        with_progress("indexing memories", store.index_pending)
+        try:
+            with_progress("indexing memories", store.index_pending)
+        except EmbedderError as err:   # indexed once it answers (the next reply's indexing)
+            log.warning("memory: new memories wait to be indexed: %s", err)
         if config.reranker:
             store.reranker = Reranker(config.reranker, config.rerank_budget_ms)
         if warm:
@@ -165,7 +169,7 @@ class Homefire:
                 except EmbedderError as err:   # recall goes without until it answers
                     log.warning("%s", err)
         self.chat.memory = store
-        if embedders is not wanted:
+        if embedders is not wanted and warm:   # a server's work: a command uses the index as it is
             self.reembedding = start_reembedding(store, wanted, config.embedder)
 
     async def start_without_engine(self, why: str, needs: frozenset[str]) -> None:
