@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from memory.embedder import EmbedderError
 from memory.store import Recalled
 from serve.account import AccountDep
 from serve.deps import API_GUARDS, ChatDep
 from serve.errors import ERROR_RESPONSES
 from store.memories import Kind, Memory
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1", tags=["memory"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -70,13 +74,23 @@ async def recall_memories(
     return await asyncio.to_thread(recall)
 
 
+def index_now(memory) -> None:
+    """Searchable as soon as the request returns, whoever else imports. With memory.embedder's
+    server down, the row is kept (`indexed: false`) and indexed once it answers: an error here
+    would have the client send the fact again."""
+    try:
+        memory.index_pending(mine=True)
+    except EmbedderError as err:
+        log.warning("memory: kept, indexed later: %s", err)
+
+
 @router.post("/companions/{companion_id}/memories", status_code=201)
 async def add_memory(companion_id: str, body: NewFact, account: AccountDep) -> Memory:
     """Add a fact ("I'm allergic to walnuts"); facts rank first whenever they are relevant."""
     def add() -> Memory:
         memory = account.memory
         fact = memory.add_fact(account.companion_card(companion_id).key, body.text, body.pinned)
-        memory.index_pending(mine=True)   # searchable as soon as this returns, whoever else imports
+        index_now(memory)
         return account.memory_item(fact.id)
 
     return await asyncio.to_thread(add)
@@ -94,7 +108,7 @@ async def edit_memory(memory_id: MemoryId, body: MemoryEdit, account: AccountDep
         account.memory_item(memory_id)
         memory = account.memory
         memory.edit(memory_id, body.text, body.pinned)
-        memory.index_pending(mine=True)
+        index_now(memory)
         return account.memory_item(memory_id)   # 404 if it was deleted meanwhile
 
     return await asyncio.to_thread(change)

@@ -240,3 +240,28 @@ def test_a_local_cross_encoder_reranks_and_a_reply_never_waits_for_it_to_load(tm
     assert store.reranker.outcomes == {"over budget": 1, "used": 1}
     assert sorted(m.id for m in reranked) == sorted(plain)
     assert all(m.why.reranked is not None for m in reranked)
+
+
+def test_with_its_embedder_down_a_server_keeps_facts_replies_without_recall_and_says_why(make_server,
+                                                                                       tmp_path):
+    # An index made by an embeddings server (the same vectors as the bundled model's, recorded
+    # as that server's), which no longer answers.
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    data = tmp_path / "data"
+    data.mkdir()
+    db, _ = memories(data, 3)
+    IndexGenerations(db).rename(down, down)
+    db.close()
+    server = make_server(data, engine="shared", config={"memory": {"embedder": down}}).start()
+    http = server.http()
+    added = http.post("/api/v1/companions/ember/memories", json={"text": "I am allergic to walnuts."})
+    assert added.status_code == 201 and added.json()["indexed"] is False   # kept, indexed once it answers
+    created = http.post("/api/v1/conversations", json={"companion": "ember"})
+    sent = http.post(f"/api/v1/conversations/{created.json()['conversation']['id']}/messages",
+                     json={"content": "Who looks after my teeth?", "max_tokens": 4})
+    assert sent.status_code == 200, sent.text
+    assert not sent.json()["reply"]["memories_used"]
+    searched = http.get("/api/v1/companions/ember/memories/search", params={"q": "teeth"})
+    assert searched.status_code == 503 and searched.json()["error"]["code"] == "embedder_unavailable"
+    assert down in searched.json()["error"]["message"]
+    assert "no recall for this reply" in server.log_tail(200)
