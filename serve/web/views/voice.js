@@ -117,8 +117,11 @@ export async function voiceView(root, { args: [companionId] }) {
     const told = found.told_apart, same = found.calibration || {};
     const cell = (scores, key) => h('td', {}, scores && scores[key] != null ? scores[key].toFixed(2) : '-');
     const tuned = told.tuned && told.tuned.characters;
-    const words = tuned == null ? 'There are too few held-out replies to say whether a reader could tell them apart.'
-      : Math.round(tuned * 10) <= 5 ? 'A reader could not tell the tuned replies from the real ones: as good as a coin.'
+    if (tuned == null) {
+      return h('section', { class: 'discriminator' }, h('h3', {}, 'Could a reader tell them apart?'),
+        h('p', { class: 'told-apart' }, `There are too few replies to say (${found.replies}; it takes at least 6 of each: more held-out history, or a larger finetune.samples).`));
+    }
+    const words = Math.round(tuned * 10) <= 5 ? 'A reader could not tell the tuned replies from the real ones: as good as a coin.'
         : `A reader tells the tuned replies from the real ones ${Math.round(tuned * 10)} times in 10.`;
     const parts = [h('h3', {}, 'Could a reader tell them apart?'),
       h('p', { class: 'told-apart' }, words),
