@@ -317,6 +317,7 @@ def start_reembedding(store, embedders: tuple, setting: str | None) -> Reembeddi
     status = Reembedding(embedders[1].identity)
 
     def run() -> None:
+        lower_priority()   # replies first: this is hours of embedding on a CPU, and can wait
         log.info("memory: re-embedding every memory for %s; the old index serves until it is done",
                  status.embedder)
         try:
