@@ -27,6 +27,7 @@ log = logging.getLogger("homefire.memory")
 SAME = 0.999     # cosine over which a sample's two vectors count as the same
 SAMPLES = 8      # memories compared to decide that
 BATCH = 64
+PASSES = 3       # at most, before the last one under the index lock
 
 
 class Stopped(Exception):
@@ -88,10 +89,10 @@ def reembed(store: MemoryStore, embedder: AnyEmbedder, setting: str | None,
         return status
     building = building or generations.begin(embedder.identity, setting)
     store.building = building.number
-    held = _held(store, building.number)
-    status.resumed_from = sum(1 for _ in held)
-    while _catch_up(store, embedder, building, status.progress):
-        pass
+    status.resumed_from = len(_held(store, building.number))
+    for _ in range(PASSES):   # until a pass finds nothing to do (writes go on meanwhile)
+        if not _catch_up(store, embedder, building, status.progress):
+            break
     with store._index_lock:   # no indexing meanwhile: what is checked is what switches
         _catch_up(store, embedder, building)
         counts = _check(store, building.number)
@@ -109,7 +110,7 @@ def reembed(store: MemoryStore, embedder: AnyEmbedder, setting: str | None,
 def same_vectors(store: MemoryStore, embedder: AnyEmbedder) -> bool:
     """Does `embedder` make the serving index's vectors again? Compared on a few memories'
     first pieces (all of them when there are fewer); an empty index is anyone's."""
-    rows = [r for r in store.rows.everyones(0, SAMPLES * 4)][:SAMPLES]
+    rows = store.rows.everyones(0, SAMPLES)
     if not rows:
         return True
     for row in rows:
