@@ -1,0 +1,126 @@
+"""Could a reader tell them apart? The voice report's discriminator on a generated persona.
+
+A seeded history with a style as distinctive as issue 26's export: all lowercase, a pet name
+("sweetpea") in about a third of the replies, a signature ending ("~ and then what?"), short
+replies. Conversations of 4 to 12 turns; a share held out (finetune.eval_share). The default
+recipe (configs/finetune.yaml) trains on the CPU; each --variant is one more training of the
+same history with those settings changed, in the same run. Then the voice report of each:
+perplexity of the real held-out replies (base, tuned), and how well a classifier tells the
+real held-out replies from the base's and the tuned's replies to the same prompts (character
+n-grams, sentence embeddings), beside real against real; the pet name's and the signature's
+share; and the training's time.
+
+    .venv/bin/python bench/voice.py [--conversations 300] [--steps N] [--samples 24]
+        [--variant NAME=KEY:VALUE,...] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from finetune.config import load_config  # noqa: E402
+from finetune.evaluate import voice_match  # noqa: E402
+from finetune.lora import finetune  # noqa: E402
+from serve.default_model import MODEL_NAME, ensure_default_model  # noqa: E402
+from store.companions import Companion, CompanionStore  # noqa: E402
+from store.db import Database  # noqa: E402
+from store.history import History, ReplyMeta  # noqa: E402
+
+TOPICS = ["my day at work", "the rain", "my sister", "a film I watched", "dinner", "my garden",
+          "the bus", "my cat", "a book", "the weekend", "my mum", "a song I love", "the gym", "coffee"]
+OPENERS = ["i had such a long day", "guess what happened", "i can't stop thinking about {t}",
+           "so, {t}", "tell me something nice", "i'm a bit tired tonight", "{t} was strange today"]
+SAYS = ["oh that sounds like a lot", "mm i love hearing about {t}", "that made me smile",
+        "you always notice the little things", "i was hoping you'd tell me about {t}",
+        "that's so you, honestly", "i'd have loved to be there", "ugh, {t} again"]
+ENDINGS = ["~ and then what?", "~ how did that feel?", "~ tell me more?", "~ what did you do?",
+           "~ are you okay?"]
+PET = "sweetpea"
+
+
+def reply(rng: random.Random, topic: str) -> str:
+    said = rng.choice(SAYS).format(t=topic)
+    if rng.random() < 0.33:
+        said = f"{said}, {PET}" if rng.random() < 0.5 else f"{PET}, {said}"
+    return f"{said} {rng.choice(ENDINGS)}"
+
+
+def history(db: Database, companion: str, conversations: int, rng: random.Random) -> None:
+    store = History(db)
+    for _ in range(conversations):
+        conversation = store.create_conversation(companion).id
+        for _ in range(rng.randint(4, 12)):
+            topic = rng.choice(TOPICS)
+            store.append(conversation, "user", rng.choice(OPENERS).format(t=topic).capitalize() + ".")
+            store.append(conversation, "assistant", reply(rng, topic), ReplyMeta(finish_reason="stop"))
+
+
+def variant(text: str) -> tuple[str, dict]:
+    """NAME=learning_rate:1e-3,max_seq_len:512 -> (NAME, those settings)."""
+    name, _, changes = text.partition("=")
+    values: dict = {}
+    for change in filter(None, changes.split(",")):
+        key, _, value = change.partition(":")
+        values[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return name, values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", type=int, default=300)
+    parser.add_argument("--steps", type=int, help="cap on training steps (default: the recipe's own)")
+    parser.add_argument("--samples", type=int, default=24, help="replies each model writes for the report")
+    parser.add_argument("--sample-tokens", type=int, default=32)
+    parser.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=KEY:VALUE,...")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="homefire-voice-"))
+    model_path = str(ensure_default_model(work / "models"))
+    db = Database(work / "homefire.db")
+    juniper = Companion(id="juniper", name="Juniper", personality="Warm, teasing, always curious.")
+    CompanionStore(db).put(juniper, "api")
+    history(db, "juniper", args.conversations, random.Random(args.seed))
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; model {MODEL_NAME}; "
+          f"{args.conversations} conversations, seed {args.seed}", flush=True)
+    rows = []
+    for name, changes in [("default", {})] + args.variant:
+        config = load_config(overrides=changes)
+        started = time.perf_counter()
+        out = finetune(work, db, juniper, model_path, MODEL_NAME, config, step_limit=args.steps)
+        trained = time.perf_counter() - started
+        steps = json.loads((out / "manifest.json").read_text())["metrics"]["steps"]
+        report = voice_match(work, db, juniper, model_path, out.name, args.samples, args.sample_tokens)
+        found = report["discriminator"]
+        told = {who: (found["told_apart"][who] or {}) for who in ("base", "tuned")}
+        pet = next((p for p in found["signatures"] if PET in p["phrase"]), None)
+        rows.append((name, steps, trained, report["perplexity"], told, found["calibration"] or {}, pet))
+        print(f"\n== {name} {changes}: {steps} steps in {trained:.0f} s", flush=True)
+        print(json.dumps({k: report[k] for k in ("perplexity", "discriminator")}, indent=1), flush=True)
+
+    print("\n| recipe | steps | training | perplexity base / tuned | told apart, characters: base / "
+          "tuned / real vs real | meaning: base / tuned / real vs real | pet name, real / tuned |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, steps, trained, p, told, same, pet in rows:
+        def f(x):
+            return "-" if x is None else f"{x:.2f}"
+        pets = f"{pet['real']:.0%} / {pet.get('tuned', 0):.0%}" if pet else "-"
+        print(f"| {name} | {steps} | {trained / 60:.1f} min | {p['base']:.2f} / {p['tuned']:.2f} "
+              f"({p['tuned'] / p['base']:.3f}x) | {f(told['base'].get('characters'))} / "
+              f"{f(told['tuned'].get('characters'))} / {f(same.get('characters'))} | "
+              f"{f(told['base'].get('meaning'))} / {f(told['tuned'].get('meaning'))} / "
+              f"{f(same.get('meaning'))} | {pets} |")
+
+
+if __name__ == "__main__":
+    main()
