@@ -56,7 +56,7 @@ def data_dir(model_dir: Path, tmp_path_factory) -> Path:
     history, rng = History(db), random.Random(3)
     for _ in range(10):
         conversation = history.create_conversation("kit").id
-        for _ in range(5):
+        for _ in range(7):   # one held-out conversation is enough replies for the report's discriminator
             topic = rng.choice(TOPICS)
             history.append(conversation, "user", f"What do you think about {topic}?")
             history.append(conversation, "assistant", voice(topic))
@@ -146,7 +146,8 @@ def test_a_few_steps_lower_the_loss_and_write_a_versioned_safetensors_adapter(tr
 
 
 def test_eval_finds_the_tuned_voice_closer_than_the_base(trained, data_dir):
-    done = cli("eval", "kit", "--samples", "8", "--max-new-tokens", "16", "--json", data_dir=data_dir)
+    # Long enough for a whole reply (about 18 tokens): a cut-off ending would tell them apart.
+    done = cli("eval", "kit", "--samples", "8", "--max-new-tokens", "24", "--json", data_dir=data_dir)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["perplexity"]["tuned"] < result["perplexity"]["base"]
@@ -301,14 +302,14 @@ def other_model(model_dir: Path, tmp_path_factory) -> Path:
 def test_drift_shows_a_switch_of_version_and_nothing_for_the_same_setup(trained, data_dir, model_dir):
     from tests.support.adapters import make_adapter
 
-    # Kit's history is the fixture's ten conversations of ten messages: the short ones the server
+    # Kit's history is the fixture's ten conversations of fourteen messages: the short ones the server
     # test had with kit would be held out by their (random) ids' hashes now and then. One whose
     # reply through v1 happened to end in "~ purr ~" was once the only held-out conversation, with
     # no example to measure a held-out loss on.
     with closing(sqlite3.connect(data_dir / "homefire.db")) as db, db:
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("DELETE FROM conversations WHERE companion_id = 'kit' AND (SELECT COUNT(*) FROM "
-                   "messages m WHERE m.conversation_id = conversations.id) <> 10")
+                   "messages m WHERE m.conversation_id = conversations.id) <> 14")
     probe = ["--probes", "2", "--max-new-tokens", "12", "--json"]
     assert cli("adapter", "use", "kit", "v1", data_dir=data_dir).returncode == 0
     same = cli("drift", "kit", "--against", "v1", *probe, data_dir=data_dir)
