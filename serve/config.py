@@ -78,6 +78,13 @@ class MemoryConfig(BaseModel):
     order."""
     rerank_top: int = Field(20, ge=1, le=200)
     """How many of recall's best candidates (over the threshold) the reranker orders."""
+
+    @field_validator("reranker")
+    @classmethod
+    def _url_or_directory(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")) and not Path(value).expanduser().is_dir():
+            raise ValueError(f"neither an http(s) URL nor a CrossEncoder directory: {value}")
+        return value
     chroma_url: str | None = None
     """A Chroma server (e.g. http://db-box:8000) for the vector index; empty keeps it in the
     data directory. Its token, if any, comes from HOMEFIRE_CHROMA_TOKEN."""

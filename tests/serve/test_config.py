@@ -28,6 +28,8 @@ def test_the_shipped_config_documents_the_defaults():
         ("- a list\n", "expected a mapping"),
         ("tasks:\n  patterns:\n    - {client: mine, pattern: '(unclosed'}\n",
          "tasks.patterns.0.pattern: Value error, not a regular expression: missing )"),
+        ("memory:\n  reranker: /no/such/cross-encoder\n",
+         "memory.reranker: Value error, neither an http(s) URL nor a CrossEncoder directory"),
     ],
 )
 def test_config_errors_name_the_file_and_the_setting(tmp_path, text, words):
