@@ -18,10 +18,11 @@ class EmbedderError(RuntimeError):
     """The embedder named by memory.embedder cannot be used (its URL answers an error, or none)."""
 
 
-def open_embedder(setting: str | None) -> AnyEmbedder:
-    """The embedder memory.embedder names: a URL, a directory or model id, or (None) the bundled one."""
+def open_embedder(setting: str | None, timeout: float = 60) -> AnyEmbedder:
+    """The embedder memory.embedder names: a URL (answering within `timeout` seconds), a
+    directory or model id, or (None) the bundled one."""
     if setting and setting.startswith(("http://", "https://")):
-        return RemoteEmbedder(setting)
+        return RemoteEmbedder(setting, timeout)
     return Embedder(setting)
 
 

@@ -125,12 +125,14 @@ class Homefire:
         index_dir = self.data_dir / "index"
         recall = RecallSettings(top_k=config.top_k, threshold=config.threshold,
                                 budget_tokens=config.budget_tokens, rerank_top=config.rerank_top)
-        # Recall's questions and the indexer each have an instance: one call at a time each.
-        wanted = open_embedder(config.embedder), open_embedder(config.embedder)
+        # Recall's questions and the indexer each have an instance: one call at a time each. A
+        # question waits at most QUERY_TIMEOUT_S for an embeddings server that hangs: then the
+        # reply goes without recall.
+        wanted = open_embedder(config.embedder, QUERY_TIMEOUT_S), open_embedder(config.embedder)
         generations = IndexGenerations(self.db)
         serving = generations.serving() or generations.adopt(wanted[0].identity, config.embedder)
         embedders = wanted if serving.embedder == wanted[0].identity else (
-            open_embedder(serving.setting), open_embedder(serving.setting))
+            open_embedder(serving.setting, QUERY_TIMEOUT_S), open_embedder(serving.setting))
 
         def open_store() -> MemoryStore:
             return MemoryStore(self.db, index_dir, embedders[0], settings=recall, index_embedder=embedders[1],
@@ -299,6 +301,9 @@ def quiet_libraries() -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
+
+
+QUERY_TIMEOUT_S = 5
 
 
 def lower_priority() -> None:
