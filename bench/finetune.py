@@ -9,13 +9,21 @@ train one epoch with the same LoRA config and the same average number of example
 step; the figure is real (unpadded) tokens per second. The job runs with
 finetune.gpu_sharing: stop (the engine is stopped, so it has the cores the baseline has).
 
-    .venv/bin/python bench/finetune.py [--conversations 48] [--batch-tokens 2048] [--rounds 12]
+Memory: the job's peak resident memory (its child's, in its metrics) against the trainer's
+step as it was before issue 26 (`before`: transformers' loss over the full vocabulary's
+logits, LoRA dropout 0.05, fp32, no gradient checkpointing, glibc's default allocator
+settings), same batches, in a process of its own; peak RSS and tokens/s of each, one run.
+
+    .venv/bin/python bench/finetune.py [--conversations 48] [--batch-tokens 4096]
+        [--max-seq-len 1024] [--rounds 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import platform
 import random
 import statistics
@@ -35,7 +43,7 @@ from bench.serving import homefire_server  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.dataset import build  # noqa: E402
 from finetune.lora import tokenizer_for  # noqa: E402
-from finetune.train import length_grouped, load_model  # noqa: E402
+from finetune.train import collate, length_grouped, load_model, peak_rss_gb  # noqa: E402
 from serve.default_model import ensure_default_model  # noqa: E402
 from store.companions import Companion, CompanionStore  # noqa: E402
 from store.db import Database  # noqa: E402
@@ -83,6 +91,41 @@ def baseline(model_path: str, tokenizer, examples, config: FinetuneConfig, batch
             "steps": trainer.state.global_step}
 
 
+def before(model_path: str, examples, config: FinetuneConfig, pad_id: int) -> dict:
+    """One epoch with the trainer's step as it was before issue 26, in a fresh process."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.05,
+                                             target_modules=list(config.target_modules), bias="none",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    batches = length_grouped(examples, config.batch_tokens)
+    random.Random(config.seed).shuffle(batches)
+    started, tokens = time.perf_counter(), 0
+    for group in batches:
+        batch = collate(group, pad_id)
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch.tokens
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "steps": len(batches),
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def apart(function, *args):
+    """function(*args) in a fresh process: its peak memory and allocator settings its own."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        return pool.submit(function, *args).result()
+
+
 def with_history(conversations: list[tuple[str, list[dict]]]) -> Path:
     """A data directory where the owner has had these conversations with kit."""
     data_dir = Path(tempfile.mkdtemp(prefix="homefire-bench-finetune-"))
@@ -119,7 +162,8 @@ def ours(conversations, settings: dict) -> dict:
         job = follow(client, answer.json()["id"], lambda j: j["state"] == "done")
     metrics = job["metrics"]
     return {"tokens": metrics["tokens"], "seconds": metrics["seconds"],
-            "tokens_per_s": metrics["tokens_per_s"], "steps": metrics["steps"], "job": job["id"]}
+            "tokens_per_s": metrics["tokens_per_s"], "steps": metrics["steps"], "job": job["id"],
+            "peak_rss_gb": metrics.get("peak_rss_gb")}
 
 
 def replies_beside_training(conversations, settings: dict, rounds: int) -> dict:
@@ -146,8 +190,8 @@ def replies_beside_training(conversations, settings: dict, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=48)
-    parser.add_argument("--batch-tokens", type=int, default=2048)
-    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=12, help="replies timed alone and beside a training")
     args = parser.parse_args()
     model_path = str(ensure_default_model(Path(tempfile.gettempdir()) / "homefire-bench-models"))
@@ -166,7 +210,10 @@ def main() -> None:
           f"(mean {mean:.0f}); baseline batch size {batch_size}", flush=True)
     mine = ours(conversations, settings)
     print(f"ours (job {mine['job']}): {mine['tokens_per_s']:.0f} tokens/s ({mine['steps']} steps, "
-          f"{mine['seconds']:.1f} s)", flush=True)
+          f"{mine['seconds']:.1f} s), peak {mine['peak_rss_gb']} GB", flush=True)
+    old = apart(before, model_path, examples, config, tokenizer.pad_token_id)
+    print(f"before issue 26: {old['tokens_per_s']:.0f} tokens/s ({old['steps']} steps, "
+          f"{old['seconds']:.1f} s), peak {old['peak_rss_gb']} GB", flush=True)
     base = baseline(model_path, tokenizer, examples, config, batch_size)
     print(f"baseline: {base['tokens_per_s']:.0f} tokens/s ({base['steps']} steps, {base['seconds']:.1f} s)",
           flush=True)
@@ -174,11 +221,13 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"ratio ours / baseline: {mine['tokens_per_s'] / base['tokens_per_s']:.2f}   (goal >= 1.3)")
+    print(f"memory: peak {mine['peak_rss_gb']} GB against {old['peak_rss_gb']} GB before (goal < 4), "
+          f"tokens/s ratio {mine['tokens_per_s'] / old['tokens_per_s']:.2f} (goal >= 0.9)")
     print(f"replies' TTFT p50 alone {replies['alone_ms']:.0f} ms, beside a concurrent training "
           f"{replies['during_ms']:.0f} ms ({replies['steps_meanwhile']} steps meanwhile): ratio "
           f"{replies['during_ms'] / replies['alone_ms']:.2f}; p95 {replies['alone_p95_ms']:.0f} / "
           f"{replies['during_p95_ms']:.0f} ms")
-    print(json.dumps({"ours": mine, "baseline": base, "replies": replies}))
+    print(json.dumps({"ours": mine, "before": old, "baseline": base, "replies": replies}))
 
 
 KIT = Companion(id="kit", name="Kit")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import Dataset, build, load_history
+from finetune.sampling import fit_sampling
 from finetune.train import Report, Trainer, load_model
 from store import adapters
 from store.companions import Companion
@@ -64,12 +65,22 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
         trainer.resume()
     started = time.time()
     metrics = trainer.run()
+    sampling = None
+    if data.eval:   # fitted to the version as saved: the best held-out loss, not the last step
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(out / "adapter_model.safetensors"))
+        sampling = fit_sampling(model, data.eval, tokenizer.pad_token_id, device, trainer.autocast,
+                                config.batch_tokens)
     info = {
         "version": out.name, "companion": companion.id, "user": user, "created_at": started,
         "base_model": {"id": model_id, "sha256": base_sha},
         "dataset": data.summary(), "config": config.model_dump(),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
         "device": str(device),
+        # Used when the companion speaks through this version, unless a request names its own.
+        "sampling": sampling,
     }
     (out / "history.json").write_text(json.dumps(metrics["history"]))
     # The manifest comes last: a version without one is an unfinished run.

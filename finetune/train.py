@@ -2,22 +2,34 @@
 
 Batches are built from examples of similar length up to `batch_tokens` (padding
 included), so little compute goes to padding; their order is shuffled each epoch. On a
-GPU: bf16 and gradient checkpointing (QLoRA with `qlora`); on the CPU: fp32.
+GPU: bf16 and gradient checkpointing (QLoRA with `qlora`). On the CPU: fp32 weights, bf16
+autocast where the CPU computes bf16 natively (AVX512-BF16, AMX), every second decoder layer
+checkpointed, and glibc told to give large freed blocks back (see `steady_memory`).
+
+The loss never holds the full vocabulary's logits for a batch: only the positions that are
+trained on go through the output layer, a chunk at a time, each chunk recomputed in the
+backward pass (`token_loss`). With 4,096-token batches and a 49k vocabulary the logits alone
+were 0.8 GB, three times over (float copy, log-softmax, its gradient).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import random
+import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import IGNORE, Example
@@ -62,14 +74,58 @@ def length_grouped(examples: list[Example], batch_tokens: int) -> list[list[Exam
 
 
 def pick_device(config: FinetuneConfig) -> tuple[torch.device, torch.dtype]:
+    """Where the model lives and its weights' dtype (bf16 on a GPU that supports it)."""
     cuda = torch.cuda.is_available()
     if config.device == "cuda" and not cuda:
         raise FinetuneError("device: cuda was asked for, but torch sees no CUDA GPU")
     device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
-    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"
-                                      and torch.cuda.is_bf16_supported()):
+    if device.type == "cuda" and (config.precision == "bf16" or (config.precision == "auto"
+                                                                and torch.cuda.is_bf16_supported())):
         return device, torch.bfloat16
     return device, torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so autocast speeds it up."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast over fp32 weights on the CPU: `precision: bf16`, or `auto` where the CPU
+    has bf16 (elsewhere emulated bf16 is slower than fp32). None: the weights' own dtype."""
+    if device.type != "cpu" or config.precision == "fp32":
+        return None
+    return torch.bfloat16 if config.precision == "bf16" or cpu_has_bf16() else None
+
+
+def steady_memory() -> None:
+    """Let glibc return freed blocks over 4 MiB to the system at once. By default it raises
+    that threshold as blocks are freed, up to 32 MiB, and keeps the activations freed by each
+    backward pass in its heap, where the next step's differently sized tensors rarely fit: the
+    CPU training's resident memory grew to several times what was live (7 GB for 2 GB). A
+    fixed threshold costs page faults; 4 MiB was the best trade measured (bench/finetune.py)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)    # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass                                                # not glibc: nothing to tune
+
+
+def checkpoint_layers(model, config: FinetuneConfig, device: torch.device) -> None:
+    """Gradient checkpointing: every decoder layer on a GPU (or when asked), every second one
+    on the CPU by default (half the activations for about a tenth of the speed), none when off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if config.gradient_checkpointing is False:
+        return
+    every = 1 if config.gradient_checkpointing or device.type == "cuda" else 2
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
 
 
 def load_model(model_path: str, config: FinetuneConfig):
@@ -90,6 +146,8 @@ def load_model(model_path: str, config: FinetuneConfig):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True)
         kwargs["device_map"] = {"": 0}
+    if device.type == "cpu":
+        steady_memory()
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if config.qlora:
         from peft import prepare_model_for_kbit_training
@@ -99,31 +157,63 @@ def load_model(model_path: str, config: FinetuneConfig):
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if missing := [m for m in config.target_modules if m not in names]:
         raise FinetuneError(f"target_modules: {', '.join(missing)} not found in {model_path}")
-    checkpointing = config.gradient_checkpointing
-    if checkpointing or (checkpointing is None and device.type == "cuda"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    checkpoint_layers(model, config, device)
     model.config.use_cache = False
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), device
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (what a training asks of the machine)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1e9 if sys.platform == "darwin" else 1e6), 2)
+
+
+LOSS_CHUNK = 256   # positions per pass through the output layer: 50 MB of float32 logits
+
+
+def token_loss(model, batch: Batch, device: torch.device, autocast: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's trained positions, and how many there are. The
+    decoder runs once; the output layer only over trained positions, LOSS_CHUNK at a time,
+    each chunk's logits recomputed in the backward pass instead of kept."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch.labels.to(device)[:, 1:]
+    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        hidden = causal.get_decoder()(input_ids=batch.input_ids.to(device),
+                                      attention_mask=batch.attention_mask.to(device)).last_hidden_state
+    trained = labels != IGNORE
+    hidden, labels = hidden[:, :-1][trained], labels[trained]
+    head = causal.get_output_embeddings()
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+
+    def chunk_loss(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = head(states)
+        logits = logits.float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(labels), LOSS_CHUNK):
+        part = (hidden[start:start + LOSS_CHUNK], labels[start:start + LOSS_CHUNK])
+        total = total + (checkpoint(chunk_loss, *part, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(*part))
+    return total, len(labels)
+
+
 @torch.no_grad()
-def evaluate(model, examples: list[Example], batch_tokens: int, pad_id: int, device) -> float:
+def evaluate(model, examples: list[Example], batch_tokens: int, pad_id: int, device,
+             autocast: torch.dtype | None = None) -> float:
     """Mean loss per trained token over the examples."""
     model.eval()
     total, count = 0.0, 0
     for group in length_grouped(examples, batch_tokens):
-        batch = collate(group, pad_id)
-        logits = model(input_ids=batch.input_ids.to(device),
-                       attention_mask=batch.attention_mask.to(device)).logits.float()
-        labels = batch.labels.to(device)[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-            ignore_index=IGNORE, reduction="sum")
-        total += losses.item()
-        count += int((labels != IGNORE).sum())
+        loss, trained = token_loss(model, collate(group, pad_id), device, autocast)
+        total += loss.item()
+        count += trained
     model.train()
     return total / max(count, 1)
 
@@ -134,6 +224,7 @@ class Trainer:
         self.model, self.device, self.config = model, device, config
         self.train_examples, self.held = train, held
         self.pad_id, self.out_dir, self.report = pad_id, out_dir, report or (lambda _: None)
+        self.autocast = autocast_dtype(config, device)
         self.batches = length_grouped(train, config.batch_tokens)
         per_epoch = len(self.batches)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
@@ -160,9 +251,8 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, index = divmod(self.step, len(self.batches))
             batch = collate(self.batches[self.order(epoch)[index]], self.pad_id)
-            loss = self.model(input_ids=batch.input_ids.to(self.device),
-                              attention_mask=batch.attention_mask.to(self.device),
-                              labels=batch.labels.to(self.device)).loss
+            total, trained = token_loss(self.model, batch, self.device, self.autocast)
+            loss = total / max(trained, 1)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
             self.optimizer.step()
@@ -175,7 +265,7 @@ class Trainer:
                      "lr": self.scheduler.get_last_lr()[0], "total_steps": self.total_steps}
             if self.held and (self.step % self.config.eval_every == 0 or self.step == self.total_steps):
                 point["eval_loss"] = evaluate(self.model, self.held, self.config.batch_tokens,
-                                              self.pad_id, self.device)
+                                              self.pad_id, self.device, self.autocast)
                 if point["eval_loss"] < self.best - 1e-4:
                     self.best, self.bad_evals = point["eval_loss"], 0
                     self.save(self.out_dir)
@@ -196,7 +286,7 @@ class Trainer:
                 "train_loss": sum(tail) / len(tail),
                 "eval_loss": None if math.isinf(self.best) else self.best, "tokens": tokens,
                 "seconds": seconds, "tokens_per_s": tokens / seconds, "stopped_early": stopped_early,
-                "history": self.history}
+                "peak_rss_gb": peak_rss_gb(), "history": self.history}
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory, safe_serialization=True)

@@ -48,7 +48,7 @@ class AdapterService:
         model, and its listing says why, until the owner chooses a version again."""
         companion_id, _, version = name.rpartition("--")
         if self.chat.adapters.get(companion_id) == version:
-            del self.chat.adapters[companion_id]
+            self._speak(companion_id, None)
         self.problems[companion_id] = f"the engine refused adapter {version}: {why}"
         log.error("adapters: %s: not used: %s", companion_id, self.problems[companion_id])
 
@@ -65,7 +65,7 @@ class AdapterService:
                 log.error("adapters: %s: not used: %s", companion_id, self.problems[companion_id])
                 continue
             self.chat.engine.adapters[adapter_name(companion_id, version)] = str(path)
-            self.chat.adapters[companion_id] = version
+            self._speak(companion_id, version)
             log.info("adapters: %s speaks through %s", companion_id, version)
 
     async def use(self, companion_id: str, version: str | None) -> None:
@@ -81,9 +81,7 @@ class AdapterService:
                 await self.chat.engine.load_adapter(adapter_name(companion_id, version), str(path))
             except AdapterRefused as err:
                 raise AdapterError(f"adapter {version} of {visible_id(companion_id)!r}: {err}") from err
-            self.chat.adapters[companion_id] = version
-        else:
-            self.chat.adapters.pop(companion_id, None)
+        self._speak(companion_id, version)
         adapters.set_current(self.data_dir, companion_id, version)
         self.problems.pop(companion_id, None)
 
@@ -93,9 +91,26 @@ class AdapterService:
         path = self._checked(companion_id, version)
         self.chat.engine.adapters[adapter_name(companion_id, version)] = str(path)
         self.chat.engine.lora = True
-        self.chat.adapters[companion_id] = version
+        self._speak(companion_id, version)
         adapters.set_current(self.data_dir, companion_id, version)
         self.problems.pop(companion_id, None)
+
+    def _speak(self, companion_key: str, version: str | None) -> None:
+        """The companion speaks through `version` (None: the base model), with that version's
+        fitted sampling (its manifest's `sampling`, if it has one)."""
+        if version is None:
+            self.chat.adapters.pop(companion_key, None)
+            self.chat.fitted.pop(companion_key, None)
+            return
+        self.chat.adapters[companion_key] = version
+        try:
+            fitted = adapters.manifest(self.data_dir, companion_key, version).get("sampling")
+        except AdapterError:
+            fitted = None
+        if fitted:
+            self.chat.fitted[companion_key] = fitted
+        else:
+            self.chat.fitted.pop(companion_key, None)
 
     def trained_by_others(self, companion_key: str, user: str) -> list[str]:
         """Versions trained on the history of a user other than `user`."""
@@ -104,7 +119,7 @@ class AdapterService:
 
     async def forget(self, companion_key: str) -> None:
         """A deleted companion: its adapters leave the engine and the disk."""
-        self.chat.adapters.pop(companion_key, None)
+        self._speak(companion_key, None)
         self.problems.pop(companion_key, None)
         await self.chat.engine.unload_adapters(f"{companion_key}--")
         await asyncio.to_thread(shutil.rmtree, adapters.adapters_dir(self.data_dir, companion_key), True)

@@ -109,6 +109,7 @@ class ChatService:
         self._indexer: asyncio.Task | None = None
         self._streaming = 0  # replies being generated now
         self.adapters: dict[str, str] = {}   # companion key -> adapter version in use
+        self.fitted: dict[str, dict] = {}    # companion key -> that version's fitted sampling
 
     def companion(self, companion_id: str, viewer: str | None = None) -> Companion:
         """The companion, if `viewer` may see it (None: anyone's), made for the served model."""
@@ -130,16 +131,16 @@ class ChatService:
         return adapter_name(companion_id, version) if version else self.engine.served_name
 
     def sampling(self, companion: Companion | None, overrides: dict) -> dict:
+        """The card's sampling, then the fitted sampling of the version the companion speaks
+        through (finetune/sampling.py), then the request's own values. The card's max_tokens
+        stays the ceiling: clients and fitting may ask for less, never more."""
         defaults = companion.sampling if companion else Sampling()
-        params = {
-            "temperature": defaults.temperature,
-            "top_p": defaults.top_p,
-            "repetition_penalty": defaults.repetition_penalty,
-        }
+        fitted = (self.fitted.get(companion.key) if companion else None) or {}
+        params = {key: fitted.get(key, getattr(defaults, key))
+                  for key in ("temperature", "top_p", "repetition_penalty")}
         params.update({k: v for k, v in overrides.items() if v is not None and k != "max_tokens"})
-        # The companion's max_tokens is a ceiling: clients may ask for less, never more.
-        params["max_tokens"] = min(overrides.get("max_tokens") or defaults.max_tokens,
-                                   defaults.max_tokens)
+        asked = overrides.get("max_tokens") or fitted.get("max_tokens") or defaults.max_tokens
+        params["max_tokens"] = min(asked, defaults.max_tokens)
         return params
 
     def plan(self, turn: Turn) -> Plan:

@@ -107,6 +107,33 @@ def test_only_the_companions_tokens_carry_loss(data_dir, model_dir):
         build(tokenizer, KIT.model_copy(update={"id": "nobody"}), load_history(db, "nobody"), config)
 
 
+def test_the_chunked_loss_is_the_models_own_loss_and_gradient(data_dir, model_dir, monkeypatch):
+    """token_loss never builds the full logits, yet it is transformers' loss, gradients included."""
+    import torch
+
+    from finetune.train import collate, load_model, token_loss
+
+    tokenizer = tokenizer_for(str(model_dir))
+    data = build(tokenizer, KIT, load_history(Database(data_dir / "homefire.db"), "kit"),
+                 FinetuneConfig(max_seq_len=192))
+    by_length = sorted(data.train, key=lambda e: len(e.input_ids))
+    batch = collate([by_length[0], by_length[-1]], tokenizer.pad_token_id)   # one row padded
+    assert (batch.attention_mask == 0).any()
+    monkeypatch.setattr("finetune.train.LOSS_CHUNK", 7)   # many chunks, the last one short
+    model, device = load_model(str(model_dir), FinetuneConfig(precision="fp32", seed=3))
+    lora = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.init.normal_(lora[1], std=0.02)              # B starts at zero: make the adapter act
+    expected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    expected.backward()
+    expected_grad = lora[0].grad.clone()
+    model.zero_grad()
+    total, trained = token_loss(model, batch, device)
+    assert trained == int((batch.labels[:, 1:] != IGNORE).sum()) > 7
+    (total / trained).backward()
+    assert torch.allclose(total / trained, expected, rtol=1e-4)
+    assert torch.allclose(lora[0].grad, expected_grad, rtol=1e-3, atol=1e-7)
+
+
 def test_dry_run_shows_the_dataset_and_marks_trained_tokens(data_dir):
     done = cli("finetune", "kit", "--dry-run", "--max-seq-len", "192", data_dir=data_dir)
     assert done.returncode == 0, done.stderr
@@ -179,6 +206,26 @@ def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, 
     assert tuned["adapter"] == "v1" and base["adapter"] is None
     assert tuned["content"] != base["content"], "the adapter changes kit's voice"
     assert reply("twin")["content"] == base["content"], "and only kit's"
+
+    # v1 carries sampling fitted on Kit's held-out conversations: a request through the OpenAI
+    # route that names none is sampled with it (as the stored reply records), one that names a
+    # value keeps that value, and the base model keeps the card's own.
+    fitted = json.loads((trained / "manifest.json").read_text())["sampling"]
+    assert fitted["fitted_on"]["replies"] > 0 and fitted["max_tokens"] >= 16
+    chosen = ("temperature", "top_p", "repetition_penalty")
+
+    def sampled(companion: str, **asked) -> dict:
+        raw = server.openai().chat.completions.with_raw_response.create(
+            model=companion, messages=[{"role": "user", "content": "Are you awake?"}], **asked)
+        conversation = raw.headers["x-homefire-conversation"]
+        return http.get(f"/api/v1/conversations/{conversation}").json()["messages"][-1]["sampling"]
+
+    card = Companion(id="card", name="Card").sampling
+    assert {k: fitted[k] for k in chosen} != {k: getattr(card, k) for k in chosen}
+    through_v1 = sampled("kit")
+    assert through_v1 == {k: fitted[k] for k in chosen} | {"max_tokens": fitted["max_tokens"]}
+    assert sampled("kit", temperature=1.7, max_tokens=4) == through_v1 | {"temperature": 1.7, "max_tokens": 4}
+    assert sampled("twin", max_tokens=4) == {k: getattr(card, k) for k in chosen} | {"max_tokens": 4}
     listed = cli("adapter", "list", "kit", data_dir=data_dir, env=server.env)
     assert listed.returncode == 0 and listed.stdout.startswith("* v1"), listed.stdout + listed.stderr
 
@@ -186,6 +233,7 @@ def test_the_server_speaks_through_the_adapter_for_that_companion_only(trained, 
     # adapter-less twin.
     assert cli("adapter", "use", "kit", "base", data_dir=data_dir, env=server.env).returncode == 0
     assert reply("kit")["content"] == base["content"]
+    assert sampled("kit", max_tokens=4) == {k: getattr(card, k) for k in chosen} | {"max_tokens": 4}
 
     # A new version is loaded into the running engine.
     shutil.copytree(trained, trained.parent / "v2")
