@@ -17,7 +17,7 @@ import math
 import torch
 
 from finetune.dataset import IGNORE, Example
-from finetune.train import collate, length_grouped
+from finetune.train import collate, decoded, length_grouped
 
 TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
 PENALTIES = (1.0, 1.05, 1.1)
@@ -53,17 +53,14 @@ def fit_sampling(model, held: list[Example], pad_id: int, device: torch.device,
     if not held:
         return None
     model.eval()
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = causal.get_output_embeddings()
     grid = [(t, p) for t in TEMPERATURES for p in PENALTIES]
     loss = torch.zeros(len(grid), dtype=torch.float64)
     needed: list[list[torch.Tensor]] = [[] for _ in grid]   # nucleus mass that keeps each real token
     count = 0
     for group in length_grouped(held, batch_tokens):
         batch = collate(group, pad_id)
-        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            hidden = causal.get_decoder()(input_ids=batch.input_ids.to(device),
-                                          attention_mask=batch.attention_mask.to(device)).last_hidden_state
+        causal, hidden = decoded(model, batch, device, autocast)
+        head = causal.get_output_embeddings()
         for row in range(len(group)):
             ids = batch.input_ids[row].to(device)
             targets = batch.labels[row, 1:].to(device)
@@ -80,8 +77,8 @@ def fit_sampling(model, held: list[Example], pad_id: int, device: torch.device,
                     probs = torch.log_softmax(penalised(logits, seen, penalty) / temperature, dim=-1)
                     own = probs.gather(1, real)
                     loss[k] -= own.sum().item()
-                    probs = probs.exp_()
-                    needed[k].append((probs * (probs > own.exp())).sum(1).cpu() + own.exp().squeeze(1).cpu())
+                    probs, own = probs.exp_(), own.exp()
+                    needed[k].append(((probs * (probs > own)).sum(1) + own.squeeze(1)).cpu())
                 count += len(at)
     model.train()
     if not count:
