@@ -131,7 +131,9 @@ def test_the_chunked_loss_is_the_models_own_loss_and_gradient(data_dir, model_di
     assert trained == int((batch.labels[:, 1:] != IGNORE).sum()) > 7
     (total / trained).backward()
     assert torch.allclose(total / trained, expected, rtol=1e-4)
-    assert torch.allclose(lora[0].grad, expected_grad, rtol=1e-3, atol=1e-7)
+    # the sums run in another order (chunks, recomputed layers): compare the whole gradient, not each element
+    error = (lora[0].grad - expected_grad).norm() / expected_grad.norm()
+    assert error < 1e-3, f"relative gradient error {error:.2e}"
 
 
 def test_dry_run_shows_the_dataset_and_marks_trained_tokens(data_dir):
