@@ -8,10 +8,12 @@ same history with those settings changed, in the same run. Then the voice report
 perplexity of the real held-out replies (base, tuned), and how well a classifier tells the
 real held-out replies from the base's and the tuned's replies to the same prompts (character
 n-grams, sentence embeddings), beside real against real; the pet name's and the signature's
-share; and the training's time.
+share; and the training's time. Replies are drawn as the server draws them: the card's sampling
+for the base, each version's fitted sampling for the tuned; the default recipe's version is
+also read with the card's sampling and greedily, to show what the fitting changes.
 
     .venv/bin/python bench/voice.py [--conversations 300] [--steps N] [--samples 24]
-        [--variant NAME=KEY:VALUE,...] [--seed 1]
+        [--variant NAME=KEY:VALUE,...] [--seed 1] [--no-sampling-readings] [--exemplars K]
 """
 
 from __future__ import annotations
@@ -65,6 +67,61 @@ def history(db: Database, companion: str, conversations: int, rng: random.Random
             store.append(conversation, "assistant", reply(rng, topic), ReplyMeta(finish_reason="stop"))
 
 
+def exemplar_readings(db: Database, companion: Companion, model_path: str, version_dir: Path,
+                      fitted: dict | None, config, samples: int, sample_tokens: int,
+                      nearest: int) -> dict[str, dict]:
+    """The replies to the held-out prompts as the server builds them (the last 6 messages; drift's
+    probes), without and with the companion's own past exchanges nearest the newest message
+    (from the training conversations, by the bundled embedder) in the memory block the server
+    puts just before it: style exemplars where the prefix cache keeps everything before them.
+    Each reading: the discriminator of base and tuned against the real replies."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.dataset import Builder, held_out_ids, load_history
+    from finetune.discriminate import discriminate
+    from finetune.drift import probes
+    from finetune.evaluate import draw_replies, served_sampling
+    from finetune.lora import tokenizer_for
+    from finetune.template import alternate
+    from memory.embedder import Embedder
+    from memory.remember import exchange_text
+    from store.persona import memory_block
+
+    tokenizer = tokenizer_for(model_path)
+    asked = probes(db, companion, config, count=samples)
+    history = load_history(db, companion.key)
+    held = held_out_ids([cid for cid, _ in history], config.eval_share)
+    pairs = []
+    for cid, messages in history:
+        said = alternate(messages)
+        pairs += [(a["content"], b["content"]) for a, b in zip(said, said[1:], strict=False)
+                  if cid not in held and a["role"] == "user" and b["role"] == "assistant"]
+    embedder = Embedder()
+    keys = torch.tensor(embedder.embed([asked_ for asked_, _ in pairs]))
+    builder = Builder(tokenizer, companion, config)
+    prompts: dict[str, list[list[int]]] = {"served prompt": [], f"+ {nearest} nearest past exchanges": []}
+    for messages, _ in asked:
+        query = torch.tensor(embedder.embed([messages[-1]["content"]]))
+        chosen = (keys @ query.T).squeeze(1).topk(nearest).indices.tolist()
+        block = memory_block([exchange_text(*pairs[i], companion.name) for i in chosen])
+        shown = messages[:-1] + [{"role": "system", "content": block}, messages[-1]]
+        for name, said in zip(prompts, (messages, shown), strict=True):
+            text = builder.render(said, generation_prompt=True)
+            prompts[name].append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
+                                      version_dir)
+    drawn = {"base": served_sampling(companion, None, sample_tokens),
+             "tuned": served_sampling(companion, fitted, sample_tokens)}
+    real = [reply_ for _, reply_ in asked]
+    halves = (real[: len(real) // 2], real[len(real) // 2:])
+    cpu = torch.device("cpu")
+    return {name: discriminate(real, draw_replies(model, tokenizer, ids, drawn, config.seed, cpu),
+                               halves, embedder.embed)
+            for name, ids in prompts.items()}
+
+
 def variant(text: str) -> tuple[str, dict]:
     """NAME=learning_rate:1e-3,max_seq_len:512 -> (NAME, those settings)."""
     name, _, changes = text.partition("=")
@@ -83,6 +140,11 @@ def main() -> None:
     parser.add_argument("--sample-tokens", type=int, default=32)
     parser.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=KEY:VALUE,...")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--sampling-readings", action=argparse.BooleanOptionalAction, default=True,
+                        help="also read the default version's replies with the card's sampling and greedily")
+    parser.add_argument("--exemplars", type=int, default=3, metavar="K", help="also read the default "
+                        "version's replies with the K past exchanges nearest each moment in the prompt "
+                        "(0: not)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="homefire-voice-"))
@@ -100,13 +162,33 @@ def main() -> None:
         out = finetune(work, db, juniper, model_path, MODEL_NAME, config, step_limit=args.steps)
         trained = time.perf_counter() - started
         steps = json.loads((out / "manifest.json").read_text())["metrics"]["steps"]
-        report = voice_match(work, db, juniper, model_path, out.name, args.samples, args.sample_tokens)
-        found = report["discriminator"]
-        told = {who: (found["told_apart"][who] or {}) for who in ("base", "tuned")}
-        pet = next((p for p in found["signatures"] if PET in p["phrase"]), None)
-        rows.append((name, steps, trained, report["perplexity"], told, found["calibration"] or {}, pet))
-        print(f"\n== {name} {changes}: {steps} steps in {trained:.0f} s", flush=True)
-        print(json.dumps({k: report[k] for k in ("perplexity", "discriminator")}, indent=1), flush=True)
+        # Each version's replies drawn with its fitted sampling, as the server speaks through it;
+        # the default's also with the card's sampling and greedily: does the fitting help?
+        readings = [(name, juniper, True)]
+        if name == "default" and args.sampling_readings:
+            greedily = juniper.sampling.model_copy(update={"temperature": 0})
+            greedy = juniper.model_copy(update={"sampling": greedily})
+            readings += [(f"{name}, card's sampling", juniper, False), (f"{name}, greedy", greedy, False)]
+        for label, card, fitted in readings:
+            report = voice_match(work, db, card, model_path, out.name, args.samples, args.sample_tokens,
+                                 fitted=fitted)
+            found = report["discriminator"]
+            told = {who: (found["told_apart"][who] or {}) for who in ("base", "tuned")}
+            pet = next((p for p in found["signatures"] if PET in p["phrase"]), None)
+            rows.append((label, steps, trained, report["perplexity"], told, found["calibration"] or {}, pet))
+            print(f"\n== {label} {changes}: {steps} steps in {trained:.0f} s; drawn {report['sampling']}",
+                  flush=True)
+            print(json.dumps({k: report[k] for k in ("perplexity", "discriminator")}, indent=1), flush=True)
+        if name == "default" and args.exemplars:
+            fitted = json.loads((out / "manifest.json").read_text()).get("sampling")
+            readings = exemplar_readings(db, juniper, model_path, out, fitted, config, args.samples,
+                                         args.sample_tokens, args.exemplars)
+            for label, found in readings.items():
+                told = {who: (found["told_apart"][who] or {}) for who in ("base", "tuned")}
+                pet = next((p for p in found["signatures"] if PET in p["phrase"]), None)
+                rows.append((f"{name}, {label}", steps, trained, None, told, found["calibration"] or {}, pet))
+                print(f"\n== {name}, {label}", flush=True)
+                print(json.dumps(found, indent=1), flush=True)
 
     print("\n| recipe | steps | training | perplexity base / tuned | told apart, characters: base / "
           "tuned / real vs real | meaning: base / tuned / real vs real | pet name, real / tuned |")
@@ -115,8 +197,9 @@ def main() -> None:
         def f(x):
             return "-" if x is None else f"{x:.2f}"
         pets = f"{pet['real']:.0%} / {pet.get('tuned', 0):.0%}" if pet else "-"
-        print(f"| {name} | {steps} | {trained / 60:.1f} min | {p['base']:.2f} / {p['tuned']:.2f} "
-              f"({p['tuned'] / p['base']:.3f}x) | {f(told['base'].get('characters'))} / "
+        perplexity = f"{p['base']:.2f} / {p['tuned']:.2f} ({p['tuned'] / p['base']:.3f}x)" if p else "-"
+        print(f"| {name} | {steps} | {trained / 60:.1f} min | {perplexity} | "
+              f"{f(told['base'].get('characters'))} / "
               f"{f(told['tuned'].get('characters'))} / {f(same.get('characters'))} | "
               f"{f(told['base'].get('meaning'))} / {f(told['tuned'].get('meaning'))} / "
               f"{f(same.get('meaning'))} | {pets} |")

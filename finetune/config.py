@@ -61,6 +61,18 @@ class FinetuneConfig(BaseModel):
     'As an AI language model' boilerplate (they stay in as context)."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping."""
+    preference_pairs: int = Field(0, ge=0)
+    """After the main training, DPO on this many moments of the training conversations: the
+    real reply chosen, the tuned model's own drawn reply rejected (finetune/preference.py);
+    0: none."""
+    preference_beta: float = Field(0.1, gt=0)
+    """DPO's beta: how far the adapter may move from where the main training left it."""
+    preference_learning_rate: float = Field(5e-5, gt=0)
+    """Learning rate of the preference steps (constant)."""
+    preference_epochs: float = Field(1, gt=0)
+    """Passes over the pairs."""
+    preference_batch: int = Field(8, ge=1)
+    """Pairs per preference step."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks CUDA when there is a GPU."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

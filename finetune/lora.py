@@ -13,8 +13,9 @@ from pathlib import Path
 
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import Dataset, build, load_history
+from finetune.preference import drawn_pairs, preference_tune
 from finetune.sampling import fit_sampling
-from finetune.train import Report, Trainer, load_model
+from finetune.train import Report, Trainer, evaluate, load_model
 from store import adapters
 from store.companions import Companion
 from store.db import Database
@@ -65,7 +66,7 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
         trainer.resume()
     started = time.time()
     metrics = trainer.run()
-    sampling = None
+    sampling, preference = None, None
     if data.eval:   # fitted to the version as saved: the best held-out loss, not the last step
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -73,11 +74,24 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
         set_peft_model_state_dict(model, load_file(out / "adapter_model.safetensors"))
         sampling = fit_sampling(model, data.eval, tokenizer.pad_token_id, device, trainer.autocast,
                                 config.batch_tokens)
+    if config.preference_pairs:
+        drawn = companion.sampling.drawn(sampling)   # the rejected replies: drawn as the server would
+        pairs = drawn_pairs(model, tokenizer, data.train, config, drawn, device)
+        preference = preference_tune(model, tokenizer.pad_token_id, pairs, config, device, trainer.autocast)
+        if preference["pairs"]:
+            trainer.save(out)
+            if data.eval:   # the saved adapter is the preference-tuned one: its loss and sampling
+                preference["main_eval_loss"] = metrics["eval_loss"]
+                metrics["eval_loss"] = evaluate(model, data.eval, config.batch_tokens, tokenizer.pad_token_id,
+                                                device, trainer.autocast)
+                sampling = fit_sampling(model, data.eval, tokenizer.pad_token_id, device, trainer.autocast,
+                                        config.batch_tokens)
     info = {
         "version": out.name, "companion": companion.id, "user": user, "created_at": started,
         "base_model": {"id": model_id, "sha256": base_sha},
         "dataset": data.summary(), "config": config.model_dump(),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
+        "preference": preference,
         "device": str(device),
         # Used when the companion speaks through this version, unless a request names its own.
         "sampling": sampling,

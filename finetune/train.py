@@ -186,30 +186,38 @@ def decoded(model, batch: Batch, device: torch.device, autocast: torch.dtype | N
 
 def token_loss(model, batch: Batch, device: torch.device, autocast: torch.dtype | None = None
                ) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's trained positions, and how many there are. The
-    decoder runs once; the output layer only over trained positions, LOSS_CHUNK at a time,
-    each chunk's logits recomputed in the backward pass instead of kept."""
+    """Summed cross-entropy over the batch's trained positions, and how many there are."""
+    losses, _ = token_losses(model, batch, device, autocast)
+    return losses.sum(), len(losses)
+
+
+def token_losses(model, batch: Batch, device: torch.device, autocast: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy at each of the batch's trained positions (row by row), and the row of
+    each. The decoder runs once; the output layer only over trained positions, LOSS_CHUNK at a
+    time, each chunk's logits recomputed in the backward pass instead of kept."""
     causal, hidden = decoded(model, batch, device, autocast)
     labels = batch.labels.to(device)[:, 1:]
     trained = labels != IGNORE
+    rows = trained.nonzero()[:, 0]
     hidden, labels = hidden[:, :-1][trained], labels[trained]
     head = causal.get_output_embeddings()
     cap = getattr(causal.config, "final_logit_softcapping", None)
 
-    def chunk_loss(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def chunk_losses(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = head(states)
         logits = logits.float()
         if cap:
             logits = cap * torch.tanh(logits / cap)
-        return F.cross_entropy(logits, targets, reduction="sum")
+        return F.cross_entropy(logits, targets, reduction="none")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+    parts = [hidden.new_zeros(0, dtype=torch.float32)]
     for start in range(0, len(labels), LOSS_CHUNK):
         part = (hidden[start:start + LOSS_CHUNK], labels[start:start + LOSS_CHUNK])
-        total = total + (checkpoint(chunk_loss, *part, use_reentrant=False) if torch.is_grad_enabled()
-                         else chunk_loss(*part))
-    return total, len(labels)
+        parts.append(checkpoint(chunk_losses, *part, use_reentrant=False) if torch.is_grad_enabled()
+                     else chunk_losses(*part))
+    return torch.cat(parts), rows
 
 
 @torch.no_grad()

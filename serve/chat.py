@@ -134,14 +134,9 @@ class ChatService:
         """The card's sampling, then the fitted sampling of the version the companion speaks
         through (finetune/sampling.py), then the request's own values. The card's max_tokens
         stays the ceiling: clients and fitting may ask for less, never more."""
-        defaults = companion.sampling if companion else Sampling()
-        fitted = (self.fitted.get(companion.key) if companion else None) or {}
-        params = {key: fitted.get(key, getattr(defaults, key))
-                  for key in ("temperature", "top_p", "repetition_penalty")}
-        params.update({k: v for k, v in overrides.items() if v is not None and k != "max_tokens"})
-        asked = overrides.get("max_tokens") or fitted.get("max_tokens") or defaults.max_tokens
-        params["max_tokens"] = min(asked, defaults.max_tokens)
-        return params
+        if companion is None:
+            return Sampling().drawn(asked=overrides)
+        return companion.sampling.drawn(self.fitted.get(companion.key), overrides)
 
     def plan(self, turn: Turn) -> Plan:
         """Check the turn and assemble its prompt; raises before anything is stored."""

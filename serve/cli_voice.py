@@ -321,7 +321,8 @@ def add_commands(sub, remote: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "eval", parents=[remote], help="measure how close an adapter's voice is to the original",
         description="On the held-out conversations: perplexity of the companion's real replies under "
-        "the base model and the adapter, and style and similarity of replies both generate; then how "
+        "the base model and the adapter, and style and similarity of replies both generate (drawn as the "
+        "companion speaks: the card's sampling for the base, the version's fitted sampling for it); then how "
         "well a reader tells the real replies from each model's (0.50: a coin, could not tell; 1.00: "
         "always), beside real told from real, with the phrases the real replies use and how often each "
         "model does. Writes report.md, voice.png and eval.json into the adapter's folder. It is a job: "

@@ -29,6 +29,18 @@ class Sampling(BaseModel):
     max_tokens: int = Field(256, ge=1, le=32768)
     """Longest reply in tokens; requests asking for more are clamped to this."""
 
+    def drawn(self, fitted: dict | None = None, asked: dict | None = None) -> dict:
+        """What a reply is drawn with: these values, then a tuned version's fitted sampling
+        (finetune/sampling.py), then a request's own. max_tokens stays the ceiling: a client
+        or the fitting may ask for less, never more."""
+        fitted, asked = fitted or {}, asked or {}
+        params = {key: fitted.get(key, getattr(self, key))
+                  for key in ("temperature", "top_p", "repetition_penalty")}
+        params.update({k: v for k, v in asked.items() if v is not None and k != "max_tokens"})
+        params["max_tokens"] = min(asked.get("max_tokens") or fitted.get("max_tokens") or self.max_tokens,
+                                   self.max_tokens)
+        return params
+
 
 class Companion(BaseModel):
     """A persona card: Character Card V2/V3 fields plus Homefire's own."""

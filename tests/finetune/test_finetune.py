@@ -136,6 +136,40 @@ def test_the_chunked_loss_is_the_models_own_loss_and_gradient(data_dir, model_di
     assert error < 1e-3, f"relative gradient error {error:.2e}"
 
 
+def test_preference_tuning_prefers_the_real_replies_to_the_models_own(data_dir, model_dir):
+    """DPO on the adapter: at its first step the adapter is its own reference (the loss is ln 2);
+    on the same pairs again it learns to prefer Kit's real replies to what it draws itself."""
+    import math
+
+    import torch
+
+    from finetune.preference import answer_logps, drawn_pairs, preference_tune
+    from finetune.train import load_model
+
+    tokenizer = tokenizer_for(str(model_dir))
+    config = FinetuneConfig(max_seq_len=128, precision="fp32", gradient_checkpointing=False,
+                            preference_pairs=3, preference_batch=3, preference_epochs=2,
+                            preference_learning_rate=1e-3)
+    data = build(tokenizer, KIT, load_history(Database(data_dir / "homefire.db"), "kit"), config)
+    shortest = sorted(data.train, key=lambda e: len(e.input_ids))[:3]   # short prompts: a quick test
+    model, device = load_model(str(model_dir), config)
+    drawn = KIT.sampling.drawn()
+    pairs = drawn_pairs(model, tokenizer, shortest, config, drawn, device)
+    assert pairs and all(p.chosen != p.rejected for p in pairs)
+    chosen = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in pairs]
+    assert all(text.endswith("~ purr ~") for text in chosen), chosen   # Kit's own replies, to their end
+    with torch.no_grad():
+        before = answer_logps(model, pairs, tokenizer.pad_token_id, device, None)
+    result = preference_tune(model, tokenizer.pad_token_id, pairs, config, device)
+    assert result["pairs"] == len(pairs) and result["steps"] == 2   # one batch of pairs, twice
+    assert result["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert result["last_loss"] < result["first_loss"] and result["margin"] > 0
+    with torch.no_grad():
+        after = answer_logps(model, pairs, tokenizer.pad_token_id, device, None)
+    gained = (after[:, 0] - after[:, 1]) - (before[:, 0] - before[:, 1])
+    assert (gained > 0).all(), gained
+
+
 def test_dry_run_shows_the_dataset_and_marks_trained_tokens(data_dir):
     done = cli("finetune", "kit", "--dry-run", "--max-seq-len", "192", data_dir=data_dir)
     assert done.returncode == 0, done.stderr

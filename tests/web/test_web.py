@@ -297,6 +297,8 @@ def test_teach_the_voice_and_read_the_new_versions_report(tab, web, tmp_path):
     plot = page.locator("img.plot[src^='blob:']")
     assert plot.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
     expect(page.locator(".samples li")).to_have_count(2)
+    expect(page.locator(".report .drawn")).to_contain_text("tuned at temperature ")
+    expect(page.locator(".report .drawn")).to_contain_text("(the version's fitted sampling)")
     t.shot("voice")
 
 
@@ -338,6 +340,7 @@ def test_a_member_reads_a_shared_voice_reports_figures_but_not_another_members_s
     expect(page.locator(".report")).not_to_contain_text("Lisbon")
     expect(page.locator(".report")).not_to_contain_text("lisbon")   # nor the phrases her replies use
     expect(page.locator(".samples li")).to_have_count(0)
+    expect(page.locator(".report .drawn")).to_have_count(0)   # a report from before sampling: no line
     t.shot("voice-member-phone")
 
 

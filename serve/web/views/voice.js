@@ -94,6 +94,8 @@ export async function voiceView(root, { args: [companionId] }) {
     const styleRows = ['words_mean', 'emoji_per_100_chars', 'exclamations_per_reply', 'questions_per_reply', 'lowercase_share'];
     fill(report, h('h2', {}, `Voice report: ${version}`),
       h('p', { class: 'hint' }, `Held out: ${result.held_out_examples} windows, ${result.held_out_tokens} tokens of real replies.`),
+      result.sampling && h('p', { class: 'hint drawn' }, `Replies drawn as the companion speaks: base ${drawn(result.sampling.base)}; `
+        + `tuned ${drawn(result.sampling.tuned)} (${result.sampling.fitted ? "the version's fitted sampling" : "the card's sampling"}).`),
       h('table', { class: 'figures' }, h('thead', {}, h('tr', {}, ['', 'base', 'tuned'].map((t) => h('th', {}, t)))),
         h('tbody', {},
           h('tr', {}, h('th', {}, 'perplexity of the real replies (lower is closer)'), h('td', {}, p.base.toFixed(2)), h('td', { class: 'perplexity-tuned' }, p.tuned.toFixed(2))),
@@ -109,6 +111,12 @@ export async function voiceView(root, { args: [companionId] }) {
         : h('ul', { class: 'samples' }, result.samples.map((sample) => h('li', {},
           h('p', {}, h('b', {}, 'real: '), sample.real), h('p', {}, h('b', {}, 'base: '), sample.base),
           h('p', {}, h('b', {}, 'tuned: '), sample.tuned)))));
+  }
+
+  // How a report's replies were drawn (reports from before sampling have no `sampling`).
+  function drawn(d) {
+    return d.do_sample === false ? 'greedily'
+      : `at temperature ${d.temperature}, top-p ${d.top_p}, repetition penalty ${d.repetition_penalty}`;
   }
 
   // Could a reader tell them apart? 0.5 is a coin; real against real is what "no difference" reads.
