@@ -14,6 +14,7 @@ also read with the card's sampling and greedily, to show what the fitting change
 
     .venv/bin/python bench/voice.py [--conversations 300] [--steps N] [--samples 24]
         [--variant NAME=KEY:VALUE,...] [--seed 1] [--no-sampling-readings] [--exemplars K]
+        [--preference NAME=preference_pairs:64,...] [--work DIR]
 """
 
 from __future__ import annotations
@@ -122,6 +123,50 @@ def exemplar_readings(db: Database, companion: Companion, model_path: str, versi
             for name, ids in prompts.items()}
 
 
+def preferred(work: Path, db: Database, companion: Companion, model_path: str, start: Path,
+              config) -> tuple[Path, float]:
+    """A new version: `start`'s adapter, then DPO as `config` says, as finetune() does after its
+    main training with preference_pairs set (finetune/preference.py), without training again;
+    its held-out loss and sampling taken again. Returns its folder and the seconds it took."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from finetune.lora import dataset_for, tokenizer_for
+    from finetune.preference import drawn_pairs, preference_tune
+    from finetune.sampling import fit_sampling
+    from finetune.train import autocast_dtype, evaluate, load_model
+    from store import adapters
+
+    started = time.perf_counter()
+    tokenizer = tokenizer_for(model_path)
+    data = dataset_for(db, companion, tokenizer, config)
+    model, device = load_model(model_path, config)
+    set_peft_model_state_dict(model, load_file(start / "adapter_model.safetensors"))
+    info = json.loads((start / "manifest.json").read_text())
+    autocast, pad = autocast_dtype(config, device), tokenizer.pad_token_id
+    speaks = companion.sampling.drawn(info["sampling"])
+    figures = preference_tune(model, pad, drawn_pairs(model, tokenizer, data.train, config, speaks, device),
+                              config, device, autocast)
+    out = adapters.new_version(work, companion.key)
+    model.save_pretrained(out, safe_serialization=True)
+    figures["main_eval_loss"] = info["metrics"]["eval_loss"]
+    info["metrics"]["eval_loss"] = evaluate(model, data.eval, config.batch_tokens, pad, device, autocast)
+    info |= {"version": out.name, "config": config.model_dump(), "preference": figures,
+             "sampling": fit_sampling(model, data.eval, pad, device, autocast, config.batch_tokens)}
+    (out / "manifest.json").write_text(json.dumps(info, indent=2))
+    print(f"preference: {json.dumps(figures)}", flush=True)
+    return out, time.perf_counter() - started
+
+
+def row(label: str, steps: int, trained: float, found: dict, perplexity: dict | None) -> tuple:
+    """One line of the table from a discriminator's figures."""
+    told = {who: (found["told_apart"][who] or {}) for who in ("base", "tuned")}
+    pet = next((p for p in found["signatures"] if PET in p["phrase"]), None)
+    print(f"\n== {label}", flush=True)
+    print(json.dumps({"perplexity": perplexity, "discriminator": found}, indent=1), flush=True)
+    return label, steps, trained, perplexity, told, found["calibration"] or {}, pet
+
+
 def variant(text: str) -> tuple[str, dict]:
     """NAME=learning_rate:1e-3,max_seq_len:512 -> (NAME, those settings)."""
     name, _, changes = text.partition("=")
@@ -145,22 +190,35 @@ def main() -> None:
     parser.add_argument("--exemplars", type=int, default=3, metavar="K", help="also read the default "
                         "version's replies with the K past exchanges nearest each moment in the prompt "
                         "(0: not)")
+    parser.add_argument("--preference", type=variant, action="append", default=[],
+                        metavar="NAME=KEY:VALUE,...",
+                        help="also the default version followed by DPO (finetune/preference.py) with these "
+                        "settings, e.g. dpo=preference_pairs:64")
+    parser.add_argument("--work", type=Path, help="an earlier run's folder (printed at its start): its "
+                        "history and its default version (v1) again, without training it again")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="homefire-voice-"))
+    juniper = Companion(id="juniper", name="Juniper", personality="Warm, teasing, always curious.")
+    work = args.work or Path(tempfile.mkdtemp(prefix="homefire-voice-"))
     model_path = str(ensure_default_model(work / "models"))
     db = Database(work / "homefire.db")
-    juniper = Companion(id="juniper", name="Juniper", personality="Warm, teasing, always curious.")
-    CompanionStore(db).put(juniper, "api")
-    history(db, "juniper", args.conversations, random.Random(args.seed))
+    if not args.work:
+        CompanionStore(db).put(juniper, "api")
+        history(db, "juniper", args.conversations, random.Random(args.seed))
+    print(f"work: {work}", flush=True)
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; model {MODEL_NAME}; "
           f"{args.conversations} conversations, seed {args.seed}", flush=True)
     rows = []
     for name, changes in [("default", {})] + args.variant:
         config = load_config(overrides=changes)
         started = time.perf_counter()
-        out = finetune(work, db, juniper, model_path, MODEL_NAME, config, step_limit=args.steps)
-        trained = time.perf_counter() - started
+        earlier = work / "adapters" / "juniper" / "v1"
+        if name == "default" and args.work and (earlier / "manifest.json").exists():
+            out = earlier
+            trained = json.loads((out / "manifest.json").read_text())["metrics"]["seconds"]
+        else:
+            out = finetune(work, db, juniper, model_path, MODEL_NAME, config, step_limit=args.steps)
+            trained = time.perf_counter() - started
         steps = json.loads((out / "manifest.json").read_text())["metrics"]["steps"]
         # Each version's replies drawn with its fitted sampling, as the server speaks through it;
         # the default's also with the card's sampling and greedily: does the fitting help?
@@ -172,23 +230,19 @@ def main() -> None:
         for label, card, fitted in readings:
             report = voice_match(work, db, card, model_path, out.name, args.samples, args.sample_tokens,
                                  fitted=fitted)
-            found = report["discriminator"]
-            told = {who: (found["told_apart"][who] or {}) for who in ("base", "tuned")}
-            pet = next((p for p in found["signatures"] if PET in p["phrase"]), None)
-            rows.append((label, steps, trained, report["perplexity"], told, found["calibration"] or {}, pet))
-            print(f"\n== {label} {changes}: {steps} steps in {trained:.0f} s; drawn {report['sampling']}",
-                  flush=True)
-            print(json.dumps({k: report[k] for k in ("perplexity", "discriminator")}, indent=1), flush=True)
+            print(f"\n{label} {changes}: {steps} steps in {trained:.0f} s; drawn {report['sampling']}")
+            rows.append(row(label, steps, trained, report["discriminator"], report["perplexity"]))
+        for kind, settings in args.preference if name == "default" else []:
+            tuned, seconds = preferred(work, db, juniper, model_path, out, load_config(overrides=settings))
+            report = voice_match(work, db, juniper, model_path, tuned.name, args.samples, args.sample_tokens)
+            label = f"{name} + {kind} {settings} ({seconds / 60:.1f} min more)"
+            rows.append(row(label, steps, trained + seconds, report["discriminator"], report["perplexity"]))
         if name == "default" and args.exemplars:
             fitted = json.loads((out / "manifest.json").read_text()).get("sampling")
             readings = exemplar_readings(db, juniper, model_path, out, fitted, config, args.samples,
                                          args.sample_tokens, args.exemplars)
-            for label, found in readings.items():
-                told = {who: (found["told_apart"][who] or {}) for who in ("base", "tuned")}
-                pet = next((p for p in found["signatures"] if PET in p["phrase"]), None)
-                rows.append((f"{name}, {label}", steps, trained, None, told, found["calibration"] or {}, pet))
-                print(f"\n== {name}, {label}", flush=True)
-                print(json.dumps(found, indent=1), flush=True)
+            rows += [row(f"{name}, {label}", steps, trained, found, None)
+                     for label, found in readings.items()]
 
     print("\n| recipe | steps | training | perplexity base / tuned | told apart, characters: base / "
           "tuned / real vs real | meaning: base / tuned / real vs real | pet name, real / tuned |")
