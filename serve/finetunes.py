@@ -28,6 +28,7 @@ import ctypes
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -43,7 +44,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, load_config
 from serve.adapters import AdapterService
 from serve.chat import ChatService
 from serve.config import Settings
@@ -211,6 +212,28 @@ class FinetuneService:
 
     # Requests
 
+    def within_limits(self, config: FinetuneConfig) -> None:
+        """A member's job trains at most finetune.limits.max_steps steps, its preference steps
+        too, and asks no more memory of a step than the server's own fine-tuning settings do
+        (batch_tokens, max_seq_len, preference_batch): it cannot take the machine's memory from
+        the engine and the others. A 422 that names the setting otherwise."""
+        most = self.limits.max_steps
+        if config.max_steps and config.max_steps > most:
+            raise JobError(422, f"max_steps: {config.max_steps} is more than a member's job may train on "
+                                f"this server ({most}, finetune.limits.max_steps)")
+        batches = math.ceil(config.preference_pairs / config.preference_batch)
+        if (preference := math.ceil(config.preference_epochs * batches)) > most:
+            raise JobError(422, f"preference_pairs: {config.preference_pairs} pairs, "
+                                f"{config.preference_batch} a step for {config.preference_epochs:g} epochs, "
+                                f"are {preference} preference steps, more than a member's job may train on "
+                                f"this server ({most}, finetune.limits.max_steps)")
+        own = load_config(self.hf.settings.finetune.config)
+        for key in ("batch_tokens", "max_seq_len", "preference_batch"):
+            if (asked := getattr(config, key)) > (allowed := getattr(own, key)):
+                raise JobError(422, f"{key}: {asked} is more than a member's job may use on this server "
+                                    f"({allowed}, the server's own fine-tuning settings): it sets the memory "
+                                    "each step takes")
+
     def submit(self, companion: Companion, user: str, kind: str, config: FinetuneConfig, switch: str,
                version: str | None = None, admin: bool = False, target: dict | None = None) -> Job:
         """Queue a job (runs in a worker thread: it reads and writes SQLite); a member's within
@@ -225,9 +248,8 @@ class FinetuneService:
         if not engine.model_path:
             raise JobError(503, "the base model is not on disk yet (the first start converts it); try "
                                 "again in a moment")
-        if not admin and config.max_steps and config.max_steps > self.limits.max_steps:
-            raise JobError(422, f"max_steps: {config.max_steps} is more than a member's job may train on "
-                                f"this server ({self.limits.max_steps}, finetune.limits.max_steps)")
+        if not admin:
+            self.within_limits(config)
 
         def admit(facts: Admission) -> None:
             if facts.busy:

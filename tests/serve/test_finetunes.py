@@ -221,6 +221,13 @@ def test_a_training_stops_the_engine_runs_through_every_state_and_its_version_sp
             assert sent.status_code == 200, sent.text
     over = bob.post("/api/v1/companions/luna/finetunes", json=QUICK | {"max_steps": 9})
     assert over.status_code == 422 and "finetune.limits.max_steps" in over.json()["error"]["message"]
+    # Nor past the limit by preference steps, nor with steps that take more memory than the server's own.
+    for asked, named in (({"preference_pairs": 64, "preference_batch": 1}, "finetune.limits.max_steps"),
+                         ({"batch_tokens": 8192}, "the server's own fine-tuning settings"),
+                         ({"max_seq_len": 4096}, "the server's own fine-tuning settings")):
+        over = bob.post("/api/v1/companions/luna/finetunes", json=QUICK | {"max_steps": 8} | asked)
+        message = over.json()["error"]["message"]
+        assert over.status_code == 422 and message.startswith(next(iter(asked))) and named in message, message
     theirs = bob.post("/api/v1/companions/luna/finetunes", json=QUICK | {"max_steps": 8})
     assert theirs.status_code == 202, theirs.text
     theirs = theirs.json()
