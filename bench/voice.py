@@ -83,8 +83,9 @@ def exemplar_readings(db: Database, companion: Companion, model_path: str, versi
     from finetune.dataset import Builder, held_out_ids, load_history
     from finetune.discriminate import discriminate
     from finetune.drift import probes
-    from finetune.evaluate import draw_replies, served_sampling
+    from finetune.evaluate import draw_replies
     from finetune.lora import tokenizer_for
+    from finetune.sampling import served_sampling
     from finetune.template import alternate
     from memory.embedder import Embedder
     from memory.remember import exchange_text
@@ -133,7 +134,7 @@ def preferred(work: Path, db: Database, companion: Companion, model_path: str, s
 
     from finetune.lora import dataset_for, tokenizer_for
     from finetune.preference import drawn_pairs, preference_tune
-    from finetune.sampling import fit_sampling
+    from finetune.sampling import fit_sampling, served_sampling
     from finetune.train import autocast_dtype, evaluate, load_model
     from store import adapters
 
@@ -144,7 +145,7 @@ def preferred(work: Path, db: Database, companion: Companion, model_path: str, s
     set_peft_model_state_dict(model, load_file(start / "adapter_model.safetensors"))
     info = json.loads((start / "manifest.json").read_text())
     autocast, pad = autocast_dtype(config, device), tokenizer.pad_token_id
-    speaks = companion.sampling.drawn(info["sampling"])
+    speaks = served_sampling(companion, info["sampling"], companion.sampling.max_tokens)
     figures = preference_tune(model, pad, drawn_pairs(model, tokenizer, data.train, config, speaks, device),
                               config, device, autocast)
     out = adapters.new_version(work, companion.key)

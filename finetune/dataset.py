@@ -41,6 +41,18 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
+def reply_spans(example: Example) -> list[tuple[int, int]]:
+    """(start, end) of each trained stretch: one companion reply and its end-of-turn token each."""
+    spans, start = [], None
+    for i, label in enumerate([*example.labels, IGNORE]):
+        if label != IGNORE and start is None:
+            start = i
+        elif label == IGNORE and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
 @dataclass
 class Dataset:
     train: list[Example]

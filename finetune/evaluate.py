@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from finetune.config import FinetuneConfig, FinetuneError
-from finetune.dataset import IGNORE, Example
+from finetune.dataset import Example, reply_spans
 from finetune.discriminate import discriminate, in_words
 from finetune.lora import dataset_for, tokenizer_for
+from finetune.sampling import served_sampling
 from finetune.train import evaluate, pick_device
 from store import adapters
 from store.companions import Companion
@@ -38,35 +39,9 @@ from store.users import LOCAL
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
 
 
-def replies(example: Example) -> list[tuple[int, int]]:
-    """(start, end) of each trained stretch: one companion reply each."""
-    spans, start = [], None
-    for i, label in enumerate([*example.labels, IGNORE]):
-        if label != IGNORE and start is None:
-            start = i
-        elif label == IGNORE and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
-
-
 def reply_texts(tokenizer, example: Example) -> list[str]:
     return [tokenizer.decode(example.input_ids[a:b], skip_special_tokens=True).strip()
-            for a, b in replies(example)]
-
-
-def served_sampling(companion: Companion, fitted: dict | None, longest: int) -> dict:
-    """How the server would draw a reply (the card's sampling, then the version's fitted
-    sampling: Sampling.drawn, as serve/chat.py does), as transformers' generate arguments, at
-    most `longest` tokens. The report reads replies drawn the way the companion speaks, not
-    greedy ones: greedy text is not what anyone reads, and fitted sampling moves only drawn
-    replies."""
-    drawn = companion.sampling.drawn(fitted)
-    drawn["max_new_tokens"] = min(longest, drawn.pop("max_tokens"))
-    if drawn["temperature"] == 0:                         # a card at temperature 0 speaks greedily
-        return {"do_sample": False, "repetition_penalty": drawn["repetition_penalty"],
-                "max_new_tokens": drawn["max_new_tokens"]}
-    return drawn | {"do_sample": True}
+            for a, b in reply_spans(example)]
 
 
 def draw_replies(model, tokenizer, prompts: list[list[int]], drawn: dict[str, dict], seed: int,
@@ -146,7 +121,7 @@ def voice_match(data_dir: Path, db: Database, companion: Companion, model_path: 
 
     prompts, real = [], []
     for example in held:
-        for start, end in replies(example):
+        for start, end in reply_spans(example):
             if len(prompts) < samples:
                 prompts.append(example.input_ids[:start])
                 real.append(tokenizer.decode(example.input_ids[start:end], skip_special_tokens=True).strip())

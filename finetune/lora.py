@@ -14,7 +14,7 @@ from pathlib import Path
 from finetune.config import FinetuneConfig, FinetuneError
 from finetune.dataset import Dataset, build, load_history
 from finetune.preference import drawn_pairs, preference_tune
-from finetune.sampling import fit_sampling
+from finetune.sampling import fit_sampling, served_sampling
 from finetune.train import Report, Trainer, evaluate, load_model
 from store import adapters
 from store.companions import Companion
@@ -75,7 +75,7 @@ def finetune(data_dir: Path, db: Database, companion: Companion, model_path: str
         sampling = fit_sampling(model, data.eval, tokenizer.pad_token_id, device, trainer.autocast,
                                 config.batch_tokens)
     if config.preference_pairs:
-        drawn = companion.sampling.drawn(sampling)   # the rejected replies: drawn as the server would
+        drawn = served_sampling(companion, sampling, companion.sampling.max_tokens)   # as the server would
         pairs = drawn_pairs(model, tokenizer, data.train, config, drawn, device)
         preference = preference_tune(model, tokenizer.pad_token_id, pairs, config, device, trainer.autocast)
         if preference["pairs"]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.config import FinetuneConfig
-from finetune.dataset import IGNORE, Example
+from finetune.dataset import IGNORE, Example, reply_spans
 from finetune.train import collate, token_losses
 
 
@@ -40,27 +40,16 @@ class Pair:
 def moments(examples: list[Example], count: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """(the window up to a real reply, the reply and its end-of-turn token) for `count` replies
     of the training windows, picked at random with `seed`."""
-    found = []
-    for example in examples:
-        start = None
-        for i, label in enumerate([*example.labels, IGNORE]):
-            if label != IGNORE and start is None:
-                start = i
-            elif label == IGNORE and start is not None:
-                found.append((example.input_ids[:start], example.input_ids[start:i]))
-                start = None
+    found = [(e.input_ids[:start], e.input_ids[start:end]) for e in examples for start, end in reply_spans(e)]
     return random.Random(seed).sample(found, min(count, len(found)))
 
 
 @torch.no_grad()
-def drawn_pairs(model, tokenizer, examples: list[Example], config: FinetuneConfig, sampling: dict,
+def drawn_pairs(model, tokenizer, examples: list[Example], config: FinetuneConfig, drawn: dict,
                 device: torch.device) -> list[Pair]:
-    """The chosen (real) and rejected (drawn by the model with `sampling`, as the server would
-    draw it: Sampling.drawn) answer at each picked moment; a moment where the model drew the
+    """The chosen (real) and rejected (drawn by the model as `drawn` says: served_sampling, as
+    the server would draw it) answer at each picked moment; a moment where the model drew the
     real reply word for word teaches nothing and is left out."""
-    how = {"repetition_penalty": sampling["repetition_penalty"], "do_sample": sampling["temperature"] > 0}
-    if how["do_sample"]:
-        how |= {"temperature": sampling["temperature"], "top_p": sampling["top_p"]}
     model.eval()
     pairs = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -68,8 +57,9 @@ def drawn_pairs(model, tokenizer, examples: list[Example], config: FinetuneConfi
         for prompt, chosen in moments(examples, config.preference_pairs, config.seed):
             ids = torch.tensor([prompt], device=device)
             # The training model is loaded with use_cache off (checkpointing): drawing needs it on.
+            longest = {"max_new_tokens": len(chosen) + 16}
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), top_k=0, use_cache=True,
-                                 max_new_tokens=len(chosen) + 16, pad_token_id=tokenizer.pad_token_id, **how)
+                                 pad_token_id=tokenizer.pad_token_id, **drawn | longest)
             rejected = out[0, len(prompt):].tolist()
             if rejected and rejected != chosen:
                 pairs.append(Pair(prompt, chosen, rejected))

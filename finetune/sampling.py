@@ -16,8 +16,9 @@ import math
 
 import torch
 
-from finetune.dataset import IGNORE, Example
+from finetune.dataset import IGNORE, Example, reply_spans
 from finetune.train import collate, decoded, length_grouped
+from store.companions import Companion
 
 TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
 PENALTIES = (1.0, 1.05, 1.1)
@@ -34,16 +35,7 @@ def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
 
 def reply_lengths(examples: list[Example]) -> list[int]:
     """Tokens in each trained run (a reply and its end-of-turn token)."""
-    lengths = []
-    for example in examples:
-        run = 0
-        for label in example.labels + [IGNORE]:
-            if label != IGNORE:
-                run += 1
-            elif run:
-                lengths.append(run)
-                run = 0
-    return lengths
+    return [end - start for example in examples for start, end in reply_spans(example)]
 
 
 @torch.no_grad()
@@ -94,3 +86,17 @@ def fit_sampling(model, held: list[Example], pad_id: int, device: torch.device,
             "fitted_on": {"replies": len(lengths), "tokens": count,
                           "loss": {"fitted": loss[best].item() / count,
                                    "plain": loss[grid.index((1.0, 1.0))].item() / count}}}
+
+
+def served_sampling(companion: Companion, fitted: dict | None, longest: int) -> dict:
+    """How the server would draw a reply (the card's sampling, then the version's fitted
+    sampling: Sampling.drawn, as serve/chat.py does), as transformers' generate arguments, at
+    most `longest` tokens. The report reads replies drawn the way the companion speaks, not
+    greedy ones: greedy text is not what anyone reads, and fitted sampling moves only drawn
+    replies."""
+    drawn = companion.sampling.drawn(fitted)
+    drawn["max_new_tokens"] = min(longest, drawn.pop("max_tokens"))
+    if drawn["temperature"] == 0:                         # a card at temperature 0 speaks greedily
+        return {"do_sample": False, "repetition_penalty": drawn["repetition_penalty"],
+                "max_new_tokens": drawn["max_new_tokens"]}
+    return drawn | {"do_sample": True}

@@ -144,6 +144,7 @@ def test_preference_tuning_prefers_the_real_replies_to_the_models_own(data_dir, 
     import torch
 
     from finetune.preference import answer_logps, drawn_pairs, preference_tune
+    from finetune.sampling import served_sampling
     from finetune.train import load_model
 
     tokenizer = tokenizer_for(str(model_dir))
@@ -153,7 +154,7 @@ def test_preference_tuning_prefers_the_real_replies_to_the_models_own(data_dir, 
     data = build(tokenizer, KIT, load_history(Database(data_dir / "homefire.db"), "kit"), config)
     shortest = sorted(data.train, key=lambda e: len(e.input_ids))[:3]   # short prompts: a quick test
     model, device = load_model(str(model_dir), config)
-    drawn = KIT.sampling.drawn()
+    drawn = served_sampling(KIT, None, 64)
     pairs = drawn_pairs(model, tokenizer, shortest, config, drawn, device)
     assert pairs and all(p.chosen != p.rejected for p in pairs)
     chosen = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in pairs]
