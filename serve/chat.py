@@ -7,6 +7,7 @@ short (client gone, engine failure) is stored marked truncated.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -24,10 +25,12 @@ from memory.remember import remember_new
 from memory.store import MemoryStore, Recalled
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
+from serve.lore import Fired, Lore, LoreCache, place
 from serve.prompt import Prompt, PromptBuilder
 from store.companions import Companion, CompanionStore, Sampling
 from store.db import Database
 from store.history import History, Message, ReplyMeta, UnknownConversation
+from store.persona import substitute
 from store.users import DEFAULT_USER_NAME, LOCAL
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,7 @@ class Plan:
     params: dict
     prompt: Prompt
     memories: list[Recalled] = field(default_factory=list)
+    lore: list[Fired] = field(default_factory=list)     # what the newest message set off
 
 
 class ChatService:
@@ -110,6 +114,7 @@ class ChatService:
         self._streaming = 0  # replies being generated now
         self.adapters: dict[str, str] = {}   # companion key -> adapter version in use
         self.fitted: dict[str, dict] = {}    # companion key -> that version's fitted sampling
+        self.lore_cache = LoreCache()
 
     def companion(self, companion_id: str, viewer: str | None = None) -> Companion:
         """The companion, if `viewer` may see it (None: anyone's), made for the served model."""
@@ -149,15 +154,28 @@ class ChatService:
             prompt = build(None, turn.history, params["max_tokens"], extra_system=turn.extra_system)
             return Plan(turn, params, prompt)
         history = alternate(self.shown_before(turn))
+        lore = self.lore(turn.companion, history, turn.called)
         prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
-                       user=turn.called)
+                       user=turn.called, lore=lore)
         kept = history[len(history) - prompt.history_kept:]
         memories = self.recall(turn.companion, turn.user, history, prompt.history_kept,
                                skip_ids={i for m in kept for i in m.get("memory_ids", ())})
         if memories:
             prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
-                           memories=[dated(m.text, m.created_at) for m in memories], user=turn.called)
-        return Plan(turn, params, prompt, memories)
+                           memories=[dated(m.text, m.created_at) for m in memories], user=turn.called,
+                           lore=lore)
+        return Plan(turn, params, prompt, memories, lore.used)
+
+    def lore(self, companion: Companion, history: list[dict], user: str) -> Lore:
+        """The companion's lorebook entries for a prompt of `history` (serve/lore.py)."""
+        book = companion.character_book
+        if book is None or not book.entries:
+            return Lore()
+        assert self.prompts is not None
+        whose = f"{companion.name}\0{user}\0{book.model_dump_json()}"
+        return place(book, hashlib.sha256(whose.encode()).hexdigest(), history, self.lore_cache,
+                     lambda text: len(self.prompts.encode(text)),
+                     lambda text: substitute(text, companion, user))
 
     def shown_before(self, turn: Turn) -> list[dict]:
         """turn.history with the memories each stored reply's prompt showed attached to the user
@@ -310,7 +328,8 @@ class ChatService:
             meta = ReplyMeta(tokens=completion, prompt_tokens=prompt_tokens, model=self.model_id,
                              adapter=self.adapters.get(key), sampling=params, finish_reason=finish,
                              memories_used=[m.model_dump(include={"id", "text", "score", "why"})
-                                            for m in plan.memories])
+                                            for m in plan.memories],
+                             lore_used=[f.used() for f in plan.lore])
             if conversation_id is None:   # answered, and kept nowhere
                 message = Message(id=0, conversation_id="", role="assistant", content="".join(parts),
                                   created_at=time.time(), **meta.model_dump())

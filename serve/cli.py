@@ -24,6 +24,7 @@ from serve.config import ConfigError, check_exposure, load_settings
 from serve.sse import DELTA
 from store.adapters import AdapterError
 from store.companions import CompanionError, load_dir
+from store.lorebook import Lorebook, unsupported
 from store.run import announce, withdraw
 
 
@@ -116,6 +117,15 @@ def cmd_companion_show(args: argparse.Namespace) -> None:
     with client(args) as here:
         data = here.request("GET", f"/api/v1/companions/{args.id}")
     print(json.dumps(data, ensure_ascii=False, indent=2))
+    if data.get("character_book") is not None:   # for people: stdout stays the card's JSON
+        book = Lorebook.model_validate(data["character_book"])
+        enabled = sum(entry.enabled for entry in book.entries)
+        print(f"lorebook {book.name or '(untitled)'!r}: {len(book.entries)} entries, {enabled} enabled",
+              file=sys.stderr)
+        ignored = unsupported(book)
+        if ignored:
+            print("decorators kept but not acted on:", *(f"  {line}" for line in ignored), sep="\n",
+                  file=sys.stderr)
 
 
 def cmd_companion_import(args: argparse.Namespace) -> None:
@@ -237,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("list", parents=[remote], help="list companions")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_companion_list)
-    p = csub.add_parser("show", parents=[remote], help="show one companion's card as JSON")
+    p = csub.add_parser("show", parents=[remote],
+                        help="show one companion's card as JSON (its lorebook summed up on stderr)",
+                        description="Print the companion's card as JSON. A card with a lorebook also gets, "
+                        "on stderr, its entry count and the V3 decorators (@@name) that Homefire keeps "
+                        "in the card but does not act on.")
     p.add_argument("id", help="companion id")
     p.set_defaults(func=cmd_companion_show)
     p = csub.add_parser("import-card", parents=[remote], help="import a Character Card (.json or .png)",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from finetune.template import Neutralizer, alternate
+from serve.lore import Lore
 from store.companions import Companion
 from store.persona import DEFAULT_USER_NAME, memory_block, persona_prompt, substitute
 
@@ -56,17 +57,22 @@ class PromptBuilder:
 
     def build(self, companion: Companion | None, history: list[dict], max_tokens: int,
               extra_system: list[str] = (), memories: list[str] | None = None,
-              user: str = DEFAULT_USER_NAME) -> Prompt:
+              user: str = DEFAULT_USER_NAME, lore: Lore | None = None) -> Prompt:
         """history: oldest first, ending with the user's new message (normalised by `alternate`).
         A message may carry "memories": those shown before it when it was the newest, shown
         there again so the prompt's prefix stays what the engine has cached. No companion:
-        no persona, only the caller's system messages (the utility model)."""
+        no persona, only the caller's system messages (the utility model). `lore`: the lorebook
+        entries, by place (serve/lore.py); its `at` indexes `history` as given."""
+        if lore is not None and lore.at:
+            history = [{**m, "lore": lore.at[i]} if lore.at.get(i) else m for i, m in enumerate(history)]
         history = alternate(history)
         budget = self.max_model_len - max_tokens
         # The head stays the same from turn to turn, so vLLM's prefix cache keeps it and the
         # history after it; what changes each turn (recalled memories, post-history
         # instructions) goes in the tail, just before the newest message.
-        system = "\n\n".join([persona_prompt(companion, user)] if companion else [])
+        lore = lore or Lore()
+        system = "\n\n".join([persona_prompt(companion, user, lore.before_char, lore.after_char)]
+                               if companion else [])
         if extra_system:
             system = "\n\n".join([system, *extra_system] if system else extra_system)
         head = [{"role": "system", "content": system}] if system else []
@@ -74,25 +80,27 @@ class PromptBuilder:
         if companion and companion.post_history_instructions.strip():
             late.append(substitute(companion.post_history_instructions, companion, user))
         tail = [{"role": "system", "content": "\n\n".join(late)}] if late else []
-        text, messages = self.render(head, tail, history, user)
+        text, messages = self.render(head, tail, history, user, lore.depth)
         if len(text.encode()) + BYTE_MARGIN <= budget:
             return Prompt(text, None, messages, len(history), 0)
 
         # Estimate from one batched tokenization of every message's text (a template adds
         # a few tokens around each), keep the newest that fit, then render exactly and drop
         # the oldest until the real count fits: usually a single exact render.
-        texts = [m["content"] for m in head + tail] + [
-            f"{memory_block(m['memories'], user)}\n\n{m['content']}" if m.get("memories") else m["content"]
+        texts = [m["content"] for m in head + tail] + [text for _, text in lore.depth] + [
+            "\n\n".join([*(f.text for f in m.get("lore", ())),
+                         *([memory_block(m["memories"], user)] if m.get("memories") else []), m["content"]])
             for m in history]
         counts = [len(e.ids) + 5 for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        sizes = counts[len(head) + len(tail):]
-        start, used = len(history), sum(counts[: len(head) + len(tail)])
+        fixed = len(head) + len(tail) + len(lore.depth)
+        sizes = counts[fixed:]
+        start, used = len(history), sum(counts[:fixed])
         while start > 0 and used + sizes[start - 1] <= budget:
             start -= 1
             used += sizes[start]
         start = min(start, len(history) - 1)  # the newest message always goes in
         while True:
-            text, messages = self.render(head, tail, history[start:], user)
+            text, messages = self.render(head, tail, history[start:], user, lore.depth)
             ids = self.encode(text)
             if len(ids) <= budget:
                 return Prompt(text, ids, messages, len(history) - start, start)
@@ -105,16 +113,25 @@ class PromptBuilder:
             start += 1
 
     def render(self, head: list[dict], tail: list[dict], history: list[dict],
-               user: str = DEFAULT_USER_NAME) -> tuple[str, list[dict]]:
+               user: str = DEFAULT_USER_NAME, depth: list[tuple[int, str]] = ()) -> tuple[str, list[dict]]:
         """head: the persona's system message; tail (memories, post-history instructions): one
-        system message right before the newest message; an earlier message's memories right
-        before it, as when it was the newest."""
-        body = []
-        for m in history[:-1]:
-            if m.get("memories"):
-                body.append({"role": "system", "content": memory_block(m["memories"], user)})
-            body.append({"role": m["role"], "content": m["content"]})
-        body += tail + [{"role": m["role"], "content": m["content"]} for m in history[-1:]]
+        system message right before the newest message; an earlier message's lore entries and
+        memories right before it, as when it was the newest (an entry once: where it was first
+        shown); `depth` entries that many messages from the newest."""
+        groups, shown = [], set()
+        for i, m in enumerate(history):
+            lore = [f.text for f in m.get("lore", ()) if f.handle not in shown]
+            shown.update(f.handle for f in m.get("lore", ()))
+            if i == len(history) - 1:
+                late = lore + [t["content"] for t in tail]
+                block = [{"role": "system", "content": "\n\n".join(late)}] if late else []
+            else:
+                late = lore + ([memory_block(m["memories"], user)] if m.get("memories") else [])
+                block = [{"role": "system", "content": "\n\n".join(late)}] if late else []
+            groups.append(block + [{"role": m["role"], "content": m["content"]}])
+        for steps, text in sorted(depth, reverse=True):
+            groups.insert(max(0, len(groups) - steps), [{"role": "system", "content": text}])
+        body = [message for group in groups for message in group]
         messages = head + body
         try:
             return self._template(messages), messages
@@ -131,6 +148,8 @@ class PromptBuilder:
                 else:
                     messages.append({**m, "content": "\n\n".join([*waiting, m["content"]])})
                     waiting = []
+            if waiting:   # an entry at depth 0, after the newest message: it closes that message
+                messages[-1] = {**messages[-1], "content": "\n\n".join([messages[-1]["content"], *waiting])}
             return self._template(messages), messages
 
     def _template(self, messages: list[dict]) -> str:

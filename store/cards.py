@@ -27,6 +27,7 @@ from store.companions import (
     key_for,
     slugify,
 )
+from store.lorebook import without_decorators
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_FIELDS = (
@@ -165,6 +166,7 @@ def card_to_companion(card: object, filename: str = "card") -> Companion:
             alternate_greetings=data.get("alternate_greetings") or [],
             sampling=Sampling.model_validate(ours.get("sampling") or {}),
             base_model=ours.get("base_model"),
+            character_book=data.get("character_book"),
             **fields,
         )
     except ValidationError as err:
@@ -180,6 +182,9 @@ def companion_to_card(companion: Companion, spec: str = "chara_card_v3") -> dict
              "creator_notes": "", "tags": [], "creator": "", "character_version": "",
              "extensions": {"homefire": {"id": companion.id, "sampling": companion.sampling.model_dump(),
                                          "base_model": companion.base_model}}}
+    book = companion.character_book
+    if book is not None:   # V2 front ends would show a V3 entry's decorators as text
+        data["character_book"] = (book if spec == "chara_card_v3" else without_decorators(book)).model_dump()
     if spec == "chara_card_v3":
         data |= {"group_only_greetings": [], "assets": [{"type": "icon", "uri": "ccdefault:",
                                                          "name": "main", "ext": "png"}]}

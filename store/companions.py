@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from store.db import Database
+from store.lorebook import Lorebook
 
 Source = Literal["config", "api", "card"]
 
@@ -73,6 +74,9 @@ class Companion(BaseModel):
     """Sampling defaults."""
     adapter: str | None = None
     """LoRA adapter version the companion speaks through (filled by fine-tuning)."""
+    character_book: Lorebook | None = None
+    """What the companion knows of its world: entries put in the prompt when the recent messages
+    name their keys (a card's lorebook, SillyTavern's world info)."""
 
     _key: str | None = PrivateAttr(None)
 

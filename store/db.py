@@ -174,6 +174,10 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    # The lorebook entries a reply's prompt carried (serve/lore.py), named in its metadata.
+    """
+    ALTER TABLE messages ADD COLUMN lore TEXT;   -- replies: JSON [{entry, name, why, where}]
+    """,
 ]
 
 

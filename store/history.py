@@ -32,6 +32,7 @@ class ReplyMeta(BaseModel):
     finish_reason: str | None = None
     truncated: bool = False
     memories_used: list[dict] | None = None   # replies: [{id, text, score, why}] put in the prompt
+    lore_used: list[dict] | None = None       # replies: the lorebook entries [{entry, name, why, where}]
 
 
 class Message(ReplyMeta):
@@ -210,14 +211,16 @@ class History:
         previous = last["chain"] if last else chain_root(visible_id(conv["companion_id"]))
         cur = conn.execute(
             """INSERT INTO messages (conversation_id, role, content, created_at, tokens,
-                   prompt_tokens, model, adapter, sampling, finish_reason, truncated, memories, chain)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   prompt_tokens, model, adapter, sampling, finish_reason, truncated, memories, lore,
+                   chain)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 conversation_id, role, content, now, meta.tokens, meta.prompt_tokens,
                 meta.model, meta.adapter,
                 json.dumps(meta.sampling) if meta.sampling is not None else None,
                 meta.finish_reason, int(meta.truncated),
                 json.dumps(meta.memories_used) if meta.memories_used is not None else None,
+                json.dumps(meta.lore_used) if meta.lore_used else None,
                 chain_hash(previous, role, content),
             ),
         )
@@ -297,4 +300,6 @@ def _message(row) -> Message:
     data["sampling"] = json.loads(data["sampling"]) if data["sampling"] else None
     memories = data.pop("memories")
     data["memories_used"] = json.loads(memories) if memories else None
+    lore = data.pop("lore")
+    data["lore_used"] = json.loads(lore) if lore else None
     return Message(**data)

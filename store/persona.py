@@ -15,18 +15,23 @@ def substitute(text: str, companion: Companion, user: str) -> str:
     return text
 
 
-def persona_prompt(companion: Companion, user: str = DEFAULT_USER_NAME) -> str:
-    """The system message: the instruction, then the card's sections. It stays the same from
-    turn to turn, so the engine's prefix cache keeps it and the history after it."""
+def persona_prompt(companion: Companion, user: str = DEFAULT_USER_NAME, before_char: list[str] = (),
+                   after_char: list[str] = ()) -> str:
+    """The system message: the instruction, then the card's sections, with the lorebook's
+    constant entries before or after the character's description (serve/lore.py). It stays the
+    same from turn to turn, so the engine's prefix cache keeps it and the history after it."""
     parts = [companion.system_prompt or "You are {{char}}. Stay in character as {{char}}."]
+    parts += [text for text in before_char if text.strip()]
     for title, value in (
         ("About {{char}}", companion.description),
         ("{{char}}'s personality", companion.personality),
         ("Scenario", companion.scenario),
-        ("How {{char}} talks", companion.mes_example),
     ):
         if value.strip():
             parts.append(f"{title}:\n{value.strip()}")
+    parts += [text for text in after_char if text.strip()]
+    if companion.mes_example.strip():
+        parts.append(f"How {{{{char}}}} talks:\n{companion.mes_example.strip()}")
     return substitute("\n\n".join(parts), companion, user)
 
 

@@ -1,4 +1,4 @@
-"""Native API: companions (cards, their pictures, Character Card import)."""
+"""Native API: companions (cards, their pictures, Character Card import, a test of their lorebook)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve.account import AccountDep
-from serve.deps import API_GUARDS
+from serve.deps import API_GUARDS, ChatDep
 from serve.errors import ERROR_RESPONSES, raw_body
 from serve.limits import bounded_stream
+from serve.lore import fire
 from store.cards import MAX_CARD_BYTES, keep_card, parse_card
 from store.companions import Companion, key_for
+from store.lorebook import Lorebook, unsupported
+from store.persona import substitute
 from store.pictures import picture_path
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
@@ -99,3 +103,48 @@ def companion_picture(companion_id: str, account: AccountDep) -> FileResponse:
     if not path.is_file():
         raise HTTPException(404, f"companion {companion_id!r} has no picture (a PNG card gives it one)")
     return FileResponse(path, media_type="image/png")
+
+
+class LoreProbe(BaseModel):
+    """A message to test a lorebook with."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    text: str = Field(min_length=1, max_length=20000)
+    """The message, as the user would send it."""
+    book: Lorebook | None = None
+    """A book to test instead of the companion's (an edit not yet saved)."""
+
+
+class FiredEntry(BaseModel):
+    entry: str
+    """The entry's id, or #N: its place in the book."""
+    name: str
+    why: str
+    """What set it off: a key, constant, a decorator."""
+    where: str
+    """Where the prompt carries it."""
+    text: str
+    """What the prompt gains."""
+
+
+class LoreProbeResult(BaseModel):
+    fired: list[FiredEntry]
+    unsupported: list[str]
+    """Decorators the book's entries carry that Homefire keeps but does not act on."""
+
+
+@router.post("/companions/{companion_id}/lorebook/test")
+def test_lorebook(companion_id: str, probe: LoreProbe, account: AccountDep, chat: ChatDep) -> LoreProbeResult:
+    """Which lorebook entries a message sets off, in the order the prompt would carry them (the
+    message is all the conversation: an entry that needs earlier messages does not fire)."""
+    companion = account.companion_card(companion_id)
+    book = probe.book or companion.character_book
+    prompts = chat.prompts
+    # Without the tokenizer (a command's own application): a byte-based estimate of the budget.
+    count = ((lambda text: len(prompts.encode(text))) if prompts
+             else (lambda text: len(text.encode()) // 3 + 1))
+    fired = fire(book, [{"role": "user", "content": probe.text}], count,
+                 lambda text: substitute(text, companion, account.called))
+    return LoreProbeResult(fired=[FiredEntry(**f.used(), text=f.text) for f in fired],
+                           unsupported=unsupported(book))

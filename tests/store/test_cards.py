@@ -10,9 +10,19 @@ import zlib
 import pytest
 from PIL import Image, PngImagePlugin
 
-from store.cards import parse_card
-from store.companions import CompanionError
-from tests.support.cards import V2, bomb, chunk
+from store.cards import card_json, card_png, parse_card, png_texts
+from store.companions import CompanionError, CompanionStore
+from store.db import Database
+from store.lorebook import unsupported
+from tests.support.cards import (
+    SERAPHINA_WORLD,
+    V2,
+    bomb,
+    chunk,
+    png_with_chara,
+    sillytavern_card,
+    v3_card_with_decorators,
+)
 
 
 def png(chunks: dict[str, dict]) -> bytes:
@@ -89,3 +99,52 @@ def test_compressed_itxt_cards_are_read():
 def test_damaged_pngs_name_the_damage(damage, message):
     with pytest.raises(CompanionError, match=f"card.png: damaged PNG: .*{message}"):
         parse_card(damage(png({"chara": V2})), "card.png")
+
+
+def exported(companion) -> dict[str, dict]:
+    """The cards Homefire gives back: JSON (V3), and the PNG's `chara` (V2) and `ccv3` chunks."""
+    texts = png_texts(card_png(companion))
+    return {"json": json.loads(card_json(companion)),
+            **{key: json.loads(base64.b64decode(texts[key])) for key in ("chara", "ccv3")}}
+
+
+def test_a_sillytavern_card_keeps_its_world_through_import_storage_and_export(tmp_path):
+    card = sillytavern_card("Seraphina", "Eldoria", SERAPHINA_WORLD)
+    store = CompanionStore(Database(tmp_path / "homefire.db"))
+    store.put(parse_card(png_with_chara(card), "Seraphina.png"), "card")
+    companion = store.get("seraphina")
+    book = card["data"]["character_book"]
+    for kind, out in exported(companion).items():
+        assert out["data"]["character_book"] == book, kind       # every field, SillyTavern's own too
+    again = parse_card(card_json(companion))                      # and once more around
+    assert again.character_book.model_dump() == book
+    assert unsupported(companion.character_book) == []
+
+
+def test_a_v3_card_keeps_its_decorators_and_names_the_ones_not_acted_on(tmp_path):
+    card = v3_card_with_decorators()
+    store = CompanionStore(Database(tmp_path / "homefire.db"))
+    store.put(parse_card(json.dumps(card).encode(), "maris.json"), "card")
+    out = exported(store.get("maris"))
+    book = card["data"]["character_book"]
+    assert out["json"]["data"]["character_book"] == book
+    assert out["ccv3"]["data"]["character_book"] == book
+    # V2 front ends get the entries without decorators (V3: "on backfilling V2, remove them").
+    backfilled = out["chara"]["data"]["character_book"]["entries"]
+    assert [e["content"] for e in backfilled] == ["{{char}} brews jasmine tea at dusk.",
+                                                  "Storms come from the west.", "The lighthouse is empty."]
+    assert backfilled[1]["extensions"] == {"risu": {"x": 1}} and backfilled[1]["priority"] == 5
+    assert unsupported(store.get("maris").character_book) == ["storms: @@risu_weather rain",
+                                                              "lighthouse: @@is_greeting 1"]
+
+
+@pytest.mark.parametrize(("book", "where"), [
+    ({"entries": [{"keys": "tea", "content": "x"}]}, "character_book.entries.0.keys"),
+    ({"entries": [{"keys": ["tea"], "content": 5}]}, "character_book.entries.0.content"),
+    ({"entries": "none"}, "character_book.entries"),
+    ({"scan_depth": -1, "entries": []}, "character_book.scan_depth"),
+])
+def test_a_broken_book_is_refused_naming_the_field(book, where):
+    card = {"spec": "chara_card_v2", "data": {"name": "Bad", "character_book": book}}
+    with pytest.raises(CompanionError, match=f"bad.json: {where}"):
+        parse_card(json.dumps(card).encode(), "bad.json")
