@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import regex
+
 from store.lorebook import Lorebook, LoreEntry, chosen, decorators
 
 DEFAULT_SCAN_DEPTH = 2
@@ -29,6 +31,10 @@ DEFAULT_BUDGET = 512      # tokens the entries fired by one message may take
 RECURSION_PASSES = 3
 SLASHED = re.compile(r"^/(.+)/([a-z]*)$", re.S)
 ST_AT_DEPTH = 4           # SillyTavern's extensions.position for "@ depth"
+# Keys come from cards and members: a key like (a+)+$ must not hold a CPU for long. Past this,
+# the key counts as not matching (the `regex` module stops a search at a time limit; `re` cannot).
+REGEX_TIMEOUT_S = 0.02
+NEVER = regex.compile(r"(?!)")
 
 
 @dataclass(frozen=True)
@@ -68,20 +74,20 @@ def _parsed(content: str) -> tuple[dict[str, str], str]:
 
 
 @lru_cache(maxsize=4096)
-def _pattern(key: str, regex: bool, case: bool, whole: bool) -> re.Pattern | None:
-    """A key as a compiled pattern; None: a plain key (matched by `in`) or an invalid regex
-    (which never matches, as V3 asks)."""
+def _pattern(key: str, use_regex: bool, case: bool, whole: bool) -> regex.Pattern | None:
+    """A key as a compiled pattern; None: a plain key (matched by `in`). An invalid regex never
+    matches, as V3 asks."""
     slashed = SLASHED.match(key)
     try:
         if slashed:
-            flags = re.I if "i" in slashed[2] else 0
-            return re.compile(slashed[1], flags | (re.S if "s" in slashed[2] else 0))
-        if regex:
-            return re.compile(key, 0 if case else re.I)
+            flags = regex.I if "i" in slashed[2] else 0
+            return regex.compile(slashed[1], flags | (regex.S if "s" in slashed[2] else 0))
+        if use_regex:
+            return regex.compile(key, 0 if case else regex.I)
         if whole:
-            return re.compile(rf"(?<!\w){re.escape(key)}(?!\w)", 0 if case else re.I)
-    except re.error:
-        return re.compile(r"(?!)")
+            return regex.compile(rf"(?<!\w){regex.escape(key)}(?!\w)", 0 if case else regex.I)
+    except (regex.error, ValueError):
+        return NEVER
     return None
 
 
@@ -92,8 +98,11 @@ def _matching(keys: list[str], text: str, folded: str, regex: bool, case: bool, 
             continue
         pattern = _pattern(key, regex, case, whole)
         if pattern is not None:
-            if pattern.search(text):
-                return key
+            try:
+                if pattern.search(text, timeout=REGEX_TIMEOUT_S):
+                    return key
+            except TimeoutError:
+                continue
         elif (key in text) if case else (key.lower() in folded):
             return key
     return None

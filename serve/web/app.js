@@ -1,5 +1,5 @@
 // Homefire's web app: sign in, then one view per section, chosen by the address's #fragment:
-//   #/companions  #/chat/ID[/CONVERSATION]  #/memory/ID  #/import/ID  #/voice/ID  #/accounts
+//   #/companions  #/chat/ID[/CONVERSATION]  #/memory/ID  #/world/ID  #/import/ID  #/voice/ID  #/accounts
 
 import { api, explain, session } from './api.js';
 import { fill, h, notice } from './dom.js';
@@ -9,10 +9,11 @@ import { companionsView } from './views/companions.js';
 import { importView } from './views/import.js';
 import { memoryView } from './views/memory.js';
 import { voiceView } from './views/voice.js';
+import { worldView } from './views/world.js';
 
 const main = document.getElementById('main');
 const views = { companions: companionsView, chat: chatView, memory: memoryView, import: importView,
-  voice: voiceView, accounts: accountsView };
+  voice: voiceView, world: worldView, accounts: accountsView };
 let me = null;
 let leave = null;   // what the current view does when it is left (stop a stream, ...)
 
@@ -47,7 +48,7 @@ function shell(section, companion) {
   document.getElementById('who').textContent = me.display_name || me.name;
   const links = [['companions', 'Companions']];
   if (companion) {
-    links.push([`chat/${companion}`, 'Chat'], [`memory/${companion}`, 'Memory'],
+    links.push([`chat/${companion}`, 'Chat'], [`memory/${companion}`, 'Memory'], [`world/${companion}`, 'World'],
       [`import/${companion}`, 'Bring home'], [`voice/${companion}`, 'Voice']);
   }
   if (me.admin) links.push(['accounts', 'Accounts']);

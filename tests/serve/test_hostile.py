@@ -33,6 +33,7 @@ BODIES = {
     ("post", "/api/v1/conversations/{conversation_id}/messages"): {"content": "hi", "max_tokens": 2},
     ("post", "/api/v1/conversations/{conversation_id}/regenerate"): {"max_tokens": 2},
     ("post", "/api/v1/companions/{companion_id}/memories"): {"text": "planted"},
+    ("post", "/api/v1/companions/{companion_id}/lorebook/test"): {"text": "hi"},
     ("patch", "/api/v1/memories/{memory_id}"): {"text": "planted", "pinned": False},
     ("put", "/api/v1/companions/{companion_id}/adapter"): {"version": None},
     ("post", "/api/v1/companions/{companion_id}/finetunes"): QUICK,

@@ -7,6 +7,7 @@ import json
 
 from PIL import Image
 
+from tests.support.cards import SERAPHINA_WORLD, png_with_chara, sillytavern_card, v3_card_with_decorators
 from tests.support.exports import card_png
 
 
@@ -140,3 +141,44 @@ def test_regenerate_replaces_the_last_reply_and_its_memory(server):
                                     json={"title": "mine"}).status_code == 404
     assert server.http(other).post(f"/api/v1/conversations/{conversation}/regenerate",
                                    json={}).status_code == 404
+
+
+def test_a_sillytavern_cards_world_reaches_the_prompt_and_each_reply_names_what_it_used(server):
+    http = server.http()
+    card = sillytavern_card("Seraphina", "Eldoria", SERAPHINA_WORLD)
+    imported = http.post("/api/v1/companions/import", content=png_with_chara(card),
+                         params={"filename": "Seraphina.png"})
+    assert imported.status_code == 201, imported.text
+    exported = http.get("/api/v1/companions/seraphina/card", params={"format": "json"}).json()
+    assert exported["data"]["character_book"] == card["data"]["character_book"]
+
+    # Which entries a message sets off, asked before talking (and for an edit not yet saved).
+    probe = http.post("/api/v1/companions/seraphina/lorebook/test", json={"text": "Is this Eldoria?"}).json()
+    assert [(f["entry"], f["where"]) for f in probe["fired"]] == [("2", "persona"),
+                                                                  ("0", "before the message")]
+    assert probe["fired"][0]["text"] == "Seraphina never lies to User." and probe["unsupported"] == []
+    book = http.get("/api/v1/companions/seraphina").json()["character_book"]
+    book["entries"][0]["enabled"] = False
+    unsaved = http.post("/api/v1/companions/seraphina/lorebook/test", json={"text": "Eldoria?", "book": book})
+    assert [f["entry"] for f in unsaved.json()["fired"]] == ["2"]
+
+    conversation = http.post("/api/v1/conversations", json={"companion": "seraphina"}).json()["conversation"]
+    url = f"/api/v1/conversations/{conversation['id']}/messages"
+    first = http.post(url, json={"content": "Tell me about the forest.", "max_tokens": 4}).json()["reply"]
+    assert [(u["entry"], u["why"]) for u in first["lore_used"]] == [("2", "constant"), ("0", "key 'forest'")]
+    second = http.post(url, json={"content": "And your amulet?", "max_tokens": 4}).json()["reply"]
+    # The two newest messages are scanned: the amulet's entry now, the forest's only if the reply named it.
+    assert {"2", "1"} <= {u["entry"] for u in second["lore_used"]} <= {"2", "1", "0"}
+    kept = http.get(f"/api/v1/conversations/{conversation['id']}").json()["messages"]
+    assert kept[-1]["lore_used"] == second["lore_used"] and kept[-3]["lore_used"] == first["lore_used"]
+
+    # A V3 card's decorators that Homefire does not act on are kept and listed by the CLI.
+    maris = http.post("/api/v1/companions/import", content=json.dumps(v3_card_with_decorators()).encode(),
+                      params={"filename": "maris.json"})
+    assert maris.status_code == 201, maris.text
+    shown = server.cli("companion", "show", "maris")
+    assert json.loads(shown.stdout)["character_book"] == v3_card_with_decorators()["data"]["character_book"]
+    assert "lorebook 'Harbour': 3 entries, 3 enabled" in shown.stderr
+    assert "storms: @@risu_weather rain" in shown.stderr and "lighthouse: @@is_greeting 1" in shown.stderr
+    for companion in ("seraphina", "maris"):
+        assert http.delete(f"/api/v1/companions/{companion}").status_code == 204

@@ -18,6 +18,7 @@ from playwright.sync_api import expect
 
 from serve.bundle import read_bundle
 from store.cards import parse_card
+from tests.support.cards import SERAPHINA_WORLD, png_with_chara, sillytavern_card
 from tests.support.exports import ChatGPTTree, card_png, chatgpt_simple, chatgpt_zip
 
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -454,3 +455,60 @@ def test_markup_in_a_reply_a_memory_and_a_title_is_shown_as_text(tab, web, tmp_p
     assert page.locator("main img").count() == 0
     assert t.dialogs == []
     assert not any(url.endswith("/x") for url in t.requests), "the page asked for the markup's image"
+
+
+def test_edit_a_sillytavern_cards_world_test_a_message_and_see_what_a_reply_used(tab, web):
+    card = sillytavern_card("Seraphina", "Eldoria", SERAPHINA_WORLD)
+    card["data"]["extensions"]["homefire"] = {"sampling": {"max_tokens": 8}}
+    with web.http() as http:
+        imported = http.post("/api/v1/companions/import", content=png_with_chara(card),
+                             params={"filename": "Seraphina.png", "replace": "true"})
+    assert imported.status_code == 201, imported.text
+    t = tab()
+    page = t.sign_in()
+    page.locator(".card.companion[data-id=seraphina]").get_by_text("World").click()
+    expect(page.locator("li.entry")).to_have_count(5)
+    expect(page.locator("li.entry.off")).to_contain_text("river")
+
+    page.fill("textarea[name=probe]", "Is this Eldoria?")
+    page.get_by_role("button", name="Which entries fire?").click()
+    expect(page.locator(".fired li")).to_have_count(2)
+    assert [li.get_attribute("data-entry") for li in page.locator(".fired li").all()] == ["2", "0"]
+
+    page.get_by_role("button", name="New entry").click()
+    page.fill("input[name=keys]", "lighthouse, beacon")
+    page.fill("textarea[name=content]", "The lighthouse has been dark for years.")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("li.entry")).to_have_count(6)
+    row = page.locator("li.entry", has_text="lighthouse")
+    row.get_by_role("button", name="Edit").click()
+    page.fill("textarea[name=content]", "The lighthouse shines again.")
+    page.get_by_role("button", name="Save").click()
+    expect(row.locator(".text")).to_have_text("The lighthouse shines again.")
+    page.locator("li.entry", has_text="amulet").get_by_role("checkbox").uncheck()
+    expect(page.locator("li.entry.off")).to_have_count(2)
+    page.locator("li.entry", has_text="river").get_by_role("button", name="Delete").click()
+    expect(page.locator("li.entry")).to_have_count(5)
+    t.shot("world")
+    with web.http() as http:
+        book = http.get("/api/v1/companions/seraphina").json()["character_book"]
+    original = card["data"]["character_book"]["entries"]
+    assert book["entries"][0] == original[0]                      # untouched: every field as it came
+    assert book["entries"][1] == original[1] | {"enabled": False}  # SillyTavern's extensions kept
+    assert [e["content"] for e in book["entries"]][-1] == "The lighthouse shines again."
+    assert book["entries"][-1]["keys"] == ["lighthouse", "beacon"] and book["entries"][-1]["id"] == 5
+
+    # A reply names the entries its prompt carried; they link back here.
+    page.goto(web.url + "/#/chat/seraphina")
+    page.fill("#message", "Where is the lighthouse?")
+    page.keyboard.press("Enter")
+    reply = page.locator(".message.assistant:not(.streaming)").nth(1)
+    expect(reply).to_be_visible(timeout=120_000)
+    reply.locator(".lore-used summary").click()
+    expect(reply.locator(".lore-used li")).to_have_count(2)
+    expect(reply.locator(".lore-used li").last).to_contain_text("key 'lighthouse'")
+    t.shot("world-used")
+    phone = tab(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    phone.sign_in().goto(web.url + "/#/world/seraphina")
+    expect(phone.page.locator("li.entry")).to_have_count(5)
+    phone.shot("world-phone-dark")

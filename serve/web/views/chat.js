@@ -1,5 +1,5 @@
 // Chat: the companion's conversations; replies stream token by token with a stop button;
-// each reply can unfold the memories its prompt used.
+// each reply can unfold the memories and the world entries its prompt used.
 
 import { api, events, explain, streamedError } from '../api.js';
 import { day, fill, h, notice, when } from '../dom.js';
@@ -77,6 +77,12 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
         }));
       });
       extra.push(box);
+    }
+    const lore = message.lore_used;
+    if (lore?.length) {
+      extra.push(h('details', { class: 'memories-used lore-used' }, h('summary', {}, `world entries used (${lore.length})`),
+        h('ul', { class: 'used' }, lore.map((e) => h('li', {}, h('a', { href: `#/world/${companionId}` }, e.name),
+          h('span', { class: 'hint' }, ` ${e.why}; ${e.where}`))))));
     }
     return extra;
   }

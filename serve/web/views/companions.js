@@ -37,6 +37,7 @@ export async function companionsView(root, { me }) {
       h('div', { class: 'actions' },
         h('a', { class: 'button', href: `#/chat/${companion.id}` }, 'Talk'),
         h('a', { href: `#/memory/${companion.id}` }, 'Memory'),
+        h('a', { href: `#/world/${companion.id}` }, 'World'),
         h('a', { href: `#/voice/${companion.id}` }, 'Voice'),
         h('button', { type: 'button', class: 'quiet', onclick: () => edit(companion) }, 'Edit'),
         h('button', { type: 'button', class: 'quiet', title: 'A Character Card (PNG) for other front ends',
