@@ -405,25 +405,33 @@ def import_bundle(db: Database, data_dir: Path, bundle: Bundle, user: str, owner
     if companion.id in reserved:
         raise BundleConflict(f"{bundle.label}: the id {companion.id!r} is the utility model's; import it "
                              "with another id (--as, or as_id=)")
-    # A member's companion may not take a shared one's id (as for any new companion of theirs).
     companions = CompanionStore(db)
-    if owner is not None and companions.origin(companion.id) is not None:
+    shared = companions.origin(companion.id)
+    # A companion this server defines in a config file (`ember`) takes the bundle's history,
+    # memories and voices as they are; its card stays the file's, and differences are reported.
+    defined = shared[1] if shared is not None and shared[0] == "config" else None
+    # A member's companion may not take a shared one's id (as for any new companion of theirs).
+    if owner is not None and shared is not None and defined is None:
         raise BundleConflict(f"{bundle.label}: the id {companion.id!r} is a shared companion's; import the "
                              "bundle with another id (--as, or as_id=)")
-    key = key_for(companion.id, owner)
+    key = companion.id if defined else key_for(companion.id, owner)
     report = ImportReport(companion.id)
     stored = companions.get(key)
-    if stored is not None:
-        source, source_path, _ = companions.origin(key)
-        if source == "config":
-            raise BundleConflict(f"{bundle.label}: companion {companion.id!r} is defined in "
-                                 f"{source_path}; import the bundle with another id (--as)")
-        if stored.model_dump(exclude={"adapter"}) != companion.model_dump(exclude={"adapter"}):
-            raise BundleConflict(f"{bundle.label}: a different companion already has the id "
-                                 f"{companion.id!r}; import the bundle with another id (--as NEW_ID)")
+    if defined:
+        differs = [field for field in Companion.model_fields if field not in ("id", "adapter")
+                   and getattr(stored, field) != getattr(companion, field)]
+        report.card_kept = (f"the card stays the one in {defined}"
+                            + (f"; the bundle's differs in {', '.join(differs)}" if differs else ""))
+    elif stored is not None and \
+            stored.model_dump(exclude={"adapter"}) != companion.model_dump(exclude={"adapter"}):
+        raise BundleConflict(f"{bundle.label}: a different companion already has the id "
+                             f"{companion.id!r}; import the bundle with another id (--as NEW_ID)")
     report.created = stored is None
 
     fitting, refused = _fitting_adapters(bundle, setup)
+    if defined and owner is not None and bundle.adapters:   # a shared voice is an admin's to change
+        fitting, refused = [], (f"{companion.id!r} is a shared companion: only an admin may bring voices "
+                                "(adapters) to it, so the bundle's were left out")
     report.adapters_refused = refused
     staging = Path(tempfile.mkdtemp(prefix="bundle-", dir=run_dir(data_dir)))
     try:
@@ -438,7 +446,8 @@ def import_bundle(db: Database, data_dir: Path, bundle: Bundle, user: str, owner
             (staging / version).replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if (picture := bundle.picture) and (report.created or not picture_path(data_dir, key).exists()):
+    if (picture := bundle.picture) and not defined and (report.created
+                                                          or not picture_path(data_dir, key).exists()):
         save_picture(data_dir, key, picture)
     in_use = bundle.manifest.get("adapter_in_use")
     if in_use in mapped and (report.created or adapters.current(data_dir, key) is None):
@@ -519,6 +528,8 @@ def _summary(report: ImportReport, bundle: Bundle) -> str:
         parts.append(f"adapters already here: {', '.join(report.adapters_known)}")
     if report.adapter_in_use:
         parts.append(f"speaks through {report.adapter_in_use}")
+    if report.card_kept:
+        parts.append(report.card_kept)
     text = "; ".join(parts)
     if report.adapters_refused:
         text += (f". {report.adapters_refused}. The history and memories came in: to give "

@@ -7,7 +7,6 @@ short (client gone, engine failure) is stored marked truncated.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ from memory.remember import remember_new
 from memory.store import MemoryStore, Recalled
 from serve import metrics
 from serve.engine import Engine, EngineUnavailable
-from serve.lore import Fired, Lore, LoreCache, place
+from serve.lore import Fired, Lore, LoreCache, fingerprint, place
 from serve.prompt import Prompt, PromptBuilder
 from store.companions import Companion, CompanionStore, Sampling
 from store.db import Database
@@ -172,8 +171,7 @@ class ChatService:
         if book is None or not book.entries:
             return Lore()
         assert self.prompts is not None
-        whose = f"{companion.name}\0{user}\0{book.model_dump_json()}"
-        return place(book, hashlib.sha256(whose.encode()).hexdigest(), history, self.lore_cache,
+        return place(book, fingerprint(companion, user), history, self.lore_cache,
                      lambda text: len(self.prompts.encode(text)),
                      lambda text: substitute(text, companion, user))
 

@@ -16,7 +16,9 @@ in the prompt (shown once: not again for a later message); `@@depth N` entries (
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,10 @@ from functools import lru_cache
 
 import regex
 
+from store.companions import Companion
 from store.lorebook import Lorebook, LoreEntry, chosen, decorators
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SCAN_DEPTH = 2
 DEFAULT_BUDGET = 512      # tokens the entries fired by one message may take
@@ -34,6 +39,9 @@ ST_AT_DEPTH = 4           # SillyTavern's extensions.position for "@ depth"
 # Keys come from cards and members: a key like (a+)+$ must not hold a CPU for long. Past this,
 # the key counts as not matching (the `regex` module stops a search at a time limit; `re` cannot).
 REGEX_TIMEOUT_S = 0.02
+# And a whole book's scan for one message stops here (a member's book of thousands of such keys
+# must not either): the entries not reached do not fire, and the log says so.
+SCAN_BUDGET_S = 0.25
 NEVER = regex.compile(r"(?!)")
 
 
@@ -91,15 +99,19 @@ def _pattern(key: str, use_regex: bool, case: bool, whole: bool) -> regex.Patter
     return None
 
 
-def _matching(keys: list[str], text: str, folded: str, regex: bool, case: bool, whole: bool) -> str | None:
+def _matching(keys: list[str], text: str, folded: str, regex: bool, case: bool, whole: bool,
+              deadline: float = float("inf")) -> str | None:
     for key in keys:
         key = key.strip()
         if not key:
             continue
         pattern = _pattern(key, regex, case, whole)
         if pattern is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
             try:
-                if pattern.search(text, timeout=REGEX_TIMEOUT_S):
+                if pattern.search(text, timeout=min(REGEX_TIMEOUT_S, left)):
                     return key
             except TimeoutError:
                 continue
@@ -119,6 +131,7 @@ class _Scan:
         self.history = history
         self.cache: dict[int, tuple[str, str]] = {}
         self.extra = ""   # fired entries' contents, with recursive scanning
+        self.deadline = time.monotonic() + SCAN_BUDGET_S
 
     def text(self, depth: int) -> tuple[str, str]:
         if depth not in self.cache:
@@ -152,18 +165,19 @@ def _fires(book: Lorebook, entry: LoreEntry, scan: _Scan, replies: int) -> str |
     case = entry.case_sensitive if entry.case_sensitive is not None else bool(ext.get("case_sensitive"))
     regex, whole = bool(entry.use_regex), bool(ext.get("match_whole_words"))
     text_, folded = scan.text(depth)
-    key = _matching(entry.keys, text_, folded, regex, case, whole)
+    key = _matching(entry.keys, text_, folded, regex, case, whole, scan.deadline)
     if key is None:
         return None
     if "additional_keys" in acted and _matching(_split(acted["additional_keys"]), text_, folded,
-                                                regex, case, whole) is None:
+                                                regex, case, whole, scan.deadline) is None:
         return None
     if "exclude_keys" in acted and _matching(_split(acted["exclude_keys"]), text_, folded,
-                                             regex, case, whole) is not None:
+                                             regex, case, whole, scan.deadline) is not None:
         return None
     secondary = [k for k in entry.secondary_keys or () if k.strip()]
     if entry.selective and secondary:
-        hits = [_matching([k], text_, folded, regex, case, whole) is not None for k in secondary]
+        hits = [_matching([k], text_, folded, regex, case, whole, scan.deadline) is not None
+                for k in secondary]
         logic = ext.get("selectiveLogic", 0)
         if not {0: any(hits), 1: not all(hits), 2: not any(hits), 3: all(hits)}.get(logic, any(hits)):
             return None
@@ -179,9 +193,16 @@ def fire(book: Lorebook | None, history: list[dict], count_tokens: Callable[[str
     scan, replies = _Scan(history), sum(m["role"] == "assistant" for m in history)
     fired: dict[int, str] = {}
     for _ in range(RECURSION_PASSES if book.recursive_scanning else 1):
-        new = {i: why for i, entry in enumerate(book.entries) if i not in fired
-               and not (scan.extra and entry.extensions.get("exclude_recursion"))
-               and (why := _fires(book, entry, scan, replies))}
+        new = {}
+        for i, entry in enumerate(book.entries):
+            if time.monotonic() > scan.deadline:
+                log.warning("lorebook %r: its scan took over %.2f s; %d of its %d entries were not "
+                            "checked", book.name, SCAN_BUDGET_S, len(book.entries) - i, len(book.entries))
+                break
+            if i in fired or (scan.extra and entry.extensions.get("exclude_recursion")):
+                continue
+            if why := _fires(book, entry, scan, replies):
+                new[i] = why
         if not new:
             break
         fired |= new
@@ -225,13 +246,9 @@ class LoreCache:
     def __init__(self, size: int = 8192):
         self.size, self.seen = size, OrderedDict()
 
-    def fired(self, book: Lorebook, fingerprint: str, history: list[dict], count_tokens,
+    def fired(self, book: Lorebook, fingerprint: str, history: list[dict], widest: int, count_tokens,
               substitute) -> list[Fired]:
-        widest = max([book.scan_depth if book.scan_depth is not None else DEFAULT_SCAN_DEPTH]
-                     + [int(v) for e in book.entries for k, v in _parsed(e.content)[0].items()
-                        if k == "scan_depth" and v.isdigit()]
-                     + [int(e.extensions["scan_depth"]) for e in book.entries
-                        if str(e.extensions.get("scan_depth") or "").isdigit()])
+        """What history's newest message fires; `widest`: the book's widest scan depth."""
         key = (fingerprint, sum(m["role"] == "assistant" for m in history),
                tuple(m["content"] for m in history[len(history) - widest:] if widest))
         if key in self.seen:
@@ -243,16 +260,35 @@ class LoreCache:
         return found
 
 
+def widest_scan(book: Lorebook) -> int:
+    """The most messages any entry of the book looks back at."""
+    depths = [book.scan_depth if book.scan_depth is not None else DEFAULT_SCAN_DEPTH]
+    for entry in book.entries:
+        own = _parsed(entry.content)[0].get("scan_depth") or entry.extensions.get("scan_depth")
+        if str(own or "").isdigit():
+            depths.append(int(own))
+    return max(depths)
+
+
+def fingerprint(companion: Companion, user: str) -> str:
+    """What a cached scan depends on besides the messages: the book and the names it substitutes.
+    A stored companion's card has a hash already; another one's book is hashed here."""
+    book = companion.character_book
+    card = companion.stored_hash if companion.stored_hash is not None else book.model_dump_json()
+    return f"{companion.key}\0{companion.name}\0{user}\0{hash(card)}"
+
+
 def place(book: Lorebook | None, fingerprint: str, history: list[dict], cache: LoreCache,
           count_tokens, substitute) -> Lore:
     """The lore of a prompt for `history` (oldest first, ending with the newest message)."""
     lore = Lore()
     if book is None or not book.entries:
         return lore
+    widest = widest_scan(book)
     for index, message in enumerate(history):
         if message["role"] != "user":
             continue
-        fired = cache.fired(book, fingerprint, history[:index + 1], count_tokens, substitute)
+        fired = cache.fired(book, fingerprint, history[:index + 1], widest, count_tokens, substitute)
         newest = index == len(history) - 1
         lore.at[index] = [f for f in fired if not f.constant and f.depth is None]
         if newest:

@@ -185,6 +185,7 @@ class ImportReport:
     adapters_known: list[str] = field(default_factory=list)   # already here (same weights)
     adapters_refused: str | None = None    # why the bundle's adapters were not brought in
     adapter_in_use: str | None = None      # the version to speak through (the bundle's, here)
+    card_kept: str | None = None           # a config-file companion: its card stays; how the bundle differs
     message: str = ""
 
     def as_dict(self) -> dict:

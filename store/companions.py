@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +81,7 @@ class Companion(BaseModel):
     name their keys (a card's lorebook, SillyTavern's world info)."""
 
     _key: str | None = PrivateAttr(None)
+    _stored: int | None = PrivateAttr(None)   # hash of the stored JSON: the same card, the same hash
 
     @property
     def key(self) -> str:
@@ -88,6 +91,38 @@ class Companion(BaseModel):
     def stored_as(self, key: str) -> Companion:
         self._key = key
         return self
+
+    @property
+    def stored_hash(self) -> int | None:
+        """Changes when the stored card does (None: not read from the store); a cache key."""
+        return self._stored
+
+    @classmethod
+    def from_row(cls, row) -> Companion:
+        companion = cls.model_validate_json(row["card"]).stored_as(row["id"])
+        companion._stored = hash(row["card"])
+        return companion
+
+
+class ParsedCards:
+    """Cards as last parsed, by their stored JSON: a companion is read on every request, and a
+    card with a big lorebook takes milliseconds to validate. Each caller gets its own copy."""
+
+    def __init__(self, size: int = 256):
+        self.size, self.cards, self.lock = size, OrderedDict(), threading.Lock()
+
+    def load(self, row) -> Companion:
+        with self.lock:
+            parsed = self.cards.get(row["card"])
+            if parsed is not None:
+                self.cards.move_to_end(row["card"])
+        if parsed is None:
+            parsed = Companion.from_row(row)
+            with self.lock:
+                self.cards[row["card"]] = parsed
+                while len(self.cards) > self.size:
+                    self.cards.popitem(last=False)
+        return parsed.model_copy(deep=False).stored_as(row["id"])
 
 
 def key_for(companion_id: str, owner: str | None) -> str:
@@ -138,6 +173,7 @@ class CompanionStore:
 
     def __init__(self, db: Database):
         self.db = db
+        self.parsed = ParsedCards()
 
     def _visible(self, viewer: str, where: str = "", params: tuple = ()) -> list[Companion]:
         rows = self.db.query(
@@ -145,7 +181,7 @@ class CompanionStore:
             "ORDER BY owner IS NULL, id", (viewer, *params))
         seen, found = set(), []
         for row in rows:   # the viewer's own first: they shadow shared ones of the same id
-            companion = Companion.model_validate_json(row["card"]).stored_as(row["id"])
+            companion = self.parsed.load(row)
             if companion.id not in seen:
                 seen.add(companion.id)
                 found.append(companion)
@@ -155,7 +191,7 @@ class CompanionStore:
         if viewer is not None:
             return self._visible(viewer)
         rows = self.db.query("SELECT id, card FROM companions ORDER BY id")
-        return [Companion.model_validate_json(r["card"]).stored_as(r["id"]) for r in rows]
+        return [self.parsed.load(r) for r in rows]
 
     def ids(self, viewer: str | None = None) -> list[str]:
         return [c.id if viewer is not None else c.key for c in self.list(viewer)]
@@ -166,7 +202,7 @@ class CompanionStore:
             found = self._visible(viewer, "AND id IN (?, ?)", (companion_id, key_for(companion_id, viewer)))
             return found[0] if found else None
         rows = self.db.query("SELECT id, card FROM companions WHERE id = ?", (companion_id,))
-        return Companion.model_validate_json(rows[0]["card"]).stored_as(rows[0]["id"]) if rows else None
+        return self.parsed.load(rows[0]) if rows else None
 
     def origin(self, key: str) -> tuple[Source, str | None, str | None] | None:
         """(source, source path, owner) of the companion stored as `key`, or None."""

@@ -196,6 +196,34 @@ def test_a_members_bundle_never_takes_a_shared_companions_id_nor_the_utility_mod
     assert report.companion == "kit2" and CompanionStore(db).get("kit2", "bob").name == "Kit"
 
 
+def test_a_bundle_of_a_companion_this_server_defines_in_a_file_comes_into_it(source, setup, tmp_path):
+    # `kit` is this server's own (configs/companions/kit.yaml, as every server has `ember`):
+    # the bundle brings its history, memories and voices into it; the card stays the file's.
+    _, out = source
+    data, db = empty(tmp_path)
+    companions = CompanionStore(db)
+    here = KIT.model_copy(update={"description": "{{char}} as this server describes it."})
+    companions.put(here, "config", "/etc/homefire/companions/kit.yaml")
+    Users(db).add("bob")
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
+    assert not report.created and report.messages_added == 4 and report.memories_added == 3
+    assert report.adapters_added == ["v1", "v2"] and report.adapter_in_use == "v2"
+    assert report.card_kept == ("the card stays the one in /etc/homefire/companions/kit.yaml; "
+                                "the bundle's differs in description")
+    assert report.card_kept in report.message
+    assert companions.get("kit").description == here.description
+    assert companions.origin("kit")[0] == "config"
+    turns = [("user", "I moved to Porto last week."), ("assistant", "Porto! Tell me about the river.")]
+    assert History(db).record_resent("kit", turns)[1] == [], "the history is kit's, as resent by a client"
+    # A member's bundle of it brings their history and memories; a shared voice is an admin's.
+    report = bundle.import_bundle(db, data, bundle.read_bundle(out), "bob", "bob", setup)
+    assert report.messages_added == 4 and report.memories_added == 3 and report.adapters_added == []
+    assert "only an admin may bring voices" in report.adapters_refused
+    whose = "SELECT user_id, COUNT(*) FROM conversations WHERE companion_id = 'kit' GROUP BY user_id"
+    assert rows(db, whose) == [("bob", 2), ("local", 2)]
+    assert rows(db, "SELECT COUNT(*) FROM companions") == [(1,)]
+
+
 def repack(out: Path, to: Path, change) -> Path:
     """The bundle `out` written again as `to`, each member passed through change(info, data),
     which returns [(ZipInfo or name, data), ...] to write in its place."""

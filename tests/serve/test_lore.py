@@ -47,6 +47,7 @@ def test_keys_secondary_keys_regex_and_constant_decide_what_fires():
         entry([], "always", constant=True),
         entry(["eldoria"], "disabled", enabled=False),
         entry(["cat"], "whole", extensions={"match_whole_words": True}),
+        entry(["/(a+)+$/"], "slow"),      # catastrophic backtracking: stopped at its time limit
     ]}
     assert fired(book, "I walked in ELDORIA and saw the moon") == ["forest", "always"]
     assert fired(book, "a Moon, a ShadowWolf") == ["moon", "wolves", "always"]
@@ -56,6 +57,7 @@ def test_keys_secondary_keys_regex_and_constant_decide_what_fires():
     assert fired(book, "her amulet began to GLOW") == ["amulet", "always"]
     assert fired(book, "down the river") == ["river", "always"]          # NOT_ANY: no boat
     assert fired(book, "down the river by boat") == ["always"]
+    assert fired(book, "a" * 40 + "!") == ["always"]
     assert fired(book, "a category") == ["always"] and fired(book, "my cat!") == ["always", "whole"]
 
 

@@ -413,6 +413,17 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     sam_page.set_input_files(".drop input[type=file]", str(kept))
     expect(sam_page.locator(".status")).to_contain_text("imported companion 'wren'")
     expect(wren.locator(".avatar img")).to_be_visible()
+    # Wren changes here; the bundle's Wren is another one now, which the page offers another id.
+    with web.http(sam_key) as http:
+        card = http.get("/api/v1/companions/wren").json()
+        changed = http.put("/api/v1/companions/wren", json=card | {"description": "{{char}} moved inland."})
+        assert changed.status_code == 200, changed.text
+    sam_page.set_input_files(".drop input[type=file]", str(kept))
+    expect(sam_page.locator(".status [role=alert]")).to_contain_text("a different companion already has")
+    sam_page.fill(".import-as input[name=as_id]", "wren2")
+    sam_page.locator(".import-as button").click()
+    expect(sam_page.locator(".status")).to_contain_text("imported companion 'wren2'")
+    expect(sam_page.locator(".card.companion[data-id=wren2]")).to_be_visible()
     sam_page.goto(web.url + "/#/chat/ember")
     expect(sam_page.locator(".message.assistant").first).to_be_visible()
     expect(sam_page.locator(".conversations")).not_to_contain_text("Owner's secret")
@@ -424,6 +435,7 @@ def test_a_user_sees_only_their_own_companions_and_conversations(tab, web, tmp_p
     expect(page.locator(".card.companion[data-id=ember]")).to_be_visible()
     assert page.locator(".card.companion[data-id=pebble]").count() == 0
     assert page.locator(".card.companion[data-id=wren]").count() == 0
+    assert page.locator(".card.companion[data-id=wren2]").count() == 0
     assert page.locator(".card.companion[data-id=moss]").count() == 0
 
     # Signing out forgets the key: a reload asks for it again. No key is ever in the log.

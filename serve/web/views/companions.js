@@ -107,14 +107,23 @@ export async function companionsView(root, { me }) {
     }
   }
 
-  async function importBundle(file) {
+  async function importBundle(file, asId = '') {
     fill(status, notice(`Checking ${file.name}…`));
+    const as = asId ? `&as_id=${encodeURIComponent(asId)}` : '';
     try {
-      const report = await api(`/bundles?filename=${encodeURIComponent(file.name)}`, { method: 'POST', body: file });
+      const report = await api(`/bundles?filename=${encodeURIComponent(file.name)}${as}`,
+        { method: 'POST', body: file });
       fill(status, notice(report.message, report.adapters_refused ? 'info' : 'ok'));
       await load();
     } catch (err) {
-      fill(status, notice(explain(err), 'error'));
+      if (err.status !== 409) return fill(status, notice(explain(err), 'error'));
+      // The id is taken here: offer the same bundle under another one.
+      const id = h('input', { name: 'as_id', required: true, pattern: '[a-z0-9][a-z0-9_\\-]{0,63}',
+        'aria-label': 'Another id', title: 'lower-case letters, digits, - and _' });
+      fill(status, notice(explain(err), 'error'),
+        h('form', { class: 'inline import-as', onsubmit: (e) => { e.preventDefault(); importBundle(file, id.value.trim()); } },
+          h('span', {}, 'Import it under another id:'), id, h('button', { type: 'submit' }, 'Import as this id')));
+      id.focus();
     }
   }
 
