@@ -87,10 +87,16 @@ class PromptBuilder:
         # Estimate from one batched tokenization of every message's text (a template adds
         # a few tokens around each), keep the newest that fit, then render exactly and drop
         # the oldest until the real count fits: usually a single exact render.
+        # An entry is shown once, where it first fired: counted there only (counted everywhere,
+        # the estimate would drop turns that fit, and move the prefix the cache keeps).
+        firsts, seen = [], set()
+        for m in history:
+            firsts.append([f.text for f in m.get("lore", ()) if f.handle not in seen])
+            seen.update(f.handle for f in m.get("lore", ()))
         texts = [m["content"] for m in head + tail] + [text for _, text in lore.depth] + [
-            "\n\n".join([*(f.text for f in m.get("lore", ())),
-                         *([memory_block(m["memories"], user)] if m.get("memories") else []), m["content"]])
-            for m in history]
+            "\n\n".join([*first, *([memory_block(m["memories"], user)] if m.get("memories") else []),
+                         m["content"]])
+            for m, first in zip(history, firsts, strict=True)]
         counts = [len(e.ids) + 5 for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         fixed = len(head) + len(tail) + len(lore.depth)
         sizes = counts[fixed:]

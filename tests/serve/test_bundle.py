@@ -25,9 +25,12 @@ from store.db import Database
 from store.history import History, ReplyMeta, chain_root, chains
 from store.users import Users
 from tests.support.adapters import make_adapter
+from tests.support.cards import v3_card_with_decorators
 
+# With a V3 lorebook (decorators, extensions): a bundle brings it home field for field.
 KIT = Companion(id="kit", name="Kit", description="A fox who remembers.", first_mes="Hey you.",
-                sampling=Sampling(temperature=0.3, max_tokens=64))
+                sampling=Sampling(temperature=0.3, max_tokens=64),
+                character_book=v3_card_with_decorators()["data"]["character_book"])
 
 
 def rows(db: Database, sql: str) -> list[tuple]:
@@ -111,6 +114,7 @@ def test_a_bundle_comes_home_whole_and_a_second_import_adds_nothing(source, setu
     assert report.adapter_in_use == "v2" and report.adapters_refused is None
     before = Database(origin / "homefire.db")
     assert CompanionStore(db).get("kit").model_dump() == KIT.model_dump()
+    assert KIT.model_dump()["character_book"] == v3_card_with_decorators()["data"]["character_book"]
     same = ("SELECT c.id, c.title, c.created_at, m.role, m.content, m.created_at, m.tokens, m.model, "
             "m.sampling, m.finish_reason, m.forgotten, m.chain FROM messages m JOIN conversations c "
             "ON c.id = m.conversation_id ORDER BY m.id")

@@ -148,3 +148,16 @@ def test_a_long_conversations_earlier_messages_are_not_scanned_again(tokenizer):
     later = turns + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "the amulet?"}]
     lore_for(companion, later, builder, cache)
     assert len(cache.seen) == 22                    # the next turn scans its new message only
+
+
+def test_an_entry_many_messages_set_off_is_counted_once_so_no_turn_that_fits_is_dropped(tokenizer):
+    # Shown once, where it first fired; counted at every message that fired it, the estimate would
+    # drop turns that fit (and move the prefix the cache keeps from turn to turn).
+    book = {"entries": [entry(["forest"], "The forest of Eldoria is old. " * 25)]}
+    companion = Companion(id="maris", name="Maris", character_book=book)
+    builder, cache = PromptBuilder(tokenizer, 1024), LoreCache()
+    turns = said(*[f"more about the forest, part {i}" if i % 2 == 0 else f"the forest, reply {i}"
+                   for i in range(21)])
+    prompt = builder.build(companion, turns, 64, lore=lore_for(companion, turns, builder, cache))
+    assert prompt.token_ids is not None and len(prompt.token_ids) < 1024 - 64
+    assert prompt.history_dropped == 0 and prompt.text.count("The forest of Eldoria is old.") == 25
