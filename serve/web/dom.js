@@ -60,7 +60,11 @@ export function progressBar(label) {
 // Read a dropped or chosen file: calls onFile(file) for a drop on el or a choice in its input.
 export function dropZone(label, accept, onFile) {
   const input = h('input', { type: 'file', accept, class: 'file', 'aria-label': label,
-    onchange: () => input.files[0] && onFile(input.files[0]) });
+    onchange: () => {
+      const file = input.files[0];
+      input.value = '';   // so that choosing the same file again is a change too
+      if (file) onFile(file);
+    } });
   const zone = h('label', { class: 'drop' }, h('span', {}, label), input);
   zone.addEventListener('dragover', (e) => { e.preventDefault(); zone.classList.add('over'); });
   zone.addEventListener('dragleave', () => zone.classList.remove('over'));
