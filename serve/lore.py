@@ -16,6 +16,7 @@ in the prompt (shown once: not again for a later message); `@@depth N` entries (
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -42,6 +43,9 @@ REGEX_TIMEOUT_S = 0.02
 # And a whole book's scan for one message stops here (a member's book of thousands of such keys
 # must not either): the entries not reached do not fire, and the log says so.
 SCAN_BUDGET_S = 0.25
+# A prompt's whole placement (a resent conversation scans each earlier message once): past this,
+# older messages go without their entries.
+PLACE_BUDGET_S = 1.0
 NEVER = regex.compile(r"(?!)")
 
 
@@ -249,8 +253,9 @@ class LoreCache:
     def fired(self, book: Lorebook, fingerprint: str, history: list[dict], widest: int, count_tokens,
               substitute) -> list[Fired]:
         """What history's newest message fires; `widest`: the book's widest scan depth."""
+        scanned = "\0".join(m["content"] for m in history[len(history) - widest:] if widest)
         key = (fingerprint, sum(m["role"] == "assistant" for m in history),
-               tuple(m["content"] for m in history[len(history) - widest:] if widest))
+               hashlib.blake2b(scanned.encode(), digest_size=16).digest())   # not the texts: bounded
         if key in self.seen:
             self.seen.move_to_end(key)
             return self.seen[key]
@@ -284,14 +289,17 @@ def place(book: Lorebook | None, fingerprint: str, history: list[dict], cache: L
     lore = Lore()
     if book is None or not book.entries:
         return lore
-    widest = widest_scan(book)
-    for index, message in enumerate(history):
-        if message["role"] != "user":
+    widest, deadline = widest_scan(book), time.monotonic() + PLACE_BUDGET_S
+    for index in range(len(history) - 1, -1, -1):   # the newest first: it matters most
+        if history[index]["role"] != "user":
             continue
+        if time.monotonic() > deadline:
+            log.warning("lorebook %r: placing its entries took over %.1f s; messages before #%d go "
+                        "without theirs", book.name, PLACE_BUDGET_S, index + 1)
+            break
         fired = cache.fired(book, fingerprint, history[:index + 1], widest, count_tokens, substitute)
-        newest = index == len(history) - 1
         lore.at[index] = [f for f in fired if not f.constant and f.depth is None]
-        if newest:
+        if index == len(history) - 1:
             lore.used = fired
             lore.before_char = [f.text for f in fired if f.constant and f.depth is None and f.before_char]
             lore.after_char = [f.text for f in fired if f.constant and f.depth is None and not f.before_char]
