@@ -322,9 +322,13 @@ def test_an_index_from_before_the_users_words_vector_is_embedded_again_on_upgrad
         conn.execute("UPDATE memories SET chunks = 1")
     reembed = next(i for i, script in enumerate(MIGRATIONS) if "SET chunks = 0" in script)
     db.conn.execute(f"PRAGMA user_version={reembed}")
-    for script in MIGRATIONS[reembed + 1:]:   # the tables later migrations made are made again
-        for table in re.findall(r"CREATE TABLE (\w+)", script):
-            db.conn.execute(f"DROP TABLE {table}")
+    later = "\n".join(MIGRATIONS[reembed + 1:])   # what later migrations made is made again
+    made = re.findall(r"CREATE TABLE (\w+)", later)
+    for table in made:
+        db.conn.execute(f"DROP TABLE {table}")
+    for table, column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", later):
+        if table not in made:
+            db.conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     db.close()
     db = Database(tmp_path / "homefire.db")
     upgraded = MemoryStore(db, tmp_path / "index", embedder)
