@@ -21,6 +21,7 @@ from serve.homefire import Homefire
 from store.companions import Companion, key_for
 from store.history import Conversation, History, UnknownConversation
 from store.memories import Memory
+from store.summaries import Summaries, Summary
 from store.users import DEFAULT_USER_NAME, User
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `homefire user add NAME` prints one; "
@@ -53,6 +54,7 @@ class Account:
         self.user = user
         self.name = user.name
         self.history = History(hf.db, user.name)
+        self.summaries = Summaries(hf.db, user.name)
         self.called = user.display_name or DEFAULT_USER_NAME   # what companions call them
 
     @property
@@ -120,6 +122,12 @@ class Account:
         if found is None:
             raise UnknownConversation(conversation_id)
         return found
+
+    def summary(self, conversation_id: str) -> Summary | None:
+        """The running summary the conversation's next reply carries, if any (serve/summaries.py)."""
+        conversation = self.conversation(conversation_id)
+        said = [(m.role, m.content) for m in self.history.messages(conversation.id)]
+        return self.summaries.covering(conversation.companion_key, said[:-1])
 
     def memory_item(self, memory_id: int) -> Memory:
         found = self.memory.get(memory_id)

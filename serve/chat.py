@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +30,7 @@ from store.companions import Companion, CompanionStore, Sampling
 from store.db import Database
 from store.history import History, Message, ReplyMeta, UnknownConversation
 from store.persona import substitute
+from store.summaries import Summaries, Summary
 from store.users import DEFAULT_USER_NAME, LOCAL
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Plan:
     prompt: Prompt
     memories: list[Recalled] = field(default_factory=list)
     lore: list[Fired] = field(default_factory=list)     # what the newest message set off
+    summary: Summary | None = None     # what the prompt carries instead of the oldest turns
 
 
 class ChatService:
@@ -114,6 +116,9 @@ class ChatService:
         self.adapters: dict[str, str] = {}   # companion key -> adapter version in use
         self.fitted: dict[str, dict] = {}    # companion key -> that version's fitted sampling
         self.lore_cache = LoreCache()
+        self.summaries = True   # prompts carry conversations' summaries (serve/summaries.py)
+        # Called with (plan, conversation id, prompt tokens) once a reply is stored.
+        self.after_reply: list[Callable[[Plan, str, int], None]] = []
 
     def companion(self, companion_id: str, viewer: str | None = None) -> Companion:
         """The companion, if `viewer` may see it (None: anyone's), made for the served model."""
@@ -152,18 +157,33 @@ class ChatService:
         if turn.companion is None:
             prompt = build(None, turn.history, params["max_tokens"], extra_system=turn.extra_system)
             return Plan(turn, params, prompt)
-        history = alternate(self.shown_before(turn))
+        # The turns a summary covers are not shown: it stands where they were.
+        summary = None
+        if self.summaries:
+            summary = Summaries(self.db, turn.user).covering(
+                turn.companion.key, [(m["role"], m["content"]) for m in turn.history[:-1]])
+        if summary is None:
+            history = self.shown_before(turn)
+        else:
+            # A long conversation shows an earlier reply's memories no more: kept in place, they
+            # would fill the context with memories (up to memory.budget_tokens a turn) and fold it
+            # every few turns. The fold that made the summary moved the prefix anyway.
+            covered = [i for i, m in enumerate(turn.history) if m["content"]][summary.turns - 1]
+            history = turn.history[covered + 1:]
+        history = alternate(history)
         lore = self.lore(turn.companion, history, turn.called)
+        text = summary.text if summary else None
         prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
-                       user=turn.called, lore=lore)
+                       user=turn.called, lore=lore, summary=text)
         kept = history[len(history) - prompt.history_kept:]
         memories = self.recall(turn.companion, turn.user, history, prompt.history_kept,
                                skip_ids={i for m in kept for i in m.get("memory_ids", ())})
         if memories:
             prompt = build(turn.companion, history, params["max_tokens"], extra_system=turn.extra_system,
                            memories=[dated(m.text, m.created_at) for m in memories], user=turn.called,
-                           lore=lore)
-        return Plan(turn, params, prompt, memories, lore.used)
+                           lore=lore, summary=text)
+        metrics.DROPPED.inc(prompt.history_dropped)
+        return Plan(turn, params, prompt, memories, lore.used, summary)
 
     def lore(self, companion: Companion, history: list[dict], user: str) -> Lore:
         """The companion's lorebook entries for a prompt of `history` (serve/lore.py)."""
@@ -344,6 +364,8 @@ class ChatService:
                     self.index_soon()
                 except Exception:  # the reply stands; start-up repair remembers it later
                     log.exception("memory: could not remember reply %s", message.id)
+                for then in self.after_reply:
+                    then(plan, conversation_id, prompt_tokens)
             metrics.TOKENS.inc(completion)
         except Exception as err:
             # Neither the engine's doing, nor the client's, nor a conversation deleted meanwhile.

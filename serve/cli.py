@@ -161,6 +161,9 @@ def cmd_memory(args: argparse.Namespace) -> None:
                                            params={"q": args.text}),
             "find-tasks": lambda: here.request("GET",
                                                f"/api/v1/companions/{args.companion}/task-conversations"),
+            "summary": lambda: (
+                here.request("PUT", f"/api/v1/conversations/{args.id}/summary", json={"text": args.set})
+                if args.set is not None else here.request("GET", f"/api/v1/conversations/{args.id}/summary")),
         }
         result = calls[action]()
         if action == "find-tasks" and args.forget:
@@ -196,6 +199,9 @@ def _print_memory_result(action: str, result: object, args: argparse.Namespace) 
                 print(f"{'':>16}why: {because(m['why'])}")
     elif action in ("delete", "forget-conversation"):
         print("deleted")
+    elif action == "summary":
+        _print_summary(result.get("summary", result) if "folding" in result else result,
+                       result.get("folding", False))
     elif action == "rebuild":
         print(f"rebuilt the index of {result['memories']} memories")
     elif action == "find-tasks":
@@ -209,6 +215,18 @@ def _print_memory_result(action: str, result: object, args: argparse.Namespace) 
                   + ("; add --forget to delete them with their memories" if result else ""))
     else:
         print(f"memory {result['id']}: {result['text']}" + (" (pinned)" if result["pinned"] else ""))
+
+
+def _print_summary(summary: dict | None, folding: bool) -> None:
+    pending = " (a fold of more turns is being written)" if folding else ""
+    if summary is None:
+        print("no summary yet: the conversation still fits the context, or its first fold is being "
+              f"written{pending}")
+        return
+    edited = ", in your words" if summary["edited"] else ""
+    print(f"what the companion keeps in mind from the conversation's first {summary['turns']} messages "
+          f"(ids {summary['first_message_id']} to {summary['through_message_id']}{edited}){pending}:")
+    print(summary["text"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept them out; --forget deletes them with their memories.")
     p.add_argument("companion", help="companion id")
     p.add_argument("--forget", action="store_true", help="delete them, with their messages and memories")
+    p = msub.add_parser("summary", parents=[remote],
+                        help="show or correct what a long conversation keeps in mind from earlier",
+                        description="Show the running summary of a conversation: what the companion "
+                        "keeps in mind from the turns that no longer fit its context (written by the "
+                        "served model as the conversation grows); --set puts it in your own words, and "
+                        "the next fold goes on from them.")
+    p.add_argument("id", help="conversation id")
+    p.add_argument("--set", metavar="TEXT", help="replace the summary's words with TEXT")
     msub.add_parser("rebuild", parents=[remote], help="recreate your memories' vectors from SQLite (an "
                     "index that cannot be read is rebuilt whole, for everyone, at every start)")
     for action_parser in msub.choices.values():

@@ -95,6 +95,11 @@ class MemoryConfig(BaseModel):
     said and brings loosely related memories to more replies (bench/RESULTS.md, memory_quality)."""
     budget_tokens: int = Field(400, ge=0)
     """Most prompt tokens that recalled memories may take."""
+    summaries: bool = True
+    """Fold the turns of a conversation that no longer fit the context into a running summary,
+    written by the served model in the background (false: the oldest turns fall out)."""
+    summary_tokens: int = Field(256, ge=32, le=2048)
+    """Longest a conversation's running summary may grow, in tokens."""
 
 
 class ImportConfig(BaseModel):

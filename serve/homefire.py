@@ -31,6 +31,7 @@ from serve.finetunes import FinetuneService, sleep_mode_supported
 from serve.limits import Limiter
 from serve.model_pin import check_and_record, engine_version
 from serve.prompt import PromptBuilder
+from serve.summaries import Folds
 from serve.tasks import Tasks
 from store.adapters import adopt_old_folders
 from store.companions import Companion, CompanionStore
@@ -62,6 +63,7 @@ class Homefire:
     users: Users
     tasks: Tasks                 # clients' background work, and the utility model
     finetunes: FinetuneService = field(init=False)   # training jobs, one at a time
+    folds: Folds = field(init=False)   # long conversations' running summaries
     url: str = ""                # where clients reach it, once it listens
     model_change: str | None = None   # what differs from the model the data was made with
     reembedding: Reembedding | None = None   # memory.embedder changed: the index being re-embedded
@@ -97,6 +99,7 @@ class Homefire:
         hf = cls(settings, data_dir, db, companions, engine, chat, AdapterService(data_dir, chat),
                  Limiter(settings.limits), users, Tasks(settings.tasks))
         hf.finetunes = FinetuneService(hf)
+        hf.folds = Folds(chat, settings.memory.summaries, settings.memory.summary_tokens)
         if interrupted := hf.finetunes.recover():
             log.info("finetune: %d training jobs were cut short by the last stop; resume them with "
                      "POST /api/v1/finetunes/ID/resume", interrupted)

@@ -13,3 +13,8 @@ ENGINE_RESTARTS = Gauge("homefire_engine_restarts", "Times the vLLM child was re
 UNSTORED = Counter("homefire_unstored_requests_total",
                    "Chat requests answered without being stored, by why (store_false, utility_model, "
                    "task) and the client whose background task it was", ["why", "client"])
+DROPPED = Counter("homefire_prompt_turns_dropped_total",
+                  "Turns of a conversation left out of a reply's prompt that no summary covered")
+FOLDS = Counter("homefire_summary_folds_total",
+                "Folds of a conversation's turns into its summary, by outcome (ok, failed; extractive: "
+                "of the ok ones, those the model only went on with the conversation in)", ["outcome"])

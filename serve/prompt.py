@@ -13,7 +13,7 @@ from jinja2 import TemplateError
 from finetune.template import Neutralizer, alternate
 from serve.lore import Lore
 from store.companions import Companion
-from store.persona import DEFAULT_USER_NAME, memory_block, persona_prompt, substitute
+from store.persona import DEFAULT_USER_NAME, memory_block, persona_prompt, substitute, summary_block
 
 
 class PromptTooLong(ValueError):
@@ -57,12 +57,13 @@ class PromptBuilder:
 
     def build(self, companion: Companion | None, history: list[dict], max_tokens: int,
               extra_system: list[str] = (), memories: list[str] | None = None,
-              user: str = DEFAULT_USER_NAME, lore: Lore | None = None) -> Prompt:
+              user: str = DEFAULT_USER_NAME, lore: Lore | None = None, summary: str | None = None) -> Prompt:
         """history: oldest first, ending with the user's new message (normalised by `alternate`).
         A message may carry "memories": those shown before it when it was the newest, shown
         there again so the prompt's prefix stays what the engine has cached. No companion:
         no persona, only the caller's system messages (the utility model). `lore`: the lorebook
-        entries, by place (serve/lore.py); its `at` indexes `history` as given."""
+        entries, by place (serve/lore.py); its `at` indexes `history` as given. `summary`: what the
+        turns before `history` said (serve/summaries.py), placed where they were."""
         if lore is not None and lore.at:
             history = [{**m, "lore": lore.at[i]} if lore.at.get(i) else m for i, m in enumerate(history)]
         history = alternate(history)
@@ -80,7 +81,11 @@ class PromptBuilder:
         if companion and companion.post_history_instructions.strip():
             late.append(substitute(companion.post_history_instructions, companion, user))
         tail = [{"role": "system", "content": "\n\n".join(late)}] if late else []
-        text, messages = self.render(head, tail, history, user, lore.depth)
+        # Where the summarised turns were: between the head and the history, both of which
+        # stay the same from turn to turn until the next fold.
+        early = [{"role": "system", "content": summary_block(summary, companion, user)}] if summary else []
+        head = head + early
+        text, messages = self.render(head, tail, history, user, lore.depth, len(early))
         if len(text.encode()) + BYTE_MARGIN <= budget:
             return Prompt(text, None, messages, len(history), 0)
 
@@ -106,7 +111,7 @@ class PromptBuilder:
             used += sizes[start]
         start = min(start, len(history) - 1)  # the newest message always goes in
         while True:
-            text, messages = self.render(head, tail, history[start:], user, lore.depth)
+            text, messages = self.render(head, tail, history[start:], user, lore.depth, len(early))
             ids = self.encode(text)
             if len(ids) <= budget:
                 return Prompt(text, ids, messages, len(history) - start, start)
@@ -119,11 +124,13 @@ class PromptBuilder:
             start += 1
 
     def render(self, head: list[dict], tail: list[dict], history: list[dict],
-               user: str = DEFAULT_USER_NAME, depth: list[tuple[int, str]] = ()) -> tuple[str, list[dict]]:
+               user: str = DEFAULT_USER_NAME, depth: list[tuple[int, str]] = (), loose: int = 0
+               ) -> tuple[str, list[dict]]:
         """head: the persona's system message; tail (memories, post-history instructions): one
         system message right before the newest message; an earlier message's lore entries and
         memories right before it, as when it was the newest (an entry once: where it was first
-        shown); `depth` entries that many messages from the newest."""
+        shown); `depth` entries that many messages from the newest. The last `loose` messages of
+        the head may open the first message instead, where a template allows one system message."""
         groups, shown = [], set()
         for i, m in enumerate(history):
             lore = [f.text for f in m.get("lore", ()) if f.handle not in shown]
@@ -145,9 +152,11 @@ class PromptBuilder:
             # Strict templates: one system message and the user speaks first (before a
             # greeting); every later system message opens the message after it (still before
             # it, so the head and the history stay a prefix that the cache keeps).
-            messages, waiting = list(head), []
+            cut = len(head) - loose
+            messages, waiting = list(head[:cut]), [m["content"] for m in head[cut:]]
             if history and history[0]["role"] == "assistant":
-                messages.append({"role": "user", "content": OPENING})
+                messages.append({"role": "user", "content": "\n\n".join([*waiting, OPENING])})
+                waiting = []
             for m in body:
                 if m["role"] == "system":
                     waiting.append(m["content"])

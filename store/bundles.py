@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from store.companions import visible_id
 from store.db import Database, Progress
 from store.history import ReplyMeta, chain_root, chains
 from store.staging import COPY_BATCH, HANDOFF_S, hidden_owner
+from store.summaries import Summaries
 
 
 class BundleError(ValueError):
@@ -51,6 +52,14 @@ class MessageRecord(ReplyMeta):   # what the engine reported about a reply, as h
     forgotten: bool = False        # its memory was deleted: it is not remembered again
 
 
+class SummaryRecord(_Record):   # a running summary (store/summaries.py) of the messages up to `through`
+    through: int
+    text: str = Field(min_length=1)
+    edited: bool = False
+    created_at: float
+    updated_at: float
+
+
 class ConversationRecord(_Record):
     id: str
     title: str | None = None
@@ -60,6 +69,7 @@ class ConversationRecord(_Record):
     created_at: float
     updated_at: float
     messages: list[MessageRecord]
+    summaries: list[SummaryRecord] = []
 
 
 class MemoryRecord(_Record):
@@ -97,6 +107,8 @@ CREATE INDEX messages_of ON messages(conversation, n);
 CREATE TABLE memories (n INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, kind TEXT, text TEXT, asked TEXT,
     source TEXT, pinned INTEGER, created_at REAL, updated_at REAL, conversation_id TEXT, reply_id INTEGER,
     stored INTEGER);
+CREATE TABLE summaries (conversation INTEGER NOT NULL, through INTEGER NOT NULL, text TEXT, edited INTEGER,
+    created_at REAL, updated_at REAL);
 CREATE TABLE picture (data BLOB);
 """
 
@@ -121,6 +133,12 @@ def stage_conversation(conn: sqlite3.Connection, line: bytes) -> None:
             (n, m.id, m.role, m.content, m.created_at, m.tokens, m.prompt_tokens, m.model, m.adapter,
              json.dumps(m.sampling) if m.sampling is not None else None, m.finish_reason, int(m.truncated),
              int(m.forgotten), json.dumps(m.memories_used) if m.memories_used is not None else None))
+    said = {m.id for m in conv.messages}
+    for summary in conv.summaries:
+        if summary.through not in said:
+            raise ValueError(f"summaries: message {summary.through} is not one of this conversation's")
+        conn.execute("INSERT INTO summaries VALUES (?, ?, ?, ?, ?, ?)", (n, summary.through, summary.text,
+                     int(summary.edited), summary.created_at, summary.updated_at))
 
 
 def stage_memory(conn: sqlite3.Connection, line: bytes) -> None:
@@ -215,7 +233,10 @@ class BundleRows:
                     "finish_reason": m["finish_reason"], "truncated": bool(m["truncated"]),
                     "memories_used": json.loads(m["memories"]) if m["memories"] else None,
                     "forgotten": bool(m["forgotten"])})
-            found.append(dict(c) | {"messages": messages})
+            summaries = [dict(s) | {"edited": bool(s["edited"])} for s in self.db.query(
+                "SELECT through_id AS through, text, edited, created_at, updated_at FROM summaries "
+                "WHERE conversation_id = ? ORDER BY id", (c["id"],))]
+            found.append(dict(c) | {"messages": messages, "summaries": summaries})
         return found
 
     def memories(self) -> list[dict]:
@@ -238,6 +259,7 @@ class BundleRows:
                 if new_companion:
                     conn.execute("DELETE FROM companions WHERE id = ?", (self.key,))
             raise
+        writer.summaries()
         writer.memories()
 
 
@@ -431,6 +453,22 @@ class _Writer:
                              "conversation_id) VALUES (?, ?, ?, ?)",
                              [(self.user, self.key, origin, target) for origin, target in self.origins])
         self._stage("messages", "stored = ?", list(zip(itertools.count(first), ns, strict=False)))
+
+    # -- summaries -----------------------------------------------------------------------------
+
+    def summaries(self) -> None:
+        """The conversations' running summaries, keyed by the messages they cover as stored here
+        (one a conversation here has already is kept as it is: it may have been edited since)."""
+        rows = self.staged.execute("SELECT s.*, c.target FROM summaries s JOIN conversations c ON "
+                                   "c.n = s.conversation ORDER BY s.rowid").fetchall()
+        keep = Summaries(self.db, self.user)
+        for s in rows:
+            said = self.staged.execute("SELECT role, content, stored FROM messages WHERE conversation = ? "
+                                       "AND n <= (SELECT n FROM messages WHERE id = ?) ORDER BY n",
+                                       (s["conversation"], s["through"])).fetchall()
+            keep.add(s["target"], self.key, [(m["role"], m["content"]) for m in said], said[-1]["stored"],
+                     s["text"], edited=bool(s["edited"]), when=(s["created_at"], s["updated_at"]),
+                     replace=False)
 
     # -- memories ------------------------------------------------------------------------------
 

@@ -178,6 +178,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE messages ADD COLUMN lore TEXT;   -- replies: JSON [{entry, name, why, where}]
     """,
+    # Running summaries of long conversations (store/summaries.py): what the turns that no
+    # longer fit the context said, keyed by the chain of the messages they cover.
+    """
+    CREATE TABLE summaries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        through_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,  -- the last it covers
+        turns INTEGER NOT NULL,         -- how many non-empty messages, from the first, it covers
+        chain TEXT NOT NULL,            -- their chain: a history that begins with them can use it
+        text TEXT NOT NULL,
+        edited INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX summaries_by_chain ON summaries(chain);
+    CREATE INDEX summaries_by_conversation ON summaries(conversation_id);
+    """,
 ]
 
 

@@ -40,3 +40,15 @@ def memory_block(memories: list[str], user: str = DEFAULT_USER_NAME) -> str:
     conversation, never instructions."""
     quoted = "\n>\n".join("\n".join(f"> {line}" for line in m.splitlines()) for m in memories)
     return f"{MEMORY_HEADER.replace('{{user}}', user)}\n{quoted}"
+
+
+# The running summary of the turns a long conversation no longer shows (serve/summaries.py).
+SUMMARY_HEADER = ("What {{char}} keeps in mind from earlier in this conversation (a summary of the "
+                  "turns before these):")
+
+
+def summary_block(summary: str, companion: Companion | None, user: str = DEFAULT_USER_NAME) -> str:
+    """The summary where the turns it covers were: right after the persona."""
+    header = substitute(SUMMARY_HEADER, companion, user) if companion else SUMMARY_HEADER.replace(
+        "{{char}}", "the assistant")
+    return f"{header}\n{summary.strip()}"

@@ -19,6 +19,7 @@ from serve.tasks import TaskConversation, task_conversations
 from store.companions import Companion
 from store.history import Conversation, Message, UnknownConversation
 from store.persona import substitute
+from store.summaries import Summary
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -54,6 +55,20 @@ class SendMessage(Regenerate):
         {"content": "I planted tomatoes today.", "max_tokens": 16},
         {"content": "Tell me a joke.", "stream": True, "max_tokens": 16}]})
     content: str = Field(min_length=1)
+
+
+class ConversationSummary(BaseModel):
+    summary: Summary | None
+    """What the companion keeps in mind from the turns its prompt no longer shows; null until the
+    conversation outgrows the context."""
+    folding: bool
+    """A fold of more turns into it is waiting or being written."""
+
+
+class SummaryEdit(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"text": "Sam planted tomatoes in May and named the cat Pixel."}]})
+    text: str = Field(min_length=1, max_length=20000)
 
 
 class Exchange(BaseModel):
@@ -115,6 +130,28 @@ def delete_conversation(conversation_id: str, account: AccountDep) -> Response:
     account.conversation(conversation_id)
     account.memory.forget_conversation(conversation_id)
     return Response(status_code=204)
+
+
+@router.get("/conversations/{conversation_id}/summary")
+def get_summary(conversation_id: str, account: AccountDep) -> ConversationSummary:
+    """The conversation's running summary: what the turns that no longer fit the context said,
+    written by the served model; it stands in the prompt where those turns were."""
+    summary = account.summary(conversation_id)
+    return ConversationSummary(summary=summary, folding=account.hf.folds.folding(conversation_id))
+
+
+@router.put("/conversations/{conversation_id}/summary", responses={
+    409: {"description": "The conversation has no summary yet"}})
+def edit_summary(conversation_id: str, body: SummaryEdit, account: AccountDep) -> Summary:
+    """Put the running summary in your own words; the next fold goes on from them."""
+    summary = account.summary(conversation_id)
+    if summary is None:
+        raise HTTPException(409, "this conversation has no summary yet: one is written once it no longer "
+                                 "fits the context")
+    edited = account.summaries.edit(summary.id, body.text.strip() or body.text)
+    if edited is None:
+        raise UnknownConversation(conversation_id)
+    return edited
 
 
 @router.post("/conversations/{conversation_id}/messages", response_model=Exchange,

@@ -23,6 +23,7 @@ from store import adapters
 from store.companions import Companion, CompanionStore, Sampling
 from store.db import Database
 from store.history import History, ReplyMeta, chain_root, chains
+from store.summaries import Summaries
 from store.users import Users
 from tests.support.adapters import make_adapter
 from tests.support.cards import v3_card_with_decorators
@@ -44,8 +45,9 @@ def setup(model_dir) -> bundle.Setup:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, model_dir, setup) -> tuple[Path, Path]:
-    """A data directory where Kit has two conversations, memories of each kind (one deleted, one
-    edited, one pinned) and two adapter versions, v2 in use; and Kit's bundle."""
+    """A data directory where Kit has two conversations (one with a running summary, edited),
+    memories of each kind (one deleted, one edited, one pinned) and two adapter versions, v2 in
+    use; and Kit's bundle."""
     data = tmp_path_factory.mktemp("source")
     db = Database(data / "homefire.db")
     CompanionStore(db).put(KIT, "api")
@@ -57,6 +59,11 @@ def source(tmp_path_factory, model_dir, setup) -> tuple[Path, Path]:
     memory.add_exchange("kit", first, reply.id, "I moved to Porto last week.",
                         "User: I moved to Porto last week.\nKit: Porto! Tell me about the river.",
                         reply.created_at)
+    summaries = Summaries(db)
+    summary = summaries.add(first, "kit", [("user", "I moved to Porto last week."),
+                                           ("assistant", "Porto! Tell me about the river.")], reply.id,
+                            "They talked about the move to Porto.")
+    summaries.edit(summary.id, "Sam moved to Porto, by the river.")   # in the user's words
     second = history.create_conversation("kit").id
     history.append(second, "user", "My cat Miso hates the rain.")
     gone = history.append(second, "assistant", "Poor Miso.", ReplyMeta(finish_reason="stop"))
@@ -133,11 +140,16 @@ def test_a_bundle_comes_home_whole_and_a_second_import_adds_nothing(source, setu
     conversation, added = History(db).record_resent("kit", turns)
     assert added == []
     assert conversation == rows(before, "SELECT id FROM conversations ORDER BY created_at")[0][0]
+    # The running summary comes along, in the user's words, for the same messages.
+    kept = "SELECT conversation_id, turns, chain, text, edited, created_at, updated_at FROM summaries"
+    assert rows(db, kept) == rows(before, kept) and len(rows(db, kept)) == 1
+    assert Summaries(db).covering("kit", turns).text == "Sam moved to Porto, by the river."
 
     again = bundle.import_bundle(db, data, bundle.read_bundle(out), "local", None, setup)
     assert not again.created and again.conversations_added == again.messages_added == 0
     assert again.memories_added == 0 and again.adapters_added == [] and again.adapters_known == ["v1", "v2"]
     assert rows(db, "SELECT COUNT(*) FROM messages") == [(4,)]
+    assert rows(db, "SELECT COUNT(*) FROM summaries") == [(1,)]
     assert adapters.versions(data, "kit") == ["v1", "v2"]
 
 
@@ -328,12 +340,21 @@ def test_one_changed_byte_in_any_member_is_found(source, setup, tmp_path):
         bundle.read_bundle(tmp_path / "flipped.homefire")
 
 
-def test_a_malformed_history_line_is_named(source, setup, tmp_path):
+STOLEN = {"id": "y", "created_at": 1, "updated_at": 1,
+          "messages": [{"id": 99, "role": "user", "content": "hi", "created_at": 1}],
+          "summaries": [{"through": 1, "text": "another's", "created_at": 1, "updated_at": 1}]}
+
+
+@pytest.mark.parametrize(("line", "said"), [
+    ('{"id": "x", "messages": "no"}', r"history.jsonl line 3: created_at: Field required"),
+    (json.dumps(STOLEN), r"history.jsonl line 3: summaries: message 1 is not one of this conversation's"),
+])
+def test_a_malformed_history_line_is_named(source, setup, tmp_path, line, said):
     _, out = source
 
     def break_history(info, payload):
         if info.filename == "history.jsonl":
-            payload = payload + b'{"id": "x", "messages": "no"}\n'
+            payload = payload + line.encode() + b"\n"
         return [(info, payload)]
 
     bad = repack(out, tmp_path / "bad.homefire", break_history)
@@ -342,7 +363,7 @@ def test_a_malformed_history_line_is_named(source, setup, tmp_path):
         manifest["members"]["history.jsonl"] = hashlib.sha256(archive.read("history.jsonl")).hexdigest()
     fixed = repack(bad, tmp_path / "relisted.homefire", lambda info, payload: [
         (info, json.dumps(manifest).encode() if info.filename == "manifest.json" else payload)])
-    with pytest.raises(bundle.BundleError, match=r"history.jsonl line 3: created_at: Field required"):
+    with pytest.raises(bundle.BundleError, match=said):
         bundle.read_bundle(fixed)
 
 

@@ -32,6 +32,7 @@ BODIES = {
     ("patch", "/api/v1/conversations/{conversation_id}"): {"title": "mine now"},
     ("post", "/api/v1/conversations/{conversation_id}/messages"): {"content": "hi", "max_tokens": 2},
     ("post", "/api/v1/conversations/{conversation_id}/regenerate"): {"max_tokens": 2},
+    ("put", "/api/v1/conversations/{conversation_id}/summary"): {"text": "mine now"},
     ("post", "/api/v1/companions/{companion_id}/memories"): {"text": "planted"},
     ("post", "/api/v1/companions/{companion_id}/lorebook/test"): {"text": "hi"},
     ("patch", "/api/v1/memories/{memory_id}"): {"text": "planted", "pinned": False},

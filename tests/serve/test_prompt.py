@@ -178,3 +178,27 @@ def test_history_alternates_for_strict_templates(tokenizer):
         assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles
         assert "I got a dog.\n\nHis name is Rex." in prompt.text
     assert "(The conversation begins.) [/INST] Hello!<|im_end|>" in prompt.text
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["chatml", "strict-template"])
+def test_a_summary_stands_where_its_turns_were_and_the_prompts_after_it_share_a_prefix(tokenizer, strict):
+    if strict:   # one system message, and the user speaks first
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = STRICT
+    builder = PromptBuilder(tokenizer, 4096)
+    plain = EMBER.model_copy(update={"post_history_instructions": ""})
+    turns = history(41)
+    folded = "Sam told Ember about the first twenty messages."
+    first = builder.build(plain, turns[20:], max_tokens=64, summary=folded)
+    assert first.history_dropped == 0 and "message number 19 " not in first.text
+    persona, summary, opens = (first.text.index(t) for t in ("You are Ember.", folded, "message number 20"))
+    assert persona < summary < opens
+    assert first.text.rindex("What Ember keeps in mind from earlier in this conversation", 0, summary) > persona
+    if strict:
+        # One system message (the persona); the summary opens the first turn.
+        assert first.text.count("<<SYS>>") == 1 and first.text.index("<</SYS>>") < summary
+    # Until the next fold, each prompt begins with the one before it: the cache keeps it.
+    later = builder.build(plain, turns[20:] + [{"role": "assistant", "content": "Yes."},
+                                               {"role": "user", "content": "And then?"}],
+                          max_tokens=64, summary=folded)
+    assert later.text.startswith(first.text.removesuffix("<|im_start|>assistant\n"))

@@ -1,6 +1,7 @@
 """The web app in a real browser (Chromium through Playwright) against a real server on the
 embedded model: sign in, talk (streaming, stop, memories used), memory, bringing an export
-home, teaching the voice, accounts and isolation, and text that looks like markup.
+home, teaching the voice, accounts and isolation, text that looks like markup, a world's
+entries, and what a long conversation keeps in mind.
 
 Every test also checks (in the `tab` fixture) that the page asked nothing of another host
 and raised no error. Screenshots: .cache/screenshots/.
@@ -19,6 +20,7 @@ from playwright.sync_api import expect
 from serve.bundle import read_bundle
 from store.cards import parse_card
 from tests.support.cards import SERAPHINA_WORLD, png_with_chara, sillytavern_card
+from tests.support.conversations import long_conversation, wait_for_summary
 from tests.support.exports import ChatGPTTree, card_png, chatgpt_simple, chatgpt_zip
 
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -524,3 +526,35 @@ def test_edit_a_sillytavern_cards_world_test_a_message_and_see_what_a_reply_used
     phone.sign_in().goto(web.url + "/#/world/seraphina")
     expect(phone.page.locator("li.entry")).to_have_count(5)
     phone.shot("world-phone-dark")
+
+
+def test_a_long_conversation_shows_what_the_companion_keeps_in_mind_and_takes_your_words(tab, web):
+    asked = web.openai().chat.completions.with_raw_response.create(
+        model="ember", max_tokens=8, messages=[*long_conversation(), {"role": "user", "content": "And Ada?"}])
+    conversation = asked.headers["X-Homefire-Conversation"]
+    with web.http() as http:
+        summary = wait_for_summary(http, conversation)
+    t = tab()
+    page = t.sign_in()
+    page.goto(web.url + f"/#/chat/ember/{conversation}")
+    kept = page.locator(".kept-in-mind")
+    expect(kept.locator("summary")).to_contain_text(
+        f"What Ember keeps in mind from earlier (the first {summary['turns']} messages)")
+    # A line after the last message the summary stands in for.
+    expect(page.locator(f".message[data-id='{summary['through_message_id']}'] + li.folded")).to_be_visible()
+    kept.locator("summary").click()
+    expect(page.locator("#summary-text")).to_have_value(summary["text"])
+    t.shot("chat-kept-in-mind")
+
+    page.fill("#summary-text", "Sam keeps an allotment with tomatoes; Ada next door keeps bees.")
+    page.click("#save-summary")
+    expect(kept.get_by_role("status")).to_have_text("saved, in your words")
+    with web.http() as http:
+        now = http.get(f"/api/v1/conversations/{conversation}/summary").json()["summary"]
+    assert now["edited"] and now["text"] == "Sam keeps an allotment with tomatoes; Ada next door keeps bees."
+
+    phone = tab(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    phone.sign_in().goto(web.url + f"/#/chat/ember/{conversation}")
+    phone.page.locator(".kept-in-mind summary").click()
+    expect(phone.page.locator("#summary-text")).to_have_value(now["text"])
+    phone.shot("chat-kept-in-mind-phone-dark")

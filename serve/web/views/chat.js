@@ -1,5 +1,6 @@
 // Chat: the companion's conversations; replies stream token by token with a stop button;
-// each reply can unfold the memories and the world entries its prompt used.
+// each reply can unfold the memories and the world entries its prompt used; a conversation that
+// outgrew the context shows what the companion keeps in mind from its earlier turns, editable.
 
 import { api, events, explain, streamedError } from '../api.js';
 import { day, fill, h, notice, when } from '../dom.js';
@@ -13,6 +14,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
   const sendButton = h('button', { type: 'submit', id: 'send' }, 'Send');
   const stopButton = h('button', { type: 'button', id: 'stop', class: 'danger', hidden: true }, 'Stop');
   const form = h('form', { class: 'composer' }, text, sendButton, stopButton);
+  const kept = h('details', { class: 'kept-in-mind', hidden: true });
   let current = null;   // the open conversation
   let replying = null;  // the AbortController of the reply being streamed
 
@@ -42,7 +44,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
   }
 
   function bubble(message) {
-    const item = h('li', { class: `message ${message.role}` },
+    const item = h('li', { class: `message ${message.role}`, 'data-id': message.id ?? null },
       h('span', { class: 'speaker' }, message.role === 'user' ? 'You' : companion.name),
       h('div', { class: 'text' }, message.content));
     if (message.role === 'assistant') item.append(...details(message));
@@ -87,10 +89,41 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
     return extra;
   }
 
+  // The running summary (serve/summaries.py): shown above the conversation, with a line after
+  // the last message it covers; saved in the user's own words.
+  async function loadSummary() {
+    const { summary, folding } = await api(`/conversations/${current.id}/summary`);
+    for (const old of messages.querySelectorAll('.folded')) old.remove();
+    if (!summary) {
+      kept.hidden = true;
+      return;
+    }
+    const words = h('textarea', { id: 'summary-text', rows: 6, 'aria-label': 'Summary' }, summary.text);
+    const status = h('span', { class: 'hint', role: 'status' },
+      summary.edited ? 'in your words' : 'written by the model', folding ? ' · more is being folded in' : '');
+    const save = h('button', { type: 'button', id: 'save-summary' }, 'Save');
+    save.addEventListener('click', async () => {
+      try {
+        await api(`/conversations/${current.id}/summary`, { method: 'PUT', json: { text: words.value } });
+        status.textContent = 'saved, in your words';
+      } catch (err) {
+        status.textContent = explain(err);
+      }
+    });
+    fill(kept, h('summary', {}, `What ${companion.name} keeps in mind from earlier`,
+      h('span', { class: 'hint' }, ` (the first ${summary.turns} messages)`)),
+    h('p', { class: 'hint' }, `These messages no longer fit in what ${companion.name} reads before a reply; `
+      + 'this summary stands in for them.'), words, h('div', { class: 'row-actions' }, save, status));
+    kept.hidden = false;
+    const last = messages.querySelector(`[data-id="${summary.through_message_id}"]`);
+    last?.after(h('li', { class: 'folded hint' }, `Above: kept in mind as a summary`));
+  }
+
   async function open(id) {
     const { conversation, messages: said } = await api(`/conversations/${id}`);
     current = conversation;
     fill(messages, said.map(bubble));
+    await loadSummary();
     offerRegenerate();
     messages.lastElementChild?.scrollIntoView({ block: 'end' });
   }
@@ -141,6 +174,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
     }
     offerRegenerate();
     loadList();
+    loadSummary();
     return outcome;
   }
 
@@ -192,7 +226,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
   fill(root,
     h('aside', { class: 'sidebar' },
       h('button', { type: 'button', id: 'new-conversation', onclick: start }, 'New conversation'), list),
-    h('div', { class: 'chat' }, h('h1', {}, companion.name), messages, form));
+    h('div', { class: 'chat' }, h('h1', {}, companion.name), kept, messages, form));
   const chosen = conversationId ?? conversations[0]?.id;
   if (chosen) {
     await open(chosen);
