@@ -8,7 +8,7 @@ how many messages the summary covers at the end, and vLLM's prefix-cache hit rat
 --window turns; then the ratio of the hit rates (goal: summaries well above truncation, whose
 prefix changes every turn once the context is full).
 
-    .venv/bin/python bench/summaries.py [--turns 400] [--window 50] [--max-tokens 24]
+    .venv/bin/python bench/summaries.py [--turns 400] [--window 50] [--max-tokens 24] [--baseline-turns N]
 """
 
 from __future__ import annotations
@@ -86,17 +86,23 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=400, help="messages the user sends")
     parser.add_argument("--window", type=int, default=50, help="the last turns whose hit rate is compared")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per reply")
+    parser.add_argument("--baseline-turns", type=int, default=None,
+                        help="turns of the truncation run (default: --turns): the same conversation's "
+                             "first N; once its context is full, every turn drops its oldest turns, so "
+                             "the last --window turns of any N past that measure the same steady state")
     args = parser.parse_args()
     results = {}
-    for name, on in (("summaries", True), ("truncation", False)):
-        print(f"{name}: {args.turns} turns ...", flush=True)
-        results[name] = run(on, args.turns, args.window, args.max_tokens)
+    baseline = args.baseline_turns or args.turns
+    for name, on, turns in (("summaries", True, args.turns), ("truncation", False, baseline)):
+        print(f"{name}: {turns} turns ...", flush=True)
+        results[name] = run(on, turns, args.window, args.max_tokens) | {"turns": turns}
     folded, cut = results["summaries"], results["truncation"]
     ratio = folded["hit_rate"] / cut["hit_rate"] if cut["hit_rate"] else float("inf")
     print(f"\nmachine: {platform.machine()}, {platform.processor() or 'cpu'}; model {MODEL_NAME}; "
           f"{args.turns} turns, replies of {args.max_tokens} tokens")
     for name, r in results.items():
-        print(f"{name}: largest prompt {r['max_prompt_tokens']} of {r['budget']} tokens; turns left out "
+        print(f"{name} ({r['turns']} turns): largest prompt {r['max_prompt_tokens']} of {r['budget']} "
+              f"tokens; turns left out "
               f"uncovered {r['turns_dropped_uncovered']:.0f}; folds {r['folds']:.0f} "
               f"({r['failed_folds']:.0f} failed); summary covers {r['summary_covers']} of "
               f"{r['messages']} messages; hit rate over the last {args.window} turns "

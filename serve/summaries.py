@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from serve import metrics
 from serve.chat import ChatService, Done, Plan, Turn
+from serve.engine import EngineUnavailable
 from store.companions import Companion
 from store.history import History, Message
 from store.summaries import Summaries, Summary
@@ -34,6 +35,9 @@ MIN_CHUNK = 0.15
 TURN_OVERHEAD = 5    # tokens a chat template adds around a message
 QUIET_PATIENCE_S = 2.0
 HEADINGS = ("summary so far", "conversation:", "the updated summary", "rewrite the summary")
+# Sentences about the task rather than the conversation ("In this rewriting, I've added ...").
+ABOUT_THE_TASK = re.compile(r"\b(rewrit\w*|this version|the (original |new )?summary|at most \d+ sentences|"
+                            r"in the third person)\b", re.IGNORECASE)
 # The instruction comes last: small models otherwise go on with the conversation they are shown.
 SYSTEM = "You write short summaries of conversations."
 ASK = ("Summary so far: {so_far}\n\nConversation:\n{said}\n\nRewrite the summary so far to include the "
@@ -107,6 +111,9 @@ class Folds:
                     metrics.FOLDS.labels("ok").inc()
                 if more:   # a long backlog: a chunk at a time, behind the others' folds
                     self.waiting.setdefault(fold.conversation_id, fold)
+            except EngineUnavailable as err:   # stopped, asleep for a training: its next reply asks again
+                metrics.FOLDS.labels("failed").inc()
+                log.info("summaries: conversation %s folds later: %s", fold.conversation_id, err)
             except Exception:   # the conversation goes on without; its next reply tries again
                 metrics.FOLDS.labels("failed").inc()
                 log.exception("summaries: could not fold conversation %s", fold.conversation_id)
@@ -201,7 +208,7 @@ def _transcript(fold: Fold, turns: list[Message]) -> str:
 
 
 def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?…])\s+", text.strip()) if s.strip()] or [text.strip()]
+    return [s.strip() for s in re.split(r"(?<=[.!?…])\s+|\n+", text.strip()) if s.strip()] or [text.strip()]
 
 
 def cleaned(text: str, finish_reason: str | None, speakers: tuple[str, ...]) -> str:
@@ -213,7 +220,7 @@ def cleaned(text: str, finish_reason: str | None, speakers: tuple[str, ...]) -> 
              and not line.strip().lower().startswith(HEADINGS)]
     seen, kept = set(), []
     for sentence in _sentences("\n".join(lines)):
-        if sentence.lower() not in seen:
+        if sentence.lower() not in seen and not ABOUT_THE_TASK.search(sentence):
             seen.add(sentence.lower())
             kept.append(sentence)
     if finish_reason == "length" and kept and not re.search(r"[.!?…][\"')\]]?$", kept[-1]):

@@ -193,7 +193,8 @@ def test_a_summary_stands_where_its_turns_were_and_the_prompts_after_it_share_a_
     assert first.history_dropped == 0 and "message number 19 " not in first.text
     persona, summary, opens = (first.text.index(t) for t in ("You are Ember.", folded, "message number 20"))
     assert persona < summary < opens
-    assert first.text.rindex("What Ember keeps in mind from earlier in this conversation", 0, summary) > persona
+    header = "What Ember keeps in mind from earlier in this conversation"
+    assert first.text.rindex(header, 0, summary) > persona
     if strict:
         # One system message (the persona); the summary opens the first turn.
         assert first.text.count("<<SYS>>") == 1 and first.text.index("<</SYS>>") < summary

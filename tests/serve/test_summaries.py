@@ -102,3 +102,6 @@ def test_what_a_small_model_adds_to_a_summary_is_cleaned_away():
     assert cleaned(went_on, "stop", names) == "Sam met Ada."
     assert cleaned("Sam went to the market. He met Ada and", "length", names) == "Sam went to the market."
     assert cleaned("Sam: hi\nEmber: hello", "stop", names) == ""   # then the user's own words are kept
+    about = ("At most 6 sentences, in the third person, about what Sam shared:\n\nSam planted tomatoes. "
+             "In this rewriting, I've added a few details to the original summary.")
+    assert cleaned(about, "stop", names) == "Sam planted tomatoes."

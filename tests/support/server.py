@@ -54,6 +54,17 @@ class Server:
              "--config", str(self.config_path)],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
         )
+        try:
+            return self._wait(timeout, ready)
+        except BaseException:
+            # Not left behind (with its vLLM) to slow down every test after this one.
+            if self.proc.poll() is None:
+                self.proc.kill()   # the server's guard takes its vLLM down with it
+                self.proc.wait(60)
+            self.log.close()
+            raise
+
+    def _wait(self, timeout: float, ready: bool) -> Server:
         info = self.data_dir / "run" / "server.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -71,7 +82,7 @@ class Server:
                 except httpx.HTTPError:
                     pass
             time.sleep(0.5)
-        raise RuntimeError(f"homefire serve was not ready in {timeout} s:\n{self.log_tail()}")
+        raise RuntimeError(f"homefire serve was not ready in {timeout} s (stopped):\n{self.log_tail()}")
 
     @property
     def auth(self) -> dict:
