@@ -7,8 +7,10 @@ short (client gone, engine failure) is stored marked truncated.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -47,6 +49,12 @@ def adapter_name(companion_id: str, version: str) -> str:
 
 INDEX_BATCH = 8          # memories embedded at a time in the background
 INDEX_PATIENCE_S = 2.0   # longest wait for a moment without replies in flight
+# What vllm-router's consistent_hash policy reads to keep a conversation on one worker, the one
+# whose prefix cache holds it. Our own engine ignores it.
+SESSION_HEADER = "X-Session-ID"
+ENGINE_ATTEMPTS = 4      # tries of a reply's request that a router's worker did not take
+RETRY_PAUSE_S = 0.5      # times the try's number, between them
+ADDRESS = re.compile(r"https?://[^\s)\"']+")
 
 
 class UnknownCompanion(LookupError):
@@ -60,8 +68,19 @@ class WrongBaseModel(ValueError):
     """The companion was made for a model other than the one the server runs."""
 
 
+def session_key(user: str, conversation_id: str) -> str:
+    """A conversation's key for the router: stable, and naming neither the member nor the
+    conversation to the workers' logs."""
+    return hashlib.sha256(f"{user}\0{conversation_id}".encode()).hexdigest()[:32]
+
+
 class EngineFailed(RuntimeError):
-    """The engine failed in the middle of a reply."""
+    """The engine failed in the middle of a reply. `retryable`: the stream broke (a worker died,
+    the engine restarts); the same request, made again, is likely to be answered."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass
@@ -282,6 +301,26 @@ class ChatService:
         except Exception:   # the failure being reported matters more than this one
             log.exception("history: could not keep the cut-off reply in %s", conversation_id)
 
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        """Send a reply's request to the engine. Through a router (engine.workers), one its worker
+        did not take (a 5xx, or no connection) is sent again, up to ENGINE_ATTEMPTS times: the
+        worker may have just died, and the router sends the next try to another once it knows."""
+        attempts = ENGINE_ATTEMPTS if self.engine.workers else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await self.engine.client.send(request, stream=True)
+            except httpx.TransportError:
+                if attempt == attempts:
+                    raise
+            else:
+                if response.status_code < 500 or attempt == attempts:
+                    return response
+                await response.aclose()
+            log.warning("engine: a reply's request was not taken (try %d of %d); sending it again",
+                        attempt, attempts)
+            await asyncio.sleep(RETRY_PAUSE_S * attempt)
+        raise AssertionError("unreachable")
+
     async def reply(self, plan: Plan, conversation_id: str | None, keep_cut: bool = True
                     ) -> AsyncIterator[Delta | Done]:
         """Stream the planned reply; the last event is Done, sent after the commit. No
@@ -299,18 +338,21 @@ class ChatService:
         parts: list[str] = []
         finish, usage, outcome = None, None, "disconnected"
         history = History(self.db, turn.user)
-        request = self.engine.client.build_request("POST", "/v1/completions", json=payload)
+        request = self.engine.client.build_request(
+            "POST", "/v1/completions", json=payload,
+            headers={SESSION_HEADER: session_key(turn.user, conversation_id or f"{key}/unstored")})
         self._streaming += 1
         try:
             try:
-                response = await self.engine.client.send(request, stream=True)
+                response = await self._open(request)
             except httpx.HTTPError as err:
                 outcome = "engine_error"
-                raise EngineUnavailable(f"the engine cannot be reached: {err}") from err
+                raise EngineUnavailable(f"the engine cannot be reached ({type(err).__name__})") from err
             try:
                 if response.status_code != 200:
                     outcome = "engine_error"
                     body = (await response.aread()).decode(errors="replace")[:500]
+                    body = ADDRESS.sub("<worker>", body)   # a router names its workers: not for members
                     raise EngineFailed(f"the engine refused the request ({response.status_code}): {body}")
                 async for line in response.aiter_lines():
                     if not line.startswith("data: "):
@@ -331,7 +373,8 @@ class ChatService:
                         finish = choice.get("finish_reason") or finish
             except httpx.HTTPError as err:
                 outcome = "engine_error"
-                raise EngineFailed(f"the engine stopped mid-reply: {err}") from err
+                raise EngineFailed(f"the engine stopped mid-reply ({type(err).__name__}); the reply "
+                                   "was kept as cut short: ask again", retryable=True) from err
             finally:
                 # Closing the upstream stream is what makes vLLM abort the generation,
                 # so it must happen even while this task is being cancelled.
@@ -339,7 +382,8 @@ class ChatService:
                     await response.aclose()
             if finish is None:
                 outcome = "engine_error"
-                raise EngineFailed("the engine closed the stream before the reply was finished")
+                raise EngineFailed("the engine closed the stream before the reply was finished; the "
+                                   "reply was kept as cut short: ask again", retryable=True)
             usage = usage or {}
             completion = usage.get("completion_tokens", len(parts))
             prompt_tokens = usage.get("prompt_tokens", len(prompt.token_ids or ()))

@@ -21,9 +21,10 @@ def _base_model(args: argparse.Namespace) -> tuple[str, str]:
     from serve.default_model import MODEL_NAME, ensure_default_model
 
     settings = load_settings(args.config)
-    if settings.engine.url:
+    if settings.engine.url and not settings.engine.model:
         raise UsageError("engine.url points at an external vLLM: fine-tuning needs the base model's "
-                         "weights on this machine (set engine.model to a local directory)")
+                         "weights on this machine (set engine.model to a local directory holding the "
+                         "model the workers run)")
     if settings.engine.model:
         if not Path(settings.engine.model).is_dir():
             raise UsageError(f"engine.model {settings.engine.model!r} is not a local directory; "

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from store.settings_file import read_settings
 
@@ -30,8 +30,27 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     url: str | None = None
-    """An external vLLM OpenAI server (e.g. http://gpu-box:8000); when set nothing is spawned.
-    Its API key, if any, comes from HOMEFIRE_ENGINE_API_KEY."""
+    """An external vLLM OpenAI server (e.g. http://gpu-box:8000), or vllm-router in front of
+    several (README: More than one GPU); when set nothing is spawned. Its API key, if any,
+    comes from HOMEFIRE_ENGINE_API_KEY (the workers' too)."""
+    workers: list[str] = []
+    """The vLLM workers behind a router at url, each of which gets the companions' adapters
+    and is shown in /readyz and /metrics. Empty: asked of the router (vllm-router's
+    GET /workers, so a worker added to it later is found), else url is the one worker."""
+    adapter_delivery: Literal["runtime", "resolver"] = "runtime"
+    """How an external engine's workers get an adapter. runtime: loaded on each worker through
+    /v1/load_lora_adapter (workers run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), and on a
+    worker that joins or restarts once it is seen; resolver: published to adapter_dir, which
+    each worker's LoRA filesystem resolver reads on first use (VLLM_LORA_RESOLVER_CACHE_DIR)."""
+    adapter_dir: Path | None = None
+    """A directory the workers share, where the adapters in use are published by served name
+    (OWNER.ID--vN). Needed for resolver; with runtime, empty means the workers read them from
+    Homefire's data directory (they run on this machine)."""
+    worker_adapter_dir: str | None = None
+    """adapter_dir as the workers see it (e.g. /adapters in their containers); empty: the same."""
+    router_metrics: str | None = None
+    """The router's own Prometheus endpoint (vllm-router --prometheus-port, e.g.
+    http://router:29000/metrics), shown in /metrics beside the workers' series."""
     model: str | None = None
     """A Hugging Face model id or local directory; empty means the embedded SmolLM2-135M-Instruct."""
     max_model_len: int = Field(4096, ge=256)
@@ -59,6 +78,32 @@ class EngineConfig(BaseModel):
     """Restarts allowed within restart_window_s before the engine is declared failed."""
     restart_window_s: float = Field(600, gt=0)
     """Window over which restarts are counted."""
+
+    @field_validator("url", "router_metrics")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"not an http(s) URL: {value}")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            cls._http_url(url)
+        if len(set(value)) != len(value):
+            raise ValueError("a worker is named twice")
+        return value
+
+    @model_validator(mode="after")
+    def _external_parts(self) -> EngineConfig:
+        if not self.url and (self.workers or self.adapter_dir or self.router_metrics):
+            raise ValueError("workers, adapter_dir and router_metrics are for an external engine: set url "
+                             "(the router in front of the workers)")
+        if self.adapter_delivery == "resolver" and not self.adapter_dir:
+            raise ValueError("adapter_delivery resolver needs adapter_dir, the directory the workers' "
+                             "VLLM_LORA_RESOLVER_CACHE_DIR names")
+        return self
 
 
 class MemoryConfig(BaseModel):
@@ -190,6 +235,10 @@ class FinetuneServerConfig(BaseModel):
     sleep mode frees the GPU without a restart, where the installed vLLM has it; concurrent:
     both at once, for GPUs with room (what the CPU build does); auto: picks from the GPU's
     free memory and the model's size, and logs why."""
+    cuda_devices: str | None = Field(None, pattern=r"^\d+(,\d+)*$")
+    """The GPUs a training job may use (CUDA_VISIBLE_DEVICES of its process, e.g. "2"): one
+    that no vLLM worker uses, where the engine is external (engine.url). Empty: what the
+    server's own process sees."""
     switch: Literal["auto", "always", "never"] = "auto"
     """After a training: speak through the new version when its held-out loss beats the
     version in use (auto), always, or never (then `homefire adapter use`)."""
@@ -242,6 +291,16 @@ class Settings(BaseModel):
     """Training jobs of the server (POST /api/v1/companions/{id}/finetunes)."""
     backup: BackupConfig = BackupConfig()
     """Scheduled backups of the data directory, taken while the server runs."""
+
+    @model_validator(mode="after")
+    def _sharing_with_external_workers(self) -> Settings:
+        if self.engine.url and self.finetune.gpu_sharing in ("stop", "sleep"):
+            raise ValueError(
+                f"finetune.gpu_sharing {self.finetune.gpu_sharing} needs the engine Homefire runs itself, "
+                "and engine.url names one it does not: Homefire neither stops nor puts to sleep workers "
+                "that other members' replies go to. Use auto or concurrent (the training runs on this "
+                "machine, on finetune.cuda_devices if set)")
+        return self
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -13,7 +13,6 @@ import ctypes
 import importlib.metadata
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -25,12 +24,13 @@ import httpx
 import psutil
 
 from serve.config import EngineConfig
+from serve.workers import PATH_IN_TEXT, WorkerRefused, Workers
 
 log = logging.getLogger(__name__)
 
 SERVED_NAME = "homefire-base"
-_PATH = re.compile(r"(?:[A-Za-z]:)?/[^\s'\",;:)]+")   # a file system path in a message
 _PR_SET_PDEATHSIG = 1
+_CONNECTIONS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
 
 
 class EngineUnavailable(RuntimeError):
@@ -132,14 +132,15 @@ class Engine:
                 headers["Authorization"] = f"Bearer {key}"
             self.socket_path = None
             self.client = httpx.AsyncClient(base_url=config.url.rstrip("/"), headers=headers,
-                                            timeout=httpx.Timeout(10, read=None))
+                                            timeout=httpx.Timeout(10, read=None), limits=_CONNECTIONS)
+            self.workers: Workers | None = Workers(config, headers)
         else:
             self.socket_path = self._socket_path()
             self.client = httpx.AsyncClient(
                 transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
-                base_url="http://engine", timeout=httpx.Timeout(10, read=None),
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                base_url="http://engine", timeout=httpx.Timeout(10, read=None), limits=_CONNECTIONS,
             )
+            self.workers = None
 
     def _socket_path(self) -> Path:
         path = self.run_dir / "engine.sock"
@@ -183,6 +184,10 @@ class Engine:
                 self._monitor = asyncio.create_task(self._supervise())
         else:
             await self._await_ready(None)
+            if self.state == "ready":
+                self.workers.model_root = self.model_root
+                await self._deliver_registered()
+                self.workers.start()
 
     def command(self) -> list[str]:
         assert self.model_path and self.socket_path
@@ -207,11 +212,19 @@ class Engine:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Make an adapter servable as `name` now, and after every restart."""
-        if self.config.url or self.config.lora is False:
-            raise EngineUnavailable("adapters need the engine Homefire runs itself, with engine.lora "
-                                    "not set to false")
+        if self.config.lora is False:
+            raise EngineUnavailable("adapters need engine.lora not set to false")
         self.require_ready()
         if name in self.adapters:
+            return
+        if self.workers:
+            try:
+                await self.workers.deliver(name, path)
+            except WorkerRefused as err:
+                raise AdapterRefused(f"{err}; the server log has the details") from err
+            except ConnectionError as err:
+                raise EngineUnavailable(str(err)) from err
+            self.adapters[name] = path
             return
         if not self.lora:
             await self._restart_with_lora()
@@ -234,7 +247,7 @@ class Engine:
             body = {}
         error = body.get("error", body) if isinstance(body, dict) else {}
         said = error.get("message", "") if isinstance(error, dict) else str(error)
-        said = _PATH.sub("<path>", str(said))[:200] or f"status {response.status_code}"
+        said = PATH_IN_TEXT.sub("<path>", str(said))[:200] or f"status {response.status_code}"
         raise AdapterRefused(f"vLLM could not load it ({said}); the server log has the details")
 
     async def _load_registered(self) -> None:
@@ -248,10 +261,29 @@ class Engine:
                 if self.on_adapter_refused:
                     self.on_adapter_refused(name, str(err))
 
+    async def _deliver_registered(self) -> None:
+        """An external engine's start: the adapters in use to its workers; one refused is dropped
+        and reported, as at our own engine's start."""
+        for name, path in list(self.adapters.items()):
+            try:
+                await self.workers.deliver(name, path)
+            except ConnectionError:   # no worker is up yet: each gets it once the watch sees it
+                await self.workers.want(name, path)
+            except WorkerRefused as err:
+                del self.adapters[name]
+                if self.on_adapter_refused:
+                    self.on_adapter_refused(name, str(err))
+
     async def unload_adapters(self, prefix: str) -> None:
         """Forget the adapters whose served names start with `prefix`, in the engine too, so a
         later companion of the same key never speaks through them."""
-        for name in [n for n in self.adapters if n.startswith(prefix)]:
+        names = [n for n in self.adapters if n.startswith(prefix)]
+        if self.workers:
+            for name in names:
+                del self.adapters[name]
+            await self.workers.withdraw(names)
+            return
+        for name in names:
             del self.adapters[name]
             if self.lora and self.ready:
                 try:
@@ -414,6 +446,8 @@ class Engine:
             self._monitor.cancel()
         await self._kill()
         await self.client.aclose()
+        if self.workers:
+            await self.workers.stop()
         if self.socket_path:
             self.socket_path.unlink(missing_ok=True)
         self.state, self.detail = "stopped", "stopped"

@@ -88,7 +88,10 @@ def stream_error(err: Exception) -> dict:
         body["error"]["retry_after"] = err.retry_after
         return body
     if isinstance(err, EngineFailed):
-        return error_body(502, str(err), code="engine_failed")
+        body = error_body(502, str(err), code="engine_failed")
+        if err.retryable:   # the stream broke; asked again, another worker (or the restarted engine) answers
+            body["error"]["retry_after"] = 1
+        return body
     if isinstance(err, UnknownConversation):   # deleted while the reply was being written
         return error_body(404, str(err), code="conversation_not_found")
     request_id = REQUEST_ID.get()

@@ -239,9 +239,10 @@ class FinetuneService:
         """Queue a job (runs in a worker thread: it reads and writes SQLite); a member's within
         finetune.limits. `target`: what a drift compares with, or the model a migration moves to."""
         engine = self.hf.engine
-        if self.hf.settings.engine.url:
+        if self.hf.settings.engine.url and not self.hf.settings.engine.model:
             raise JobError(422, "engine.url points at an external vLLM: training needs the base model's "
-                                "weights on this machine (set engine.model to a local directory)")
+                                "weights on this machine (set engine.model to a local directory holding "
+                                "the model the workers run)")
         if self.hf.settings.engine.model and not Path(self.hf.settings.engine.model).is_dir():
             raise JobError(422, f"engine.model {self.hf.settings.engine.model!r} is not a local directory; "
                                 "training needs the weights on disk")
@@ -381,6 +382,11 @@ class FinetuneService:
         engine, cpu = self.hf.engine, is_cpu_build()
         if engine.state == "stopped":   # the command line's Homefire, which runs no engine
             return "concurrent", "no engine runs beside it: the training has the machine to itself"
+        if engine.workers:   # config refuses stop and sleep: those workers serve everyone's replies
+            devices = self.hf.settings.finetune.cuda_devices
+            return "concurrent", ("the engine's workers run elsewhere (engine.url); the training runs on "
+                                  + (f"this machine's GPU {devices} (finetune.cuda_devices)" if devices
+                                     else "this machine, beside them"))
         qlora = FinetuneConfig.model_validate_json(row["settings"]).qlora
         need = training_gib(Path(engine.model_path), qlora)
         free = None if cpu else await asyncio.to_thread(gpu_free_gib)
@@ -486,6 +492,8 @@ class FinetuneService:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
         env = {k: v for k, v in os.environ.items() if k != "HOMEFIRE_API_KEY"} | {"HF_HUB_OFFLINE": "1"}
+        if devices := self.hf.settings.finetune.cuda_devices:   # a GPU no worker of the engine uses
+            env["CUDA_VISIBLE_DEVICES"] = devices
         with log_path(self.hf.data_dir, "finetune").open("ab") as logfile:
             logfile.write(f"\n=== {time.ctime()} job {job_id}\n".encode())
             self._child = await asyncio.create_subprocess_exec(

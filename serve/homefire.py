@@ -200,8 +200,8 @@ class Homefire:
             engine.detail = "converting the embedded model (first start only)"
             path = await asyncio.to_thread(ensure_default_model, self.data_dir / "models")
             engine.model_path = str(path)
-        if not self.settings.engine.url:
-            await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
+        # With an external engine, engine.model (if set) is the workers' model, on this machine.
+        await asyncio.to_thread(self.adapters.identify_base, engine.model_path)
 
     async def start_engine(self) -> None:
         """Prepare the model, load the tokenizer and bring the engine up (in the background)."""
@@ -215,7 +215,7 @@ class Homefire:
                 self.model_change = await asyncio.to_thread(
                     check_and_record, self.data_dir, self.chat.model_id, self.adapters.base_sha256,
                     engine_version())
-            if self.settings.engine.lora is not False and not self.settings.engine.url:
+            if self.settings.engine.lora is not False:
                 await asyncio.to_thread(lambda: self.adapters.register_current(self.companions.ids()))
                 engine.lora = engine.lora or bool(engine.adapters)
             if self.model_change:

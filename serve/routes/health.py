@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from serve import metrics
 from serve.account import authenticate
 from serve.errors import ERROR_RESPONSES
+from serve.workers import scrape
 from store.users import User
 
 router = APIRouter(tags=["health"], responses=ERROR_RESPONSES)
@@ -46,6 +47,9 @@ class Readiness(BaseModel):
     detail: str | None
     restarts: int
     model_change: str | None = None   # what differs from the model this data was made with
+    workers: list[dict] | None = Field(None, description="an external engine's vLLM workers (engine.url): "
+                                       "each one's state, since when; and for an admin its url, detail, "
+                                       "adapters loaded and refused")
     memory: MemoryIndex | None = None  # an admin's: the memory index's embedder, and any re-embedding
 
 
@@ -60,6 +64,10 @@ def readyz(request: Request, user: Annotated[User, Depends(authenticate)]) -> JS
     detail = hf.engine.detail if user.admin else hf.engine.public_detail()
     body = {"ready": ready, "engine": hf.engine.state, "detail": detail,
             "restarts": hf.engine.restarts, "model_change": hf.model_change}
+    if workers := hf.engine.workers:
+        body["workers"] = [w.public(user.admin) for w in workers.known.values()]
+        ready = ready and bool(workers.up())
+        body["ready"] = ready
     memory = hf.chat.memory
     if user.admin and memory is not None:
         body["memory"] = {"embedder": memory.embedder.identity,
@@ -91,12 +99,18 @@ async def engine_metrics(engine) -> bytes:
     except httpx.HTTPError as err:
         return f"# the engine's metrics: unavailable ({type(err).__name__})\n".encode()
     private = tuple(engine.adapters)
+    if engine.workers:
+        return (await scrape(engine.workers, _engine_family, private)).encode()
     kept = [line for line in response.text.splitlines()
             if (line.startswith(ENGINE_PREFIX) or line.startswith(("# HELP " + ENGINE_PREFIX,
                                                                    "# TYPE " + ENGINE_PREFIX)))
             and not any(family in line for family in NAMING_ADAPTERS)
             and not any(name in line for name in private)]
     return ("\n".join(kept) + "\n").encode()
+
+
+def _engine_family(name: str) -> bool:
+    return name.startswith(ENGINE_PREFIX) and name not in NAMING_ADAPTERS
 
 
 ENGINE_PREFIX = "vllm:"

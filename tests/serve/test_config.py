@@ -30,6 +30,14 @@ def test_the_shipped_config_documents_the_defaults():
          "tasks.patterns.0.pattern: Value error, not a regular expression: missing )"),
         ("memory:\n  reranker: /no/such/cross-encoder\n",
          "memory.reranker: Value error, neither an http(s) URL nor a CrossEncoder directory"),
+        ("engine:\n  url: router:8000\n", "engine.url: Value error, not an http(s) URL: router:8000"),
+        ("engine:\n  workers: [http://gpu-1:8000]\n",
+         "engine: Value error, workers, adapter_dir and router_metrics are for an external engine: set url"),
+        ("engine:\n  url: http://router:8000\n  adapter_delivery: resolver\n",
+         "engine: Value error, adapter_delivery resolver needs adapter_dir"),
+        ("engine:\n  url: http://router:8000\nfinetune:\n  gpu_sharing: stop\n",
+         "Value error, finetune.gpu_sharing stop needs the engine Homefire runs itself, and engine.url names "
+         "one it does not"),
     ],
 )
 def test_config_errors_name_the_file_and_the_setting(tmp_path, text, words):
