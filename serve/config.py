@@ -36,7 +36,8 @@ class EngineConfig(BaseModel):
     workers: list[str] = []
     """The vLLM workers behind a router at url, each of which gets the companions' adapters
     and is shown in /readyz and /metrics. Empty: asked of the router (vllm-router's
-    GET /workers, so a worker added to it later is found), else url is the one worker."""
+    GET /workers, so a worker added to it later is found), else url is the one worker (behind
+    another load balancer, list them here)."""
     adapter_delivery: Literal["runtime", "resolver"] = "runtime"
     """How an external engine's workers get an adapter. runtime: loaded on each worker through
     /v1/load_lora_adapter (workers run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), and on a

@@ -69,3 +69,19 @@ def test_the_compose_file_runs_homefire_the_router_and_a_worker_a_gpu_and_only_h
     assert settings.engine.model == "/models/base" and settings.finetune.gpu_sharing == "concurrent"
     assert settings.engine.router_metrics == f"http://router:{flag(command, '--prometheus-port')[0]}/metrics"
     assert {"data", "adapters"} <= compose["volumes"].keys()
+
+
+def test_the_readmes_commands_start_the_workers_and_router_as_the_tests_do():
+    """README "More than one GPU" by hand: the router's checks and the workers' settings are
+    the ones tests/support/workers.py runs them with."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## More than one GPU"):readme.index("## Layout")]
+    commands = " ".join(section.replace("\\\n", " ").split())
+    assert "--policy consistent_hash" in commands
+    for at in range(0, len(ROUTER_CHECKS), 2):
+        assert f"{ROUTER_CHECKS[at]} {ROUTER_CHECKS[at + 1]}" in commands, ROUTER_CHECKS[at]
+    for setting in ("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "VLLM_PLUGINS=lora_filesystem_resolver",
+                    "VLLM_LORA_RESOLVER_CACHE_DIR=", "--served-model-name homefire-base", "--enable-lora"):
+        assert setting in commands, setting
+    settings = Settings.model_validate(yaml.safe_load(section.split("```yaml")[1].split("```")[0]))
+    assert settings.engine.url and settings.engine.adapter_dir and settings.engine.router_metrics
