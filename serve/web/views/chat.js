@@ -9,9 +9,10 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
   const companion = await api(`/companions/${companionId}`);
   const list = h('ul', { class: 'conversations' });
   const messages = h('ol', { class: 'messages', 'aria-live': 'polite' });
+  // Disabled until a conversation is open: a message typed before has nowhere to go.
   const text = h('textarea', { id: 'message', rows: 2, placeholder: `Message ${companion.name}…`,
-    'aria-label': 'Message', 'data-enter-sends': '' });
-  const sendButton = h('button', { type: 'submit', id: 'send' }, 'Send');
+    'aria-label': 'Message', 'data-enter-sends': '', disabled: true });
+  const sendButton = h('button', { type: 'submit', id: 'send', disabled: true }, 'Send');
   const stopButton = h('button', { type: 'button', id: 'stop', class: 'danger', hidden: true }, 'Stop');
   const form = h('form', { class: 'composer' }, text, sendButton, stopButton);
   const kept = h('details', { class: 'kept-in-mind', hidden: true });
@@ -122,6 +123,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
   async function open(id) {
     const { conversation, messages: said } = await api(`/conversations/${id}`);
     current = conversation;
+    text.disabled = sendButton.disabled = false;
     fill(messages, said.map(bubble));
     await loadSummary();
     offerRegenerate();
@@ -210,7 +212,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
   form.addEventListener('submit', (e) => {
     e.preventDefault();
     const content = text.value.trim();
-    if (!content || replying) return;
+    if (!content || replying || !current) return;
     text.value = '';
     send(content);
   });
