@@ -24,7 +24,7 @@ import httpx
 import psutil
 
 from serve.config import EngineConfig
-from serve.workers import PATH_IN_TEXT, WorkerRefused, Workers
+from serve.workers import WorkerRefused, Workers, vllm_reason
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +241,8 @@ class Engine:
         if response.status_code == 200 or "already" in response.text:
             return
         log.error("engine: vLLM refused adapter %s from %s: %s", name, path, response.text[:1000])
-        try:   # vLLM's error shape: {"error": {"message": ...}}, or {"message": ...} before it
-            body = response.json()
-        except ValueError:
-            body = {}
-        error = body.get("error", body) if isinstance(body, dict) else {}
-        said = error.get("message", "") if isinstance(error, dict) else str(error)
-        said = PATH_IN_TEXT.sub("<path>", str(said))[:200] or f"status {response.status_code}"
-        raise AdapterRefused(f"vLLM could not load it ({said}); the server log has the details")
+        raise AdapterRefused(f"vLLM could not load it ({vllm_reason(response, 200)}); the server log has "
+                             "the details")
 
     async def _load_registered(self) -> None:
         """After a (re)start: every registered adapter through the runtime API; one refused is

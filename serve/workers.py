@@ -24,7 +24,7 @@ from serve.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
-PATH_IN_TEXT = re.compile(r"(?:[A-Za-z]:)?/[^\s'\",;:)]+")   # a file system path in a message
+_PATH = re.compile(r"(?:[A-Za-z]:)?/[^\s'\",;:)]+")   # a file system path in a message
 WATCH_S = 5.0     # how often each worker is asked how it is
 ASK_TIMEOUT_S = 3.0
 
@@ -180,7 +180,7 @@ class Workers:
         if answer.status_code == 404 and "Not Found" in answer.text:   # the route is not there
             raise WorkerRefused(f"worker {worker.name} has no runtime LoRA API (start it with "
                                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora)")
-        raise WorkerRefused(f"worker {worker.name} refused adapter {name}: {_said(answer)}")
+        raise WorkerRefused(f"worker {worker.name} refused adapter {name}: {_logged(worker, answer)}")
 
     async def _resolve(self, worker: Worker, name: str) -> None:
         """A one-token request for the adapter: the worker's resolver loads it now, or says why not."""
@@ -191,7 +191,7 @@ class Workers:
             raise WorkerRefused(f"worker {worker.name} could not be reached ({type(err).__name__})") from err
         if answer.status_code != 200:
             raise WorkerRefused(f"worker {worker.name} could not resolve adapter {name} from its "
-                                f"VLLM_LORA_RESOLVER_CACHE_DIR: {_said(answer)}")
+                                f"VLLM_LORA_RESOLVER_CACHE_DIR: {_logged(worker, answer)}")
         worker.adapters.add(name)
 
     def _publish(self, name: str, source: Path) -> None:
@@ -226,16 +226,21 @@ class Workers:
                 await asyncio.to_thread(shutil.rmtree, Path(self.config.adapter_dir) / name, True)
 
 
-def _said(answer: httpx.Response) -> str:
+def vllm_reason(answer: httpx.Response, limit: int = 300) -> str:
+    """Why vLLM refused, in its own words ({"error": {"message"}}, or {"message"} before that),
+    without paths: they are the server's (the log has the whole answer)."""
     try:
         body = answer.json()
-        error = body.get("error", body) if isinstance(body, dict) else {}
-        said = error.get("message", "") if isinstance(error, dict) else str(error)
     except ValueError:
-        said = answer.text
-    # vLLM's reasons name paths on the worker; the server log has them whole.
-    log.error("engine: a worker said (%d): %s", answer.status_code, answer.text[:1000])
-    return PATH_IN_TEXT.sub("<path>", str(said))[:300] or f"status {answer.status_code}"
+        body = {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    said = error.get("message", "") if isinstance(error, dict) else str(error)
+    return _PATH.sub("<path>", str(said))[:limit] or f"status {answer.status_code}"
+
+
+def _logged(worker: Worker, answer: httpx.Response) -> str:
+    log.error("engine: worker %s said (%d): %s", worker.name, answer.status_code, answer.text[:1000])
+    return vllm_reason(answer)
 
 
 # Metrics --------------------------------------------------------------------------------------
