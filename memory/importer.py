@@ -15,6 +15,7 @@ beside it.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -22,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from memory.imports import Export, Imported, ImportFailed, Notes
-from memory.remember import memory_spans, span_text
-from store.companions import visible_id
+from memory.remember import group_text, memory_spans, span_text
+from store.companions import CompanionStore, visible_id
 from store.db import Database, Progress
-from store.history import History, chain_root, chains
+from store.history import History, chain_root, chains, group_root
 from store.staging import COPY_BATCH, ExportCommit, ExportStaging
 from store.users import LOCAL, Users
 
@@ -133,8 +134,28 @@ class Importer:
         result.take_notes(notes)
         return result
 
+    def members(self, conv: Imported, companion_id: str) -> dict[str, tuple[str, str]]:
+        """A group chat's characters: {name: (companion key, name)}, the importing companion
+        first; each must be one of the user's companions (by name), else nothing is imported."""
+        mine = {c.name.casefold(): c for c in CompanionStore(self.db).list(self.user)}
+        missing = [n for n in conv.characters if n.casefold() not in mine]
+        where = f"conversation {conv.title or conv.id!r} is a group chat of {', '.join(conv.characters)}"
+        if missing:
+            raise ImportFailed(where, "no companion of yours is called " + ", ".join(missing)
+                               + ": create or import them first (nothing was imported)")
+        found = {n: (mine[n.casefold()].key, mine[n.casefold()].name) for n in conv.characters}
+        if companion_id not in {key for key, _ in found.values()}:
+            raise ImportFailed(where, f"the companion it is imported into ({visible_id(companion_id)}) is "
+                                      "not one of them; import it into one of theirs (nothing was imported)")
+        return dict(sorted(found.items(), key=lambda item: item[1][0] != companion_id))
+
     def _stage_one(self, staging: ExportStaging, conv: Imported, companion_id: str, name: str,
                    root: str, result: ImportResult) -> None:
+        # A group chat (SillyTavern's, several characters replying) is a conversation with them all;
+        # its chains begin at its own root (store/history.py: its original id).
+        members = self.members(conv, companion_id) if len(conv.characters) > 1 else {}
+        if members:
+            root = group_root(conv.id)
         hashes = chains(root, [(turn.role, turn.content) for turn in conv.messages])
         position = {chain: i for i, chain in enumerate(hashes)}
         target, start = None, 0
@@ -155,15 +176,24 @@ class Importer:
         # Every message in a memory, whatever its neighbours (memory_spans); what is stored
         # already has its memories.
         memories = []
+        keys = {n: key for n, (key, _) in members.items()}
+        names = {key: shown for key, shown in members.values()}
         for span in memory_spans([t.role for t in conv.messages], settled=True):
             if span[-1] >= start:
                 said = [(conv.messages[i].role, conv.messages[i].content) for i in span]
                 asked = next((text for role, text in reversed(said) if role == "user"), None)
-                memories.append((target, hashes[span[-1]], span_text(said, name, self.called), asked,
-                                 times[span[-1]]))
+                if members:   # every member heard it
+                    text = group_text([(t.role, t.content, keys.get(t.speaker or ""))
+                                       for t in (conv.messages[i] for i in span)], names, self.called)
+                    memories += [(target, hashes[span[-1]], text, asked, times[span[-1]], key)
+                                 for key in names]
+                else:
+                    memories.append((target, hashes[span[-1]], span_text(said, name, self.called), asked,
+                                     times[span[-1]], None))
         staging.add((target, conv.title, conv.source, conv.id, created, max(times), int(start == 0),
-                     hashes[start - 1] if start else None),
-                    [(target, t.role, t.content, times[i], hashes[i], int(start == 0))
+                     hashes[start - 1] if start else None, json.dumps(list(names)) if members else None),
+                    [(target, t.role, t.content, times[i], hashes[i], int(start == 0),
+                      keys.get(t.speaker or "") if members and t.role == "assistant" else None)
                      for i, t in enumerate(conv.messages) if i >= start], memories)
         result.tally(conv, added=len(conv.messages) - start)
         result.memories_added += len(memories)

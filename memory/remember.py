@@ -55,6 +55,8 @@ def remember_new(store: MemoryStore, conversation_id: str, companion_name: str, 
     if not rows:
         return 0
     called = store.rows.called_in(conversation_id)
+    # A group chat: every member remembers what it heard there, each reply under its speaker's name.
+    members = store.rows.members_of(conversation_id)
     greeting = source == "live" and not store.rows.begins_before(conversation_id, rows[0]["id"])
     added = 0
     for span in memory_spans([r["role"] for r in rows], settled, greeting):
@@ -63,10 +65,24 @@ def remember_new(store: MemoryStore, conversation_id: str, companion_name: str, 
         if asked is None and source != "imported":
             continue   # a greeting alone is the card's, not something said
         end = rows[span[-1]]
-        if store.add_exchange(end["companion_id"], conversation_id, end["id"], asked,
-                             span_text(said, companion_name, called), end["created_at"], source):
-            added += 1
+        if members:
+            text = group_text([(rows[i]["role"], rows[i]["content"], rows[i]["speaker"]) for i in span],
+                              members, called)
+        else:
+            text = span_text(said, companion_name, called)
+        for companion_key in members or [end["companion_id"]]:
+            if store.add_exchange(companion_key, conversation_id, end["id"], asked, text, end["created_at"],
+                                  source):
+                added += 1
     return added
+
+
+def group_text(said: list[tuple[str, str, str | None]], members: dict[str, str],
+               user: str = DEFAULT_USER_NAME) -> str:
+    """How a group chat's messages read as a memory: each after its speaker's name."""
+    first = next(iter(members.values()))
+    return "\n".join(f"{user}: {text}" if role == "user" else f"{members.get(speaker or '', first)}: {text}"
+                     for role, text, speaker in said)
 
 def repair(store: MemoryStore) -> int:
     """At start-up: remember what no memory holds yet (exchanges committed just before a

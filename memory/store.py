@@ -152,10 +152,10 @@ class MemoryStore:
         replaced = self.rows.replace_reply(old_id, new_id, new_text)
         if replaced is None:
             return False
-        companion_key, memory_id, reworded, forgotten = replaced
-        if reworded:
+        reworded, had_memory, forgotten = replaced
+        for companion_key, memory_id in reworded:
             self._drop_vectors(companion_key, [memory_id])
-        return memory_id is not None or forgotten
+        return had_memory or forgotten
 
     def forget_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation with its messages, its memories and their vectors."""

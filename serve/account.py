@@ -17,8 +17,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from memory.store import MemoryStore
 from serve.chat import UnknownCompanion
 from serve.engine import EngineUnavailable
+from serve.groups import GroupChat
 from serve.homefire import Homefire
-from store.companions import Companion, key_for
+from store.companions import Companion, key_for, visible_id
+from store.groups import Group, Groups
 from store.history import Conversation, History, UnknownConversation
 from store.memories import Memory
 from store.summaries import Summaries, Summary
@@ -56,6 +58,7 @@ class Account:
         self.history = History(hf.db, user.name)
         self.summaries = Summaries(hf.db, user.name)
         self.called = user.display_name or DEFAULT_USER_NAME   # what companions call them
+        self.groups = Groups(hf.db, user.name)
 
     @property
     def memory(self) -> MemoryStore:
@@ -121,6 +124,28 @@ class Account:
         found = self.history.get_conversation(conversation_id)
         if found is None:
             raise UnknownConversation(conversation_id)
+        return found
+
+    def group(self, group_id: str) -> Group:
+        found = self.groups.get(group_id)
+        if found is None:
+            raise HTTPException(404, f"no group named {group_id!r}; known groups: "
+                                     + (", ".join(g.id for g in self.groups.list()) or "none"))
+        return found
+
+    def group_chat(self, conversation: Conversation) -> GroupChat | None:
+        """A group conversation's members (those still here) and reply order; None for one
+        companion's conversation."""
+        if conversation.reply_order is None:
+            return None
+        members = [self.companion(visible_id(key)) for key in conversation.member_keys]
+        return GroupChat(members, conversation.reply_order)
+
+    def members(self, ids: list[str]) -> list[Companion]:
+        """Companions named for a group, each one the user may talk to (or 404)."""
+        found = [self.companion(i) for i in ids]
+        if len({c.key for c in found}) != len(found):
+            raise HTTPException(400, "companions: a companion can be in a group once")
         return found
 
     def summary(self, conversation_id: str) -> Summary | None:

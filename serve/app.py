@@ -20,6 +20,7 @@ from serve.routes import (
     bundles,
     conversations,
     finetunes,
+    groups,
     health,
     imports,
     memories,
@@ -73,6 +74,7 @@ def create_app(settings: Settings, data_dir: Path, url: str = "", engine: bool =
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(conversations.router)
+    app.include_router(groups.router)
     app.include_router(memories.router)
     app.include_router(imports.router)
     app.include_router(adapters.router)

@@ -68,6 +68,40 @@ class WrongBaseModel(ValueError):
     """The companion was made for a model other than the one the server runs."""
 
 
+def unnamed(text: str, names: tuple[str, ...]) -> str:
+    """A group reply without the name the model put before it ("Owl: ..."), as the others' lines
+    in its prompt have one: the page and the history name the speaker already."""
+    if not names:
+        return text
+    leading = rf"^\s*(?:{'|'.join(map(re.escape, names))})\s*:\s*"
+    return re.sub(leading, "", text, count=1, flags=re.IGNORECASE)
+
+
+class NameGate:
+    """A group reply's stream with the name the model may put before it taken off (unnamed):
+    its first text is held until it cannot be the start of "Name:" any more."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = [n.casefold() for n in names]
+        self.held, self.open = "", not names
+
+    def feed(self, text: str) -> str:
+        """What of the stream so far may be shown now."""
+        if self.open:
+            return text
+        self.held += text
+        start = self.held.lstrip().casefold()
+        if any(f"{n}:".startswith(start) or (start.startswith(n) and not start[len(n):].strip())
+               for n in self.names):
+            return ""   # it may still become "Name:"
+        self.open = True
+        return unnamed(self.held, tuple(self.names))
+
+    def rest(self) -> str:
+        """At the stream's end: what is still held."""
+        return "" if self.open else unnamed(self.held, tuple(self.names))
+
+
 def session_key(user: str, conversation_id: str) -> str:
     """A conversation's key for the router: stable, and naming neither the member nor the
     conversation to the workers' logs."""
@@ -107,6 +141,8 @@ class Turn:
     api: str = "native"
     user: str = LOCAL                   # whose memories are recalled
     called: str = DEFAULT_USER_NAME     # what the companion calls them ({{user}})
+    group: bool = False                 # a group chat's reply: history is as the speaker heard it
+    names: tuple[str, ...] = ()         # a group chat's: a name the reply may begin with ("Owl: "), taken off
 
 
 @dataclass
@@ -178,7 +214,9 @@ class ChatService:
             return Plan(turn, params, prompt)
         # The turns a summary covers are not shown: it stands where they were.
         summary = None
-        if self.summaries:
+        # A group chat's history is the speaker's view of it (serve/groups.py): no stored chain
+        # matches it, so no summary stands in it.
+        if self.summaries and not turn.group:
             summary = Summaries(self.db, turn.user).covering(
                 turn.companion.key, [(m["role"], m["content"]) for m in turn.history[:-1]])
         if summary is None:
@@ -219,8 +257,11 @@ class ChatService:
         message before it ("memories", "memory_ids"), so they are shown in the same place
         again and the engine's cached prefix still holds. Deleted memories are left out."""
         assert self.memory is not None and turn.companion is not None
-        turns = [(m["role"], m["content"]) for m in turn.history]
-        shown = History(self.db, turn.user).memories_shown(turn.companion.key, turns)
+        if turn.group:   # the speaker's own replies say what their prompts showed (serve/groups.py)
+            shown = {i: m["shown_ids"] for i, m in enumerate(turn.history) if m.get("shown_ids")}
+        else:
+            turns = [(m["role"], m["content"]) for m in turn.history]
+            shown = History(self.db, turn.user).memories_shown(turn.companion.key, turns)
         if not shown:
             return turn.history
         texts = self.memory.for_user(turn.user).texts([i for ids in shown.values() for i in ids])
@@ -336,6 +377,7 @@ class ChatService:
             "add_special_tokens": False, "stream_options": {"include_usage": True}, **params,
         }
         parts: list[str] = []
+        gate = NameGate(turn.names)
         finish, usage, outcome = None, None, "disconnected"
         history = History(self.db, turn.user)
         request = self.engine.client.build_request(
@@ -369,7 +411,8 @@ class ChatService:
                             if not parts:
                                 metrics.TTFT.observe(time.perf_counter() - started)
                             parts.append(choice["text"])
-                            yield Delta(choice["text"])
+                            if shown := gate.feed(choice["text"]):
+                                yield Delta(shown)
                         finish = choice.get("finish_reason") or finish
             except httpx.HTTPError as err:
                 outcome = "engine_error"
@@ -380,6 +423,8 @@ class ChatService:
                 # so it must happen even while this task is being cancelled.
                 with anyio.CancelScope(shield=True):
                     await response.aclose()
+            if rest := gate.rest():
+                yield Delta(rest)
             if finish is None:
                 outcome = "engine_error"
                 raise EngineFailed("the engine closed the stream before the reply was finished; the "
@@ -391,17 +436,19 @@ class ChatService:
                              adapter=self.adapters.get(key), sampling=params, finish_reason=finish,
                              memories_used=[m.model_dump(include={"id", "text", "score", "why"})
                                             for m in plan.memories],
-                             lore_used=[f.used() for f in plan.lore])
+                             lore_used=[f.used() for f in plan.lore], speaker=key if turn.group else None)
             if conversation_id is None:   # answered, and kept nowhere
-                message = Message(id=0, conversation_id="", role="assistant", content="".join(parts),
+                message = Message(id=0, conversation_id="", role="assistant",
+                                  content=unnamed("".join(parts), turn.names),
                                   created_at=time.time(), **meta.model_dump())
                 outcome = "ok"
             else:
                 # SQLite (a durable commit, then the memory row) never runs on the event loop;
                 # the commit is shielded, so a client leaving meanwhile cannot have it stored twice.
+                said = unnamed("".join(parts), turn.names)
                 with anyio.CancelScope(shield=True):
-                    message = await asyncio.to_thread(
-                        history.append, conversation_id, "assistant", "".join(parts), meta)
+                    message = await asyncio.to_thread(history.append, conversation_id, "assistant", said,
+                                                      meta)
                     outcome = "ok"
                 try:
                     await asyncio.to_thread(self.remember, turn.companion, conversation_id)
@@ -423,10 +470,12 @@ class ChatService:
                     and (parts or outcome == "disconnected")):
                 # Shielded: a client that leaves cancels this task, and the cut reply is kept all the same.
                 with anyio.CancelScope(shield=True):
-                    await asyncio.to_thread(self._keep_truncated, history, conversation_id, "".join(parts),
+                    await asyncio.to_thread(self._keep_truncated, history, conversation_id,
+                                            unnamed("".join(parts), turn.names),
                                             ReplyMeta(tokens=len(parts),
                                                       prompt_tokens=(usage or {}).get("prompt_tokens"),
                                                       model=self.model_id,
                                                       adapter=self.adapters.get(key), sampling=params,
-                                                      finish_reason=outcome, truncated=True))
+                                                      finish_reason=outcome, truncated=True,
+                                                      speaker=key if turn.group else None))
         yield Done(message, finish, prompt_tokens, completion)

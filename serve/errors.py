@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from memory.embedder import EmbedderError
 from serve.chat import EngineFailed, UnknownCompanion, WrongBaseModel
 from serve.engine import EngineUnavailable
+from serve.groups import NeedsSpeaker, NotAMember
 from serve.prompt import PromptTooLong
 from store.companions import CompanionError
 from store.history import UnknownConversation
@@ -160,6 +161,8 @@ def install(app: FastAPI) -> None:
         UnknownCompanion: (404, "model", "model_not_found"),
         UnknownConversation: (404, None, "conversation_not_found"),
         WrongBaseModel: (409, "model", "base_model_mismatch"),
+        NeedsSpeaker: (400, "speaker", "speaker_required"),
+        NotAMember: (400, "speaker", "not_a_member"),
         PromptTooLong: (400, "messages", "context_length_exceeded"),
         CompanionError: (400, None, "invalid_card"),
         EngineFailed: (502, None, "engine_failed"),

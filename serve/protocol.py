@@ -121,6 +121,9 @@ class ChatCompletionRequest(Lenient):
     user: Ignored = None
     verbosity: Ignored = None
     web_search_options: Ignored = None
+    # Homefire's: with a group's model (group:ID), the member (id or name) who answers; default: the
+    # group's reply order. The answer names its speaker (the message's `name`, X-Homefire-Speaker).
+    speaker: str | None = Field(None, min_length=1, max_length=200)
     # vLLM's sampling extensions, also used here (SillyTavern sends top_k).
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     top_k: int | None = Field(None, ge=-1)

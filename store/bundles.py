@@ -21,9 +21,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from store.companions import visible_id
+from store.companions import CompanionStore, visible_id
 from store.db import Database, Progress
-from store.history import ReplyMeta, chain_root, chains
+from store.groups import MAX_MEMBERS, ReplyOrder
+from store.history import ReplyMeta, chain_root, chains, group_root
 from store.staging import COPY_BATCH, HANDOFF_S, hidden_owner
 from store.summaries import Summaries
 
@@ -70,6 +71,11 @@ class ConversationRecord(_Record):
     updated_at: float
     messages: list[MessageRecord]
     summaries: list[SummaryRecord] = []
+    # A group chat: its companions' ids (the bundle's own first), its reply order, its saved group;
+    # each message's `speaker` is one of the companions.
+    companions: list[str] | None = Field(None, min_length=2, max_length=MAX_MEMBERS)
+    reply_order: ReplyOrder | None = None   # a group chat's; natural if it says none
+    group: str | None = None
 
 
 class MemoryRecord(_Record):
@@ -89,6 +95,9 @@ def _check_roles(conv: ConversationRecord) -> None:
     for m in conv.messages:
         if m.role not in ("user", "assistant"):
             raise ValueError(f"message {m.id}: role {m.role!r} is neither 'user' nor 'assistant'")
+        if m.speaker is not None and m.speaker not in (conv.companions or ()):
+            raise ValueError(f"message {m.id}: its speaker {m.speaker!r} is not one of the conversation's "
+                             "companions")
 
 
 # A bundle's history and memories, checked record by record into a SQLite file of their own
@@ -97,12 +106,13 @@ def _check_roles(conv: ConversationRecord) -> None:
 STAGED = """
 CREATE TABLE conversations (n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, title TEXT, source TEXT,
     origin TEXT, original_id TEXT, created_at REAL, updated_at REAL, messages INTEGER,
+    companions TEXT, reply_order TEXT, grp TEXT,   -- a group chat's (JSON of its companions' ids)
     -- its conversation here; new to it, or how many messages it had and the last one's chain
     target TEXT, new INTEGER, stored INTEGER, expect TEXT);
 CREATE TABLE messages (n INTEGER PRIMARY KEY, conversation INTEGER NOT NULL, id INTEGER NOT NULL UNIQUE,
     role TEXT, content TEXT, created_at REAL, tokens INTEGER, prompt_tokens INTEGER, model TEXT,
     adapter TEXT, sampling TEXT, finish_reason TEXT, truncated INTEGER, forgotten INTEGER,
-    memories_used TEXT, stored INTEGER);
+    memories_used TEXT, stored INTEGER, speaker TEXT);
 CREATE INDEX messages_of ON messages(conversation, n);
 CREATE TABLE memories (n INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, kind TEXT, text TEXT, asked TEXT,
     source TEXT, pinned INTEGER, created_at REAL, updated_at REAL, conversation_id TEXT, reply_id INTEGER,
@@ -119,20 +129,24 @@ def stage_conversation(conn: sqlite3.Connection, line: bytes) -> None:
     _check_roles(conv)
     if conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conv.id,)).fetchone():
         raise ValueError(f"conversation {conv.id!r} is in the history twice")
+    group = ((json.dumps(conv.companions), conv.reply_order or "natural", conv.group) if conv.companions
+             else (None,) * 3)
     n = conn.execute("INSERT INTO conversations (id, title, source, origin, original_id, created_at, "
-                     "updated_at, messages) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     "updated_at, messages, companions, reply_order, grp) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (conv.id, conv.title, conv.source, conv.origin, conv.original_id, conv.created_at,
-                      conv.updated_at, len(conv.messages))).lastrowid
+                      conv.updated_at, len(conv.messages), *group)).lastrowid
     for m in conv.messages:
         if conn.execute("SELECT 1 FROM messages WHERE id = ?", (m.id,)).fetchone():
             raise ValueError(f"message {m.id} is in the history twice")
         conn.execute(
             "INSERT INTO messages (conversation, id, role, content, created_at, tokens, prompt_tokens, "
-            "model, adapter, sampling, finish_reason, truncated, forgotten, memories_used) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "model, adapter, sampling, finish_reason, truncated, forgotten, memories_used, speaker) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (n, m.id, m.role, m.content, m.created_at, m.tokens, m.prompt_tokens, m.model, m.adapter,
              json.dumps(m.sampling) if m.sampling is not None else None, m.finish_reason, int(m.truncated),
-             int(m.forgotten), json.dumps(m.memories_used) if m.memories_used is not None else None))
+             int(m.forgotten), json.dumps(m.memories_used) if m.memories_used is not None else None,
+             m.speaker))
     said = {m.id for m in conv.messages}
     for summary in conv.summaries:
         if summary.through not in said:
@@ -183,7 +197,9 @@ def staged_picture(conn: sqlite3.Connection) -> bytes | None:
 
 def staged_conversations(conn: sqlite3.Connection) -> list[ConversationRecord]:
     """The staged history as records (for a look at a small bundle: it is all read into memory)."""
-    return [ConversationRecord.model_validate(dict(c) | {"messages": [
+    return [ConversationRecord.model_validate(dict(c) | {
+        "companions": json.loads(c["companions"]) if c["companions"] else None, "group": c["grp"],
+        "messages": [
         dict(m) | {"sampling": json.loads(m["sampling"]) if m["sampling"] else None,
                    "memories_used": json.loads(m["memories_used"]) if m["memories_used"] else None}
         for m in conn.execute("SELECT * FROM messages WHERE conversation = ? ORDER BY n", (c["n"],))]})
@@ -220,9 +236,15 @@ class BundleRows:
     def conversations(self) -> list[dict]:
         """Every conversation with its messages, as history.jsonl carries them."""
         found = []
-        for c in self.db.query("SELECT id, title, source, origin, original_id, created_at, updated_at FROM "
-                               "conversations WHERE companion_id = ? AND user_id = ? ORDER BY created_at, id",
-                               (self.key, self.user)):
+        for c in self.db.query("SELECT id, title, source, origin, original_id, created_at, updated_at, "
+                               "reply_order, group_id FROM conversations WHERE companion_id = ? AND "
+                               "user_id = ? ORDER BY created_at, id", (self.key, self.user)):
+            group = {}
+            if c["reply_order"]:   # a group chat it began: with the ids of its companions
+                group = {"reply_order": c["reply_order"], "group": c["group_id"], "companions": [
+                    visible_id(r[0]) for r in self.db.query("SELECT companion_id FROM conversation_members "
+                                                            "WHERE conversation_id = ? ORDER BY position",
+                                                            (c["id"],))]}
             messages = []
             for m in self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
                                    (c["id"],)):
@@ -232,11 +254,14 @@ class BundleRows:
                     "adapter": m["adapter"], "sampling": json.loads(m["sampling"]) if m["sampling"] else None,
                     "finish_reason": m["finish_reason"], "truncated": bool(m["truncated"]),
                     "memories_used": json.loads(m["memories"]) if m["memories"] else None,
-                    "forgotten": bool(m["forgotten"])})
+                    "forgotten": bool(m["forgotten"]),
+                    "speaker": visible_id(m["speaker"]) if m["speaker"] else None})
             summaries = [dict(s) | {"edited": bool(s["edited"])} for s in self.db.query(
                 "SELECT through_id AS through, text, edited, created_at, updated_at FROM summaries "
                 "WHERE conversation_id = ? ORDER BY id", (c["id"],))]
-            found.append(dict(c) | {"messages": messages, "summaries": summaries})
+            found.append({k: c[k] for k in ("id", "title", "source", "origin", "original_id", "created_at",
+                                            "updated_at")}
+                         | group | {"messages": messages, "summaries": summaries})
         return found
 
     def memories(self) -> list[dict]:
@@ -281,6 +306,7 @@ class _Writer:
         self.hidden = hidden_owner()   # the owner of what is not handed over yet
         self.root = chain_root(visible_id(key))
         self.origins: list[tuple[str, str]] = []      # found by an id older Homefires derived
+        self.members: dict[str, str] = {}             # group chats' companions: id in the bundle -> key
         self.total = staged.execute("SELECT (SELECT COUNT(*) FROM messages) + (SELECT COUNT(*) FROM memories)"
                                     ).fetchone()[0]
         self.done = 0
@@ -320,26 +346,33 @@ class _Writer:
         user's, with this companion, and what it holds begins like the bundle's (an older
         bundle adds nothing; a diverged one is kept beside it as a fork). A new one keeps the
         bundle's id where that is one of ours and free, and gets a new id otherwise."""
+        self.members = self._group_members()
         for convs in self._batches("SELECT n, id, title, source, origin, original_id, created_at, "
-                                   "updated_at, messages FROM conversations WHERE n > ? ORDER BY n LIMIT ?",
-                                   lambda c: c["messages"] or 1):
+                                   "updated_at, messages, companions, reply_order, grp FROM conversations "
+                                   "WHERE n > ? ORDER BY n LIMIT ?", lambda c: c["messages"] or 1):
             said = {c["n"]: [] for c in convs}
             for m in self.staged.execute(
                     "SELECT n, conversation, role, content, created_at, tokens, prompt_tokens, model, "
-                    "adapter, sampling, finish_reason, truncated, forgotten FROM messages "
+                    "adapter, sampling, finish_reason, truncated, forgotten, speaker FROM messages "
                     "WHERE conversation BETWEEN ? AND ? ORDER BY n", (convs[0]["n"], convs[-1]["n"])):
                 said[m["conversation"]].append(m)
             placed = self._place(convs, said)
             new = [(conv, target, origin) for conv, (target, origin, _) in zip(convs, placed, strict=True)
                    if origin is not None]
-            rows, ns = self._messages([(target, self.root, said[conv["n"]]) for conv, target, _ in new])
+            rows, ns = self._messages([(target, self._root(conv, target), said[conv["n"]])
+                                       for conv, target, _ in new])
             with self.db.transaction() as conn:
                 conn.executemany("INSERT INTO conversations (id, companion_id, title, source, origin, "
-                                 "original_id, created_at, updated_at, user_id) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 "original_id, created_at, updated_at, user_id, reply_order, group_id) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                  [(target, self.key, conv["title"], conv["source"], conv["origin"],
-                                   conv["original_id"], conv["created_at"], conv["updated_at"], self.hidden)
-                                  for conv, target, _ in new])
+                                   conv["original_id"], conv["created_at"], conv["updated_at"], self.hidden,
+                                   conv["reply_order"], conv["grp"]) for conv, target, _ in new])
+                conn.executemany("INSERT INTO conversation_members (conversation_id, companion_id, position) "
+                                 "VALUES (?, ?, ?)",
+                                 [(target, self.members[i], position) for conv, target, _ in new
+                                  if conv["companions"]
+                                  for position, i in enumerate(json.loads(conv["companions"]))])
                 conn.executemany("INSERT INTO bundle_origins (user_id, companion_id, origin_id, "
                                  "conversation_id) VALUES (?, ?, ?, ?)",
                                  [(self.hidden, self.key, origin, target) for _, target, origin in new])
@@ -406,6 +439,41 @@ class _Writer:
                 placed.append((conv["id"] if free else uuid.uuid4().hex, origin, []))
         return placed
 
+    def _group_members(self) -> dict[str, str]:
+        """{companion id in the bundle: its key here} for the group chats' companions; the bundle's
+        own is this companion (whatever id it came in as). Each must be one of the user's
+        companions here, else nothing is imported and the message says which are missing."""
+        found, missing = {}, {}
+        owns = [row[0] for row in self.staged.execute(
+            "SELECT DISTINCT json_extract(companions, '$[0]') FROM conversations "
+            "WHERE companions IS NOT NULL")]
+        if not owns:
+            return {}
+        if len(owns) > 1:
+            raise BundleError("history.jsonl: its group chats begin with different companions "
+                              f"({', '.join(owns)}); a bundle's own companion comes first in each")
+        found[owns[0]] = self.key
+        store = CompanionStore(self.db)
+        for n, ids in self.staged.execute("SELECT n, companions FROM conversations "
+                                          "WHERE companions IS NOT NULL"):
+            for i in json.loads(ids):
+                if i not in found and i not in missing:
+                    companion = store.get(i, self.user)
+                    if companion is None:
+                        missing[i] = n
+                    else:
+                        found[i] = companion.key
+        if missing:
+            raise BundleError(f"history.jsonl: {len(missing)} companion(s) of its group chats are not here: "
+                              f"{', '.join(missing)}; create or import them first (nothing was imported)")
+        return found
+
+    def _root(self, conv: sqlite3.Row, target: str) -> str:
+        """Where a conversation's chain begins here (a group chat's: store/history.py)."""
+        if conv["companions"] is None:
+            return self.root
+        return group_root(conv["grp"] or conv["original_id"] or target)
+
     def _stored(self, targets: set[str]) -> dict[str, list[sqlite3.Row]]:
         found: dict[str, list[sqlite3.Row]] = {t: [] for t in targets}
         for row in self.db.query(f"SELECT conversation_id, id, role, content, chain FROM messages WHERE "
@@ -423,7 +491,8 @@ class _Writer:
                                 strict=True):
                 rows.append((target, m["role"], m["content"], m["created_at"], m["tokens"],
                              m["prompt_tokens"], m["model"], m["adapter"], m["sampling"], m["finish_reason"],
-                             m["truncated"], chain, m["forgotten"]))
+                             m["truncated"], chain, m["forgotten"],
+                             self.members.get(m["speaker"]) if m["speaker"] else None))
                 ns.append(m["n"])
         self.report.messages_added += len(rows)
         return rows, ns
@@ -537,8 +606,8 @@ class _Writer:
 
 
 MESSAGE_INSERT = """INSERT INTO messages (conversation_id, role, content, created_at, tokens, prompt_tokens,
-    model, adapter, sampling, finish_reason, truncated, chain, forgotten)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    model, adapter, sampling, finish_reason, truncated, chain, forgotten, speaker)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 MEMORY_INSERT = """INSERT INTO memories (user_id, companion_id, conversation_id, reply_id, kind, text, asked,
     source, pinned, created_at, updated_at, chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"""
 

@@ -195,6 +195,64 @@ MIGRATIONS: list[str] = [
     CREATE INDEX summaries_by_chain ON summaries(chain);
     CREATE INDEX summaries_by_conversation ON summaries(conversation_id);
     """,
+    # Group chats (store/groups.py): a conversation's member companions and its reply order, who
+    # spoke each reply, and saved groups. A reply in a group is remembered by every member who
+    # heard it, so a memory's key is its reply and its companion (the table is made again for it).
+    """
+    CREATE TABLE conversation_members (
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        companion_id TEXT NOT NULL REFERENCES companions(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, companion_id)
+    );
+    CREATE INDEX members_by_companion ON conversation_members(companion_id);
+    ALTER TABLE conversations ADD COLUMN reply_order TEXT;  -- groups: manual | round_robin | natural
+    ALTER TABLE conversations ADD COLUMN group_id TEXT;     -- groups: the saved group it began from
+    ALTER TABLE messages ADD COLUMN speaker TEXT;           -- group replies: the companion's key
+    CREATE TABLE groups (
+        user_id TEXT NOT NULL,
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        members TEXT NOT NULL,          -- JSON: the companions' keys, in order
+        reply_order TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (user_id, id)
+    );
+    CREATE TABLE memories_new (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        companion_id TEXT NOT NULL REFERENCES companions(id) ON DELETE CASCADE,
+        conversation_id TEXT REFERENCES conversations(id) ON DELETE CASCADE,
+        reply_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('exchange', 'fact')),
+        text TEXT NOT NULL,
+        asked TEXT,
+        source TEXT NOT NULL,
+        pinned INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        chunks INTEGER NOT NULL DEFAULT 0,
+        user_id TEXT NOT NULL DEFAULT 'local',
+        UNIQUE (reply_id, companion_id)
+    );
+    INSERT INTO memories_new (id, companion_id, conversation_id, reply_id, kind, text, asked, source,
+                              pinned, created_at, updated_at, chunks, user_id)
+        SELECT id, companion_id, conversation_id, reply_id, kind, text, asked, source, pinned,
+               created_at, updated_at, chunks, user_id FROM memories;
+    -- A deleted memory's id is never given again (its vectors were keyed by it).
+    CREATE TEMP TABLE memories_seq AS SELECT seq FROM sqlite_sequence WHERE name = 'memories';
+    DROP TABLE memories;
+    ALTER TABLE memories_new RENAME TO memories;
+    INSERT INTO sqlite_sequence (name, seq) SELECT 'memories', 0
+        WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'memories');
+    UPDATE sqlite_sequence SET seq = MAX(COALESCE(seq, 0), COALESCE((SELECT seq FROM temp.memories_seq), 0))
+        WHERE name = 'memories';
+    DROP TABLE temp.memories_seq;
+    CREATE INDEX memories_by_companion ON memories(companion_id, created_at);
+    CREATE INDEX memories_to_index ON memories(chunks) WHERE chunks = 0;
+    CREATE INDEX memories_by_user ON memories(user_id, companion_id, created_at);
+    CREATE INDEX memories_by_conversation ON memories(conversation_id, reply_id);
+    """,
 ]
 
 

@@ -7,6 +7,7 @@ start-up repair's search for what no memory holds yet) says so in its name.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Literal
 
@@ -89,32 +90,36 @@ class MemoryRows:
             conn.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", (memory_id, self.user))
 
     def replace_reply(self, old_id: int, new_id: int,
-                      new_text: str) -> tuple[str, int | None, bool, bool] | None:
+                      new_text: str) -> tuple[list[tuple[str, int]], bool, bool] | None:
         """A reply of the user's made again (new_id) takes the place of old_id, which is deleted,
-        in one transaction. The old reply's memory moves to the new one with its id, pin and the
-        user's edits; its words take the new reply's where they still end with the old one's.
-        Returns (companion key, that memory's id or None, whether it was reworded, whether the
-        old reply was forgotten), or None if old_id is no reply of the user's."""
+        in one transaction. The old reply's memories (one, or one for each member of a group chat
+        who heard it) move to the new one with their ids, pins and the user's edits; their words
+        take the new reply's where they still end with the old one's. Returns ((companion key,
+        memory id) of each memory reworded, whether the old reply had a memory, whether it was
+        forgotten), or None if old_id is no reply of the user's."""
         rows = self.db.query(
-            """SELECT m.content, m.forgotten, c.companion_id, x.id AS memory_id, x.text
+            """SELECT m.content, m.forgotten, x.companion_id, x.id AS memory_id, x.text
                FROM messages m JOIN conversations c ON c.id = m.conversation_id
                LEFT JOIN memories x ON x.reply_id = m.id
                WHERE m.id = ? AND m.role = 'assistant' AND c.user_id = ?""", (old_id, self.user))
         if not rows:
             return None
-        old = rows[0]
-        memory_id, reworded = old["memory_id"], None
-        if memory_id is not None and old["content"] and old["text"].endswith(old["content"]):
-            reworded = old["text"][:-len(old["content"])] + new_text
+        reworded = []
         with self.db.transaction() as conn:
-            if memory_id is not None:
+            for old in rows:
+                if old["memory_id"] is None:
+                    continue
+                text = None
+                if old["content"] and old["text"].endswith(old["content"]):
+                    text = old["text"][:-len(old["content"])] + new_text
+                    reworded.append((old["companion_id"], old["memory_id"]))
                 conn.execute("UPDATE memories SET reply_id = ?, text = COALESCE(?, text), updated_at = ?, "
                              "chunks = CASE WHEN ? IS NULL THEN chunks ELSE 0 END WHERE id = ?",
-                             (new_id, reworded, time.time(), reworded, memory_id))
-            if old["forgotten"]:
+                             (new_id, text, time.time(), text, old["memory_id"]))
+            if rows[0]["forgotten"]:
                 conn.execute("UPDATE messages SET forgotten = 1 WHERE id = ?", (new_id,))
             conn.execute("DELETE FROM messages WHERE id = ?", (old_id,))
-        return old["companion_id"], memory_id, reworded is not None, bool(old["forgotten"])
+        return reworded, rows[0]["memory_id"] is not None, bool(rows[0]["forgotten"])
 
     def conversation_memories(self, conversation_id: str) -> tuple[str, list[int]] | None:
         """(companion key, ids of its memories) of one of the user's conversations, or None."""
@@ -232,14 +237,20 @@ class MemoryRows:
 
     def unremembered(self, conversation_id: str) -> list:
         """The conversation's messages after the last one a memory holds (or one deleted with
-        its memory): (companion_id, id, role, content, created_at), oldest first."""
+        its memory): (companion_id, id, role, content, created_at, speaker), oldest first."""
         return self.db.query(
-            """SELECT c.companion_id, m.id, m.role, m.content, m.created_at FROM messages m
+            """SELECT c.companion_id, m.id, m.role, m.content, m.created_at, m.speaker FROM messages m
                JOIN conversations c ON c.id = m.conversation_id
                WHERE m.conversation_id = ?1 AND m.truncated = 0 AND m.content != '' AND m.id > COALESCE(
                    (SELECT MAX(x.id) FROM messages x WHERE x.conversation_id = ?1 AND (x.forgotten = 1
                         OR x.id IN (SELECT reply_id FROM memories WHERE conversation_id = ?1))), 0)
                ORDER BY m.id""", (conversation_id,))
+
+    def members_of(self, conversation_id: str) -> dict[str, str]:
+        """A group chat's members: {companion key: name}, in order; {} for one companion's."""
+        return {r["companion_id"]: json.loads(r["card"])["name"] for r in self.db.query(
+            "SELECT m.companion_id, c.card FROM conversation_members m JOIN companions c "
+            "ON c.id = m.companion_id WHERE m.conversation_id = ? ORDER BY m.position", (conversation_id,))}
 
     def called_in(self, conversation_id: str) -> str:
         """What the companion calls the conversation's owner."""

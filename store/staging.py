@@ -26,10 +26,13 @@ HANDOFF_S = 0.005
 # The staging file of a chat-export import (memory/importer.py fills it).
 IMPORT_STAGING = """
 CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT, origin TEXT, original_id TEXT,
-    created_at REAL, updated_at REAL, new INTEGER, expect_chain TEXT);
+    created_at REAL, updated_at REAL, new INTEGER, expect_chain TEXT,
+    members TEXT);  -- a group chat: JSON of its companions' keys, the importing one first
 CREATE TABLE messages (conversation_id TEXT, role TEXT, content TEXT, created_at REAL, chain TEXT,
-    new INTEGER);  -- of a new conversation (else it extends a stored one)
-CREATE TABLE memories (conversation_id TEXT, reply_chain TEXT, text TEXT, asked TEXT, created_at REAL);
+    new INTEGER,    -- of a new conversation (else it extends a stored one)
+    speaker TEXT);  -- a group chat's reply: its companion's key
+CREATE TABLE memories (conversation_id TEXT, reply_chain TEXT, text TEXT, asked TEXT, created_at REAL,
+    companion_id TEXT);  -- a group chat's: each member's own (else the importing companion's)
 """
 
 
@@ -68,11 +71,12 @@ class ExportStaging:
 
     def add(self, conversation: tuple, messages: list[tuple], memories: list[tuple]) -> None:
         """A conversation (id, title, origin, original_id, created_at, updated_at, new,
-        expect_chain) with its messages (conversation_id, role, content, created_at, chain, new)
-        and memories (conversation_id, reply_chain, text, asked, created_at)."""
-        self.conn.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", conversation)
-        self.conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", messages)
-        self.conn.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?)", memories)
+        expect_chain, members) with its messages (conversation_id, role, content, created_at, chain,
+        new, speaker) and memories (conversation_id, reply_chain, text, asked, created_at,
+        companion_id)."""
+        self.conn.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", conversation)
+        self.conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", messages)
+        self.conn.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)", memories)
 
     def finish(self) -> None:
         # What extends stored conversations is found at once in the short final transaction.
@@ -100,13 +104,18 @@ class ExportCommit:
         try:
             self._in_batches("conversations", """
                 INSERT INTO conversations (id, user_id, companion_id, title, source, origin,
-                    original_id, created_at, updated_at)
-                SELECT id, ?, ?, title, 'imported', origin, original_id, created_at, updated_at
+                    original_id, created_at, updated_at, reply_order)
+                SELECT id, ?, ?, title, 'imported', origin, original_id, created_at, updated_at,
+                    CASE WHEN members IS NULL THEN NULL ELSE 'natural' END
                 FROM staged.conversations WHERE new AND rowid BETWEEN ? AND ? ORDER BY rowid""",
                              (hidden, companion_id))
+            self._in_batches("conversations", """
+                INSERT INTO conversation_members (conversation_id, companion_id, position)
+                SELECT s.id, j.value, j.key FROM staged.conversations s, json_each(s.members) j
+                WHERE s.new AND s.members IS NOT NULL AND s.rowid BETWEEN ? AND ?""", ())
             self._in_batches("messages", """
-                INSERT INTO messages (conversation_id, role, content, created_at, chain)
-                SELECT conversation_id, role, content, created_at, chain FROM staged.messages
+                INSERT INTO messages (conversation_id, role, content, created_at, chain, speaker)
+                SELECT conversation_id, role, content, created_at, chain, speaker FROM staged.messages
                 WHERE new AND rowid BETWEEN ? AND ? ORDER BY rowid""", ())
             started = time.perf_counter()
             with self.db.attached(self.path, "staged") as conn:
@@ -124,8 +133,8 @@ class ExportCommit:
                            staged.conversations s WHERE s.id = conversations.id))
                        WHERE id IN (SELECT id FROM staged.conversations WHERE NOT new)""")
                 conn.execute(
-                    """INSERT INTO messages (conversation_id, role, content, created_at, chain)
-                       SELECT conversation_id, role, content, created_at, chain FROM staged.messages
+                    """INSERT INTO messages (conversation_id, role, content, created_at, chain, speaker)
+                       SELECT conversation_id, role, content, created_at, chain, speaker FROM staged.messages
                        WHERE NOT new ORDER BY rowid""")
             self.holds.append(time.perf_counter() - started)
         except BaseException:
@@ -134,8 +143,8 @@ class ExportCommit:
         self._in_batches("memories", """
             INSERT OR IGNORE INTO memories (user_id, companion_id, conversation_id, reply_id, kind,
                 text, asked, source, created_at, updated_at)
-            SELECT ?, ?, s.conversation_id, m.id, 'exchange', s.text, s.asked, 'imported',
-                   s.created_at, ?
+            SELECT ?, COALESCE(s.companion_id, ?), s.conversation_id, m.id, 'exchange', s.text, s.asked,
+                   'imported', s.created_at, ?
             FROM staged.memories s JOIN messages m
               ON m.conversation_id = s.conversation_id AND m.chain = s.reply_chain
             WHERE s.rowid BETWEEN ? AND ?""", (self.user, companion_id, time.time()))

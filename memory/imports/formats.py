@@ -139,10 +139,18 @@ def read_sillytavern(member: Member, notes: Notes) -> Iterator[Imported]:
         if not isinstance(text, str) or not text.strip():
             notes.dropped["empty"] += 1
             continue
+        name = entry.get("name") if isinstance(entry.get("name"), str) else None
         turns.append(Turn("user" if entry.get("is_user") else "assistant", text,
-                          to_epoch(entry.get("send_date"))))
+                          to_epoch(entry.get("send_date")), None if entry.get("is_user") else name))
     created = to_epoch(header.get("create_date")) or (turns[0].created_at if turns else None)
+    # A group chat's file has no character_name (its first line is chat_metadata alone); one
+    # character's names it, and its replies are that character's whatever name they carry.
     name = header.get("character_name")
+    if name:
+        for turn in turns:
+            turn.speaker = None
+    characters = list(dict.fromkeys(t.speaker for t in turns if t.speaker))
+    name = name or (", ".join(characters) if len(characters) > 1 else None)
     conv_id = fingerprint(name, header.get("create_date"), [(t.role, t.content) for t in turns[:2]])
     title = f"{name} ({header['create_date']})" if name and header.get("create_date") else name
     yield Imported(conv_id, title, "sillytavern", created, turns)

@@ -15,6 +15,7 @@ class Turn:
     role: str                   # user | assistant
     content: str
     created_at: float | None
+    speaker: str | None = None  # a group chat's reply: the character's name (SillyTavern)
 
 
 @dataclass(slots=True)
@@ -26,6 +27,11 @@ class Imported:
     source: str                 # the format: chatgpt, claude, characterai, sillytavern, jsonl
     created_at: float | None
     messages: list[Turn]
+
+    @property
+    def characters(self) -> list[str]:
+        """The names that reply, in the order they first do: more than one in a group chat."""
+        return list(dict.fromkeys(t.speaker for t in self.messages if t.role == "assistant" and t.speaker))
 
     def as_json(self) -> dict:
         return {"id": self.id, "title": self.title, "source": self.source, "created_at": self.created_at,

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/models and /v1/chat/completions; `model` names a companion."""
+"""OpenAI-compatible routes: /v1/models and /v1/chat/completions; `model` names a companion, or
+a saved group (group:ID) whose members answer in turn."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from serve.account import AccountDep
 from serve.chat import Delta, Done, Turn
 from serve.deps import API_GUARDS, ChatDep, LimiterDep
 from serve.errors import ERROR_RESPONSES, stream_error
+from serve.groups import GroupChat, NotAMember
 from serve.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -27,6 +29,9 @@ from serve.protocol import (
 )
 from serve.sse import SSE_HEADERS, ClosingStreamingResponse, event, streamed
 from serve.tasks import SYSTEM_ROLES, utility_turns
+from store.companions import visible_id
+from store.groups import GROUP_MODEL, Group
+from store.history import Message
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=API_GUARDS,
                    responses=ERROR_RESPONSES)
@@ -37,6 +42,7 @@ def list_models(account: AccountDep) -> ModelList:
     """Every companion the user may talk to, as a model a client can name, and the utility
     model for clients' background work (no persona, no memory, never stored)."""
     return ModelList(data=[*(ModelCard(id=c.id, created=0) for c in account.companions()),
+                           *(ModelCard(id=GROUP_MODEL + g.id, created=0) for g in account.groups.list()),
                            ModelCard(id=account.hf.tasks.model, created=0)])
 
 
@@ -49,14 +55,19 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
     Not stored: requests with `store: false`, those to the utility model, and clients'
     background tasks (titles, tags, summaries: `tasks.patterns`), which the utility model
     answers."""
-    said = [(m.role, m.text) for m in body.messages if m.role not in ("tool", "function")]
+    kept = [m for m in body.messages if m.role not in ("tool", "function")]
+    said = [(m.role, m.text) for m in kept]
     if not said:
         raise HTTPException(400, "messages: there is no system, user or assistant message")
     limiter.check_messages([text for _, text in said])
     handling = account.hf.tasks.handling(body.model, body.store, said[-1][1])
-    companion = None
-    if handling.why != "utility_model":   # an unknown companion is a 404, task or not
+    companion, group = None, None
+    if body.model.startswith(GROUP_MODEL):
+        group = await asyncio.to_thread(_group_chat, account, body.model[len(GROUP_MODEL):])
+    elif handling.why != "utility_model":   # an unknown companion is a 404, task or not
         companion = await asyncio.to_thread(account.companion, body.model)
+    if body.speaker is not None and group is None:
+        raise HTTPException(400, "speaker: only a group's model (group:ID) names who answers")
     if handling.utility:
         system, turns = utility_turns(said)
     else:
@@ -75,9 +86,13 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
     turn = Turn(None if handling.utility else companion, [{"role": r, "content": c} for r, c in turns],
                 overrides, system, "openai", user, account.called)
 
+    names = [m.name for m in kept if m.role not in SYSTEM_ROLES]
+
     def prepare() -> tuple:
         # Tokenizing (which releases the GIL) and the commit run off the event loop, so a
         # burst of requests is prepared side by side instead of queueing behind each other.
+        if group is not None and not handling.utility:
+            return _prepare_group(group, turn, turns, names, body.speaker, handling.store, chat, history)
         plan = chat.plan(turn)
         if not handling.store:
             return plan, None
@@ -87,11 +102,12 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
     events = chat.reply(plan, conversation_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     model = companion.id if companion else body.model
+    speaker = {"X-Homefire-Speaker": plan.turn.companion.id} if plan.turn.group else {}
     if conversation_id:
-        headers = {"X-Homefire-Conversation": conversation_id}
+        headers = {"X-Homefire-Conversation": conversation_id} | speaker
     else:
         metrics.UNSTORED.labels(handling.why, handling.client or "").inc()
-        headers = {"X-Homefire-Stored": "false"} | (
+        headers = {"X-Homefire-Stored": "false"} | speaker | (
             {"X-Homefire-Task": handling.client} if handling.client else {})
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -110,7 +126,41 @@ async def chat_completions(body: ChatCompletionRequest, account: AccountDep, cha
         usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                     total_tokens=done.prompt_tokens + done.completion_tokens),
     )
-    return JSONResponse(result.model_dump(), headers=headers)
+    answer = result.model_dump()
+    if speaker:   # Deviation: a group's answer names its speaker
+        answer["choices"][0]["message"]["name"] = plan.turn.companion.id
+    return JSONResponse(answer, headers=headers)
+
+
+def _group_chat(account, group_id: str) -> tuple[Group, GroupChat]:
+    group = account.group(group_id)
+    return group, GroupChat(account.members(group.companions), group.reply_order)
+
+
+def _prepare_group(found: tuple[Group, GroupChat], turn: Turn, turns: list[tuple[str, str]],
+                   names: list[str | None], asked: str | None, store: bool, chat, history) -> tuple:
+    """A group's answer to a resent conversation: who said each reply (stored, else the message's
+    `name`), who answers (`asked`, else the reply order), the prompt as that member heard it."""
+    group, members = found
+    keys = [stored or _member_key(members, name)
+            for stored, name in zip(history.speakers(group.id, turns), names, strict=True)]
+    past = [Message(id=0, conversation_id="", role=role, content=content, created_at=0,
+                    speaker=visible_id(key) if key else None)
+            for (role, content), key in zip(turns[:-1], keys[:-1], strict=True)]
+    said = turns[-1][1]
+    speaker = members.member(asked) if asked else members.next_speaker(past, said)
+    plan = chat.plan(members.turn(speaker, past, said, turn.overrides, turn.extra_system, "openai", turn.user,
+                                  turn.called))
+    if not store:
+        return plan, None
+    return plan, history.record_resent(group.keys[0], turns, group, keys)[0]
+
+
+def _member_key(members: GroupChat, name: str | None) -> str | None:
+    try:
+        return members.member(name).key if name else None
+    except NotAMember:
+        return None
 
 
 async def _sse(events: AsyncIterator, completion_id: str, created: int, model: str,

@@ -1,18 +1,19 @@
 // Homefire's web app: sign in, then one view per section, chosen by the address's #fragment:
-//   #/companions  #/chat/ID[/CONVERSATION]  #/memory/ID  #/world/ID  #/import/ID  #/voice/ID  #/accounts
+//   #/companions  #/chat/ID[/CONVERSATION]  #/group[/CONVERSATION]  #/memory/ID  #/world/ID  #/import/ID  #/voice/ID  #/accounts
 
 import { api, explain, session } from './api.js';
 import { fill, h, notice } from './dom.js';
 import { accountsView } from './views/accounts.js';
 import { chatView } from './views/chat.js';
 import { companionsView } from './views/companions.js';
+import { groupView } from './views/group.js';
 import { importView } from './views/import.js';
 import { memoryView } from './views/memory.js';
 import { voiceView } from './views/voice.js';
 import { worldView } from './views/world.js';
 
 const main = document.getElementById('main');
-const views = { companions: companionsView, chat: chatView, memory: memoryView, import: importView,
+const views = { companions: companionsView, chat: chatView, group: groupView, memory: memoryView, import: importView,
   voice: voiceView, world: worldView, accounts: accountsView };
 let me = null;
 let leave = null;   // what the current view does when it is left (stop a stream, ...)
@@ -46,7 +47,7 @@ function signInView() {
 function shell(section, companion) {
   document.getElementById('top').hidden = false;
   document.getElementById('who').textContent = me.display_name || me.name;
-  const links = [['companions', 'Companions']];
+  const links = [['companions', 'Companions'], ['group', 'Group chats']];
   if (companion) {
     links.push([`chat/${companion}`, 'Chat'], [`memory/${companion}`, 'Memory'], [`world/${companion}`, 'World'],
       [`import/${companion}`, 'Bring home'], [`voice/${companion}`, 'Voice']);
@@ -64,9 +65,9 @@ async function route() {
   }
   const [section = 'companions', ...rest] = location.hash.replace(/^#\/?/, '').split('/');
   const view = views[section] ?? companionsView;
-  const companion = section === 'companions' || section === 'accounts' ? sessionStorage.getItem('homefire.companion')
-    : rest[0];
-  if (companion && section !== 'companions' && section !== 'accounts') sessionStorage.setItem('homefire.companion', companion);
+  const ofCompanion = !['companions', 'accounts', 'group'].includes(section);   // #/SECTION/COMPANION/...
+  const companion = ofCompanion ? rest[0] : sessionStorage.getItem('homefire.companion');
+  if (companion && ofCompanion) sessionStorage.setItem('homefire.companion', companion);
   shell(section, companion);
   const root = h('section', { class: `view ${section}` });
   fill(main, root);

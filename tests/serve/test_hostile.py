@@ -41,6 +41,9 @@ BODIES = {
     ("post", "/api/v1/companions/{companion_id}/drifts"): {"against": "base", "probes": 1},
     ("post", "/api/v1/companions/{companion_id}/migrations"): {"model": "/tmp"},
     ("post", "/api/v1/users"): {"name": "eve"},
+    ("post", "/api/v1/groups"): {"id": "bobset", "name": "Mine", "companions": ["alicepet", "alicepal"]},
+    ("put", "/api/v1/groups/{group_id}"): {"id": "aliceset", "name": "Mine now",
+                                           "companions": ["alicepet", "alicepal"]},
 }
 # Uploads (raw bodies): something that is no such file, for the routes without another's id.
 UPLOADS = {"/api/v1/companions/import": b"{}", "/api/v1/bundles": b"PK\x05\x06" + bytes(18)}
@@ -62,6 +65,10 @@ def alice(server, model_dir) -> dict:
     sent = http.post(f"/api/v1/conversations/{conversation}/messages",
                      json={"content": f"{SECRET}: my locker code is 7431", "max_tokens": 4, "temperature": 0})
     assert sent.status_code == 200, sent.text
+    assert http.post("/api/v1/companions", json={"id": "alicepal", "name": "Pal"}).status_code == 201
+    group = http.post("/api/v1/groups", json={"id": "aliceset", "name": f"{SECRET} club",
+                                              "companions": ["alicepet", "alicepal"]})
+    assert group.status_code == 201, group.text
     memory = http.post("/api/v1/companions/alicepet/memories", json={"text": f"{SECRET}: allergic to kiwi"})
     assert memory.status_code == 201, memory.text
     folder = server.data_dir / "adapters" / "hazel.alicepet" / "v1"
@@ -72,7 +79,8 @@ def alice(server, model_dir) -> dict:
     assert job.status_code == 202, job.text
     assert http.post(f"/api/v1/finetunes/{job.json()['id']}/cancel").status_code == 200
     yield {"http": http, "companion_id": "alicepet", "conversation_id": conversation,
-           "memory_id": memory.json()["id"], "job_id": job.json()["id"], "version": "v1", "name": "hazel"}
+           "memory_id": memory.json()["id"], "job_id": job.json()["id"], "version": "v1", "name": "hazel",
+           "group_id": "aliceset"}
     http.close()
 
 
@@ -91,6 +99,7 @@ def untouched(alice: dict) -> None:
     assert http.get("/api/v1/companions/alicepet").json()["name"] == NAME
     assert http.get("/api/v1/companions/alicepet/adapters").json()["versions"][0]["version"] == "v1"
     assert http.get(f"/api/v1/finetunes/{alice['job_id']}").json()["state"] == "cancelled"
+    assert http.get("/api/v1/groups/aliceset").json()["companions"] == ["alicepet", "alicepal"]
 
 
 def query_for(op: dict) -> dict:
@@ -144,7 +153,7 @@ def test_every_body_over_its_limit_is_a_413_before_it_is_read(server, alice, bob
     assert len(with_body) >= 15
     for method, path, op in with_body:
         url = path.format(companion_id="ember", conversation_id="0" * 32, memory_id=1, job_id="ft-0",
-                          version="v1", name="mallory")
+                          version="v1", name="mallory", group_id="x")
         assert status_of_declared(server, method, url, 1 << 40) == 413, f"{method.upper()} {url}"
         if "application/json" in op["requestBody"]["content"]:
             def chunks():

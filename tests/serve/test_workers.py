@@ -6,8 +6,7 @@ started with other flags makes, which only that worker can report."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,22 +14,12 @@ import openai
 import pytest
 
 from tests.support.adapters import make_adapter
-from tests.support.server import Server
+from tests.support.server import Server, wait_until
 from tests.support.training import QUICK
 from tests.support.workers import Cluster
 
 FOX = {"id": "fox", "name": "Fox", "description": "{{char}} is a fox who keeps notes."}
 ASK = [{"role": "user", "content": "What do you keep in your notebook?"}]
-
-
-def wait_until(check: Callable[[], object], what: str, timeout: float = 120) -> object:
-    """A state, not a time: `check` is asked until it answers something true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
 @pytest.fixture(scope="module")

@@ -171,6 +171,25 @@ def sillytavern_chat(path: Path) -> Path:
     return path
 
 
+def sillytavern_group_chat(path: Path, characters: tuple[str, ...] = ("Fox", "Owl")) -> Path:
+    """A SillyTavern group chat: a chat_metadata line, then replies by several characters (a
+    reply's `name` says whose), the user's messages between them."""
+    lines: list[dict] = [{"chat_metadata": {"integrity": "3c1b", "note_prompt": ""}}]
+    said = ["We lit the lamps in the orchard.", "I counted forty-two fireflies.", "The pears are ripe."]
+    lines.append({"name": "Sam", "is_user": True, "send_date": "June 1, 2024 8:01pm",
+                  "mes": "My sister Juniper planted the orchard.", "extra": {}})
+    for i, name in enumerate(characters):
+        lines.append({"name": name, "is_user": False, "send_date": f"June 1, 2024 8:0{i + 2}pm",
+                      "mes": said[i % len(said)], "original_avatar": f"{name}.png", "extra": {}})
+    lines.append({"name": "Sam", "is_user": True, "send_date": "June 1, 2024 8:09pm",
+                  "mes": f"{characters[-1]}, what else?", "extra": {}})
+    lines.append({"name": characters[-1], "is_user": False, "send_date": "June 1, 2024 8:10pm",
+                  "mes": "Only the owls stayed up late.", "swipe_id": 0,
+                  "swipes": ["Only the owls stayed up late."]})
+    path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n", encoding="utf-8")
+    return path
+
+
 def jsonl_export(path: Path) -> Path:
     lines = [
         {"id": "j-1", "title": "Plans", "messages": [

@@ -558,3 +558,52 @@ def test_a_long_conversation_shows_what_the_companion_keeps_in_mind_and_takes_yo
     phone.page.locator(".kept-in-mind summary").click()
     expect(phone.page.locator("#summary-text")).to_have_value(now["text"])
     phone.shot("chat-kept-in-mind-phone-dark")
+
+
+def test_a_group_chat_shows_each_speaker_asks_one_to_answer_and_says_a_reply_again_by_another(tab, web):
+    lamp = card_png({"spec": "chara_card_v2", "spec_version": "2.0",
+                     "data": {"name": "Lamp", "description": "{{char}} keeps a lighthouse."}})
+    with web.http() as http:
+        imported = http.post("/api/v1/companions/import", params={"filename": "lamp.png"}, content=lamp)
+        assert imported.status_code in (201, 409), imported.text
+    new_companion(web, "moss", description="{{char}} grows slowly on stones.")
+    t = tab()
+    page = t.sign_in()
+    page.get_by_role("link", name="Group chats").click()
+    starter = page.locator(".new-group")
+    if starter.get_attribute("open") is None:   # folded while a group chat is open
+        starter.locator("summary").click()
+    for member in ("ember", "lamp", "moss"):
+        page.locator(f".new-group input[value={member}]").check()
+    page.select_option(".new-group select", "natural")
+    page.click("#start-group")
+    expect(page.locator(".members .member")).to_have_count(3)
+    expect(page.locator(".members .member", has_text="Lamp").locator("img")).to_be_visible()   # its picture
+
+    page.fill("#message", "Lamp, is the light on tonight?")
+    page.keyboard.press("Enter")
+    answered = page.locator(".message.assistant:not(.streaming)[data-speaker=lamp]")
+    expect(answered).to_be_visible(timeout=120_000)
+    expect(answered.locator(".speaker")).to_contain_text("Lamp")
+    expect(answered.locator(".speaker img")).to_be_visible()
+
+    page.locator(".ask-next button[data-speaker=moss]").click()   # Moss answers next, unasked
+    expect(page.locator(".message.assistant:not(.streaming)[data-speaker=moss]")).to_be_visible(timeout=120_000)
+    t.shot("group-chat")
+
+    last = page.locator(".message.assistant").last
+    last.locator("select.regenerate-by").select_option("ember")
+    last.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".message.assistant:not(.streaming):not([hidden])").last).to_have_attribute(
+        "data-speaker", "ember", timeout=120_000)
+    expect(page.locator(".message.assistant[data-speaker=moss]")).to_have_count(0)
+    conversation = page.url.rsplit("/", 1)[1]
+    with web.http() as http:
+        stored = http.get(f"/api/v1/conversations/{conversation}").json()["messages"]
+    assert [m["speaker"] for m in stored if m["role"] == "assistant"][-2:] == ["lamp", "ember"]
+    t.shot("group-chat-regenerated")
+
+    phone = tab(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    phone.sign_in().goto(f"{web.url}/#/group/{conversation}")
+    expect(phone.page.locator(".message.assistant[data-speaker=lamp] .speaker img")).to_be_visible()
+    phone.shot("group-chat-phone")

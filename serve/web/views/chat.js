@@ -2,8 +2,9 @@
 // each reply can unfold the memories and the world entries its prompt used; a conversation that
 // outgrew the context shows what the companion keeps in mind from its earlier turns, editable.
 
-import { api, events, explain, streamedError } from '../api.js';
-import { day, fill, h, notice, when } from '../dom.js';
+import { api, explain } from '../api.js';
+import { day, fill, h, when } from '../dom.js';
+import { enterSends, failedLine, replyInto } from './reply.js';
 
 export async function chatView(root, { args: [companionId, conversationId] }) {
   const companion = await api(`/companions/${companionId}`);
@@ -21,8 +22,10 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
 
   async function loadList() {
     const conversations = await api(`/conversations?companion=${encodeURIComponent(companionId)}&limit=100`);
+    // The group chats it is in open in the group view.
     fill(list, conversations.map((c) => h('li', { 'aria-current': c.id === current?.id ? 'true' : null },
-      h('a', { href: `#/chat/${companionId}/${c.id}` }, c.title || `${day(c.created_at)} conversation`),
+      h('a', { href: c.companions ? `#/group/${c.id}` : `#/chat/${companionId}/${c.id}` },
+        c.title || `${day(c.created_at)} ${c.companions ? 'group chat' : 'conversation'}`),
       h('span', { class: 'hint' }, c.source === 'imported' ? `imported · ${day(c.updated_at)}` : when(c.updated_at)),
       h('span', { class: 'row-actions' },
         h('button', { type: 'button', class: 'link', onclick: () => rename(c) }, 'Rename'),
@@ -122,6 +125,10 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
 
   async function open(id) {
     const { conversation, messages: said } = await api(`/conversations/${id}`);
+    if (conversation.companions) {   // a group chat: its own view
+      location.hash = `#/group/${id}`;
+      return;
+    }
     current = conversation;
     text.disabled = sendButton.disabled = false;
     fill(messages, said.map(bubble));
@@ -139,52 +146,17 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
   async function stream(path, json, onError) {
     const reply = h('li', { class: 'message assistant streaming' },
       h('span', { class: 'speaker' }, companion.name), h('div', { class: 'text' }));
-    const said = reply.querySelector('.text');
-    messages.append(reply);
-    reply.scrollIntoView({ block: 'end' });
-    for (const old of messages.querySelectorAll('.regenerate')) old.remove();
     replying = new AbortController();
-    sendButton.hidden = true;
-    stopButton.hidden = false;
-    let outcome = 'done';
-    try {
-      await events(path, { method: 'POST', json: { ...json, stream: true }, signal: replying.signal,
-        onEvent: (name, data) => {
-          if (name === 'delta') {
-            said.append(data.content);   // text, token by token
-            reply.scrollIntoView({ block: 'end' });
-          } else if (name === 'done') {
-            reply.replaceWith(bubble(data.reply));
-          } else if (name === 'error') {
-            throw streamedError(data.error);
-          }
-        } });
-    } catch (err) {
-      reply.classList.remove('streaming');
-      if (err.name === 'AbortError') {
-        outcome = 'stopped';
-        reply.append(h('span', { class: 'hint' }, '(stopped)'));
-      } else {
-        outcome = 'failed';
-        if (!said.textContent) reply.remove();
-        onError(err);
-      }
-    } finally {
-      replying = null;
-      sendButton.hidden = false;
-      stopButton.hidden = true;
-    }
+    const outcome = await replyInto(messages, reply, path, json,
+      { send: sendButton, stop: stopButton, signal: replying.signal, render: bubble, onError });
+    replying = null;
     offerRegenerate();
     loadList();
     loadSummary();
     return outcome;
   }
 
-  function failed(err, retry) {
-    const line = h('li', { class: 'message error' }, notice(explain(err), 'error', {
-      label: 'Retry', run: () => { line.remove(); retry(); } }));
-    messages.append(line);
-  }
+  const failed = (err, retry) => failedLine(messages, err, retry);
 
   function send(content) {
     const mine = bubble({ role: 'user', content });
@@ -216,12 +188,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
     text.value = '';
     send(content);
   });
-  text.addEventListener('keydown', (e) => {   // Enter sends, Shift+Enter is a new line
-    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
-      e.preventDefault();
-      form.requestSubmit();
-    }
-  });
+  enterSends(text, form);
   stopButton.addEventListener('click', () => replying?.abort());
 
   const conversations = await loadList();
@@ -229,7 +196,7 @@ export async function chatView(root, { args: [companionId, conversationId] }) {
     h('aside', { class: 'sidebar' },
       h('button', { type: 'button', id: 'new-conversation', onclick: start }, 'New conversation'), list),
     h('div', { class: 'chat' }, h('h1', {}, companion.name), kept, messages, form));
-  const chosen = conversationId ?? conversations[0]?.id;
+  const chosen = conversationId ?? conversations.find((c) => !c.companions)?.id;
   if (chosen) {
     await open(chosen);
     await loadList();
