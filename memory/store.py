@@ -143,13 +143,15 @@ class MemoryStore:
         self.rows.delete(memory_id)
         return True
 
-    def replace_reply(self, old_id: int, new_id: int, new_text: str) -> bool:
+    def replace_reply(self, old_id: int, new_id: int, new_text: str,
+                      renamed: tuple[str, str] | None = None) -> bool:
         """A reply made again (new_id) takes the place of old_id, which is deleted, in one
         transaction. The old reply's memory moves to the new one with its id, pin and the user's
         edits; its words take the new reply's where they still end with the old one's (an edit
         of the reply's part is kept as it is). A memory the user deleted stays deleted. False if
-        the old reply had no memory and was not forgotten: the caller remembers the new one."""
-        replaced = self.rows.replace_reply(old_id, new_id, new_text)
+        the old reply had no memory and was not forgotten: the caller remembers the new one.
+        `renamed`: a group chat's reply said again by another member (old name, new name)."""
+        replaced = self.rows.replace_reply(old_id, new_id, new_text, renamed)
         if replaced is None:
             return False
         reworded, had_memory, forgotten = replaced

@@ -89,14 +89,15 @@ class MemoryRows:
                          "WHERE id = ? AND user_id = ?)", (memory_id, self.user))
             conn.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", (memory_id, self.user))
 
-    def replace_reply(self, old_id: int, new_id: int,
-                      new_text: str) -> tuple[list[tuple[str, int]], bool, bool] | None:
+    def replace_reply(self, old_id: int, new_id: int, new_text: str, renamed: tuple[str, str] | None = None
+                      ) -> tuple[list[tuple[str, int]], bool, bool] | None:
         """A reply of the user's made again (new_id) takes the place of old_id, which is deleted,
         in one transaction. The old reply's memories (one, or one for each member of a group chat
         who heard it) move to the new one with their ids, pins and the user's edits; their words
         take the new reply's where they still end with the old one's. Returns ((companion key,
         memory id) of each memory reworded, whether the old reply had a memory, whether it was
-        forgotten), or None if old_id is no reply of the user's."""
+        forgotten), or None if old_id is no reply of the user's. `renamed`: (old name, new name) of a
+        group chat's reply said again by another member, whose name then stands before it."""
         rows = self.db.query(
             """SELECT m.content, m.forgotten, x.companion_id, x.id AS memory_id, x.text
                FROM messages m JOIN conversations c ON c.id = m.conversation_id
@@ -111,7 +112,10 @@ class MemoryRows:
                     continue
                 text = None
                 if old["content"] and old["text"].endswith(old["content"]):
-                    text = old["text"][:-len(old["content"])] + new_text
+                    head = old["text"][:-len(old["content"])]
+                    if renamed and head.endswith(f"{renamed[0]}: "):
+                        head = f"{head[:-len(renamed[0]) - 2]}{renamed[1]}: "
+                    text = head + new_text
                     reworded.append((old["companion_id"], old["memory_id"]))
                 conn.execute("UPDATE memories SET reply_id = ?, text = COALESCE(?, text), updated_at = ?, "
                              "chunks = CASE WHEN ? IS NULL THEN chunks ELSE 0 END WHERE id = ?",

@@ -219,9 +219,11 @@ async def regenerate(conversation_id: str, body: Regenerate, account: AccountDep
     the user deleted stays deleted); a failed or stopped one leaves the conversation as it was.
     A group chat makes its last reply again, by the same member or by `speaker`."""
     old: list[Message] = []
+    chats: list[GroupChat] = []
 
     def prepare(past: list[Message], group: GroupChat | None) -> Message | None:
         if group is not None:
+            chats.append(group)
             if not past or past[-1].role != "assistant" or not any(m.role == "user" for m in past):
                 raise HTTPException(409, "only a reply after your first message can be made again; this "
                                          "group chat does not end with one")
@@ -234,7 +236,9 @@ async def regenerate(conversation_id: str, body: Regenerate, account: AccountDep
         return past[-1]
 
     def replace(companion: Companion, reply: Message) -> None:
-        if not account.memory.replace_reply(old[0].id, reply.id, reply.content):
+        before = chats[0].speaker_of(old[0]) if chats else None
+        renamed = (before.name, companion.name) if before and before.key != companion.key else None
+        if not account.memory.replace_reply(old[0].id, reply.id, reply.content, renamed):
             chat.remember(companion, conversation_id)   # the old reply had no memory yet
 
     return await _respond(conversation_id, body, account, chat, limiter, prepare, replace, keep_cut=False,

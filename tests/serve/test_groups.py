@@ -134,6 +134,11 @@ def test_memories_stay_with_the_companions_who_were_there(den):
         assert "Juniper" in memories(member) and "4417" not in memories(member)
     assert "Juniper" not in memories("cat") + memories("dog")
     assert "Fox: " in memories("owl"), "a group's memory names each speaker"
+    # Said again by the other member: both memories of it name who says it now.
+    again = den.post(f"/api/v1/conversations/{chat}/regenerate", json=SHORT | {"speaker": "fox"})
+    assert again.status_code == 200, again.text
+    for member in ("fox", "owl"):
+        assert f"User: What is my locker code?\nFox: {again.json()['reply']['content']}" in memories(member)
     listed = {c["id"] for c in den.get("/api/v1/conversations", params={"companion": "owl"}).json()}
     assert chat in listed and private not in listed
     assert chat not in {c["id"] for c in den.get("/api/v1/conversations", params={"companion": "dog"}).json()}
