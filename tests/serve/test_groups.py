@@ -164,7 +164,9 @@ def test_the_openai_route_answers_as_a_groups_members_in_turn(server, den):
     streamed = client.chat.completions.with_raw_response.create(model="group:den", messages=said, **SHORT,
                                                                 stream=True, extra_body={"speaker": "owl"})
     assert streamed.headers["X-Homefire-Speaker"] == "owl"
-    assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices) is not None
+    shown = "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+    kept = den.get(f"/api/v1/conversations/{streamed.headers['X-Homefire-Conversation']}").json()["messages"]
+    assert shown == kept[-1]["content"] and kept[-1]["speaker"] == "owl", "the stream shows what is stored"
     stored = den.get(f"/api/v1/conversations/{conversation}").json()
     assert stored["conversation"]["group"] == "den"
     assert [m["speaker"] for m in stored["messages"] if m["role"] == "assistant"][:2] == ["fox", "owl"]
